@@ -1,0 +1,261 @@
+"""One job's life: workspace, agent, test gate, then commit or rollback.
+
+Owns the order of a job's steps and the status each outcome leads to:
+
+    queued -> running -> testing -> committing -> succeeded
+                 |           |-> rolled_back (tests failed)      committing -> failed (cannot apply)
+                 |           |-> failed (conflict, unsafe change, timeout ...) / cancelled
+                 |-> rolled_back (agent error) / failed (timeout, oom, API errors, model mismatch)
+                 |-> cancelled / queued again (the executor is stopping: the attempt is rolled back)
+
+Only an agent that reported success *and* a passing test run lead to a commit; anything else removes
+the job's overlay and leaves the repository as it was. A commit in progress is journaled by the status
+``committing`` and the kept upper dir: after a crash it is redone (the apply is idempotent).
+
+Must never: commit without a passing test run, run a job it did not move to ``running`` itself, or
+hide why a job ended.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from . import workspace
+from .commit import Change, apply_change, check_conflicts, scan_upper
+from .errors import Conflict, ExecutorError, IllegalTransition, ModelMismatch, UnsafePath
+from .policy import Policy, Runner
+from .runner import AgentRun, Liveness, TestRun, agent_environment, run_agent, run_tests
+from .sandbox import Sandbox
+from .settings import Settings, format_size
+from .store import Job, Status, Store, utcnow
+from .stream import SYNTHETIC_MODEL, Event
+from .workspace import Workspace
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Context:
+    """What every job needs from the executor, passed down explicitly."""
+
+    settings: Settings
+    store: Store
+    sandbox: Sandbox
+    runners: dict[str, Runner]
+    secrets: Mapping[str, str]
+    shutdown: threading.Event = field(default_factory=threading.Event)
+
+
+@dataclass
+class Ending:
+    """Where an attempt ended: the status to move to and why."""
+
+    status: Status
+    reason: str
+    error: str | None = None
+    keep_upper: bool = False
+
+
+def log_state(job: Job, status: Status | str, attempt: int, **fields: object) -> None:
+    value = status.value if isinstance(status, Status) else status
+    log.info("job %s", value, extra={"action": "state", "job": job.id, "session": job.session_id,
+                                      "runner": job.runner, "attempt": attempt, "status": value, **fields})
+
+
+def workspace_for(settings: Settings, job: Job, attempt: int) -> Workspace:
+    return Workspace(job_id=job.id, attempt=attempt, repo=Path(job.workspace),
+                     root=settings.job_dir(job.id), uid=job.repo_uid or 1000, gid=job.repo_gid or 1000)
+
+
+class _StopCheck:
+    """Why the running attempt must stop: executor shutdown, or a cancel asked through the store."""
+
+    def __init__(self, ctx: Context, job_id: str) -> None:
+        self.ctx, self.job_id = ctx, job_id
+        self._next_poll = 0.0
+        self._cancelled = False
+
+    def __call__(self) -> str | None:
+        if self.ctx.shutdown.is_set():
+            return "shutdown"
+        now = time.monotonic()
+        if not self._cancelled and now >= self._next_poll:
+            self._next_poll = now + 1.0  # a cancel is a person's action: a second is quick enough
+            job = self.ctx.store.get(self.job_id)
+            self._cancelled = bool(job and job.cancel_requested)
+        return "cancelled" if self._cancelled else None
+
+
+def run_job(ctx: Context, job_id: str) -> Job:
+    """Run one attempt of a queued job to a settled status (or back to queued on shutdown)."""
+    job = ctx.store.get(job_id)
+    assert job is not None
+    number = job.attempts + 1
+    job = ctx.store.transition(job.id, Status.queued, Status.running, started_at=utcnow(),
+                               start_ns=time.time_ns(), attempts=number)
+    ctx.store.start_attempt(job.id, number)
+    ctx.store.add_event(job, number, "state", {"status": "running", "attempt": number})
+    log_state(job, Status.running, number)
+    ws = workspace_for(ctx.settings, job, number)
+    try:
+        ending = _attempt(ctx, job, ws)
+    except ExecutorError as exc:
+        ending = Ending(Status.failed, exc.reason, str(exc))
+    return settle(ctx, job, ws, ending)
+
+
+def _attempt(ctx: Context, job: Job, ws: Workspace) -> Ending:
+    runner = ctx.runners.get(job.runner)
+    if runner is None or runner.model != job.model_requested:
+        return Ending(Status.failed, "config", f"runner {job.runner!r} is no longer configured as it was "
+                      f"when the job was accepted (model {job.model_requested!r}); resubmit the job")
+    policy = Policy(**job.policy)
+    stop = _StopCheck(ctx, job.id)
+    workspace.create(ctx.sandbox, ws)
+    run = run_agent(
+        ctx.sandbox, ws, runner, policy, job.prompt, agent_environment(runner, ctx.secrets),
+        on_events=lambda events: _record(ctx, job, ws.attempt, events),
+        should_stop=stop, result_grace=ctx.settings.result_grace, liveness=Liveness(),
+    )
+    _record_attempt(ctx, job, ws.attempt, run)
+    ending = _judge_agent(job, runner, policy, run)
+    if ending is not None:
+        return ending
+    ctx.store.transition(job.id, Status.running, Status.testing)
+    ctx.store.add_event(job, ws.attempt, "state", {"status": "testing"})
+    log_state(job, Status.testing, ws.attempt)
+    tests = _run_test_gate(ctx, job, ws, policy, stop)
+    ending = _judge_tests(tests)
+    if ending is not None:
+        return ending
+    return _commit(ctx, job, ws)
+
+
+def _record(ctx: Context, job: Job, attempt: int, events: list[Event]) -> None:
+    ctx.store.add_events(job, attempt, [(e.kind, e.data) for e in events])
+
+
+def _record_attempt(ctx: Context, job: Job, number: int, run: AgentRun) -> None:
+    state = run.state
+    result = state.result or {}
+    usage = result.get("usage") or {}
+    attempt = ctx.store.attempts(job.id)[-1]
+    ctx.store.finish_attempt(
+        attempt.id, outcome=run.stopped or run.outcome.kind, exit_code=run.exit_code,
+        claude_session_id=state.claude_session_id, models_seen=list(state.models_seen),
+        cost_usd=result.get("total_cost_usd"), input_tokens=usage.get("input_tokens"),
+        output_tokens=usage.get("output_tokens"),
+    )
+    seen = list(dict.fromkeys([*(job.models_seen or []), *state.models_seen]))
+    ctx.store.update_job(job.id, models_seen=seen, final_text=state.final_text or None)
+    ctx.store.add_event(job, number, "agent_end", {
+        "outcome": run.outcome.kind, "message": run.outcome.message, "exit_code": run.exit_code,
+        "stopped": run.stopped, "lingered": run.lingered, "oom_killed": run.oom_killed,
+        "models_seen": state.models_seen, "stderr_tail": run.stderr_tail[-1000:],
+    })
+
+
+def _judge_agent(job: Job, runner: Runner, policy: Policy, run: AgentRun) -> Ending | None:
+    """The ending an agent run leads to, or None when it earned a test run."""
+    if run.stopped == "shutdown":
+        return Ending(Status.queued, "interrupted", "the executor stopped during the attempt")
+    if run.stopped == "cancelled":
+        return Ending(Status.cancelled, "cancelled", "cancelled while the agent ran")
+    if run.stopped == "timeout":
+        return Ending(Status.failed, "timeout", f"the agent ran longer than the policy's timeout "
+                      f"({policy.timeout:g}s); its changes were rolled back")
+    if run.oom_killed:
+        return Ending(Status.failed, "out_of_memory", f"the agent container hit its memory limit "
+                      f"({format_size(policy.memory)}) and was killed; raise the policy's memory")
+    wrong = [m for m in run.state.models_seen if m not in (runner.model, SYNTHETIC_MODEL)]
+    if wrong:
+        err = ModelMismatch(runner.name, runner.model, wrong)
+        return Ending(Status.failed, err.reason, str(err))
+    outcome = run.outcome
+    if outcome.kind == "success":
+        return None
+    if outcome.kind == "agent_error":
+        return Ending(Status.rolled_back, "agent_error", f"the agent did not succeed: {outcome.message}")
+    label = outcome.kind.replace("_", " ")
+    return Ending(Status.failed, outcome.kind, f"{runner.name} failed: {label}: {outcome.message}")
+
+
+def _run_test_gate(ctx: Context, job: Job, ws: Workspace, policy: Policy, stop: _StopCheck) -> TestRun:
+    workspace.create_test_view(ctx.sandbox, ws)
+    try:
+        tests = run_tests(ctx.sandbox, ws, job.test_command or "true", policy, should_stop=stop)
+    finally:
+        workspace.discard_test_view(ctx.sandbox, ws)
+    ctx.store.update_job(job.id, test_exit_code=tests.exit_code, test_output=tests.output_tail)
+    ctx.store.add_event(job, ws.attempt, "tests", {
+        "command": tests.command, "exit_code": tests.exit_code, "timed_out": tests.timed_out,
+        "oom_killed": tests.oom_killed, "duration": round(tests.duration, 3),
+        "output_tail": tests.output_tail[-1000:],
+    })
+    return tests
+
+
+def _judge_tests(tests: TestRun) -> Ending | None:
+    if tests.stopped == "shutdown":
+        return Ending(Status.queued, "interrupted", "the executor stopped during the tests")
+    if tests.stopped == "cancelled":
+        return Ending(Status.cancelled, "cancelled", "cancelled while the tests ran")
+    if tests.timed_out:
+        return Ending(Status.rolled_back, "tests_timeout", f"the tests ran longer than the policy's test_timeout")
+    if tests.oom_killed:
+        return Ending(Status.rolled_back, "tests_out_of_memory", "the tests hit the memory limit")
+    if not tests.passed:
+        return Ending(Status.rolled_back, "tests_failed", f"the tests failed (exit {tests.exit_code}): "
+                      f"{tests.command}")
+    return None
+
+
+def _commit(ctx: Context, job: Job, ws: Workspace) -> Ending:
+    change = scan_upper(ws.upper)
+    if change.refused:
+        return Ending(Status.failed, "unsafe_path", "the change holds entries that are never applied: " +
+                      ", ".join(f"{r.path} ({r.reason})" for r in change.refused))
+    conflicts = check_conflicts(change, ws.repo, job.start_ns or 0)
+    if conflicts:
+        return Ending(Status.failed, "conflict", str(Conflict(conflicts)), keep_upper=True)
+    ctx.store.transition(job.id, Status.testing, Status.committing, changed_files=change.changed_files)
+    ctx.store.add_event(job, ws.attempt, "state", {"status": "committing", "changed_files": change.changed_files,
+                                                   "ignored_git": change.ignored_git})
+    log_state(job, Status.committing, ws.attempt, changed=len(change.changed_files))
+    return finish_commit(ctx, job, ws, change)
+
+
+def finish_commit(ctx: Context, job: Job, ws: Workspace, change: Change | None = None) -> Ending:
+    """Apply the kept upper dir (again, after a crash: the apply is idempotent) and settle."""
+    change = change or scan_upper(ws.upper)
+    try:
+        apply_change(change, ws.upper, ws.repo, ws.uid, ws.gid)
+    except (UnsafePath, OSError) as exc:
+        return Ending(Status.failed, "commit_failed", f"the change could not be applied: {exc}", keep_upper=True)
+    return Ending(Status.succeeded, "committed")
+
+
+def settle(ctx: Context, job: Job, ws: Workspace, ending: Ending) -> Job:
+    """Clean up the attempt's containers and overlay, then record the ending (in that order: a crash in
+    between leaves a job the restart recovery resolves)."""
+    if ending.keep_upper:
+        workspace.release(ctx.sandbox, ws)
+    else:
+        workspace.discard(ctx.sandbox, ws)
+    current = ctx.store.get(job.id)
+    assert current is not None
+    fields = {} if ending.status == Status.queued else {"reason": ending.reason, "error": ending.error}
+    try:
+        settled = ctx.store.transition(job.id, current.status, ending.status, **fields)
+    except IllegalTransition as exc:
+        log.error("cannot settle job", extra={"action": "settle_refused", "job": job.id, "error": str(exc)})
+        raise
+    ctx.store.add_event(settled, ws.attempt, "state", {"status": ending.status.value, "reason": ending.reason,
+                                                        "error": ending.error})
+    log_state(settled, ending.status, ws.attempt, reason=ending.reason, error=ending.error)
+    return settled

@@ -1,0 +1,128 @@
+"""Policy and runner files: the TOML a person writes to say how jobs may run and who runs them.
+
+Owns parsing and validating ``policies/<name>.toml`` (resource limits, timeouts, test command) and
+``policies/runners.toml`` (named runners: model, auth variable, base URL). Unknown keys are errors.
+
+Must never: read a secret's value (only the *name* of the variable that holds it), or start anything.
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from .errors import ConfigError
+from .settings import parse_size
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
+_SECONDS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, None: 1}
+POLICY_NAME = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+
+
+def parse_duration(value: str | int | float) -> float:
+    """Seconds from ``"30s"``, ``"5m"``, ``"1.5h"`` or a plain number of seconds."""
+    if isinstance(value, (int, float)):
+        return float(value)
+    match = _DURATION.match(value)
+    if not match:
+        raise ValueError(f"{value!r} is not a duration: use seconds or e.g. '30s', '5m', '2h'")
+    return float(match.group(1)) * _SECONDS[match.group(2)]
+
+
+Duration = Annotated[float, Field(gt=0)]
+
+
+class Policy(BaseModel):
+    """How one job may run. Every field has a default, so a policy file names only what it changes."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    cpus: float = Field(default=1.0, gt=0, description="Hard CPU limit of each job container (cores).")
+    memory: int = Field(default=parse_size("2g"), description="Hard memory limit (no swap beyond it).")
+    pids: int = Field(default=512, ge=16, description="Process limit: a fork bomb stops here.")
+    timeout: Duration = Field(default=1800.0, description="Wall-clock limit of the agent's run.")
+    network: Literal["bridge", "none", "host"] = Field(
+        default="bridge", description="Network of the agent container; tests always run with none."
+    )
+    test_command: str | None = Field(default=None, description="Shell command whose exit 0 gates the commit.")
+    test_timeout: Duration = Field(default=600.0, description="Wall-clock limit of the test run.")
+
+    @field_validator("memory", mode="before")
+    @classmethod
+    def _size(cls, value: object) -> object:
+        return parse_size(value) if isinstance(value, (str, int, float)) else value
+
+    @field_validator("timeout", "test_timeout", mode="before")
+    @classmethod
+    def _duration(cls, value: object) -> object:
+        return parse_duration(value) if isinstance(value, (str, int, float)) else value
+
+
+class Runner(BaseModel):
+    """A named way to reach a model: exactly one model, one credential, no fallback."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str
+    model: str = Field(description="Exact model id passed to --model (no aliases).")
+    auth_env: str = Field(description="Name of the executor's environment variable holding the credential.")
+    auth_type: Literal["api_key", "oauth_token"] = Field(
+        default="api_key",
+        description="api_key -> ANTHROPIC_API_KEY, oauth_token -> CLAUDE_CODE_OAUTH_TOKEN in the container.",
+    )
+    base_url: str | None = Field(default=None, description="Becomes ANTHROPIC_BASE_URL.")
+    max_concurrent: int | None = Field(default=None, ge=1, description="Jobs of this runner at once.")
+
+    @property
+    def container_auth_var(self) -> str:
+        return "ANTHROPIC_API_KEY" if self.auth_type == "api_key" else "CLAUDE_CODE_OAUTH_TOKEN"
+
+
+def _read_toml(path: Path) -> dict:
+    try:
+        with path.open("rb") as fh:
+            return tomllib.load(fh)
+    except FileNotFoundError:
+        raise ConfigError(f"{path} does not exist") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path} is not valid TOML: {exc}") from None
+
+
+def _explain(path: Path, exc: ValidationError) -> str:
+    problems = "; ".join(
+        f"{'.'.join(str(p) for p in err['loc']) or '(file)'}: {err['msg']}" for err in exc.errors()
+    )
+    return f"{path}: {problems}"
+
+
+def load_policy(policies_dir: Path, name: str) -> Policy:
+    """The policy ``NAME`` (file ``NAME.toml`` in the policies directory)."""
+    if not POLICY_NAME.match(name) or name == "runners":
+        raise ConfigError(f"policy name {name!r} is not a policy file name in {policies_dir}")
+    path = policies_dir / f"{name}.toml"
+    try:
+        return Policy(**_read_toml(path))
+    except ValidationError as exc:
+        raise ConfigError(_explain(path, exc)) from None
+
+
+def load_runners(policies_dir: Path) -> dict[str, Runner]:
+    """Every runner of ``runners.toml``, by name."""
+    path = policies_dir / "runners.toml"
+    data = _read_toml(path)
+    unknown = set(data) - {"runners"}
+    if unknown:
+        raise ConfigError(f"{path}: unknown top-level keys {sorted(unknown)}; only [runners.NAME] tables")
+    runners: dict[str, Runner] = {}
+    for name, table in data.get("runners", {}).items():
+        if not isinstance(table, dict):
+            raise ConfigError(f"{path}: runners.{name} must be a table")
+        try:
+            runners[name] = Runner(name=name, **table)
+        except ValidationError as exc:
+            raise ConfigError(_explain(path, exc)) from None
+    return runners

@@ -1,0 +1,245 @@
+"""Runtime: one agent attempt and one test run inside their containers, watched line by line.
+
+Owns the Claude Code command line, the environment handed to the container (the runner's model, its
+credential, its base URL), reading the stream-json output as it arrives into events, the wall-clock
+timeout, the grace period after the result line, and stopping a run on cancel or shutdown.
+
+Must never: choose a model or runner other than the job's (there is no fallback anywhere), write a
+credential anywhere but the container's environment, or decide what happens to the workspace.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+import requests
+from docker.errors import APIError, NotFound
+from docker.models.containers import Container
+
+from .errors import ConfigError
+from .policy import Policy, Runner
+from .sandbox import AGENT_HOME, ContainerSpec, Limits, Sandbox
+from .stream import Event, Outcome, StreamState, classify, parse_line
+from .workspace import Workspace
+
+log = logging.getLogger(__name__)
+
+#: returns why the run must stop now ("cancelled", "shutdown") or None to go on
+StopCheck = Callable[[], str | None]
+#: receives the events of each stream line as it arrives
+EventSink = Callable[[list[Event]], None]
+
+OUTPUT_TAIL = 4000
+
+
+@dataclass
+class AgentRun:
+    outcome: Outcome
+    state: StreamState
+    exit_code: int | None
+    oom_killed: bool = False
+    stopped: str | None = None  # "timeout" | "cancelled" | "shutdown" when the executor ended the run
+    lingered: bool = False  # the CLI did not exit within the grace period after its result line
+    stderr_tail: str = ""
+    container_id: str | None = None
+
+
+@dataclass
+class TestRun:
+    __test__ = False  # not a pytest class
+    command: str
+    exit_code: int | None
+    output_tail: str
+    timed_out: bool = False
+    oom_killed: bool = False
+    stopped: str | None = None
+    duration: float = 0.0
+
+    @property
+    def passed(self) -> bool:
+        return self.exit_code == 0 and not self.timed_out and self.stopped is None
+
+
+@dataclass
+class Liveness:
+    """What the supervisor can see of a running agent, updated as lines arrive."""
+
+    started: float = field(default_factory=time.monotonic)
+    last_line: float = field(default_factory=time.monotonic)
+    lines: int = 0
+
+
+def agent_command(prompt: str, model: str) -> list[str]:
+    return ["claude", "-p", prompt, "--model", model, "--output-format", "stream-json", "--verbose",
+            "--include-partial-messages", "--dangerously-skip-permissions"]
+
+
+def agent_environment(runner: Runner, secrets: Mapping[str, str], max_retries: int = 2) -> dict[str, str]:
+    """The container's environment: the runner's credential under the name the CLI expects."""
+    token = secrets.get(runner.auth_env)
+    if not token:
+        raise ConfigError(
+            f"runner {runner.name!r}: environment variable {runner.auth_env} is not set in the executor's "
+            "environment; set it (its value is the runner's credential)"
+        )
+    env = {
+        runner.container_auth_var: token,
+        "HOME": AGENT_HOME,
+        "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC": "1",
+        "DISABLE_AUTOUPDATER": "1",
+        # The CLI retries by itself up to 10 times; keep that low so the executor's recorded backoff,
+        # which frees the slot, is the one in control.
+        "CLAUDE_CODE_MAX_RETRIES": str(max_retries),
+    }
+    if runner.base_url:
+        env["ANTHROPIC_BASE_URL"] = runner.base_url
+    return env
+
+
+def _pump_lines(container: Container, sink: queue.Queue) -> None:
+    """Reader thread: stdout of the container, split into lines; None marks the end."""
+    buffer = b""
+    try:
+        for chunk in container.logs(stream=True, follow=True, stdout=True, stderr=False):
+            buffer += chunk
+            while b"\n" in buffer:
+                line, buffer = buffer.split(b"\n", 1)
+                sink.put(line)
+    except (APIError, NotFound, requests.RequestException) as exc:
+        log.debug("log stream ended: %s", exc)
+    finally:
+        if buffer:
+            sink.put(buffer)
+        sink.put(None)
+
+
+def _wait_exit(container: Container, timeout: float = 30.0) -> tuple[int | None, bool]:
+    try:
+        status = container.wait(timeout=timeout)
+        container.reload()
+        return status.get("StatusCode"), bool(container.attrs["State"].get("OOMKilled"))
+    except (requests.RequestException, APIError, NotFound):
+        return None, False
+
+
+def _kill(container: Container) -> None:
+    try:
+        container.kill()
+    except (APIError, NotFound):
+        pass  # already gone
+
+
+def _stderr_tail(container: Container) -> str:
+    try:
+        return container.logs(stdout=False, stderr=True, tail=40).decode("utf-8", "replace")[-OUTPUT_TAIL:]
+    except (APIError, NotFound):
+        return ""
+
+
+def run_agent(sandbox: Sandbox, ws: Workspace, runner: Runner, policy: Policy, prompt: str,
+              environment: dict[str, str], *, on_events: EventSink, should_stop: StopCheck,
+              result_grace: float, liveness: Liveness | None = None) -> AgentRun:
+    """Run the agent to its end (or until it is stopped) and classify how it ended."""
+    spec = ContainerSpec(
+        name=f"executor-{ws.job_id}-a{ws.attempt}-agent",
+        command=agent_command(prompt, runner.model),
+        user=f"{ws.uid}:{ws.gid}",
+        volume=ws.volume,
+        limits=Limits(policy.cpus, policy.memory, policy.pids),
+        network=policy.network,
+        labels=ws.labels("agent"),
+        environment=environment,
+    )
+    liveness = liveness or Liveness()
+    state = StreamState()
+    container = sandbox.start(spec)
+    lines: queue.Queue = queue.Queue()
+    reader = threading.Thread(target=_pump_lines, args=(container, lines), daemon=True,
+                              name=f"stream-{ws.job_id}")
+    reader.start()
+    deadline = time.monotonic() + policy.timeout
+    result_seen_at: float | None = None
+    stopped: str | None = None
+    lingered = False
+    while True:
+        try:
+            raw = lines.get(timeout=0.5)
+        except queue.Empty:
+            raw = b""
+        if raw is None:
+            break
+        if raw:
+            msg = parse_line(raw)
+            if msg is not None:
+                liveness.last_line = time.monotonic()
+                liveness.lines += 1
+                on_events(state.feed(msg))
+        now = time.monotonic()
+        if state.result is not None and result_seen_at is None:
+            result_seen_at = now
+        if stopped or lingered:
+            continue  # killed: drain what is left until the stream ends
+        if result_seen_at is not None and now - result_seen_at > result_grace:
+            # The CLI has been seen to hang after its result line in headless runs: its work is done.
+            lingered = True
+            _kill(container)
+        elif now > deadline:
+            stopped = "timeout"
+            _kill(container)
+        elif (why := should_stop()) is not None:
+            stopped = why
+            _kill(container)
+    reader.join(timeout=10)
+    exit_code, oom = _wait_exit(container)
+    run = AgentRun(outcome=classify(state, None if lingered else exit_code), state=state,
+                   exit_code=exit_code, oom_killed=oom, stopped=stopped, lingered=lingered,
+                   stderr_tail=_stderr_tail(container), container_id=container.id)
+    sandbox.remove(container)
+    return run
+
+
+def run_tests(sandbox: Sandbox, ws: Workspace, command: str, policy: Policy, *,
+              should_stop: StopCheck) -> TestRun:
+    """The test command in a fresh container on the test view, network none, same limits."""
+    spec = ContainerSpec(
+        name=f"executor-{ws.job_id}-a{ws.attempt}-tests",
+        command=["sh", "-c", command],
+        user=f"{ws.uid}:{ws.gid}",
+        volume=ws.test_volume,
+        limits=Limits(policy.cpus, policy.memory, policy.pids),
+        network="none",
+        labels=ws.labels("tests"),
+        environment={"HOME": AGENT_HOME, "CI": "true"},
+    )
+    started = time.monotonic()
+    container = sandbox.start(spec)
+    deadline = started + policy.test_timeout
+    timed_out = False
+    stopped = None
+    exit_code: int | None = None
+    oom = False
+    while True:
+        exit_code, oom = _wait_exit(container, timeout=1.0)
+        if exit_code is not None:
+            break
+        if time.monotonic() > deadline:
+            timed_out = True
+        elif (why := should_stop()) is not None:
+            stopped = why
+        if timed_out or stopped:
+            _kill(container)
+            exit_code, oom = _wait_exit(container)
+            break
+    try:
+        output = container.logs(stdout=True, stderr=True, tail=200).decode("utf-8", "replace")
+    except (APIError, NotFound):
+        output = ""
+    sandbox.remove(container)
+    return TestRun(command=command, exit_code=exit_code, output_tail=output[-OUTPUT_TAIL:],
+                   timed_out=timed_out, oom_killed=oom, stopped=stopped,
+                   duration=time.monotonic() - started)

@@ -1,0 +1,102 @@
+"""The executor's configuration: one ``Settings`` object read from the environment once, at start-up.
+
+Owns every ``EXECUTOR_*`` variable and the derived paths of the state root. Everything else receives a
+``Settings`` instance (or the values it needs) as an argument.
+
+Must never: be read from anywhere but the CLI's entry point (and tests), or hold a secret's value
+(runner tokens stay in the environment and are looked up by name only when a container starts).
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)i?b?\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3, "t": 1024**4}
+
+
+def parse_size(value: str | int | float) -> int:
+    """Bytes from ``"8g"``, ``"256m"``, ``"512MiB"`` or a plain number (Docker's size notation)."""
+    if isinstance(value, (int, float)):
+        return int(value)
+    match = _SIZE.match(value)
+    if not match:
+        raise ValueError(f"{value!r} is not a size: use a number of bytes or e.g. '512m', '8g'")
+    return int(float(match.group(1)) * _UNITS[match.group(2).lower()])
+
+
+def format_size(n: int) -> str:
+    for unit in ("g", "m", "k"):
+        if n >= _UNITS[unit] and n % _UNITS[unit] == 0:
+            return f"{n // _UNITS[unit]}{unit}"
+    return str(n)
+
+
+class Settings(BaseSettings):
+    """Settings of one executor. Each field is ``EXECUTOR_<NAME>`` in the environment."""
+
+    model_config = SettingsConfigDict(env_prefix="EXECUTOR_", extra="forbid")
+
+    home: Path = Field(default=Path("store"), description="State root: executor.db, spool/, jobs/.")
+    policies: Path = Field(default=Path("policies"), description="Directory of policy and runner TOML files.")
+    workspace_roots: Annotated[list[Path], NoDecode] = Field(
+        default_factory=list,
+        description="Directories a job's workspace must lie under (separated by ':' or ',').",
+    )
+    sandbox_image: str = Field(default="executor-sandbox:latest", description="Image every job runs in.")
+    budget_cpus: float = Field(default=4.0, gt=0, description="CPU cores all job containers may use together.")
+    budget_memory: Annotated[int, NoDecode] = Field(default=parse_size("8g"), description="Memory budget.")
+    reserve_memory: Annotated[int, NoDecode] = Field(
+        default=parse_size("256m"), description="Part of the memory budget kept for the executor itself."
+    )
+    poll_interval: float = Field(default=0.5, gt=0, description="Seconds between spool scans and scheduling.")
+    result_grace: float = Field(
+        default=10.0, ge=0, description="Seconds the CLI may linger after its result line before it is stopped."
+    )
+    log_format: Literal["text", "json"] = "text"
+    log_level: str = "INFO"
+
+    @field_validator("workspace_roots", mode="before")
+    @classmethod
+    def _split_roots(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [p for p in re.split(r"[:,]", value) if p.strip()]
+        return value
+
+    @field_validator("budget_memory", "reserve_memory", mode="before")
+    @classmethod
+    def _size(cls, value: object) -> object:
+        if isinstance(value, (str, int, float)):
+            return parse_size(value)
+        return value
+
+    @field_validator("home", "policies")
+    @classmethod
+    def _absolute(cls, value: Path) -> Path:
+        return value.expanduser().absolute()
+
+    @field_validator("workspace_roots")
+    @classmethod
+    def _absolute_roots(cls, value: list[Path]) -> list[Path]:
+        return [p.expanduser().resolve() for p in value]
+
+    # Derived paths of the state root: one place, so no module builds them by hand.
+    @property
+    def db_path(self) -> Path:
+        return self.home / "executor.db"
+
+    @property
+    def spool_dir(self) -> Path:
+        return self.home / "spool"
+
+    @property
+    def jobs_dir(self) -> Path:
+        return self.home / "jobs"
+
+    def job_dir(self, job_id: str) -> Path:
+        return self.jobs_dir / job_id

@@ -1,0 +1,276 @@
+"""Durable state: jobs, their attempts and the per-session event log, in one SQLite file.
+
+Owns the schema, the job status machine and every read and write of the database. A status changes only
+through ``transition``, which updates where the current status is the expected one; when another actor
+moved the job first, it raises ``IllegalTransition`` instead of overwriting the truth.
+
+Must never: store a secret (token values never reach this module), or let a terminal status change.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from datetime import datetime, timezone
+from enum import Enum
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import JSON, Column, event, update
+from sqlalchemy.exc import IntegrityError
+from sqlmodel import Field, Session, SQLModel, col, create_engine, select
+
+from .errors import IllegalTransition, InvalidJob
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+class Status(str, Enum):
+    queued = "queued"
+    running = "running"
+    testing = "testing"
+    committing = "committing"
+    succeeded = "succeeded"
+    rolled_back = "rolled_back"
+    failed = "failed"
+    cancelled = "cancelled"
+
+    @property
+    def terminal(self) -> bool:
+        return self in TERMINAL
+
+
+TERMINAL = frozenset({Status.succeeded, Status.rolled_back, Status.failed, Status.cancelled})
+
+#: Every legal move. ``running``/``testing`` -> ``queued`` is the re-queue of a job whose attempt was
+#: interrupted by the executor stopping or crashing (its changes were rolled back first).
+TRANSITIONS: dict[Status, frozenset[Status]] = {
+    Status.queued: frozenset({Status.running, Status.cancelled, Status.failed}),
+    Status.running: frozenset(
+        {Status.testing, Status.rolled_back, Status.failed, Status.cancelled, Status.queued}
+    ),
+    Status.testing: frozenset(
+        {Status.committing, Status.rolled_back, Status.failed, Status.cancelled, Status.queued}
+    ),
+    Status.committing: frozenset({Status.succeeded, Status.failed}),
+}
+
+
+class Job(SQLModel, table=True):
+    id: str = Field(primary_key=True)
+    session_id: str = Field(index=True)
+    runner: str
+    model_requested: str
+    workspace: str
+    prompt: str
+    policy_name: str
+    policy: dict = Field(default_factory=dict, sa_column=Column(JSON))
+    test_command: str | None = None
+    priority: int = 0
+    status: Status = Field(default=Status.queued, index=True)
+    reason: str | None = None
+    error: str | None = None
+    spool_name: str | None = Field(default=None, unique=True)
+    created_at: datetime = Field(default_factory=utcnow)
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    start_ns: int | None = None  # time.time_ns() before the attempt's overlay was mounted (conflict check)
+    repo_uid: int | None = None
+    repo_gid: int | None = None
+    attempts: int = 0
+    cancel_requested: bool = False
+    models_seen: list = Field(default_factory=list, sa_column=Column(JSON))
+    changed_files: list = Field(default_factory=list, sa_column=Column(JSON))
+    test_exit_code: int | None = None
+    test_output: str | None = None
+    final_text: str | None = None
+
+
+class Attempt(SQLModel, table=True):
+    id: int | None = Field(default=None, primary_key=True)
+    job_id: str = Field(index=True, foreign_key="job.id")
+    number: int
+    started_at: datetime = Field(default_factory=utcnow)
+    finished_at: datetime | None = None
+    outcome: str | None = None
+    exit_code: int | None = None
+    claude_session_id: str | None = None
+    models_seen: list = Field(default_factory=list, sa_column=Column(JSON))
+    cost_usd: float | None = None
+    input_tokens: int | None = None
+    output_tokens: int | None = None
+
+
+class Event(SQLModel, table=True):
+    id: int | None = Field(default=None, primary_key=True)
+    job_id: str = Field(index=True)
+    session_id: str = Field(index=True)
+    attempt: int = 0
+    ts: datetime = Field(default_factory=utcnow)
+    kind: str
+    data: dict = Field(default_factory=dict, sa_column=Column(JSON))
+
+
+def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+    # WAL lets readers (the CLI) run beside the writer; FULL makes a committed row survive power loss.
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA synchronous=FULL")
+    cursor.execute("PRAGMA busy_timeout=30000")
+    cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.close()
+
+
+class Store:
+    """Every database operation of the executor."""
+
+    def __init__(self, db_path: Path) -> None:
+        db_path.parent.mkdir(parents=True, exist_ok=True)
+        self.engine = create_engine(
+            f"sqlite:///{db_path}", connect_args={"check_same_thread": False, "timeout": 30}
+        )
+        event.listen(self.engine, "connect", _sqlite_pragmas)
+        SQLModel.metadata.create_all(self.engine)
+
+    @contextmanager
+    def session(self) -> Iterator[Session]:
+        with Session(self.engine, expire_on_commit=False) as session:
+            yield session
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    # -- jobs ---------------------------------------------------------------------------------------
+
+    def add_job(self, job: Job) -> Job:
+        """Insert a new job; a second job with the same id is refused (never run twice)."""
+        with self.session() as s:
+            s.add(job)
+            try:
+                s.commit()
+            except IntegrityError:
+                s.rollback()
+                existing = s.get(Job, job.id)
+                if existing is not None:
+                    raise InvalidJob(
+                        f"a job with id {job.id!r} already exists (status {existing.status.value}); "
+                        "job ids are unique: remove 'id' to get a generated one or choose another"
+                    ) from None
+                raise
+        return job
+
+    def get(self, job_id: str) -> Job | None:
+        with self.session() as s:
+            return s.get(Job, job_id)
+
+    def find_by_spool_name(self, name: str) -> Job | None:
+        with self.session() as s:
+            return s.exec(select(Job).where(Job.spool_name == name)).first()
+
+    def jobs(self, statuses: Iterable[Status] | None = None) -> list[Job]:
+        """Jobs in priority, then arrival order (the order admission considers them)."""
+        with self.session() as s:
+            query = select(Job)
+            if statuses is not None:
+                query = query.where(col(Job.status).in_([st.value for st in statuses]))
+            query = query.order_by(col(Job.priority).desc(), col(Job.created_at), col(Job.id))
+            return list(s.exec(query))
+
+    def transition(self, job_id: str, expected: Status | Iterable[Status], new: Status, **fields: Any) -> Job:
+        """Move a job from one of ``expected`` to ``new`` (and set ``fields``) or raise IllegalTransition."""
+        allowed = {expected} if isinstance(expected, Status) else set(expected)
+        sources = [st for st in allowed if new in TRANSITIONS.get(st, frozenset())]
+        if not sources:
+            raise IllegalTransition(f"job {job_id}: no legal move from {sorted(allowed)} to {new.value}")
+        if new.terminal:
+            fields.setdefault("finished_at", utcnow())
+        with self.session() as s:
+            result = s.exec(  # type: ignore[call-overload]
+                update(Job)
+                .where(col(Job.id) == job_id, col(Job.status).in_([st.value for st in sources]))
+                .values(status=new, **fields)
+            )
+            s.commit()
+            if result.rowcount != 1:
+                current = s.get(Job, job_id)
+                now = current.status.value if current else "missing"
+                raise IllegalTransition(
+                    f"job {job_id}: refused {'/'.join(st.value for st in sources)} -> {new.value}: "
+                    f"the job is {now}",
+                    job_id=job_id,
+                    current=now,
+                )
+            job = s.get(Job, job_id)
+            s.refresh(job)
+            return job
+
+    def update_job(self, job_id: str, **fields: Any) -> None:
+        """Set fields that are not the status (the status moves only through ``transition``)."""
+        if "status" in fields:
+            raise ValueError("use transition() to change a job's status")
+        with self.session() as s:
+            s.exec(update(Job).where(col(Job.id) == job_id).values(**fields))  # type: ignore[call-overload]
+            s.commit()
+
+    def request_cancel(self, job_id: str) -> Job:
+        """Cancel a queued job at once; flag a running one so its supervisor stops it."""
+        job = self.get(job_id)
+        if job is None:
+            raise InvalidJob(f"no job {job_id!r}")
+        if job.status.terminal:
+            return job
+        if job.status == Status.queued:
+            try:
+                return self.transition(job_id, Status.queued, Status.cancelled, reason="cancelled",
+                                       error="cancelled before it started")
+            except IllegalTransition:
+                pass  # it started meanwhile: flag it like a running job
+        self.update_job(job_id, cancel_requested=True)
+        return self.get(job_id)  # type: ignore[return-value]
+
+    # -- attempts -----------------------------------------------------------------------------------
+
+    def start_attempt(self, job_id: str, number: int) -> Attempt:
+        with self.session() as s:
+            attempt = Attempt(job_id=job_id, number=number)
+            s.add(attempt)
+            s.commit()
+            s.refresh(attempt)
+            return attempt
+
+    def finish_attempt(self, attempt_id: int, **fields: Any) -> None:
+        with self.session() as s:
+            s.exec(  # type: ignore[call-overload]
+                update(Attempt).where(col(Attempt.id) == attempt_id).values(finished_at=utcnow(), **fields)
+            )
+            s.commit()
+
+    def attempts(self, job_id: str) -> list[Attempt]:
+        with self.session() as s:
+            return list(s.exec(select(Attempt).where(Attempt.job_id == job_id).order_by(col(Attempt.number))))
+
+    # -- events -------------------------------------------------------------------------------------
+
+    def add_event(self, job: Job, attempt: int, kind: str, data: dict | None = None) -> None:
+        self.add_events(job, attempt, [(kind, data or {})])
+
+    def add_events(self, job: Job, attempt: int, items: list[tuple[str, dict]]) -> None:
+        if not items:
+            return
+        with self.session() as s:
+            for kind, data in items:
+                s.add(Event(job_id=job.id, session_id=job.session_id, attempt=attempt, kind=kind,
+                            data=json.loads(json.dumps(data, default=str))))
+            s.commit()
+
+    def events(self, job_id: str | None = None, session_id: str | None = None) -> list[Event]:
+        with self.session() as s:
+            query = select(Event)
+            if job_id is not None:
+                query = query.where(Event.job_id == job_id)
+            if session_id is not None:
+                query = query.where(Event.session_id == session_id)
+            return list(s.exec(query.order_by(col(Event.id))))
