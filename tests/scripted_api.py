@@ -16,7 +16,7 @@ with ``stream: true`` an SSE body (``content-type: text/event-stream``, chunked)
 ``content_block_stop``, then ``message_delta`` (``stop_reason`` ``tool_use`` or ``end_turn``, usage
 ``output_tokens``) and ``message_stop``; without it a plain JSON message. Errors are the API's JSON
 ``{"type": "error", "error": {"type": ..., "message": ...}}`` with the status and headers given.
-``POST /v1/messages/count_tokens`` gets ``{"input_tokens": N}``; ``GET``/``HEAD /`` get 200; anything
+``POST /v1/messages/count_tokens`` gets ``{"input_tokens": N}``; ``GET /`` and any ``HEAD`` get 200; anything
 else 404 ``not_found_error``. Ids look like the real ones (``msg_...``, ``toolu_...``, unique).
 Token counts are rough (request bytes / 4), enough for the CLI's cost and context bookkeeping.
 
@@ -26,8 +26,11 @@ with different prompts can share one server. An exhausted (or unmatched) script 
 or ``Turn.text("Done.")`` if none was given. A list script is the fallback for requests no dict key
 matches (keys added later with ``add()``).
 
-Side requests (they never consume the script and are answered with a short text): a request is a side
-request when it names no ``tools``, or asks for ``max_tokens`` <= 1 (quota probes). Facts found with
+Side requests never consume the script and are answered with the text ``"OK"``: a request asking for
+``max_tokens`` <= 1 (quota / model probes) always is one; otherwise a request whose first user text
+matches a dict key is scripted, and of the rest those offering no ``tools`` are side requests (the
+rule is ``side_filter``, default ``is_side_request``; pass ``side_filter=lambda body: False`` to script
+tool-less calls too, e.g. a compaction model called through the SDK with a list script). Facts found with
 the real CLI 2.1.328 (linux-x64 binary), ``claude -p ... --output-format stream-json --verbose
 --include-partial-messages --dangerously-skip-permissions`` with ``ANTHROPIC_BASE_URL`` /
 ``ANTHROPIC_API_KEY=sk-fake`` / ``CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC=1`` and a fresh ``HOME``:
@@ -44,7 +47,8 @@ the real CLI 2.1.328 (linux-x64 binary), ``claude -p ... --output-format stream-
   all of them should a flag or version turn them on. The answer to them is the text ``"OK"``.
 - The first user message is a list of text blocks: several ``<system-reminder>`` blocks (environment,
   skills, date, ...) and then the ``-p`` prompt as the last block, so match script keys by substring.
-  For non-sonnet ids the CLI also sends a ``role: "system"`` entry in ``messages``; ignored here.
+  For some ids (``claude-opus-5-5``, ``claude-haiku-5-5``, unknown ids; not ``claude-sonnet-4-5``) the
+  CLI also puts a ``role: "system"`` entry in ``messages``; it is ignored here.
 - Requests ask for ``thinking``; answering without thinking blocks is accepted.
 - The ``Agent`` tool starts a subagent that runs *concurrently* with the main loop: the main agent's
   next request and the subagent's requests (8 tools, first user message = the Agent ``prompt``) race for
@@ -80,7 +84,7 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
+from typing import Any, Callable
 from urllib.parse import urlsplit
 
 DEFAULT_MODEL = "claude-sonnet-4-5"
@@ -144,6 +148,7 @@ class Turn:
 
 
 DONE = Turn.text("Done.")
+SIDE_TURN = Turn.text(SIDE_ANSWER)
 
 
 # ------------------------------------------------------------------------------------------ requests
@@ -188,7 +193,7 @@ def first_user_text(body: Any) -> str:
 
 
 def is_side_request(body: Any) -> bool:
-    """A request outside the scripted conversation: no tools offered, or a ``max_tokens`` <= 1 probe."""
+    """The default ``side_filter``: no tools offered, or a ``max_tokens`` <= 1 probe."""
     if not isinstance(body, dict):
         return True
     max_tokens = body.get("max_tokens")
@@ -208,6 +213,7 @@ class ScriptedAPI:
         script: list[Turn] | dict[str, list[Turn]] | None = None,
         default: Turn | None = None,
         model_override: str | None = None,
+        side_filter: Callable[[dict], bool] | None = None,
     ) -> None:
         self._lock = threading.Lock()
         self._list: deque[Turn] = deque(script) if isinstance(script, list) else deque()
@@ -217,6 +223,7 @@ class ScriptedAPI:
                 self._keyed[key] = deque(turns)
         self.default = default or DONE
         self.model_override = model_override
+        self.side_filter = side_filter or is_side_request
         self._requests: list[RecordedRequest] = []
         self._stopping = threading.Event()
         self._server: ThreadingHTTPServer | None = None
@@ -264,15 +271,21 @@ class ScriptedAPI:
         with self._lock:
             return len(self._list if key is None else self._keyed.get(key, ()))
 
-    def _next_turn(self, body: Any) -> tuple[str | None, Turn]:
+    def _next_turn(self, body: dict) -> tuple[bool, str | None, Turn]:
+        """(side, key, turn) for a Messages request."""
+        max_tokens = body.get("max_tokens")
+        if isinstance(max_tokens, int) and max_tokens <= 1:
+            return True, None, SIDE_TURN
         text = first_user_text(body)
         with self._lock:
             for key, turns in self._keyed.items():
                 if key in text:
-                    return key, (turns.popleft() if turns else self.default)
+                    return False, key, (turns.popleft() if turns else self.default)
+            if self.side_filter(body):
+                return True, None, SIDE_TURN
             if self._list:
-                return "", self._list.popleft()
-            return None, self.default
+                return False, "", self._list.popleft()
+            return False, None, self.default
 
     # -- records
 
@@ -385,11 +398,7 @@ class _Handler(BaseHTTPRequestHandler):
             self._record(raw, body)
             self._send_error(400, "invalid_request_error", "body must be a JSON object")
             return
-        side = is_side_request(body)
-        if side:
-            key, turn = None, Turn.text(SIDE_ANSWER)
-        else:
-            key, turn = self.api._next_turn(body)
+        side, key, turn = self.api._next_turn(body)
         self._record(raw, body, side=side, key=key, turn=turn)
 
         if turn.kind == "error":

@@ -11,9 +11,11 @@ from pathlib import Path
 import anthropic
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+ROOT = str(Path(__file__).resolve().parents[2])
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
 
-from scripted_api import ScriptedAPI, Turn, is_side_request  # noqa: E402
+from tests.scripted_api import ScriptedAPI, Turn, is_side_request  # noqa: E402
 
 TOOLS = [{"name": "Write", "description": "write a file",
           "input_schema": {"type": "object", "properties": {"file_path": {"type": "string"}}}}]
@@ -194,3 +196,20 @@ def test_hang_sends_message_start_then_holds_until_stop():
     t.join(timeout=3)
     assert not t.is_alive() and time.monotonic() - started < 3
     assert seen == ["message_start"]  # nothing more: no message_stop, the stream just ended or broke
+
+
+def test_toolless_requests_are_scripted_when_keyed_or_when_the_filter_says_so():
+    plain = [{"role": "user", "content": "summarise COMPACT-1 please"}]
+    with ScriptedAPI({"COMPACT-1": [Turn.text("summary")]}) as api:
+        c = client(api)
+        msg = c.messages.create(model="claude-haiku", max_tokens=200, messages=plain)
+        probe = c.messages.create(model="claude-haiku", max_tokens=1, messages=plain)
+    assert msg.content[0].text == "summary" and probe.content[0].text == "OK"
+    assert [r.side for r in api.requests] == [False, True]
+
+    with ScriptedAPI([Turn.text("one"), Turn.text("two")], side_filter=lambda body: False) as api:
+        c = client(api)
+        texts = [c.messages.create(model="m", max_tokens=50, messages=plain).content[0].text]
+        with c.messages.stream(model="m", max_tokens=50, messages=plain) as stream:
+            texts.append(stream.get_final_message().content[0].text)
+    assert texts == ["one", "two"]
