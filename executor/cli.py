@@ -14,6 +14,7 @@ import os
 import signal
 import sys
 import threading
+import time
 from typing import Any
 
 import click
@@ -186,6 +187,53 @@ def log_cmd(job_id: str, as_json: bool) -> None:
             click.echo(json.dumps({"ts": e.ts.isoformat(), "attempt": e.attempt, "kind": e.kind, "data": e.data}))
         else:
             click.echo(f"{e.ts:%H:%M:%S} a{e.attempt} {e.kind:12} {_describe(e.kind, e.data)}")
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True)
+def status(as_json: bool) -> None:
+    """Budget, reservations, measured use, running jobs, the queue and why its head waits."""
+    settings = _settings()
+    from .workspace import disk_usage
+
+    try:
+        snapshot = json.loads(settings.status_path.read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        snapshot = {}
+    age = time.time() - snapshot.get("ts", 0)
+    store = _store(settings)
+    view = {
+        "executor": "running" if snapshot and age < max(10.0, 5 * settings.poll_interval) else "not running",
+        "status_age_seconds": round(age, 1) if snapshot else None,
+        "budget": snapshot.get("budget") or {"cpus": settings.budget_cpus, "memory": settings.budget_memory,
+                                             "reserve_memory": settings.reserve_memory},
+        "reserved": snapshot.get("reserved"),
+        "measured": snapshot.get("measured"),
+        "running": snapshot.get("running", []),
+        "queue_length": len(store.jobs([Status.queued])),
+        "waiting": snapshot.get("waiting"),
+        "counts": {st.value: n for st, n in store.counts().items()},
+        "disk": {"state_root": str(settings.home), "bytes": disk_usage(settings.home)},
+    }
+    if as_json:
+        click.echo(json.dumps(view, indent=2))
+        return
+    mib = lambda n: f"{(n or 0) / 2**20:.0f} MiB"  # noqa: E731
+    budget = view["budget"]
+    click.echo(f"executor   {view['executor']}")
+    click.echo(f"budget     {budget['cpus']:g} cpus, {mib(budget['memory'])} (reserve {mib(budget['reserve_memory'])})")
+    if view["reserved"]:
+        click.echo(f"reserved   {view['reserved']['cpus']:g} cpus, {mib(view['reserved']['memory'])}")
+    measured = view["measured"]
+    if measured:
+        click.echo(f"measured   jobs {measured['jobs']['cpu_cores']:.2f} cores, {mib(measured['jobs']['memory'])}; "
+                   f"executor {measured['executor']['cpu_percent']:.1f}% cpu, {mib(measured['executor']['rss'])} rss; "
+                   f"host available {mib(measured['host']['memory_available'])}")
+    click.echo(f"queue      {view['queue_length']} queued" + (f"; {view['waiting']}" if view["waiting"] else ""))
+    click.echo(f"disk       {mib(view['disk']['bytes'])} under {view['disk']['state_root']}")
+    for r in view["running"]:
+        click.echo(f"  {r['job']:20} {r['runner']:12} {r['cpus']:g} cpus {mib(r['memory'])}  "
+                   f"state={r['state']} idle={r['idle_for']} {r['last_activity'] or ''}")
 
 
 @main.command()

@@ -14,6 +14,8 @@ from __future__ import annotations
 import threading
 from dataclasses import dataclass
 
+import psutil
+
 from .policy import Policy
 from .settings import Settings
 
@@ -60,6 +62,25 @@ class Governor:
             return (f"needs {policy.memory // 2**20} MiB, {free_memory // 2**20} MiB of "
                     f"{self.budget_memory // 2**20} MiB free")
         return None
+
+    def host_allows(self, policy: Policy) -> str | None:
+        """Why the host cannot take the job now (its available memory is below the reservation)."""
+        available = psutil.virtual_memory().available
+        if available < policy.memory:
+            return (f"host memory available {available // 2**20} MiB is below the job's reservation "
+                    f"{policy.memory // 2**20} MiB")
+        return None
+
+    def snapshot(self) -> dict:
+        with self._lock:
+            held = list(self._held.values())
+        return {
+            "budget": {"cpus": self.budget_cpus, "memory": self.budget_memory,
+                       "reserve_memory": self.reserve_memory},
+            "reserved": {"cpus": round(sum(p.cpus for p in held), 3),
+                         "memory": self.reserve_memory + sum(p.memory for p in held)},
+            "permits": [{"job": p.job_id, "cpus": p.cpus, "memory": p.memory, "pids": p.pids} for p in held],
+        }
 
     def try_reserve(self, job_id: str, policy: Policy) -> Permit | None:
         """A permit for the job's limits if they fit now; never waits."""

@@ -21,7 +21,9 @@ from .errors import ConfigError, InvalidJob
 from .policy import Policy, Runner, load_policy, load_runners
 from .settings import Settings, format_size
 
-JOB_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+# First character alphanumeric: "." and ".." would name the jobs directory or the state root itself as a
+# job's directory (removed on rollback), and a leading "-" reads as an option on the command line.
+JOB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 # The overlay's mount options are a comma-separated list and lowerdir stacks are colon-separated.
 _UNSAFE_PATH_CHARS = set(",:\n\\")
 
@@ -146,6 +148,10 @@ def _check_workspace(raw: str, settings: Settings) -> tuple[Path, int, int]:
     if _UNSAFE_PATH_CHARS & set(raw):
         raise InvalidJob(f"workspace {raw!r} contains one of , : \\ or a newline, which overlay options cannot carry")
     resolved = path.resolve()
+    if _UNSAFE_PATH_CHARS & set(str(resolved)):
+        # the overlay is built on the resolved path: a symlink must not smuggle the characters in
+        raise InvalidJob(f"workspace {raw!r} resolves to {str(resolved)!r}, which contains one of , : \\ or a "
+                         "newline, which overlay options cannot carry")
     if not any(resolved == root or root in resolved.parents for root in settings.workspace_roots):
         roots = ", ".join(str(r) for r in settings.workspace_roots) or "none configured"
         raise InvalidJob(

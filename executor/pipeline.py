@@ -27,12 +27,13 @@ from pathlib import Path
 
 from . import workspace
 from .commit import Change, apply_change, check_conflicts, scan_upper
-from .errors import Conflict, ExecutorError, IllegalTransition, ModelMismatch, UnsafePath
+from .errors import ConfigError, Conflict, ExecutorError, IllegalTransition, ModelMismatch, UnsafePath
 from .policy import Policy, Runner
-from .runner import AgentRun, Liveness, TestRun, agent_environment, run_agent, run_tests
+from .liveness import Beat, Watchdog
+from .runner import AgentRun, TestRun, agent_environment, agent_spec, run_tests, watch_agent
 from .sandbox import Sandbox
 from .settings import Settings, format_size
-from .store import Job, Status, Store, utcnow
+from .store import Heartbeat, Job, Status, Store, utcnow
 from .stream import SYNTHETIC_MODEL, Event
 from .workspace import Workspace
 
@@ -49,6 +50,9 @@ class Context:
     runners: dict[str, Runner]
     secrets: Mapping[str, str]
     shutdown: threading.Event = field(default_factory=threading.Event)
+    #: the watchdog of each job whose agent runs now (status reads their last samples)
+    watchdogs: dict[str, Watchdog] = field(default_factory=dict)
+    pids_hits: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass
@@ -110,18 +114,66 @@ def run_job(ctx: Context, job_id: str) -> Job:
 
 
 def _attempt(ctx: Context, job: Job, ws: Workspace) -> Ending:
+    runner = _runner_of(ctx, job)
+    policy = Policy(**job.policy)
+    workspace.create(ctx.sandbox, ws)
+    spec = agent_spec(ws, runner, policy, job.prompt, agent_environment(runner, ctx.secrets))
+    container = ctx.sandbox.start(spec)
+    return _supervise(ctx, job, ws, runner, policy, container)
+
+
+def adopt_job(ctx: Context, job_id: str, container) -> Job:
+    """Supervise again an agent container that outlived an executor restart."""
+    job = ctx.store.get(job_id)
+    assert job is not None
+    ws = workspace_for(ctx.settings, job, job.attempts)
+    ctx.store.add_event(job, ws.attempt, "adopted", {"container": container.name})
+    log_state(job, "adopted", ws.attempt)
+    try:
+        runner = _runner_of(ctx, job)
+        ending = _supervise(ctx, job, ws, runner, Policy(**job.policy), container,
+                            skip_lines=ctx.store.last_stream_line(job.id, ws.attempt))
+    except ExecutorError as exc:
+        ending = Ending(Status.failed, exc.reason, str(exc))
+    return settle(ctx, job, ws, ending)
+
+
+def retest_job(ctx: Context, job_id: str) -> Job:
+    """Run the test gate again for a job whose tests were interrupted by an executor restart."""
+    job = ctx.store.get(job_id)
+    assert job is not None
+    ws = workspace_for(ctx.settings, job, job.attempts)
+    ctx.store.add_event(job, ws.attempt, "adopted", {"phase": "testing"})
+    try:
+        ending = _test_and_commit(ctx, job, ws, Policy(**job.policy), _StopCheck(ctx, job.id))
+    except ExecutorError as exc:
+        ending = Ending(Status.failed, exc.reason, str(exc))
+    return settle(ctx, job, ws, ending)
+
+
+def _runner_of(ctx: Context, job: Job) -> Runner:
     runner = ctx.runners.get(job.runner)
     if runner is None or runner.model != job.model_requested:
-        return Ending(Status.failed, "config", f"runner {job.runner!r} is no longer configured as it was "
-                      f"when the job was accepted (model {job.model_requested!r}); resubmit the job")
-    policy = Policy(**job.policy)
+        raise ConfigError(f"runner {job.runner!r} is no longer configured as it was when the job was "
+                            f"accepted (model {job.model_requested!r}); resubmit the job")
+    return runner
+
+
+def _supervise(ctx: Context, job: Job, ws: Workspace, runner: Runner, policy: Policy, container,
+               skip_lines: int = 0) -> Ending:
     stop = _StopCheck(ctx, job.id)
-    workspace.create(ctx.sandbox, ws)
-    run = run_agent(
-        ctx.sandbox, ws, runner, policy, job.prompt, agent_environment(runner, ctx.secrets),
-        on_events=lambda events: _record(ctx, job, ws.attempt, events),
-        should_stop=stop, result_grace=ctx.settings.result_grace, liveness=Liveness(),
-    )
+    watchdog = Watchdog(policy, on_beat=lambda beat: _record_beat(ctx, job, ws.attempt, beat))
+    ctx.watchdogs[job.id] = watchdog
+    try:
+        run = watch_agent(
+            ctx.sandbox, container, policy,
+            on_events=lambda events, line: _record(ctx, job, ws.attempt, events, line),
+            should_stop=stop, result_grace=ctx.settings.result_grace, watchdog=watchdog,
+            skip_lines=skip_lines,
+        )
+    finally:
+        ctx.watchdogs.pop(job.id, None)
+        ctx.pids_hits.pop(job.id, None)
     _record_attempt(ctx, job, ws.attempt, run)
     ending = _judge_agent(job, runner, policy, run)
     if ending is not None:
@@ -129,6 +181,10 @@ def _attempt(ctx: Context, job: Job, ws: Workspace) -> Ending:
     ctx.store.transition(job.id, Status.running, Status.testing)
     ctx.store.add_event(job, ws.attempt, "state", {"status": "testing"})
     log_state(job, Status.testing, ws.attempt)
+    return _test_and_commit(ctx, job, ws, policy, stop)
+
+
+def _test_and_commit(ctx: Context, job: Job, ws: Workspace, policy: Policy, stop: _StopCheck) -> Ending:
     tests = _run_test_gate(ctx, job, ws, policy, stop)
     ending = _judge_tests(tests)
     if ending is not None:
@@ -136,8 +192,21 @@ def _attempt(ctx: Context, job: Job, ws: Workspace) -> Ending:
     return _commit(ctx, job, ws)
 
 
-def _record(ctx: Context, job: Job, attempt: int, events: list[Event]) -> None:
-    ctx.store.add_events(job, attempt, [(e.kind, e.data) for e in events])
+def _record_beat(ctx: Context, job: Job, attempt: int, beat: Beat) -> None:
+    ctx.store.add_heartbeat(Heartbeat(job_id=job.id, attempt=attempt, state=beat.state, new_lines=beat.new_lines,
+                                      cpu_cores=beat.cpu_cores, memory=beat.memory, pids=beat.pids,
+                                      idle_for=beat.idle_for, last_activity=beat.last_activity))
+    if beat.pids_limit_hits:
+        # A fork bomb (or a busy build) hit the pids limit: contained, and worth a line in the log once.
+        seen = ctx.pids_hits.get(job.id)
+        if seen != beat.pids_limit_hits:
+            ctx.pids_hits[job.id] = beat.pids_limit_hits
+            ctx.store.add_event(job, attempt, "pids_limit", {
+                "refused_forks": beat.pids_limit_hits, "pids": beat.pids, "limit": Policy(**job.policy).pids})
+
+
+def _record(ctx: Context, job: Job, attempt: int, events: list[Event], line: int) -> None:
+    ctx.store.add_events(job, attempt, [(e.kind, e.data) for e in events], line=line)
 
 
 def _record_attempt(ctx: Context, job: Job, number: int, run: AgentRun) -> None:
@@ -166,6 +235,12 @@ def _judge_agent(job: Job, runner: Runner, policy: Policy, run: AgentRun) -> End
         return Ending(Status.queued, "interrupted", "the executor stopped during the attempt")
     if run.stopped == "cancelled":
         return Ending(Status.cancelled, "cancelled", "cancelled while the agent ran")
+    if run.stopped == "stalled":
+        alive = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(run.last_alive or time.time()))
+        message = (f"no progress for {policy.stall_after:g}s (stall_after): last alive at {alive}, "
+                   f"last activity: {run.last_activity or 'none'}; the container was killed and its changes "
+                   "discarded" + ("; re-queued from the clean repository (retry_stalled)" if policy.retry_stalled else ""))
+        return Ending(Status.queued if policy.retry_stalled else Status.stalled, "stalled", message)
     if run.stopped == "timeout":
         return Ending(Status.failed, "timeout", f"the agent ran longer than the policy's timeout "
                       f"({policy.timeout:g}s); its changes were rolled back")

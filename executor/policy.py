@@ -16,21 +16,9 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from .errors import ConfigError
-from .settings import parse_size
+from .settings import parse_duration, parse_size
 
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
-_SECONDS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, None: 1}
 POLICY_NAME = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
-
-
-def parse_duration(value: str | int | float) -> float:
-    """Seconds from ``"30s"``, ``"5m"``, ``"1.5h"`` or a plain number of seconds."""
-    if isinstance(value, (int, float)):
-        return float(value)
-    match = _DURATION.match(value)
-    if not match:
-        raise ValueError(f"{value!r} is not a duration: use seconds or e.g. '30s', '5m', '2h'")
-    return float(match.group(1)) * _SECONDS[match.group(2)]
 
 
 Duration = Annotated[float, Field(gt=0)]
@@ -50,13 +38,21 @@ class Policy(BaseModel):
     )
     test_command: str | None = Field(default=None, description="Shell command whose exit 0 gates the commit.")
     test_timeout: Duration = Field(default=600.0, description="Wall-clock limit of the test run.")
+    heartbeat_interval: Duration = Field(default=30.0, description="Seconds between heartbeat rows.")
+    stall_after: Duration = Field(default=300.0, description="No progress for this long is a stall.")
+    stall_cpu_threshold: float = Field(
+        default=0.05, ge=0,
+        description="CPU cores (averaged over a heartbeat interval) that count as progress without output. "
+                    "A CLI waiting on an unanswered request burns ~0.003 cores, a working build far more.",
+    )
+    retry_stalled: bool = Field(default=False, description="Re-queue a stalled job from the clean repository.")
 
     @field_validator("memory", mode="before")
     @classmethod
     def _size(cls, value: object) -> object:
         return parse_size(value) if isinstance(value, (str, int, float)) else value
 
-    @field_validator("timeout", "test_timeout", mode="before")
+    @field_validator("timeout", "test_timeout", "heartbeat_interval", "stall_after", mode="before")
     @classmethod
     def _duration(cls, value: object) -> object:
         return parse_duration(value) if isinstance(value, (str, int, float)) else value

@@ -15,13 +15,14 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import requests
 from docker.errors import APIError, NotFound
 from docker.models.containers import Container
 
 from .errors import ConfigError
+from .liveness import Watchdog
 from .policy import Policy, Runner
 from .sandbox import AGENT_HOME, ContainerSpec, Limits, Sandbox
 from .stream import Event, Outcome, StreamState, classify, parse_line
@@ -31,8 +32,8 @@ log = logging.getLogger(__name__)
 
 #: returns why the run must stop now ("cancelled", "shutdown") or None to go on
 StopCheck = Callable[[], str | None]
-#: receives the events of each stream line as it arrives
-EventSink = Callable[[list[Event]], None]
+#: receives the events of each stream line as it arrives, with the line's number (1-based)
+EventSink = Callable[[list[Event], int], None]
 
 OUTPUT_TAIL = 4000
 
@@ -43,10 +44,13 @@ class AgentRun:
     state: StreamState
     exit_code: int | None
     oom_killed: bool = False
-    stopped: str | None = None  # "timeout" | "cancelled" | "shutdown" when the executor ended the run
+    stopped: str | None = None  # "timeout" | "cancelled" | "shutdown" | "stalled": the executor ended it
     lingered: bool = False  # the CLI did not exit within the grace period after its result line
     stderr_tail: str = ""
     container_id: str | None = None
+    lines: int = 0
+    last_activity: str = ""
+    last_alive: float | None = None  # wall-clock time of the last progress
 
 
 @dataclass
@@ -63,15 +67,6 @@ class TestRun:
     @property
     def passed(self) -> bool:
         return self.exit_code == 0 and not self.timed_out and self.stopped is None
-
-
-@dataclass
-class Liveness:
-    """What the supervisor can see of a running agent, updated as lines arrive."""
-
-    started: float = field(default_factory=time.monotonic)
-    last_line: float = field(default_factory=time.monotonic)
-    lines: int = 0
 
 
 def agent_command(prompt: str, model: str) -> list[str]:
@@ -141,11 +136,9 @@ def _stderr_tail(container: Container) -> str:
         return ""
 
 
-def run_agent(sandbox: Sandbox, ws: Workspace, runner: Runner, policy: Policy, prompt: str,
-              environment: dict[str, str], *, on_events: EventSink, should_stop: StopCheck,
-              result_grace: float, liveness: Liveness | None = None) -> AgentRun:
-    """Run the agent to its end (or until it is stopped) and classify how it ended."""
-    spec = ContainerSpec(
+def agent_spec(ws: Workspace, runner: Runner, policy: Policy, prompt: str,
+               environment: dict[str, str]) -> ContainerSpec:
+    return ContainerSpec(
         name=f"executor-{ws.job_id}-a{ws.attempt}-agent",
         command=agent_command(prompt, runner.model),
         user=f"{ws.uid}:{ws.gid}",
@@ -155,17 +148,27 @@ def run_agent(sandbox: Sandbox, ws: Workspace, runner: Runner, policy: Policy, p
         labels=ws.labels("agent"),
         environment=environment,
     )
-    liveness = liveness or Liveness()
+
+
+def watch_agent(sandbox: Sandbox, container: Container, policy: Policy, *, on_events: EventSink,
+                should_stop: StopCheck, result_grace: float, watchdog: Watchdog,
+                skip_lines: int = 0) -> AgentRun:
+    """Read the agent's stream to its end (or stop it), then classify how it ended.
+
+    ``skip_lines``: when adopting a container after a restart, its stream is read again from the start;
+    the first ``skip_lines`` lines only rebuild the state, their events are already in the store.
+    """
     state = StreamState()
-    container = sandbox.start(spec)
     lines: queue.Queue = queue.Queue()
     reader = threading.Thread(target=_pump_lines, args=(container, lines), daemon=True,
-                              name=f"stream-{ws.job_id}")
+                              name=f"stream-{container.name}")
     reader.start()
+    watchdog.start(container)
     deadline = time.monotonic() + policy.timeout
     result_seen_at: float | None = None
     stopped: str | None = None
     lingered = False
+    seen = 0
     while True:
         try:
             raw = lines.get(timeout=0.5)
@@ -176,9 +179,11 @@ def run_agent(sandbox: Sandbox, ws: Workspace, runner: Runner, policy: Policy, p
         if raw:
             msg = parse_line(raw)
             if msg is not None:
-                liveness.last_line = time.monotonic()
-                liveness.lines += 1
-                on_events(state.feed(msg))
+                seen += 1
+                events = state.feed(msg)
+                watchdog.saw_line(events, state.last_activity)
+                if seen > skip_lines:
+                    on_events(events, seen)
         now = time.monotonic()
         if state.result is not None and result_seen_at is None:
             result_seen_at = now
@@ -191,14 +196,15 @@ def run_agent(sandbox: Sandbox, ws: Workspace, runner: Runner, policy: Policy, p
         elif now > deadline:
             stopped = "timeout"
             _kill(container)
-        elif (why := should_stop()) is not None:
+        elif (why := should_stop()) is not None or (why := watchdog.check(container)) is not None:
             stopped = why
             _kill(container)
     reader.join(timeout=10)
     exit_code, oom = _wait_exit(container)
     run = AgentRun(outcome=classify(state, None if lingered else exit_code), state=state,
                    exit_code=exit_code, oom_killed=oom, stopped=stopped, lingered=lingered,
-                   stderr_tail=_stderr_tail(container), container_id=container.id)
+                   stderr_tail=_stderr_tail(container), container_id=container.id, lines=seen,
+                   last_activity=watchdog.last_activity, last_alive=watchdog.last_progress_wall)
     sandbox.remove(container)
     return run
 

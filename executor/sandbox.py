@@ -10,9 +10,11 @@ network other than the one the policy names.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import docker
 from docker.errors import APIError, DockerException, ImageNotFound, NotFound
@@ -24,6 +26,7 @@ from .errors import SandboxError
 log = logging.getLogger(__name__)
 
 LABEL = "io.executor"  # every object the executor creates carries io.executor=1
+LABEL_INSTANCE = "io.executor.instance"  # which executor (state root) owns it: sweeps touch only their own
 LABEL_JOB = "io.executor.job"
 LABEL_ROLE = "io.executor.role"  # agent | tests | workspace | testview
 LABEL_ATTEMPT = "io.executor.attempt"
@@ -64,10 +67,17 @@ def connect() -> docker.DockerClient:
     return client
 
 
+def instance_id(home: Path) -> str:
+    """A stable name for the executor that owns a state root (two executors never sweep each other)."""
+    return hashlib.sha256(str(home).encode()).hexdigest()[:12]
+
+
 class Sandbox:
-    def __init__(self, client: docker.DockerClient, image: str) -> None:
+    def __init__(self, client: docker.DockerClient, image: str, instance: str = "default") -> None:
         self.client = client
         self.image = image
+        self.instance = instance
+        self._own = {LABEL: "1", LABEL_INSTANCE: instance}
 
     def check_image(self) -> None:
         try:
@@ -90,7 +100,7 @@ class Sandbox:
                 user=spec.user,
                 environment=spec.environment,
                 working_dir=WORKSPACE_MOUNT,
-                labels={LABEL: "1", **spec.labels},
+                labels={**self._own, **spec.labels},
                 mounts=[Mount(target=WORKSPACE_MOUNT, source=spec.volume, type="volume", no_copy=True)],
                 network_mode=spec.network,
                 cap_drop=["ALL"],
@@ -134,7 +144,7 @@ class Sandbox:
             self.client.volumes.create(
                 name=name, driver="local",
                 driver_opts={"type": "overlay", "device": "overlay", "o": options},
-                labels={LABEL: "1", **labels},
+                labels={**self._own, **labels},
             )
         except APIError as exc:
             raise SandboxError(f"cannot create overlay volume {name}: {exc}") from None
@@ -147,13 +157,15 @@ class Sandbox:
         except APIError as exc:
             raise SandboxError(f"cannot remove volume {name}: {exc}") from None
 
+    def _filters(self, job_id: str | None) -> dict:
+        labels = [f"{LABEL}=1", f"{LABEL_INSTANCE}={self.instance}"]
+        return {"label": labels + ([f"{LABEL_JOB}={job_id}"] if job_id else [])}
+
     def containers(self, job_id: str | None = None, all: bool = True) -> list[Container]:
-        filters = {"label": [f"{LABEL}=1"] + ([f"{LABEL_JOB}={job_id}"] if job_id else [])}
-        return self.client.containers.list(all=all, filters=filters)
+        return self.client.containers.list(all=all, filters=self._filters(job_id), ignore_removed=True)
 
     def volumes(self, job_id: str | None = None) -> list:
-        filters = {"label": [f"{LABEL}=1"] + ([f"{LABEL_JOB}={job_id}"] if job_id else [])}
-        return self.client.volumes.list(filters=filters)
+        return self.client.volumes.list(filters=self._filters(job_id))
 
     def remove_job_objects(self, job_id: str) -> None:
         """Every container, then every volume, of one job (containers first: they hold the mounts)."""

@@ -13,25 +13,30 @@ still touching a repository.
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
+from datetime import timedelta, timezone
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 import docker
+import psutil
 
 from . import workspace
 from .commit import remove_tree
 from .errors import ConfigError, ExecutorError
 from .governor import Governor, Permit
-from .pipeline import Context, Ending, finish_commit, log_state, run_job, settle, workspace_for
+from .pipeline import (
+    Context, Ending, adopt_job, finish_commit, log_state, retest_job, run_job, settle, workspace_for,
+)
 from .policy import Policy, Runner, load_runners
-from .sandbox import Sandbox, connect
+from .sandbox import LABEL_ATTEMPT, LABEL_ROLE, Sandbox, connect, instance_id
 from .settings import Settings
 from .spool import Spool, intake
-from .store import Job, Status, Store
+from .store import Job, Status, Store, utcnow
 
 log = logging.getLogger(__name__)
 
@@ -51,13 +56,16 @@ class Executor:
         self.settings = settings
         self.store = Store(settings.db_path)
         self.spool = Spool(settings.spool_dir)
-        self.sandbox = Sandbox(client or connect(), settings.sandbox_image)
+        self.sandbox = Sandbox(client or connect(), settings.sandbox_image, instance_id(settings.home))
         self.governor = Governor.from_settings(settings)
         self.ctx = Context(settings=settings, store=self.store, sandbox=self.sandbox,
                            runners=self._load_runners(), secrets=secrets)
         self.slots: dict[str, Slot] = {}
         self.waiting: str | None = None  # why the head of the queue is not running
         self.last_tick = 0.0
+        self._last_retention = 0.0
+        self._process = psutil.Process()
+        self._process.cpu_percent(None)  # prime: the next call measures since now
 
     def _load_runners(self) -> dict[str, Runner]:
         try:
@@ -88,7 +96,9 @@ class Executor:
         self.reap()
         self.admit()
         self.last_tick = time.time()
-        self._write_heartbeat()
+        if self.last_tick - self._last_retention > 3600:
+            self.remove_expired()
+        self._write_status()
 
     def shutdown(self, grace: float = 60.0) -> None:
         """Tell running jobs to stop; they roll back and go back to the queue."""
@@ -102,21 +112,89 @@ class Executor:
         self.store.close()
         log.info("executor stopped", extra={"action": "stopped"})
 
-    def _write_heartbeat(self) -> None:
-        # The container health check reads this: a main loop that stopped ticking is unhealthy.
-        path = self.settings.home / "executor.tick"
+    def status(self) -> dict:
+        """What ``executor status`` shows: budget, reservations, measured use, running jobs, the queue."""
+        snapshot = self.governor.snapshot()
+        running = []
+        for job_id, slot in list(self.slots.items()):
+            watchdog = self.ctx.watchdogs.get(job_id)
+            beat = watchdog.last_beat if watchdog else None
+            running.append({
+                "job": job_id, "runner": slot.job.runner, "cpus": slot.permit.cpus, "memory": slot.permit.memory,
+                "pids": slot.permit.pids,
+                "cpu_cores": beat.cpu_cores if beat else None, "memory_used": beat.memory if beat else None,
+                "state": beat.state if beat else None, "idle_for": beat.idle_for if beat else None,
+                "last_activity": watchdog.last_activity if watchdog else None,
+            })
+        with self._process.oneshot():
+            executor_use = {"rss": self._process.memory_info().rss,
+                            "cpu_percent": self._process.cpu_percent(None)}
+        return {
+            **snapshot,
+            "ts": time.time(),
+            "pid": self._process.pid,
+            "measured": {
+                "executor": executor_use,
+                "jobs": {"cpu_cores": round(sum(r["cpu_cores"] or 0 for r in running), 4),
+                         "memory": sum(r["memory_used"] or 0 for r in running)},
+                "host": {"memory_available": psutil.virtual_memory().available},
+            },
+            "running": running,
+            "queue_length": len(self.store.jobs([Status.queued])),
+            "waiting": self.waiting,
+        }
+
+    def _write_status(self) -> None:
+        # `executor status` and the container health check read this file: a main loop that stopped
+        # ticking leaves it stale, which is what "unhealthy" means.
+        path = self.settings.status_path
         tmp = path.with_suffix(".tmp")
-        tmp.write_text(f"{self.last_tick:.3f}\n")
+        tmp.write_text(json.dumps(self.status(), indent=2) + "\n")
         tmp.replace(path)
+
+    def remove_expired(self) -> None:
+        """Upper dirs kept for inspection (conflicts) go after the retention period."""
+        self._last_retention = time.time()
+        cutoff = utcnow() - timedelta(seconds=self.settings.retention)
+        if not self.settings.jobs_dir.exists():
+            return
+        for entry in self.settings.jobs_dir.iterdir():
+            job = self.store.get(entry.name)
+            if job is not None and not job.status.terminal:
+                continue
+            finished = job.finished_at if job is not None else None
+            if finished is not None and finished.tzinfo is None:
+                finished = finished.replace(tzinfo=timezone.utc)
+            if finished is None or finished < cutoff:
+                remove_tree(entry)
+                log.info("removed expired job dir", extra={"action": "retention", "job": entry.name})
 
     # -- recovery -------------------------------------------------------------------------------------
 
     def recover(self) -> None:
-        """Resolve what a crash left: re-queue interrupted attempts, finish commits, sweep orphans."""
-        for job in self.store.jobs([Status.running, Status.testing]):
+        """Resolve what a crash left: adopt agents that still run, re-run interrupted test gates,
+        finish commits, re-queue attempts whose container is gone, sweep orphans."""
+        for job in self.store.jobs([Status.running]):
+            container = self._live_container(job, "agent")
+            permit = self.governor.try_reserve(job.id, Policy(**job.policy)) if container else None
+            if container is not None and permit is not None:
+                self._start(job, permit, adopt_job, container)
+                continue
             ws = workspace_for(self.settings, job, job.attempts)
             log_state(job, "interrupted", job.attempts)
-            settle(self.ctx, job, ws, Ending(Status.queued, "interrupted", "the executor stopped during the attempt"))
+            settle(self.ctx, job, ws, Ending(Status.queued, "interrupted",
+                                             "the executor stopped and the agent's container is gone"))
+        for job in self.store.jobs([Status.testing]):
+            # A test run is repeatable and its result was not recorded: kill it and run the gate again.
+            for container in self.sandbox.containers(job.id):
+                self.sandbox.remove(container)
+            ws = workspace_for(self.settings, job, job.attempts)
+            workspace.discard_test_view(self.sandbox, ws)
+            permit = self.governor.try_reserve(job.id, Policy(**job.policy))
+            if permit is not None and ws.upper.exists():
+                self._start(job, permit, retest_job)
+            else:
+                settle(self.ctx, job, ws, Ending(Status.queued, "interrupted", "the executor stopped during the tests"))
         for job in self.store.jobs([Status.committing]):
             ws = workspace_for(self.settings, job, job.attempts)
             if ws.upper.exists():
@@ -127,8 +205,16 @@ class Executor:
             settle(self.ctx, job, ws, ending)
         live = {job.id for job in self.store.jobs(ACTIVE)}
         removed = self.sandbox.sweep(live)
+        self.remove_expired()
         if removed:
             log.info("swept leftovers", extra={"action": "sweep", "removed": removed})
+
+    def _live_container(self, job: Job, role: str):
+        for container in self.sandbox.containers(job.id, all=False):
+            labels = container.labels
+            if labels.get(LABEL_ROLE) == role and labels.get(LABEL_ATTEMPT) == str(job.attempts):
+                return container
+        return None
 
     # -- scheduling -----------------------------------------------------------------------------------
 
@@ -155,23 +241,26 @@ class Executor:
             runner = self.ctx.runners.get(job.runner)
             if runner and runner.max_concurrent and per_runner.get(job.runner, 0) >= runner.max_concurrent:
                 continue
-            permit = self.governor.try_reserve(job.id, Policy(**job.policy))
+            policy = Policy(**job.policy)
+            host = self.governor.host_allows(policy)
+            permit = None if host else self.governor.try_reserve(job.id, policy)
             if permit is None:
                 # Strict head-of-line: nothing behind a job that does not fit may overtake it.
-                self.waiting = f"job {job.id} waits for the budget: {self.governor.why_not(Policy(**job.policy))}"
+                self.waiting = f"job {job.id} waits: {host or self.governor.why_not(policy)}"
                 break
             self._start(job, permit)
             busy_workspaces.add(job.workspace)
             per_runner[job.runner] = per_runner.get(job.runner, 0) + 1
 
-    def _start(self, job: Job, permit: Permit) -> None:
-        thread = threading.Thread(target=self._run, args=(job.id,), name=f"job-{job.id}", daemon=True)
+    def _start(self, job: Job, permit: Permit, target=None, *args) -> None:
+        thread = threading.Thread(target=self._run, args=(target or run_job, job.id, *args),
+                                  name=f"job-{job.id}", daemon=True)
         self.slots[job.id] = Slot(job, permit, thread)
         thread.start()
 
-    def _run(self, job_id: str) -> None:
+    def _run(self, target, job_id: str, *args) -> None:
         try:
-            run_job(self.ctx, job_id)
+            target(self.ctx, job_id, *args)
         except Exception:  # the job thread's boundary: a bug must fail the job loudly, not hang it
             log.exception("job thread failed", extra={"action": "job_crashed", "job": job_id})
             self._fail_after_crash(job_id)

@@ -30,6 +30,20 @@ def parse_size(value: str | int | float) -> int:
     return int(float(match.group(1)) * _UNITS[match.group(2).lower()])
 
 
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
+_SECONDS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, None: 1}
+
+
+def parse_duration(value: str | int | float) -> float:
+    """Seconds from ``"30s"``, ``"5m"``, ``"1.5h"``, ``"7d"`` or a plain number of seconds."""
+    if isinstance(value, (int, float)):
+        return float(value)
+    match = _DURATION.match(value)
+    if not match:
+        raise ValueError(f"{value!r} is not a duration: use seconds or e.g. '30s', '5m', '2h', '7d'")
+    return float(match.group(1)) * _SECONDS[match.group(2)]
+
+
 def format_size(n: int) -> str:
     for unit in ("g", "m", "k"):
         if n >= _UNITS[unit] and n % _UNITS[unit] == 0:
@@ -58,6 +72,10 @@ class Settings(BaseSettings):
     result_grace: float = Field(
         default=10.0, ge=0, description="Seconds the CLI may linger after its result line before it is stopped."
     )
+    retention: float = Field(
+        default=7 * 86400.0, gt=0,
+        description="Seconds a kept upper dir (conflict, review) stays before it is removed (default 7 days).",
+    )
     log_format: Literal["text", "json"] = "text"
     log_level: str = "INFO"
 
@@ -67,6 +85,11 @@ class Settings(BaseSettings):
         if isinstance(value, str):
             return [p for p in re.split(r"[:,]", value) if p.strip()]
         return value
+
+    @field_validator("retention", mode="before")
+    @classmethod
+    def _duration(cls, value: object) -> object:
+        return parse_duration(value) if isinstance(value, str) else value
 
     @field_validator("budget_memory", "reserve_memory", mode="before")
     @classmethod
@@ -93,6 +116,10 @@ class Settings(BaseSettings):
     @property
     def spool_dir(self) -> Path:
         return self.home / "spool"
+
+    @property
+    def status_path(self) -> Path:
+        return self.home / "status.json"
 
     @property
     def jobs_dir(self) -> Path:

@@ -158,6 +158,10 @@ def intake(spool: Spool, store: Store, settings: Settings, runners: dict[str, Ru
                 continue
             # A writer reused a name that an earlier job already had: take it as a new file.
             name = spool.rename_incoming(name)
+        elif os.path.lexists(spool.accepted / name) or os.path.lexists(spool.rejected / name):
+            # The name was used by an earlier file (rejected, or accepted by a store since replaced):
+            # moving this one there would overwrite, and so delete, that earlier file.
+            name = spool.rename_incoming(name)
         try:
             valid = validate(parse_spec(spool.read(name)), settings, runners)
             store.add_job(job_from(valid, name))

@@ -17,7 +17,7 @@ from enum import Enum
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import JSON, Column, event, update
+from sqlalchemy import JSON, Column, event, func, update
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Field, Session, SQLModel, col, create_engine, select
 
@@ -37,20 +37,21 @@ class Status(str, Enum):
     rolled_back = "rolled_back"
     failed = "failed"
     cancelled = "cancelled"
+    stalled = "stalled"
 
     @property
     def terminal(self) -> bool:
         return self in TERMINAL
 
 
-TERMINAL = frozenset({Status.succeeded, Status.rolled_back, Status.failed, Status.cancelled})
+TERMINAL = frozenset({Status.succeeded, Status.rolled_back, Status.failed, Status.cancelled, Status.stalled})
 
 #: Every legal move. ``running``/``testing`` -> ``queued`` is the re-queue of a job whose attempt was
 #: interrupted by the executor stopping or crashing (its changes were rolled back first).
 TRANSITIONS: dict[Status, frozenset[Status]] = {
     Status.queued: frozenset({Status.running, Status.cancelled, Status.failed}),
     Status.running: frozenset(
-        {Status.testing, Status.rolled_back, Status.failed, Status.cancelled, Status.queued}
+        {Status.testing, Status.rolled_back, Status.failed, Status.cancelled, Status.queued, Status.stalled}
     ),
     Status.testing: frozenset(
         {Status.committing, Status.rolled_back, Status.failed, Status.cancelled, Status.queued}
@@ -104,11 +105,28 @@ class Attempt(SQLModel, table=True):
     output_tokens: int | None = None
 
 
+class Heartbeat(SQLModel, table=True):
+    """One look at a running attempt every heartbeat interval: what progress it showed."""
+
+    id: int | None = Field(default=None, primary_key=True)
+    job_id: str = Field(index=True)
+    attempt: int
+    ts: datetime = Field(default_factory=utcnow)
+    state: str  # progress | waiting_api | idle
+    new_lines: int = 0
+    cpu_cores: float | None = None
+    memory: int | None = None
+    pids: int | None = None
+    idle_for: float = 0.0
+    last_activity: str = ""
+
+
 class Event(SQLModel, table=True):
     id: int | None = Field(default=None, primary_key=True)
     job_id: str = Field(index=True)
     session_id: str = Field(index=True)
     attempt: int = 0
+    line: int | None = None  # the stream line that produced it (adoption after a restart skips up to it)
     ts: datetime = Field(default_factory=utcnow)
     kind: str
     data: dict = Field(default_factory=dict, sa_column=Column(JSON))
@@ -207,6 +225,11 @@ class Store:
             s.refresh(job)
             return job
 
+    def counts(self) -> dict[Status, int]:
+        with self.session() as s:
+            rows = s.exec(select(Job.status, func.count()).group_by(Job.status)).all()
+            return {Status(st): n for st, n in rows}
+
     def update_job(self, job_id: str, **fields: Any) -> None:
         """Set fields that are not the status (the status moves only through ``transition``)."""
         if "status" in fields:
@@ -252,19 +275,37 @@ class Store:
         with self.session() as s:
             return list(s.exec(select(Attempt).where(Attempt.job_id == job_id).order_by(col(Attempt.number))))
 
+    # -- heartbeats ---------------------------------------------------------------------------------
+
+    def add_heartbeat(self, beat: Heartbeat) -> None:
+        with self.session() as s:
+            s.add(beat)
+            s.commit()
+
+    def heartbeats(self, job_id: str) -> list[Heartbeat]:
+        with self.session() as s:
+            return list(s.exec(select(Heartbeat).where(Heartbeat.job_id == job_id).order_by(col(Heartbeat.id))))
+
     # -- events -------------------------------------------------------------------------------------
 
     def add_event(self, job: Job, attempt: int, kind: str, data: dict | None = None) -> None:
         self.add_events(job, attempt, [(kind, data or {})])
 
-    def add_events(self, job: Job, attempt: int, items: list[tuple[str, dict]]) -> None:
+    def add_events(self, job: Job, attempt: int, items: list[tuple[str, dict]], line: int | None = None) -> None:
+        """Events of one moment, in one transaction (all of a stream line's events or none)."""
         if not items:
             return
         with self.session() as s:
             for kind, data in items:
-                s.add(Event(job_id=job.id, session_id=job.session_id, attempt=attempt, kind=kind,
+                s.add(Event(job_id=job.id, session_id=job.session_id, attempt=attempt, kind=kind, line=line,
                             data=json.loads(json.dumps(data, default=str))))
             s.commit()
+
+    def last_stream_line(self, job_id: str, attempt: int) -> int:
+        """How many stream lines of an attempt have their events in the store."""
+        with self.session() as s:
+            value = s.exec(select(func.max(Event.line)).where(Event.job_id == job_id, Event.attempt == attempt)).first()
+            return int(value or 0)
 
     def events(self, job_id: str | None = None, session_id: str | None = None) -> list[Event]:
         with self.session() as s:

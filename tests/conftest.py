@@ -224,17 +224,28 @@ def run_executor(docker_client) -> Iterator[Callable[..., RunningExecutor]]:
 
 @pytest.fixture(autouse=True)
 def _no_leftover_containers(request):
-    """After a Docker test, no container or volume of the executor may remain."""
+    """After a Docker test, no container or volume of the test's jobs may remain."""
+    uses_docker = "docker_client" in request.fixturenames or "run_executor" in request.fixturenames
+    world = request.getfixturevalue("world") if uses_docker and "world" in request.fixturenames else None
     yield
-    if "docker_client" not in request.fixturenames:
+    if world is None:
         return
     import docker
 
+    if not (world.home / "executor.db").exists():
+        return
+    store = world.store()
+    job_ids = {job.id for job in store.jobs()}
+    store.close()
     client = docker.from_env()
-    leftovers = [c.name for c in client.containers.list(all=True, filters={"label": "io.executor=1"})]
-    volumes = [v.name for v in client.volumes.list(filters={"label": "io.executor=1"})]
-    for c in client.containers.list(all=True, filters={"label": "io.executor=1"}):
+    # Scoped to this test's jobs: other test sessions may share the engine.
+    containers = [c for c in client.containers.list(all=True, filters={"label": "io.executor=1"})
+                  if c.labels.get("io.executor.job") in job_ids]
+    volumes = [v for v in client.volumes.list(filters={"label": "io.executor=1"})
+               if (v.attrs.get("Labels") or {}).get("io.executor.job") in job_ids]
+    leftovers = [c.name for c in containers] + [v.name for v in volumes]
+    for c in containers:
         c.remove(force=True)
-    for v in client.volumes.list(filters={"label": "io.executor=1"}):
+    for v in volumes:
         v.remove(force=True)
-    assert not leftovers and not volumes, f"leftover containers {leftovers} / volumes {volumes}"
+    assert not leftovers, f"leftover containers/volumes: {leftovers}"
