@@ -3,6 +3,7 @@
 Owns the order of a job's steps and the status each outcome leads to:
 
     queued -> running -> testing -> committing -> succeeded
+                 |-> waiting_retry (rate limited: slot freed, upper kept) -> running (same runner, resumed)
                  |           |-> rolled_back (tests failed)      committing -> failed (cannot apply)
                  |           |-> failed (conflict, unsafe change, timeout ...) / cancelled
                  |-> rolled_back (agent error) / failed (timeout, oom, API errors, model mismatch)
@@ -18,14 +19,16 @@ hide why a job ended.
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 
-from . import workspace
+from . import retry, workspace
 from .commit import Change, apply_change, check_conflicts, scan_upper
 from .errors import ConfigError, Conflict, ExecutorError, IllegalTransition, ModelMismatch, UnsafePath
 from .policy import Policy, Runner
@@ -33,7 +36,7 @@ from .liveness import Beat, Watchdog
 from .runner import AgentRun, TestRun, agent_environment, agent_spec, run_tests, watch_agent
 from .sandbox import Sandbox
 from .settings import Settings, format_size
-from .store import Heartbeat, Job, Status, Store, utcnow
+from .store import Heartbeat, Job, RateLimitEvent, Status, Store, utcnow
 from .stream import SYNTHETIC_MODEL, Event
 from .workspace import Workspace
 
@@ -63,6 +66,12 @@ class Ending:
     reason: str
     error: str | None = None
     keep_upper: bool = False
+    fields: dict = field(default_factory=dict)  # more job fields to set with the status
+
+
+#: What the agent is told when its conversation is resumed after a rate limit.
+RESUME_PROMPT = ("Your previous attempt at this task was interrupted by an API rate limit. The workspace is as "
+                 "you left it. Continue where you stopped and finish the task:\n\n{prompt}")
 
 
 def log_state(job: Job, status: Status | str, attempt: int, **fields: object) -> None:
@@ -100,26 +109,51 @@ def run_job(ctx: Context, job_id: str) -> Job:
     job = ctx.store.get(job_id)
     assert job is not None
     number = job.attempts + 1
-    job = ctx.store.transition(job.id, Status.queued, Status.running, started_at=utcnow(),
-                               start_ns=time.time_ns(), attempts=number)
+    resume = job.resume_session if job.status == Status.waiting_retry else None
+    # A resumed attempt continues the earlier attempt's changes: the repository is judged against
+    # the moment those started.
+    start_ns = job.start_ns if resume and job.start_ns else time.time_ns()
+    job = ctx.store.transition(job.id, (Status.queued, Status.waiting_retry), Status.running,
+                               started_at=job.started_at or utcnow(), start_ns=start_ns, attempts=number,
+                               retry_at=None, resume_session=None)
     ctx.store.start_attempt(job.id, number)
-    ctx.store.add_event(job, number, "state", {"status": "running", "attempt": number})
+    ctx.store.add_event(job, number, "state", {"status": "running", "attempt": number, "resume": resume})
     log_state(job, Status.running, number)
     ws = workspace_for(ctx.settings, job, number)
     try:
-        ending = _attempt(ctx, job, ws)
+        ending = _attempt(ctx, job, ws, resume)
     except ExecutorError as exc:
         ending = Ending(Status.failed, exc.reason, str(exc))
     return settle(ctx, job, ws, ending)
 
 
-def _attempt(ctx: Context, job: Job, ws: Workspace) -> Ending:
+def _attempt(ctx: Context, job: Job, ws: Workspace, resume: str | None) -> Ending:
     runner = _runner_of(ctx, job)
     policy = Policy(**job.policy)
-    workspace.create(ctx.sandbox, ws)
-    spec = agent_spec(ws, runner, policy, job.prompt, agent_environment(runner, ctx.secrets))
+    home = workspace.session_home(ctx.settings.sessions_dir, job.session_id, ws.uid, ws.gid)
+    if resume and not (transcript_readable(home, resume) and ws.upper.is_dir()):
+        ctx.store.add_event(job, ws.attempt, "resume_unavailable", {
+            "claude_session_id": resume,
+            "why": "the session transcript or the kept workspace cannot be read: starting fresh from the "
+                   "clean repository"})
+        resume = None
+    workspace.create(ctx.sandbox, ws, keep_upper=resume is not None)
+    prompt = RESUME_PROMPT.format(prompt=job.prompt) if resume else job.prompt
+    environment = agent_environment(runner, ctx.secrets, max_retries=policy.cli_max_retries)
+    spec = agent_spec(ws, runner, policy, prompt, environment, home=str(home), resume=resume)
     container = ctx.sandbox.start(spec)
     return _supervise(ctx, job, ws, runner, policy, container)
+
+
+def transcript_readable(home: Path, claude_session_id: str) -> bool:
+    """Whether Claude Code's transcript of a session is there and parses (else a retry starts fresh)."""
+    for path in (home / ".claude" / "projects").glob(f"*/{claude_session_id}.jsonl"):
+        try:
+            lines = path.read_text(encoding="utf-8").splitlines()
+            return bool(lines) and all(json.loads(line) is not None for line in lines if line.strip())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            return False
+    return False
 
 
 def adopt_job(ctx: Context, job_id: str, container) -> Job:
@@ -176,6 +210,8 @@ def _supervise(ctx: Context, job: Job, ws: Workspace, runner: Runner, policy: Po
         ctx.pids_hits.pop(job.id, None)
     _record_attempt(ctx, job, ws.attempt, run)
     ending = _judge_agent(job, runner, policy, run)
+    if ending is not None and ending.reason in ("rate_limited", "overloaded"):
+        ending = _rate_limited(ctx, job, ws.attempt, runner, policy, run)
     if ending is not None:
         return ending
     ctx.store.transition(job.id, Status.running, Status.testing)
@@ -260,6 +296,38 @@ def _judge_agent(job: Job, runner: Runner, policy: Policy, run: AgentRun) -> End
     return Ending(Status.failed, outcome.kind, f"{runner.name} failed: {label}: {outcome.message}")
 
 
+def _rate_limited(ctx: Context, job: Job, attempt: int, runner: Runner, policy: Policy, run: AgentRun) -> Ending:
+    """Weather: record it, cool the runner down, and wait to retry against the same runner."""
+    outcome = run.outcome
+    now = utcnow()
+    error = outcome.to_error(runner=runner.name)
+    usage_limit = outcome.resets_at is not None
+    counted = job.limited_attempts + (0 if usage_limit else 1)
+    decision = retry.decide(policy, error, counted, now, resets_at=outcome.resets_at,
+                            retry_after=outcome.retry_after)
+    statuses = run.state.api_error_statuses or [r.get("error_status") for r in run.state.api_retries]
+    ctx.store.add_rate_limit(RateLimitEvent(
+        runner=runner.name, job_id=job.id, attempt=attempt,
+        kind="usage_limit" if usage_limit else outcome.kind,
+        status_code=next((s for s in reversed(statuses) if s), None),
+        retry_delay=round(decision.delay, 3) if decision.retry else None, message=outcome.message[:500]))
+    ctx.store.update_job(job.id, limited_attempts=counted if decision.counts else job.limited_attempts)
+    label = "rate limited" if outcome.kind == "rate_limited" else "overloaded"
+    if not decision.retry:
+        return Ending(Status.failed, outcome.kind,
+                      f"{runner.name} failed: {label} after {counted} attempts: {outcome.message}")
+    until = now + timedelta(seconds=decision.delay)
+    # A rate limit is account-wide: no other job of this runner starts before the cooldown ends.
+    ctx.store.cool_down(runner.name, until, f"{label}: {outcome.message[:200]}")
+    message = (f"{runner.name} {label}; attempt {attempt} rolled back to wait {decision.delay:.0f}s "
+               f"({decision.why}); retry at {until:%Y-%m-%dT%H:%M:%SZ} against the same runner")
+    ctx.store.add_event(job, attempt, "rate_limit", {"runner": runner.name, "kind": outcome.kind,
+                                                     "delay": decision.delay, "why": decision.why,
+                                                     "retry_at": until.isoformat(), "message": outcome.message})
+    return Ending(Status.waiting_retry, outcome.kind, message, keep_upper=True,
+                  fields={"retry_at": until, "resume_session": run.state.claude_session_id})
+
+
 def _run_test_gate(ctx: Context, job: Job, ws: Workspace, policy: Policy, stop: _StopCheck) -> TestRun:
     workspace.create_test_view(ctx.sandbox, ws)
     try:
@@ -325,6 +393,7 @@ def settle(ctx: Context, job: Job, ws: Workspace, ending: Ending) -> Job:
     current = ctx.store.get(job.id)
     assert current is not None
     fields = {} if ending.status == Status.queued else {"reason": ending.reason, "error": ending.error}
+    fields.update(ending.fields)
     try:
         settled = ctx.store.transition(job.id, current.status, ending.status, **fields)
     except IllegalTransition as exc:

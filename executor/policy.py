@@ -46,13 +46,23 @@ class Policy(BaseModel):
                     "A CLI waiting on an unanswered request burns ~0.003 cores, a working build far more.",
     )
     retry_stalled: bool = Field(default=False, description="Re-queue a stalled job from the clean repository.")
+    max_attempts: int = Field(default=4, ge=1, description="Attempts a rate-limited/overloaded job gets in all.")
+    backoff_initial: Duration = Field(default=15.0, description="First wait after a rate limit.")
+    backoff_multiplier: float = Field(default=2.0, ge=1, description="Each further wait is this much longer.")
+    backoff_max: Duration = Field(default=900.0, description="No single wait is longer (unless the API says so).")
+    cli_max_retries: int = Field(
+        default=2, ge=0,
+        description="CLAUDE_CODE_MAX_RETRIES in the container: the CLI's own quick retries before the "
+                    "executor's recorded backoff (which frees the slot) takes over.",
+    )
 
     @field_validator("memory", mode="before")
     @classmethod
     def _size(cls, value: object) -> object:
         return parse_size(value) if isinstance(value, (str, int, float)) else value
 
-    @field_validator("timeout", "test_timeout", "heartbeat_interval", "stall_after", mode="before")
+    @field_validator("timeout", "test_timeout", "heartbeat_interval", "stall_after", "backoff_initial",
+                     "backoff_max", mode="before")
     @classmethod
     def _duration(cls, value: object) -> object:
         return parse_duration(value) if isinstance(value, (str, int, float)) else value

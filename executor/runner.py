@@ -69,9 +69,12 @@ class TestRun:
         return self.exit_code == 0 and not self.timed_out and self.stopped is None
 
 
-def agent_command(prompt: str, model: str) -> list[str]:
-    return ["claude", "-p", prompt, "--model", model, "--output-format", "stream-json", "--verbose",
-            "--include-partial-messages", "--dangerously-skip-permissions"]
+def agent_command(prompt: str, model: str, resume: str | None = None) -> list[str]:
+    command = ["claude", "-p", prompt, "--model", model, "--output-format", "stream-json", "--verbose",
+               "--include-partial-messages", "--dangerously-skip-permissions"]
+    if resume:
+        command += ["--resume", resume]
+    return command
 
 
 def agent_environment(runner: Runner, secrets: Mapping[str, str], max_retries: int = 2) -> dict[str, str]:
@@ -137,10 +140,11 @@ def _stderr_tail(container: Container) -> str:
 
 
 def agent_spec(ws: Workspace, runner: Runner, policy: Policy, prompt: str,
-               environment: dict[str, str]) -> ContainerSpec:
+               environment: dict[str, str], home: str | None = None, resume: str | None = None) -> ContainerSpec:
     return ContainerSpec(
         name=f"executor-{ws.job_id}-a{ws.attempt}-agent",
-        command=agent_command(prompt, runner.model),
+        command=agent_command(prompt, runner.model, resume),
+        home=home,
         user=f"{ws.uid}:{ws.gid}",
         volume=ws.volume,
         limits=Limits(policy.cpus, policy.memory, policy.pids),

@@ -54,6 +54,7 @@ class ContainerSpec:
     labels: dict[str, str]
     environment: dict[str, str] = field(default_factory=dict)
     tmpfs_size: str = "512m"
+    home: str | None = None  # host directory bind-mounted as the agent's home (its sessions survive)
 
 
 def connect() -> docker.DockerClient:
@@ -101,17 +102,12 @@ class Sandbox:
                 environment=spec.environment,
                 working_dir=WORKSPACE_MOUNT,
                 labels={**self._own, **spec.labels},
-                mounts=[Mount(target=WORKSPACE_MOUNT, source=spec.volume, type="volume", no_copy=True)],
+                mounts=self._mounts(spec),
                 network_mode=spec.network,
                 cap_drop=["ALL"],
                 security_opt=["no-new-privileges"],
                 read_only=True,
-                # Home and /tmp are the only writable places besides the workspace; mode 1777 because
-                # the agent's uid is the repository owner's and has no entry in the image.
-                tmpfs={
-                    "/tmp": f"rw,nosuid,nodev,size={spec.tmpfs_size},mode=1777",
-                    AGENT_HOME: f"rw,nosuid,nodev,size={spec.tmpfs_size},mode=1777",
-                },
+                tmpfs=self._tmpfs(spec),
                 nano_cpus=int(spec.limits.cpus * 1e9),
                 mem_limit=spec.limits.memory,
                 memswap_limit=spec.limits.memory,  # no swap beyond the hard limit
@@ -120,6 +116,22 @@ class Sandbox:
             )
         except (APIError, DockerException) as exc:
             raise SandboxError(f"cannot start container {spec.name}: {exc}") from None
+
+    @staticmethod
+    def _mounts(spec: ContainerSpec) -> list[Mount]:
+        mounts = [Mount(target=WORKSPACE_MOUNT, source=spec.volume, type="volume", no_copy=True)]
+        if spec.home:
+            mounts.append(Mount(target=AGENT_HOME, source=spec.home, type="bind"))
+        return mounts
+
+    @staticmethod
+    def _tmpfs(spec: ContainerSpec) -> dict[str, str]:
+        # Home and /tmp are the only writable places besides the workspace; mode 1777 because the
+        # agent's uid is the repository owner's and has no entry in the image.
+        tmpfs = {"/tmp": f"rw,nosuid,nodev,size={spec.tmpfs_size},mode=1777"}
+        if not spec.home:
+            tmpfs[AGENT_HOME] = f"rw,nosuid,nodev,size={spec.tmpfs_size},mode=1777"
+        return tmpfs
 
     def remove(self, container: Container | str) -> None:
         """Kill and remove a container; absent is fine."""

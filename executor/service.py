@@ -36,11 +36,12 @@ from .policy import Policy, Runner, load_runners
 from .sandbox import LABEL_ATTEMPT, LABEL_ROLE, Sandbox, connect, instance_id
 from .settings import Settings
 from .spool import Spool, intake
-from .store import Job, Status, Store, utcnow
+from .store import Job, Status, Store, aware, utcnow
 
 log = logging.getLogger(__name__)
 
 ACTIVE = (Status.running, Status.testing, Status.committing)
+KEPT_FOR_INSPECTION = frozenset({"conflict", "commit_failed"})
 
 
 @dataclass
@@ -142,6 +143,7 @@ class Executor:
             "running": running,
             "queue_length": len(self.store.jobs([Status.queued])),
             "waiting": self.waiting,
+            "runners": self.runner_view(),
         }
 
     def _write_status(self) -> None:
@@ -153,7 +155,7 @@ class Executor:
         tmp.replace(path)
 
     def remove_expired(self) -> None:
-        """Upper dirs kept for inspection (conflicts) go after the retention period."""
+        """Job dirs of settled jobs go; those kept for inspection (conflicts) after the retention period."""
         self._last_retention = time.time()
         cutoff = utcnow() - timedelta(seconds=self.settings.retention)
         if not self.settings.jobs_dir.exists():
@@ -165,7 +167,8 @@ class Executor:
             finished = job.finished_at if job is not None else None
             if finished is not None and finished.tzinfo is None:
                 finished = finished.replace(tzinfo=timezone.utc)
-            if finished is None or finished < cutoff:
+            kept = job is not None and job.reason in KEPT_FOR_INSPECTION
+            if not kept or finished is None or finished < cutoff:
                 remove_tree(entry)
                 log.info("removed expired job dir", extra={"action": "retention", "job": entry.name})
 
@@ -225,19 +228,33 @@ class Executor:
                 del self.slots[job_id]
 
     def admit(self) -> None:
-        """Start queued jobs in priority then arrival order while they fit the budget."""
+        """Start queued jobs (and waiting ones whose time has come) in priority then arrival order while
+        they fit the budget. A job that does not fit blocks those behind it (no starvation); a job held
+        back by its runner's cooldown, its runner's concurrency or its busy workspace does not."""
         if self.ctx.shutdown.is_set():
             return
         self.waiting = None
-        busy_workspaces = {slot.job.workspace for slot in self.slots.values()}
+        now = utcnow()
+        candidates = self.store.jobs([Status.queued, Status.waiting_retry])
+        # One job per workspace: running jobs hold theirs, and so do jobs waiting to resume on a kept upper.
+        holders = {slot.job.workspace: job_id for job_id, slot in self.slots.items()}
+        for job in candidates:
+            if job.status == Status.waiting_retry:
+                holders.setdefault(job.workspace, job.id)
         per_runner: dict[str, int] = {}
         for slot in self.slots.values():
             per_runner[slot.job.runner] = per_runner.get(slot.job.runner, 0) + 1
-        for job in self.store.jobs([Status.queued]):
+        cooling = {name: st.cooldown_until for name, st in self.store.runner_states().items()
+                   if st.cooldown_until and st.cooldown_until > now}
+        for job in candidates:
             if job.id in self.slots:
                 continue
-            if job.workspace in busy_workspaces:
-                continue  # one job per workspace: a lower dir must not change under a mounted overlay
+            if job.status == Status.waiting_retry and job.retry_at and aware(job.retry_at) > now:
+                continue
+            if job.runner in cooling:
+                continue  # a rate limit is account-wide: the runner rests until its cooldown ends
+            if holders.get(job.workspace, job.id) != job.id:
+                continue  # a lower dir must not change under a mounted overlay
             runner = self.ctx.runners.get(job.runner)
             if runner and runner.max_concurrent and per_runner.get(job.runner, 0) >= runner.max_concurrent:
                 continue
@@ -249,8 +266,27 @@ class Executor:
                 self.waiting = f"job {job.id} waits: {host or self.governor.why_not(policy)}"
                 break
             self._start(job, permit)
-            busy_workspaces.add(job.workspace)
+            holders[job.workspace] = job.id
             per_runner[job.runner] = per_runner.get(job.runner, 0) + 1
+
+    def runner_view(self) -> list[dict]:
+        """Each runner's state: ok, or cooling down until T; how many of its jobs run and wait."""
+        now = utcnow()
+        states = self.store.runner_states()
+        waiting = self.store.jobs([Status.waiting_retry])
+        view = []
+        for name in sorted(self.ctx.runners):
+            until = states[name].cooldown_until if name in states else None
+            cooling = until is not None and until > now
+            view.append({
+                "runner": name,
+                "state": f"cooling down until {until:%Y-%m-%dT%H:%M:%SZ}" if cooling else "ok",
+                "cooldown_until": until.isoformat() if cooling else None,
+                "reason": states[name].reason if cooling else None,
+                "running": sum(1 for slot in self.slots.values() if slot.job.runner == name),
+                "waiting": sum(1 for job in waiting if job.runner == name),
+            })
+        return view
 
     def _start(self, job: Job, permit: Permit, target=None, *args) -> None:
         thread = threading.Thread(target=self._run, args=(target or run_job, job.id, *args),

@@ -118,6 +118,10 @@ class Settings(BaseSettings):
         return self.home / "spool"
 
     @property
+    def sessions_dir(self) -> Path:
+        return self.home / "sessions"
+
+    @property
     def status_path(self) -> Path:
         return self.home / "status.json"
 

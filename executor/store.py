@@ -28,6 +28,11 @@ def utcnow() -> datetime:
     return datetime.now(timezone.utc)
 
 
+def aware(moment: datetime) -> datetime:
+    """SQLite returns naive datetimes; every time the store writes is UTC."""
+    return moment if moment.tzinfo is not None else moment.replace(tzinfo=timezone.utc)
+
+
 class Status(str, Enum):
     queued = "queued"
     running = "running"
@@ -38,6 +43,7 @@ class Status(str, Enum):
     failed = "failed"
     cancelled = "cancelled"
     stalled = "stalled"
+    waiting_retry = "waiting_retry"
 
     @property
     def terminal(self) -> bool:
@@ -51,8 +57,11 @@ TERMINAL = frozenset({Status.succeeded, Status.rolled_back, Status.failed, Statu
 TRANSITIONS: dict[Status, frozenset[Status]] = {
     Status.queued: frozenset({Status.running, Status.cancelled, Status.failed}),
     Status.running: frozenset(
-        {Status.testing, Status.rolled_back, Status.failed, Status.cancelled, Status.queued, Status.stalled}
+        {Status.testing, Status.rolled_back, Status.failed, Status.cancelled, Status.queued, Status.stalled,
+         Status.waiting_retry}
     ),
+    # A rate-limited job waits (slot freed, workspace kept) and then runs again against the same runner.
+    Status.waiting_retry: frozenset({Status.running, Status.cancelled, Status.failed}),
     Status.testing: frozenset(
         {Status.committing, Status.rolled_back, Status.failed, Status.cancelled, Status.queued}
     ),
@@ -88,6 +97,31 @@ class Job(SQLModel, table=True):
     test_exit_code: int | None = None
     test_output: str | None = None
     final_text: str | None = None
+    retry_at: datetime | None = None  # waiting_retry: not before this time
+    resume_session: str | None = None  # waiting_retry: the Claude Code session the next attempt resumes
+    limited_attempts: int = 0  # attempts ended by a rate limit or overload (count toward max_attempts)
+
+
+class RateLimitEvent(SQLModel, table=True):
+    """One rate limit (or overload) met by a runner: what a report counts per 24 hours."""
+
+    id: int | None = Field(default=None, primary_key=True)
+    runner: str = Field(index=True)
+    job_id: str = Field(index=True)
+    attempt: int
+    ts: datetime = Field(default_factory=utcnow, index=True)
+    kind: str  # rate_limited | overloaded | usage_limit
+    status_code: int | None = None
+    retry_delay: float | None = None  # seconds the job waited before its next attempt
+    message: str = ""
+
+
+class RunnerState(SQLModel, table=True):
+    """A runner's cooldown: a rate limit is account-wide, so no job of the runner starts before it ends."""
+
+    name: str = Field(primary_key=True)
+    cooldown_until: datetime | None = None
+    reason: str | None = None
 
 
 class Attempt(SQLModel, table=True):
@@ -245,10 +279,11 @@ class Store:
             raise InvalidJob(f"no job {job_id!r}")
         if job.status.terminal:
             return job
-        if job.status == Status.queued:
+        if job.status in (Status.queued, Status.waiting_retry):
             try:
-                return self.transition(job_id, Status.queued, Status.cancelled, reason="cancelled",
-                                       error="cancelled before it started")
+                return self.transition(job_id, job.status, Status.cancelled, reason="cancelled",
+                                       error="cancelled before it started" if job.status == Status.queued
+                                       else "cancelled while it waited to retry")
             except IllegalTransition:
                 pass  # it started meanwhile: flag it like a running job
         self.update_job(job_id, cancel_requested=True)
@@ -274,6 +309,44 @@ class Store:
     def attempts(self, job_id: str) -> list[Attempt]:
         with self.session() as s:
             return list(s.exec(select(Attempt).where(Attempt.job_id == job_id).order_by(col(Attempt.number))))
+
+    # -- rate limits and runners ---------------------------------------------------------------------
+
+    def add_rate_limit(self, event: RateLimitEvent) -> None:
+        with self.session() as s:
+            s.add(event)
+            s.commit()
+
+    def rate_limits(self, runner: str | None = None, job_id: str | None = None) -> list[RateLimitEvent]:
+        with self.session() as s:
+            query = select(RateLimitEvent)
+            if runner is not None:
+                query = query.where(RateLimitEvent.runner == runner)
+            if job_id is not None:
+                query = query.where(RateLimitEvent.job_id == job_id)
+            return list(s.exec(query.order_by(col(RateLimitEvent.id))))
+
+    def cool_down(self, runner: str, until: datetime, reason: str) -> None:
+        """Extend (never shorten) a runner's cooldown."""
+        with self.session() as s:
+            state = s.get(RunnerState, runner) or RunnerState(name=runner)
+            current = state.cooldown_until
+            if current is not None and current.tzinfo is None:
+                current = current.replace(tzinfo=timezone.utc)
+            if current is None or until > current:
+                state.cooldown_until = until
+                state.reason = reason
+            s.add(state)
+            s.commit()
+
+    def runner_states(self) -> dict[str, RunnerState]:
+        with self.session() as s:
+            states = {}
+            for state in s.exec(select(RunnerState)):
+                if state.cooldown_until is not None and state.cooldown_until.tzinfo is None:
+                    state.cooldown_until = state.cooldown_until.replace(tzinfo=timezone.utc)
+                states[state.name] = state
+            return states
 
     # -- heartbeats ---------------------------------------------------------------------------------
 

@@ -64,14 +64,19 @@ def _fresh_dir(path: Path, uid: int, gid: int, mode: int) -> None:
     os.chmod(path, mode)
 
 
-def create(sandbox: Sandbox, ws: Workspace) -> None:
-    """Fresh upper/work dirs owned by the agent's uid and the agent's overlay volume."""
+def create(sandbox: Sandbox, ws: Workspace, keep_upper: bool = False) -> None:
+    """Upper/work dirs owned by the agent's uid and the agent's overlay volume.
+
+    ``keep_upper``: continue on the upper dir an earlier attempt left (a retry after a rate limit resumes
+    the conversation that knows that state); otherwise start from the clean repository.
+    """
     ws.root.mkdir(parents=True, exist_ok=True)
     os.chmod(ws.root, 0o711)
     # The merged root takes owner and mode from upper: give it the repository root's.
     repo_mode = os.stat(ws.repo).st_mode & 0o777
-    _fresh_dir(ws.upper, ws.uid, ws.gid, repo_mode)
-    _fresh_dir(ws.work, ws.uid, ws.gid, 0o700)
+    if not (keep_upper and ws.upper.is_dir()):
+        _fresh_dir(ws.upper, ws.uid, ws.gid, repo_mode)
+    _fresh_dir(ws.work, ws.uid, ws.gid, 0o700)  # overlay needs an empty work dir for every mount
     sandbox.create_overlay_volume(ws.volume, [str(ws.repo)], str(ws.upper), str(ws.work), ws.labels("workspace"))
 
 
@@ -101,6 +106,16 @@ def discard(sandbox: Sandbox, ws: Workspace) -> None:
     sandbox.remove_job_objects(ws.job_id)
     if ws.root.exists():
         remove_tree(ws.root)
+
+
+def session_home(sessions_dir: Path, session_id: str, uid: int, gid: int) -> Path:
+    """The agent's home for a session: Claude Code keeps its transcripts there, so a retry can resume."""
+    home = sessions_dir / session_id / "home"
+    if not home.is_dir():
+        home.mkdir(parents=True)
+    os.chown(home, uid, gid)
+    os.chmod(home, 0o700)
+    return home
 
 
 def disk_usage(path: Path) -> int:

@@ -239,7 +239,7 @@ def _no_leftover_containers(request):
     store.close()
     client = docker.from_env()
     # Scoped to this test's jobs: other test sessions may share the engine.
-    containers = [c for c in client.containers.list(all=True, filters={"label": "io.executor=1"})
+    containers = [c for c in client.containers.list(all=True, filters={"label": "io.executor=1"}, ignore_removed=True)
                   if c.labels.get("io.executor.job") in job_ids]
     volumes = [v for v in client.volumes.list(filters={"label": "io.executor=1"})
                if (v.attrs.get("Labels") or {}).get("io.executor.job") in job_ids]

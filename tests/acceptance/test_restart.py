@@ -1,0 +1,103 @@
+"""The executor killed with SIGKILL while jobs run: on restart nothing is lost and nothing runs twice."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+from executor.spool import Spool
+from executor.store import Status
+from tests.conftest import wait_for, wait_status
+from tests.scripted_api import ScriptedAPI, Turn
+
+EXECUTOR = str(Path(sys.executable).parent / "executor")
+
+
+def serve(world, log: Path) -> subprocess.Popen:
+    return subprocess.Popen([EXECUTOR, "serve"], env=world.env(), stdout=subprocess.DEVNULL,
+                            stderr=log.open("ab"), start_new_session=True)
+
+
+def test_sigkill_then_restart_adopts_running_jobs(world, docker_client, tmp_path):
+    work = Turn.tool("Bash", {"command": "sleep 6; echo done > out.txt", "description": "slow work"})
+    script = {"kill-a": [work, Turn.text("Done.")], "kill-b": [work, Turn.text("Done.")]}
+    log = tmp_path / "serve.log"
+    with ScriptedAPI(script) as api:
+        world.write_runners(api.base_url)
+        world.write_policy(test_command="test -f out.txt", heartbeat_interval="1s", stall_after="60s")
+        repos = {name: world.repo(name) for name in ("kill-a", "kill-b")}
+        spool = Spool(world.home / "spool")
+        for name, repo in repos.items():
+            spool.write(json.dumps({"id": name, "runner": "scripted", "workspace": str(repo),
+                                    "prompt": f"{name}: slow"}).encode())
+        first = serve(world, log)
+        try:
+            wait_for(lambda: (world.home / "executor.db").exists(), 30, "the database")
+            store = world.store()
+            for name in repos:
+                wait_for(lambda n=name: any(e.kind == "tool_call" for e in store.events(job_id=n)), 60,
+                         f"{name}'s tool call")
+        finally:
+            os.killpg(first.pid, signal.SIGKILL)
+            first.wait(timeout=30)
+        assert {store.get(n).status for n in repos} == {Status.running}
+        # the agents' containers outlived the executor
+        assert len(docker_client.containers.list(filters={"label": "io.executor.role=agent"})) >= 2
+
+        second = serve(world, log)
+        try:
+            for name in repos:
+                job = wait_status(store, name, {Status.succeeded, Status.failed, Status.rolled_back, Status.queued},
+                                  timeout=120)
+                assert job.status == Status.succeeded, (job.reason, job.error, log.read_text()[-2000:])
+        finally:
+            second.send_signal(signal.SIGTERM)
+            assert second.wait(timeout=60) == 0
+        requests = {name: [r for r in api.conversation if r.key == name] for name in repos}
+
+    for name, repo in repos.items():
+        job = store.get(name)
+        assert job.attempts == 1  # adopted, not started again
+        events = store.events(job_id=name)
+        assert any(e.kind == "adopted" for e in events)
+        assert sum(1 for e in events if e.kind == "tool_call") == 1  # the stream was not recorded twice
+        assert sum(1 for e in events if e.kind == "result") == 1
+        assert len(requests[name]) == 2  # the agent's conversation ran once: one tool call, one answer
+        assert (repo / "out.txt").read_text() == "done\n"
+
+
+def test_sigkill_with_the_container_gone_requeues_from_clean(world, docker_client, tmp_path):
+    script = {"gone": [Turn.tool("Bash", {"command": "echo half > half.txt; sleep 30", "description": "w"}),
+                       Turn.text("Done.")]}
+    log = tmp_path / "serve.log"
+    with ScriptedAPI(script) as api:
+        world.write_runners(api.base_url)
+        world.write_policy(test_command="true")
+        repo = world.repo("gone")
+        Spool(world.home / "spool").write(json.dumps(
+            {"id": "gone", "runner": "scripted", "workspace": str(repo), "prompt": "gone: work"}).encode())
+        first = serve(world, log)
+        try:
+            wait_for(lambda: (world.home / "executor.db").exists(), 30, "the database")
+            store = world.store()
+            wait_for(lambda: any(e.kind == "tool_call" for e in store.events(job_id="gone")), 60, "the tool call")
+        finally:
+            os.killpg(first.pid, signal.SIGKILL)
+            first.wait(timeout=30)
+        for c in docker_client.containers.list(all=True, filters={"label": "io.executor.job=gone"}):
+            c.remove(force=True)  # the host lost the container too
+        api.add("gone", [Turn.text("Done.")])  # the second attempt starts afresh and finishes at once
+        second = serve(world, log)
+        try:
+            job = wait_status(store, "gone", {Status.succeeded, Status.failed, Status.rolled_back}, timeout=120)
+        finally:
+            second.send_signal(signal.SIGTERM)
+            assert second.wait(timeout=60) == 0
+    assert job.status == Status.succeeded and job.attempts == 2
+    assert not (repo / "half.txt").exists()  # the first attempt's partial work was rolled back
+    reasons = [e.data.get("reason") for e in store.events(job_id="gone") if e.kind == "state"]
+    assert "interrupted" in reasons
