@@ -190,6 +190,32 @@ def log_cmd(job_id: str, as_json: bool) -> None:
 
 
 @main.command()
+@click.argument("session_id")
+@click.option("--json", "as_json", is_flag=True)
+def session(session_id: str, as_json: bool) -> None:
+    """The arc of a session: every job of it, in order, with its attempts and what happened."""
+    store = _store(_settings())
+    jobs = [j for j in store.jobs() if j.session_id == session_id]
+    if not jobs:
+        raise click.ClickException(f"no session {session_id!r}")
+    jobs.sort(key=lambda j: j.created_at)
+    if as_json:
+        click.echo(json.dumps([{**job_view(store, j), "events": [
+            {"ts": e.ts.isoformat(), "attempt": e.attempt, "kind": e.kind, "data": e.data}
+            for e in store.events(job_id=j.id)]} for j in jobs], indent=2))
+        return
+    for job in jobs:
+        click.echo(f"== job {job.id}  {job.status.value}  runner={job.runner}  attempts={job.attempts}"
+                   + (f"  ({job.reason})" if job.reason else ""))
+        click.echo(f"   prompt: {job.prompt[:200]}")
+        for e in store.events(job_id=job.id):
+            if e.kind in ("tool_call", "turn", "state", "tests", "rate_limit", "resume_unavailable", "adopted"):
+                click.echo(f"   {e.ts:%H:%M:%S} a{e.attempt} {e.kind:10} {_describe(e.kind, e.data)}")
+        if job.changed_files:
+            click.echo(f"   changed: {', '.join(job.changed_files)}")
+
+
+@main.command()
 @click.option("--json", "as_json", is_flag=True)
 def status(as_json: bool) -> None:
     """Budget, reservations, measured use, running jobs, the queue and why its head waits."""
@@ -212,6 +238,7 @@ def status(as_json: bool) -> None:
         "running": snapshot.get("running", []),
         "queue_length": len(store.jobs([Status.queued])),
         "waiting": snapshot.get("waiting"),
+        "runners": snapshot.get("runners", []),
         "counts": {st.value: n for st, n in store.counts().items()},
         "disk": {"state_root": str(settings.home), "bytes": disk_usage(settings.home)},
     }
@@ -234,6 +261,8 @@ def status(as_json: bool) -> None:
     for r in view["running"]:
         click.echo(f"  {r['job']:20} {r['runner']:12} {r['cpus']:g} cpus {mib(r['memory'])}  "
                    f"state={r['state']} idle={r['idle_for']} {r['last_activity'] or ''}")
+    for r in view["runners"]:
+        click.echo(f"runner     {r['runner']:12} {r['state']}; {r['running']} running, {r['waiting']} waiting")
 
 
 @main.command()

@@ -160,3 +160,19 @@ def test_retry_after_a_rate_limit_resumes_the_conversation_and_keeps_the_work(wo
     running_events = [e.data for e in store.events(job_id="resume-me") if e.kind == "state" and e.data.get("status") == "running"]
     assert running_events[1]["resume"] == attempts[0].claude_session_id
     assert first_write_id is not None
+
+
+def test_a_job_waiting_on_the_clis_own_retry_is_not_stalled(world, run_executor):
+    slow_limit = Turn.error(429, "rate_limit_error", "rate limited", {"retry-after": "8"})
+    script = {"patient": [slow_limit, Turn.text("Done.")]}
+    with ScriptedAPI(script) as api:
+        world.write_runners(api.base_url)
+        world.write_policy(cli_max_retries=1, heartbeat_interval="1s", stall_after="4s")
+        running = run_executor(world.settings())
+        store = running.executor.store
+        submit(world, id="patient", workspace=str(world.repo("patient")), prompt="patient: wait for it")
+        job = wait_status(store, "patient", SETTLED, timeout=120)
+    assert job.status == Status.succeeded, (job.reason, job.error)
+    assert any(e.kind == "api_retry" for e in store.events(job_id="patient"))
+    states = [b.state for b in store.heartbeats("patient")]
+    assert "waiting_api" in states  # the heartbeat recorded the wait, and the stall rule held off
