@@ -32,6 +32,7 @@ from . import retry, workspace
 from .commit import Change, apply_change, check_conflicts, scan_upper
 from .errors import ConfigError, Conflict, ExecutorError, IllegalTransition, ModelMismatch, UnsafePath
 from .policy import Policy, Runner
+from .redact import Redactor, scrub_tree
 from .liveness import Beat, Watchdog
 from .runner import AgentRun, TestRun, agent_environment, agent_spec, run_tests, watch_agent
 from .sandbox import Sandbox
@@ -55,7 +56,8 @@ class Context:
     shutdown: threading.Event = field(default_factory=threading.Event)
     #: the watchdog of each job whose agent runs now (status reads their last samples)
     watchdogs: dict[str, Watchdog] = field(default_factory=dict)
-    pids_hits: dict[str, int] = field(default_factory=dict)
+    pids_reported: dict[str, int] = field(default_factory=dict)  # refused forks already in the log
+    redactor: Redactor | None = None
 
 
 @dataclass
@@ -207,7 +209,8 @@ def _supervise(ctx: Context, job: Job, ws: Workspace, runner: Runner, policy: Po
         )
     finally:
         ctx.watchdogs.pop(job.id, None)
-        ctx.pids_hits.pop(job.id, None)
+        if ctx.redactor is not None:
+            scrub_tree(ctx.settings.sessions_dir / job.session_id, ctx.redactor)
     _record_attempt(ctx, job, ws.attempt, run)
     ending = _judge_agent(job, runner, policy, run)
     if ending is not None and ending.reason in ("rate_limited", "overloaded"):
@@ -234,9 +237,9 @@ def _record_beat(ctx: Context, job: Job, attempt: int, beat: Beat) -> None:
                                       idle_for=beat.idle_for, last_activity=beat.last_activity))
     if beat.pids_limit_hits:
         # A fork bomb (or a busy build) hit the pids limit: contained, and worth a line in the log once.
-        seen = ctx.pids_hits.get(job.id)
+        seen = ctx.pids_reported.get(job.id)
         if seen != beat.pids_limit_hits:
-            ctx.pids_hits[job.id] = beat.pids_limit_hits
+            ctx.pids_reported[job.id] = beat.pids_limit_hits
             ctx.store.add_event(job, attempt, "pids_limit", {
                 "refused_forks": beat.pids_limit_hits, "pids": beat.pids, "limit": Policy(**job.policy).pids})
 
@@ -262,7 +265,12 @@ def _record_attempt(ctx: Context, job: Job, number: int, run: AgentRun) -> None:
         "outcome": run.outcome.kind, "message": run.outcome.message, "exit_code": run.exit_code,
         "stopped": run.stopped, "lingered": run.lingered, "oom_killed": run.oom_killed,
         "models_seen": state.models_seen, "stderr_tail": run.stderr_tail[-1000:],
+        "refused_forks": run.refused_forks,
     })
+    if run.refused_forks and ctx.pids_reported.get(job.id) != run.refused_forks:
+        ctx.store.add_event(job, number, "pids_limit", {"refused_forks": run.refused_forks,
+                                                        "limit": Policy(**job.policy).pids})
+    ctx.pids_reported.pop(job.id, None)
 
 
 def _judge_agent(job: Job, runner: Runner, policy: Policy, run: AgentRun) -> Ending | None:
@@ -291,7 +299,9 @@ def _judge_agent(job: Job, runner: Runner, policy: Policy, run: AgentRun) -> End
     if outcome.kind == "success":
         return None
     if outcome.kind == "agent_error":
-        return Ending(Status.rolled_back, "agent_error", f"the agent did not succeed: {outcome.message}")
+        limit = (f" (the container's pids limit of {policy.pids} refused {run.refused_forks} forks: a fork "
+                 "bomb or runaway processes; raise the policy's pids if the work needs more)") if run.refused_forks else ""
+        return Ending(Status.rolled_back, "agent_error", f"the agent did not succeed: {outcome.message}{limit}")
     label = outcome.kind.replace("_", " ")
     return Ending(Status.failed, outcome.kind, f"{runner.name} failed: {label}: {outcome.message}")
 

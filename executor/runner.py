@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import queue
+import re
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -49,6 +50,7 @@ class AgentRun:
     stderr_tail: str = ""
     container_id: str | None = None
     lines: int = 0
+    refused_forks: int = 0
     last_activity: str = ""
     last_alive: float | None = None  # wall-clock time of the last progress
 
@@ -69,12 +71,26 @@ class TestRun:
         return self.exit_code == 0 and not self.timed_out and self.stopped is None
 
 
+# After the CLI exits, report on stderr how many forks the pids limit refused (shell builtins only: at
+# the limit nothing can be forked). A fork bomb can take the CLI down with it; this says why.
+_PIDS_REPORT = ('"$@"; rc=$?; for f in /sys/fs/cgroup/pids/pids.events /sys/fs/cgroup/pids.events; do '
+                '[ -r "$f" ] && while read -r k v; do [ "$k" = max ] && echo "executor-pids-refused $v" >&2; '
+                'done < "$f"; done; exit $rc')
+_PIDS_LINE = re.compile(r"^executor-pids-refused (\d+)$", re.MULTILINE)
+
+
 def agent_command(prompt: str, model: str, resume: str | None = None) -> list[str]:
     command = ["claude", "-p", prompt, "--model", model, "--output-format", "stream-json", "--verbose",
                "--include-partial-messages", "--dangerously-skip-permissions"]
     if resume:
         command += ["--resume", resume]
-    return command
+    return ["sh", "-c", _PIDS_REPORT, "agent", *command]
+
+
+def refused_forks(stderr: str) -> int:
+    """Forks the pids limit refused during the run, as the container reported when the CLI exited."""
+    counts = [int(n) for n in _PIDS_LINE.findall(stderr)]
+    return max(counts, default=0)
 
 
 def agent_environment(runner: Runner, secrets: Mapping[str, str], max_retries: int = 2) -> dict[str, str]:
@@ -205,9 +221,11 @@ def watch_agent(sandbox: Sandbox, container: Container, policy: Policy, *, on_ev
             _kill(container)
     reader.join(timeout=10)
     exit_code, oom = _wait_exit(container)
+    stderr = _stderr_tail(container)
     run = AgentRun(outcome=classify(state, None if lingered else exit_code), state=state,
                    exit_code=exit_code, oom_killed=oom, stopped=stopped, lingered=lingered,
-                   stderr_tail=_stderr_tail(container), container_id=container.id, lines=seen,
+                   stderr_tail=_PIDS_LINE.sub("", stderr).strip(), refused_forks=refused_forks(stderr),
+                   container_id=container.id, lines=seen,
                    last_activity=watchdog.last_activity, last_alive=watchdog.last_progress_wall)
     sandbox.remove(container)
     return run

@@ -29,6 +29,7 @@ from . import workspace
 from .commit import remove_tree
 from .errors import ConfigError, ExecutorError
 from .governor import Governor, Permit
+from .redact import RedactingFilter, Redactor
 from .pipeline import (
     Context, Ending, adopt_job, finish_commit, log_state, retest_job, run_job, settle, workspace_for,
 )
@@ -55,12 +56,14 @@ class Executor:
     def __init__(self, settings: Settings, secrets: Mapping[str, str],
                  client: docker.DockerClient | None = None) -> None:
         self.settings = settings
-        self.store = Store(settings.db_path)
+        self.secrets = secrets
+        self.redactor = Redactor()
+        self.store = Store(settings.db_path, redact=self.redactor)
         self.spool = Spool(settings.spool_dir)
         self.sandbox = Sandbox(client or connect(), settings.sandbox_image, instance_id(settings.home))
         self.governor = Governor.from_settings(settings)
         self.ctx = Context(settings=settings, store=self.store, sandbox=self.sandbox,
-                           runners=self._load_runners(), secrets=secrets)
+                           runners=self._load_runners(), secrets=secrets, redactor=self.redactor)
         self.slots: dict[str, Slot] = {}
         self.waiting: str | None = None  # why the head of the queue is not running
         self.last_tick = 0.0
@@ -70,7 +73,10 @@ class Executor:
 
     def _load_runners(self) -> dict[str, Runner]:
         try:
-            return load_runners(self.settings.policies)
+            runners = load_runners(self.settings.policies)
+            # Whatever a runner's credential is, it is scrubbed from everything stored or logged.
+            self.redactor.update({r.auth_env: self.secrets.get(r.auth_env, "") for r in runners.values()})
+            return runners
         except ConfigError as exc:
             if hasattr(self, "ctx"):
                 log.error("runners.toml unreadable; keeping the previous runners", extra={"error": str(exc)})
@@ -81,6 +87,9 @@ class Executor:
 
     def serve(self, stop: threading.Event) -> None:
         """Run until ``stop`` is set, then shut down in phases."""
+        log_filter = RedactingFilter(self.redactor)
+        for handler in logging.getLogger().handlers:
+            handler.addFilter(log_filter)
         self.sandbox.check_image()
         self.recover()
         log.info("executor serving", extra={"action": "serve", "home": str(self.settings.home)})

@@ -10,7 +10,7 @@ Must never: store a secret (token values never reach this module), or let a term
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from enum import Enum
@@ -179,7 +179,9 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
 class Store:
     """Every database operation of the executor."""
 
-    def __init__(self, db_path: Path) -> None:
+    def __init__(self, db_path: Path, redact: Callable[[Any], Any] | None = None) -> None:
+        #: applied to every free-text value written (credential values must never be stored)
+        self.redact = redact or (lambda value: value)
         db_path.parent.mkdir(parents=True, exist_ok=True)
         self.engine = create_engine(
             f"sqlite:///{db_path}", connect_args={"check_same_thread": False, "timeout": 30}
@@ -243,7 +245,7 @@ class Store:
             result = s.exec(  # type: ignore[call-overload]
                 update(Job)
                 .where(col(Job.id) == job_id, col(Job.status).in_([st.value for st in sources]))
-                .values(status=new, **fields)
+                .values(status=new, **self.redact(fields))
             )
             s.commit()
             if result.rowcount != 1:
@@ -269,7 +271,7 @@ class Store:
         if "status" in fields:
             raise ValueError("use transition() to change a job's status")
         with self.session() as s:
-            s.exec(update(Job).where(col(Job.id) == job_id).values(**fields))  # type: ignore[call-overload]
+            s.exec(update(Job).where(col(Job.id) == job_id).values(**self.redact(fields)))  # type: ignore[call-overload]
             s.commit()
 
     def request_cancel(self, job_id: str) -> Job:
@@ -302,7 +304,7 @@ class Store:
     def finish_attempt(self, attempt_id: int, **fields: Any) -> None:
         with self.session() as s:
             s.exec(  # type: ignore[call-overload]
-                update(Attempt).where(col(Attempt.id) == attempt_id).values(finished_at=utcnow(), **fields)
+                update(Attempt).where(col(Attempt.id) == attempt_id).values(finished_at=utcnow(), **self.redact(fields))
             )
             s.commit()
 
@@ -313,6 +315,7 @@ class Store:
     # -- rate limits and runners ---------------------------------------------------------------------
 
     def add_rate_limit(self, event: RateLimitEvent) -> None:
+        event.message = self.redact(event.message)
         with self.session() as s:
             s.add(event)
             s.commit()
@@ -335,7 +338,7 @@ class Store:
                 current = current.replace(tzinfo=timezone.utc)
             if current is None or until > current:
                 state.cooldown_until = until
-                state.reason = reason
+                state.reason = self.redact(reason)
             s.add(state)
             s.commit()
 
@@ -351,6 +354,7 @@ class Store:
     # -- heartbeats ---------------------------------------------------------------------------------
 
     def add_heartbeat(self, beat: Heartbeat) -> None:
+        beat.last_activity = self.redact(beat.last_activity)
         with self.session() as s:
             s.add(beat)
             s.commit()
@@ -371,7 +375,7 @@ class Store:
         with self.session() as s:
             for kind, data in items:
                 s.add(Event(job_id=job.id, session_id=job.session_id, attempt=attempt, kind=kind, line=line,
-                            data=json.loads(json.dumps(data, default=str))))
+                            data=self.redact(json.loads(json.dumps(data, default=str)))))
             s.commit()
 
     def last_stream_line(self, job_id: str, attempt: int) -> int:

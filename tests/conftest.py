@@ -7,6 +7,7 @@ Tests that need Docker fail (never skip) when the engine or the sandbox image is
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import stat
 import subprocess
@@ -101,7 +102,7 @@ class World:
     def write_policy(self, name: str = "default", **fields) -> None:
         values = {"cpus": 1.0, "memory": '"1g"', "pids": 256, "timeout": '"5m"', "network": '"host"',
                   "test_command": '"true"', "test_timeout": '"2m"'}
-        values.update({k: (f'"{v}"' if isinstance(v, str) else str(v).lower() if isinstance(v, bool) else str(v))
+        values.update({k: (json.dumps(v) if isinstance(v, str) else str(v).lower() if isinstance(v, bool) else str(v))
                        for k, v in fields.items()})
         (self.policies / f"{name}.toml").write_text("".join(f"{k} = {v}\n" for k, v in values.items()))
 

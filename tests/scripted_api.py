@@ -16,8 +16,8 @@ with ``stream: true`` an SSE body (``content-type: text/event-stream``, chunked)
 ``content_block_stop``, then ``message_delta`` (``stop_reason`` ``tool_use`` or ``end_turn``, usage
 ``output_tokens``) and ``message_stop``; without it a plain JSON message. Errors are the API's JSON
 ``{"type": "error", "error": {"type": ..., "message": ...}}`` with the status and headers given.
-``POST /v1/messages/count_tokens`` gets ``{"input_tokens": N}``; ``GET /`` and any ``HEAD`` get 200; anything
-else 404 ``not_found_error``. Ids look like the real ones (``msg_...``, ``toolu_...``, unique).
+``POST /v1/messages/count_tokens`` gets ``{"input_tokens": N}``; ``GET /`` and any ``HEAD`` get 200;
+anything else 404 ``not_found_error``. Ids look like the real ones (``msg_...``, ``toolu_...``, unique).
 Token counts are rough (request bytes / 4), enough for the CLI's cost and context bookkeeping.
 
 Routing a request to a script: a list script answers requests in order; a dict script is keyed by a
@@ -69,7 +69,8 @@ the real CLI 2.1.328 (linux-x64 binary), ``claude -p ... --output-format stream-
 - ``Turn.hang()``: after ``message_start`` the CLI waits silently, with no idle timeout of its own
   (150 s observed: no retry, no output past the ``message_start`` stream_event); the caller must kill it.
 - Streaming is consumed incrementally: with ``--include-partial-messages`` each SSE event becomes a
-  ``stream_event`` line as it arrives (``slow_text`` gives one line per delta, ``interval`` apart).
+  ``stream_event`` line as it arrives (``slow_text`` gives one line per delta, ``interval`` apart;
+  ``ping`` is not passed on).
 """
 
 from __future__ import annotations

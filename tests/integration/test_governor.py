@@ -201,10 +201,15 @@ def test_fork_bomb_is_contained_and_reported(world, run_executor):
         bomb = wait_status(store, "bomb", SETTLED, timeout=180)
         neighbour = wait_status(store, "neighbour", SETTLED, timeout=180)
     assert neighbour.status == Status.succeeded  # the other job kept running
-    results = [e.data.get("content", "") for e in store.events(job_id="bomb") if e.kind == "tool_result"]
-    assert any("fork failed after" in r for r in results), results  # the limit stopped it
-    assert any(e.kind == "pids_limit" for e in store.events(job_id="bomb"))  # and it was reported
-    assert bomb.status == Status.succeeded
+    reports = [e.data for e in store.events(job_id="bomb") if e.kind == "pids_limit"]
+    assert reports and reports[-1]["limit"] == 64  # the limit stopped it, and the log says so
+    # The bomb shares the limit with the CLI: either the CLI survived (the Bash call saw its forks
+    # refused) or it died of it too, and then the job's error names the pids limit.
+    if bomb.status == Status.succeeded:
+        results = [e.data.get("content", "") for e in store.events(job_id="bomb") if e.kind == "tool_result"]
+        assert any("fork failed after" in r for r in results), results
+    else:
+        assert bomb.status == Status.rolled_back and "pids limit of 64" in bomb.error, bomb.error
 
 
 def test_startup_sweeps_leftover_containers_and_volumes(world, run_executor, docker_client):

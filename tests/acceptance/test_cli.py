@@ -1,0 +1,438 @@
+"""The ``executor`` command as a person uses it: a subprocess with EXECUTOR_* in its environment.
+
+The submit tests need no Docker. The serve tests run the real engine, the real sandbox image and the
+real Claude Code CLI against a scripted Messages API on loopback (the policy uses network host).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from executor.store import Job, Store
+from tests.conftest import TOKEN_VALUE, tree_digest, wait_for
+from tests.scripted_api import ScriptedAPI, Turn
+
+ROOT = Path(__file__).resolve().parents[2]
+EXECUTOR = ROOT / ".venv" / "bin" / "executor"
+if not EXECUTOR.exists():  # pragma: no cover - another virtualenv layout
+    EXECUTOR = Path(shutil.which("executor") or EXECUTOR)
+
+TERMINAL = {"succeeded", "rolled_back", "failed", "cancelled", "stalled"}
+
+
+def executor(world, *args: str, input: bytes | None = None, timeout: float = 60) -> subprocess.CompletedProcess:
+    return subprocess.run([str(EXECUTOR), *args], env=world.env(), input=input, capture_output=True,
+                          timeout=timeout, cwd=world.root)
+
+
+def job_file(path: Path, repo: Path, **fields) -> Path:
+    body = {"runner": "scripted", "workspace": str(repo), "prompt": "write hello.txt"}
+    body.update(fields)
+    path.write_text(json.dumps(body))
+    return path
+
+
+def spool_files(world, sub: str = "incoming") -> list[Path]:
+    d = world.home / "spool" / sub
+    return sorted(d.iterdir()) if d.exists() else []
+
+
+# ---------------------------------------------------------------------------------------------
+# submit (no Docker)
+
+
+def test_submit_file_prints_id_and_spools_it(world, tmp_path):
+    repo = world.repo("app")
+    path = job_file(tmp_path / "job.json", repo, priority=2, test_command="make test")
+    done = executor(world, "submit", str(path))
+    assert done.returncode == 0, done.stderr.decode()
+    job_id = done.stdout.decode().strip()
+    assert job_id and "\n" not in job_id
+
+    (spooled,) = spool_files(world)
+    data = json.loads(spooled.read_text())
+    assert data["id"] == job_id
+    assert data["workspace"] == str(repo) and data["priority"] == 2 and data["test_command"] == "make test"
+    assert data["runner"] == "scripted" and data["prompt"] == "write hello.txt"
+    assert spool_files(world, "tmp") == []
+
+
+def test_submit_keeps_the_files_own_id(world, tmp_path):
+    repo = world.repo("app")
+    done = executor(world, "submit", str(job_file(tmp_path / "job.json", repo, id="my-job-7")))
+    assert done.returncode == 0, done.stderr.decode()
+    assert done.stdout.decode().strip() == "my-job-7"
+    (spooled,) = spool_files(world)
+    assert json.loads(spooled.read_text())["id"] == "my-job-7"
+
+
+def test_submit_two_files_gives_two_ids(world, tmp_path):
+    repo = world.repo("app")
+    ids = {executor(world, "submit", str(job_file(tmp_path / f"j{i}.json", repo))).stdout.decode().strip()
+           for i in range(2)}
+    assert len(ids) == 2 and "" not in ids
+    assert {json.loads(p.read_text())["id"] for p in spool_files(world)} == ids
+
+
+def test_submit_from_stdin(world):
+    repo = world.repo("app")
+    body = json.dumps({"runner": "scripted", "workspace": str(repo), "prompt": "from stdin"}).encode()
+    done = executor(world, "submit", "-", input=body)
+    assert done.returncode == 0, done.stderr.decode()
+    job_id = done.stdout.decode().strip()
+    (spooled,) = spool_files(world)
+    data = json.loads(spooled.read_text())
+    assert data["id"] == job_id and data["prompt"] == "from stdin"
+
+
+BAD_SUBMISSIONS = {
+    "malformed": (lambda repo: b'{"runner": "scripted", ', "not valid JSON"),
+    "not-object": (lambda repo: b'["a"]', "one JSON object"),
+    "unknown-field": (lambda repo: json.dumps({"runner": "scripted", "workspace": str(repo), "prompt": "p",
+                                               "modle": "x"}).encode(), "unknown field 'modle'"),
+    "missing-field": (lambda repo: json.dumps({"runner": "scripted", "prompt": "p"}).encode(),
+                      "missing required field 'workspace'"),
+    "unknown-runner": (lambda repo: json.dumps({"runner": "ghost", "workspace": str(repo), "prompt": "p"}).encode(),
+                       "unknown runner 'ghost'"),
+    "outside-roots": (lambda repo: json.dumps({"runner": "scripted", "workspace": "/etc", "prompt": "p"}).encode(),
+                      "not under a workspace root"),
+    "bad-id": (lambda repo: json.dumps({"runner": "scripted", "workspace": str(repo), "prompt": "p",
+                                        "id": "no spaces"}).encode(), "id"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_SUBMISSIONS))
+@pytest.mark.parametrize("via", ["file", "stdin"])
+def test_submit_bad_job_fails_clearly_and_spools_nothing(world, tmp_path, case, via):
+    repo = world.repo("app")
+    make, expected = BAD_SUBMISSIONS[case]
+    raw = make(repo)
+    if via == "file":
+        path = tmp_path / "bad.json"
+        path.write_bytes(raw)
+        done = executor(world, "submit", str(path))
+    else:
+        done = executor(world, "submit", "-", input=raw)
+    assert done.returncode != 0
+    stderr = done.stderr.decode()
+    assert expected in stderr, stderr
+    assert "Traceback" not in stderr
+    assert done.stdout == b""
+    for sub in ("incoming", "tmp", "accepted", "rejected"):
+        assert spool_files(world, sub) == [], sub
+
+
+def test_submit_missing_file(world, tmp_path):
+    done = executor(world, "submit", str(tmp_path / "nope.json"))
+    assert done.returncode != 0
+    assert "nope.json" in done.stderr.decode()
+    assert spool_files(world) == []
+
+
+def test_submit_of_an_existing_id_is_refused(world, tmp_path):
+    repo = world.repo("app")
+    store = world.store()
+    store.add_job(Job(id="taken", session_id="taken", runner="scripted", model_requested="claude-sonnet-4-5",
+                      workspace=str(repo), prompt="p", policy_name="default"))
+    store.close()
+    done = executor(world, "submit", str(job_file(tmp_path / "job.json", repo, id="taken")))
+    assert done.returncode != 0
+    assert "already exists" in done.stderr.decode()
+    assert spool_files(world) == []
+
+
+def test_show_of_an_unknown_job(world):
+    world.store().close()  # an empty database
+    done = executor(world, "show", "ghost", "--json")
+    assert done.returncode != 0
+    assert "no job 'ghost'" in done.stderr.decode()
+
+
+# ---------------------------------------------------------------------------------------------
+# serve (Docker)
+
+
+class Serve:
+    """``executor serve`` as a subprocess, its stderr in a file."""
+
+    def __init__(self, world, log_path: Path, extra_env: dict[str, str] | None = None) -> None:
+        self.log_path = log_path
+        self._log = log_path.open("ab")
+        env = world.env()
+        env.update(extra_env or {})
+        self.proc = subprocess.Popen([str(EXECUTOR), "serve"], env=env, stdout=self._log, stderr=self._log,
+                                     cwd=world.root)
+
+    def stop(self, timeout: float = 60) -> int:
+        """SIGTERM, then the exit code (fails if it does not exit within ``timeout``)."""
+        self.proc.send_signal(signal.SIGTERM)
+        started = time.monotonic()
+        try:
+            code = self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            pytest.fail(f"executor serve did not exit within {timeout}s of SIGTERM:\n{self.stderr()[-3000:]}")
+        self.stop_seconds = time.monotonic() - started
+        self._log.close()
+        return code
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        self._log.close()
+
+    def stderr(self) -> str:
+        if not self._log.closed:
+            self._log.flush()
+        return self.log_path.read_text(errors="replace")
+
+    def assert_alive(self) -> None:
+        if self.proc.poll() is not None:
+            pytest.fail(f"executor serve exited with {self.proc.returncode}:\n{self.stderr()[-3000:]}")
+
+
+@pytest.fixture
+def serve(world, tmp_path, docker_client):
+    started: list[Serve] = []
+
+    def start(name: str = "serve", extra_env: dict[str, str] | None = None) -> Serve:
+        s = Serve(world, tmp_path / f"{name}.log", extra_env)
+        started.append(s)
+        return s
+
+    yield start
+    for s in started:
+        s.kill()
+
+
+def show(world, job_id: str) -> dict:
+    done = executor(world, "show", job_id, "--json")
+    assert done.returncode == 0, done.stderr.decode()
+    return json.loads(done.stdout)
+
+
+def wait_cli_status(world, server: Serve, job_id: str, wanted: set[str], timeout: float = 180) -> dict:
+    """Poll ``executor show ID --json`` until the job reaches one of ``wanted`` (or a terminal status)."""
+    deadline = time.monotonic() + timeout
+    view: dict = {}
+    while time.monotonic() < deadline:
+        server.assert_alive()
+        done = executor(world, "show", job_id, "--json")
+        if done.returncode == 0:
+            view = json.loads(done.stdout)
+            if view["status"] in wanted or view["status"] in TERMINAL:
+                return view
+        time.sleep(0.5)
+    pytest.fail(f"job {job_id} did not reach {sorted(wanted)} in {timeout}s (last: {view.get('status')}); "
+                f"serve log:\n{server.stderr()[-3000:]}")
+
+
+def leftovers(client, job_id: str) -> list[str]:
+    """Containers and volumes of this job (other test sessions may share the engine)."""
+    filters = {"label": ["io.executor=1", f"io.executor.job={job_id}"]}
+    return ([c.name for c in client.containers.list(all=True, filters=filters)]
+            + [v.name for v in client.volumes.list(filters=filters)])
+
+
+def submit(world, path: Path) -> str:
+    done = executor(world, "submit", str(path))
+    assert done.returncode == 0, done.stderr.decode()
+    return done.stdout.decode().strip()
+
+
+def test_serve_runs_a_submitted_job_to_success(world, tmp_path, serve, docker_client):
+    repo = world.repo("app", {"README.md": "app\n"})
+    script = {
+        "cli-full-path": [
+            Turn.tool("Write", {"file_path": "/workspace/hello.txt", "content": "hello from the agent\n"}),
+            Turn.text("Wrote hello.txt."),
+        ]
+    }
+    with ScriptedAPI(script) as api:
+        world.write_runners(api.base_url)
+        world.write_policy(test_command="grep -q 'hello from the agent' hello.txt && echo TESTS-OK")
+        server = serve()
+        job_id = submit(world, job_file(tmp_path / "job.json", repo, prompt="cli-full-path: write hello.txt"))
+        view = wait_cli_status(world, server, job_id, {"succeeded"})
+        assert view["status"] == "succeeded", (view["reason"], view["error"], server.stderr()[-3000:])
+        assert api.remaining("cli-full-path") == 0  # the agent really went through the script
+
+        for key in ("id", "session_id", "status", "runner", "model_requested", "models_seen", "attempts",
+                    "error", "changed_files", "tests"):
+            assert key in view, key
+        assert view["id"] == job_id and view["session_id"] == job_id
+        assert view["runner"] == "scripted" and view["model_requested"] == "claude-sonnet-4-5"
+        assert view["models_seen"] == ["claude-sonnet-4-5"]
+        assert view["error"] is None
+        assert len(view["attempts"]) == 1 and view["attempts"][0]["number"] == 1
+        assert "hello.txt" in view["changed_files"]
+        tests = view["tests"]
+        assert set(tests) >= {"command", "exit_code", "output_tail"}
+        assert tests["command"] == "grep -q 'hello from the agent' hello.txt && echo TESTS-OK"
+        assert tests["exit_code"] == 0
+        assert "TESTS-OK" in tests["output_tail"]
+
+        listed = executor(world, "jobs", "--json")
+        assert listed.returncode == 0, listed.stderr.decode()
+        rows = json.loads(listed.stdout)
+        assert [(r["id"], r["status"], r["runner"]) for r in rows] == [(job_id, "succeeded", "scripted")]
+        only_ok = json.loads(executor(world, "jobs", "--json", "--status", "succeeded").stdout)
+        assert [r["id"] for r in only_ok] == [job_id]
+        assert json.loads(executor(world, "jobs", "--json", "--status", "queued").stdout) == []
+
+        log = executor(world, "log", job_id)
+        assert log.returncode == 0, log.stderr.decode()
+        text = log.stdout.decode()
+        write_lines = [line for line in text.splitlines() if "Write" in line and "tool_call" in line]
+        assert write_lines, text
+        assert any("/workspace/hello.txt" in line for line in write_lines), text
+
+        log_json = executor(world, "log", job_id, "--json")
+        events = [json.loads(line) for line in log_json.stdout.decode().splitlines()]
+        calls = [e["data"] for e in events if e["kind"] == "tool_call"]
+        assert any(c.get("name") == "Write" and c.get("file_path") == "/workspace/hello.txt" for c in calls)
+
+        assert server.stop() == 0
+        assert server.stop_seconds < 60
+
+    # committed into the repository, owned by the repository's owner
+    assert (repo / "hello.txt").read_text() == "hello from the agent\n"
+    assert (repo / "hello.txt").stat().st_uid == 1000
+    assert (repo / "README.md").read_text() == "app\n"
+    assert spool_files(world) == [] and len(spool_files(world, "accepted")) == 1
+    assert leftovers(docker_client, job_id) == []
+
+
+def _check_token_never_stored_or_printed(world, tmp_path, serve, bash_command: str) -> None:
+    repo = world.repo("app")
+    script = {
+        "cli-secret": [
+            Turn.tool("Bash", {"command": bash_command, "description": "work"}),
+            Turn.tool("Write", {"file_path": "/workspace/out.txt", "content": "done\n"}),
+            Turn.text("Finished."),
+        ]
+    }
+    with ScriptedAPI(script) as api:
+        world.write_runners(api.base_url)
+        world.write_policy(test_command="test -f out.txt")
+        # DEBUG: the most a person can make it log
+        server = serve(extra_env={"EXECUTOR_LOG_LEVEL": "DEBUG"})
+        job_id = submit(world, job_file(tmp_path / "job.json", repo, prompt="cli-secret: work"))
+        view = wait_cli_status(world, server, job_id, {"succeeded"})
+        assert view["status"] == "succeeded", (view["reason"], view["error"])
+        # the credential did reach the agent: the scripted API saw it
+        seen = [r.headers.get("x-api-key", "") + r.headers.get("authorization", "") for r in api.requests
+                if r.is_messages]
+        assert seen and all(TOKEN_VALUE in s for s in seen)
+
+        show_out = executor(world, "show", job_id, "--json")
+        plain_show = executor(world, "show", job_id)
+        log_out = executor(world, "log", job_id)
+        log_json = executor(world, "log", job_id, "--json")
+        jobs_out = executor(world, "jobs", "--json")
+        db = world.home / "executor.db"
+        wal = Path(f"{db}-wal")
+        # read the database while serve still runs: the WAL holds the newest pages
+        db_bytes = db.read_bytes() + (wal.read_bytes() if wal.exists() else b"")
+        assert server.stop() == 0
+
+    db_bytes += db.read_bytes() + (wal.read_bytes() if wal.exists() else b"")
+    assert job_id.encode() in db_bytes  # the search does look at the stored rows
+    secret = TOKEN_VALUE.encode()
+    assert secret not in db_bytes
+    for done in (show_out, plain_show, log_out, log_json, jobs_out):
+        assert done.returncode == 0
+        assert secret not in done.stdout and secret not in done.stderr
+    assert b"tool_call" in log_out.stdout  # the log is not empty
+    stderr = server.stderr()
+    assert job_id in stderr  # serve did log the job
+    assert TOKEN_VALUE not in stderr
+    # nothing else under the state root holds it either (spool, status files, job dirs)
+    for path in world.home.rglob("*"):
+        if path.is_file() and not path.is_symlink():
+            assert secret not in path.read_bytes(), path
+
+
+def test_runner_token_never_stored_or_printed(world, tmp_path, serve):
+    _check_token_never_stored_or_printed(world, tmp_path, serve, "echo working > work.txt && ls -la")
+
+
+def test_runner_token_printed_by_the_agent_is_not_stored(world, tmp_path, serve):
+    _check_token_never_stored_or_printed(world, tmp_path, serve, "env | sort")
+
+
+def test_sigterm_during_a_job_requeues_it_and_a_restart_finishes_it(world, tmp_path, serve, docker_client):
+    repo = world.repo("app", {"README.md": "app\n", "src/main.py": "print(1)\n"})
+    before = tree_digest(repo)
+    first = {
+        "cli-interrupt": [
+            Turn.tool("Bash", {"command": "echo half-done > partial.txt && rm README.md", "description": "start"}),
+            Turn.hang(),
+        ]
+    }
+    with ScriptedAPI(first) as api:
+        world.write_runners(api.base_url)
+        world.write_policy(test_command="test -f final.txt")
+        server = serve("serve-1")
+        job_id = submit(world, job_file(tmp_path / "job.json", repo, prompt="cli-interrupt: work then hang"))
+
+        def hanging():
+            server.assert_alive()
+            # the Bash call ran and the agent is waiting on the hung answer
+            return api.remaining("cli-interrupt") == 0 and len(api.conversation) >= 2
+
+        wait_for(hanging, 180, "the agent to reach the hung turn")
+        time.sleep(1.0)  # let the Bash tool call's events land
+        assert show(world, job_id)["status"] == "running"
+        store = Store(world.home / "executor.db")
+        try:
+            assert any(e.kind == "tool_call" and e.data.get("name") == "Bash" for e in store.events(job_id=job_id))
+        finally:
+            store.close()
+
+        assert server.stop(timeout=60) == 0, server.stderr()[-3000:]
+        assert server.stop_seconds < 60
+
+    view = show(world, job_id)
+    assert view["status"] == "queued", (view["reason"], view["error"])
+    assert len(view["attempts"]) == 1
+    assert tree_digest(repo) == before  # rolled back: the Bash change never reached the repository
+    assert not (repo / "partial.txt").exists() and (repo / "README.md").exists()
+    assert leftovers(docker_client, job_id) == []
+    assert not (world.home / "jobs" / job_id / "upper").exists()
+
+    second = {
+        "cli-interrupt": [
+            Turn.tool("Write", {"file_path": "/workspace/final.txt", "content": "second attempt\n"}),
+            Turn.text("Done this time."),
+        ]
+    }
+    with ScriptedAPI(second) as api:
+        world.write_runners(api.base_url)
+        server = serve("serve-2")
+        view = wait_cli_status(world, server, job_id, {"succeeded"})
+        assert view["status"] == "succeeded", (view["reason"], view["error"], server.stderr()[-3000:])
+        assert server.stop() == 0
+
+    assert [a["number"] for a in view["attempts"]] == [1, 2]
+    store = Store(world.home / "executor.db")
+    try:
+        assert store.get(job_id).attempts == 2
+        assert [j.id for j in store.jobs()] == [job_id]  # still one job, not a copy
+    finally:
+        store.close()
+    assert (repo / "final.txt").read_text() == "second attempt\n"
+    assert not (repo / "partial.txt").exists()  # nothing of the interrupted attempt leaked in
+    assert (repo / "README.md").read_text() == "app\n"
+    assert view["changed_files"] == ["final.txt"]
