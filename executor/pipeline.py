@@ -142,9 +142,17 @@ def _attempt(ctx: Context, job: Job, ws: Workspace, resume: str | None) -> Endin
     workspace.create(ctx.sandbox, ws, keep_upper=resume is not None)
     prompt = RESUME_PROMPT.format(prompt=job.prompt) if resume else job.prompt
     environment = agent_environment(runner, ctx.secrets, max_retries=policy.cli_max_retries)
-    spec = agent_spec(ws, runner, policy, prompt, environment, home=str(home), resume=resume)
+    system = "\n\n".join(system_prompt_parts(ctx, job, policy)) or None
+    spec = agent_spec(ws, runner, policy, prompt, environment, home=str(home), resume=resume,
+                      append_system_prompt=system)
     container = ctx.sandbox.start(spec)
     return _supervise(ctx, job, ws, runner, policy, container)
+
+
+def system_prompt_parts(ctx: Context, job: Job, policy: Policy) -> list[str]:
+    """What the executor appends to the agent's system prompt (``--append-system-prompt``), in order."""
+    parts: list[str] = []
+    return parts
 
 
 def transcript_readable(home: Path, claude_session_id: str) -> bool:

@@ -79,11 +79,14 @@ _PIDS_REPORT = ('"$@"; rc=$?; for f in /sys/fs/cgroup/pids/pids.events /sys/fs/c
 _PIDS_LINE = re.compile(r"^executor-pids-refused (\d+)$", re.MULTILINE)
 
 
-def agent_command(prompt: str, model: str, resume: str | None = None) -> list[str]:
+def agent_command(prompt: str, model: str, resume: str | None = None,
+                  append_system_prompt: str | None = None) -> list[str]:
     command = ["claude", "-p", prompt, "--model", model, "--output-format", "stream-json", "--verbose",
                "--include-partial-messages", "--dangerously-skip-permissions"]
     if resume:
         command += ["--resume", resume]
+    if append_system_prompt:
+        command += ["--append-system-prompt", append_system_prompt]
     return ["sh", "-c", _PIDS_REPORT, "agent", *command]
 
 
@@ -156,10 +159,11 @@ def _stderr_tail(container: Container) -> str:
 
 
 def agent_spec(ws: Workspace, runner: Runner, policy: Policy, prompt: str,
-               environment: dict[str, str], home: str | None = None, resume: str | None = None) -> ContainerSpec:
+               environment: dict[str, str], home: str | None = None, resume: str | None = None,
+               append_system_prompt: str | None = None) -> ContainerSpec:
     return ContainerSpec(
         name=f"executor-{ws.job_id}-a{ws.attempt}-agent",
-        command=agent_command(prompt, runner.model, resume),
+        command=agent_command(prompt, runner.model, resume, append_system_prompt),
         home=home,
         user=f"{ws.uid}:{ws.gid}",
         volume=ws.volume,
