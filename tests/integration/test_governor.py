@@ -228,3 +228,42 @@ def test_startup_sweeps_leftover_containers_and_volumes(world, run_executor, doc
     assert foreign.name in names
     foreign.remove(force=True)
     assert running.executor.store.jobs() == []
+
+
+def test_stalled_job_is_retried_from_the_clean_repository_when_the_policy_says_so(world, run_executor):
+    script = {"again": [Turn.tool("Bash", {"command": "echo stale > stale.txt", "description": "w"}), Turn.hang(),
+                        Turn.tool("Write", {"file_path": "/workspace/fresh.txt", "content": "fresh\n"}),
+                        Turn.text("Done.")]}
+    with ScriptedAPI(script) as api:
+        world.write_runners(api.base_url)
+        world.write_policy(heartbeat_interval="1s", stall_after="5s", retry_stalled=True, test_command="test -f fresh.txt")
+        repo = world.repo("again")
+        running = run_executor(world.settings())
+        store = running.executor.store
+        submit(world, id="again", workspace=str(repo), prompt="again: stall once")
+        job = wait_status(store, "again", SETTLED, timeout=180)
+    assert job.status == Status.succeeded and job.attempts == 2, (job.reason, job.error)
+    assert (repo / "fresh.txt").read_text() == "fresh\n"
+    assert not (repo / "stale.txt").exists()  # the stalled attempt's work was discarded, not resumed
+    stalls = [e.data for e in store.events(job_id="again") if e.kind == "state" and e.data.get("reason") == "stalled"]
+    assert stalls and "re-queued" in stalls[0]["error"]
+
+
+def test_kept_upper_dirs_are_removed_after_the_retention_period(world, run_executor):
+    from datetime import timedelta
+
+    from executor.store import Job, utcnow
+
+    running = run_executor(world.settings(retention="1h"))
+    store = running.executor.store
+    jobs_dir = world.home / "jobs"
+    for job_id, reason, age in (("old-conflict", "conflict", 2), ("new-conflict", "conflict", 0.5),
+                                ("done", "committed", 0)):
+        store.add_job(Job(id=job_id, session_id=job_id, runner="scripted", model_requested="m",
+                          workspace="/nowhere", prompt="p", policy_name="default"))
+        store.transition(job_id, Status.queued, Status.running)
+        store.transition(job_id, Status.running, Status.failed, reason=reason,
+                         finished_at=utcnow() - timedelta(hours=age))
+        (jobs_dir / job_id / "upper").mkdir(parents=True)
+    running.executor.remove_expired()
+    assert sorted(p.name for p in jobs_dir.iterdir()) == ["new-conflict"]
