@@ -13,6 +13,7 @@ Must never: grow a second base class, or hold secrets (tokens, keys) in a messag
     ├── WorkspaceError       overlay set-up or teardown failed
     │   └── UnsafePath       the upper dir holds something that must never be applied
     ├── Conflict             the repository changed under the job at paths the job touched
+    ├── ReviewError          a review action cannot be done (not awaiting review, unknown paths, ...)
     ├── SandboxError         the container could not be created or run
     └── AgentFailed          the agent's run ended badly
         ├── RateLimited      429 / usage limit (retryable)
@@ -74,6 +75,10 @@ class Conflict(ExecutorError):
             f"changed: {shown}; nothing was applied, the job's changes are kept for inspection",
             paths=self.paths,
         )
+
+
+class ReviewError(ExecutorError):
+    reason = "review"
 
 
 class SandboxError(ExecutorError):

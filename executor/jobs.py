@@ -14,6 +14,7 @@ import stat
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -41,6 +42,9 @@ class JobSpec(BaseModel):
     policy: str = Field(default="default", description="Policy file name (without .toml).")
     test_command: str | None = Field(default=None, min_length=1, description="Overrides the policy's.")
     priority: int = Field(default=0, description="Higher starts first; ties start in arrival order.")
+    skills: list[str] | None = Field(default=None, description="Skills (policies/skills/NAME.md) that ride "
+                                     "along in full in the session brief.")
+    context: Literal["full"] | None = Field(default=None, description="'full': bypass compaction for this job.")
 
 
 @dataclass(frozen=True)
@@ -113,6 +117,7 @@ def validate(spec: JobSpec, settings: Settings, runners: dict[str, Runner] | Non
     except ConfigError as exc:
         raise InvalidJob(f"policy {spec.policy!r}: {exc}") from None
     _check_budget(policy, settings)
+    _check_skills(spec.skills or [], settings)
     workspace, uid, gid = _check_workspace(spec.workspace, settings)
     return ValidJob(spec=spec, id=spec.id or new_job_id(), runner=runner, policy=policy,
                     workspace=workspace, owner_uid=uid, owner_gid=gid)
@@ -123,6 +128,17 @@ def _runners(settings: Settings) -> dict[str, Runner]:
         return load_runners(settings.policies)
     except ConfigError as exc:
         raise InvalidJob(f"cannot read runners: {exc}") from None
+
+
+SKILL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+
+def _check_skills(skills: list[str], settings: Settings) -> None:
+    for name in skills:
+        if not SKILL_NAME.match(name):
+            raise InvalidJob(f"skill {name!r} is not a skill name (letters, digits, . _ -)")
+        if not (settings.policies / "skills" / f"{name}.md").is_file():
+            raise InvalidJob(f"unknown skill {name!r}: there is no {settings.policies / 'skills' / (name + '.md')}")
 
 
 def _check_budget(policy: Policy, settings: Settings) -> None:

@@ -28,12 +28,13 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
 
-from . import retry, workspace
+from . import compaction, retry, review, workspace
 from .commit import Change, apply_change, check_conflicts, scan_upper
 from .errors import ConfigError, Conflict, ExecutorError, IllegalTransition, ModelMismatch, UnsafePath
 from .policy import Policy, Runner
 from .redact import Redactor, scrub_tree
 from .liveness import Beat, Watchdog
+from .notify import Notifier
 from .runner import AgentRun, TestRun, agent_environment, agent_spec, run_tests, watch_agent
 from .sandbox import Sandbox
 from .settings import Settings, format_size
@@ -58,6 +59,7 @@ class Context:
     watchdogs: dict[str, Watchdog] = field(default_factory=dict)
     pids_reported: dict[str, int] = field(default_factory=dict)  # refused forks already in the log
     redactor: Redactor | None = None
+    notifier: Notifier | None = None  # a POST when a job enters review or fails (EXECUTOR_NOTIFY_URL)
 
 
 @dataclass
@@ -140,18 +142,25 @@ def _attempt(ctx: Context, job: Job, ws: Workspace, resume: str | None) -> Endin
                    "clean repository"})
         resume = None
     workspace.create(ctx.sandbox, ws, keep_upper=resume is not None)
+    # A follow-up job of a session starts from the session brief (or continues the previous conversation).
+    start = compaction.start(ctx.store, ctx.settings, ctx.secrets, job, policy, ws.attempt,
+                             transcript_ok=lambda sid: transcript_readable(home, sid), resuming=resume is not None)
     prompt = RESUME_PROMPT.format(prompt=job.prompt) if resume else job.prompt
     environment = agent_environment(runner, ctx.secrets, max_retries=policy.cli_max_retries)
-    system = "\n\n".join(system_prompt_parts(ctx, job, policy)) or None
-    spec = agent_spec(ws, runner, policy, prompt, environment, home=str(home), resume=resume,
+    system = "\n\n".join(system_prompt_parts(ctx, job, policy, brief=start.brief)) or None
+    spec = agent_spec(ws, runner, policy, prompt, environment, home=str(home), resume=resume or start.resume,
                       append_system_prompt=system)
     container = ctx.sandbox.start(spec)
     return _supervise(ctx, job, ws, runner, policy, container)
 
 
-def system_prompt_parts(ctx: Context, job: Job, policy: Policy) -> list[str]:
+def system_prompt_parts(ctx: Context, job: Job, policy: Policy, brief: str | None = None) -> list[str]:
     """What the executor appends to the agent's system prompt (``--append-system-prompt``), in order."""
     parts: list[str] = []
+    if policy.review != "never":
+        parts.append(review.REVIEW_INSTRUCTION)  # the model may send its change to a person (review.py)
+    if brief:
+        parts.append(brief)  # the session brief (compaction.py): last, it is the longest part
     return parts
 
 
@@ -236,7 +245,32 @@ def _test_and_commit(ctx: Context, job: Job, ws: Workspace, policy: Policy, stop
     ending = _judge_tests(tests)
     if ending is not None:
         return ending
+    ending = _review_gate(ctx, job, ws, policy)
+    if ending is not None:
+        return ending
     return _commit(ctx, job, ws)
+
+
+def _review_gate(ctx: Context, job: Job, ws: Workspace, policy: Policy) -> Ending | None:
+    """After the tests passed: keep the tested change for a person (awaiting_review: the upper dir stays,
+    the overlay and containers go), or None to commit it now."""
+    if policy.review == "never":
+        return None
+    change = scan_upper(ws.upper)
+    if change.refused or check_conflicts(change, ws.repo, job.start_ns or 0):
+        return None  # _commit fails it, as it would without review
+    lines = None
+    if policy.review_max_changed_lines is not None:
+        lines = review.changed_lines(review.diff_change(change, ws.upper, ws.repo))
+    current = ctx.store.get(job.id)
+    reasons = review.review_reasons(policy, change, current.final_text if current else None, lines)
+    if not reasons:
+        return None
+    ctx.store.add_event(job, ws.attempt, "review", {"action": "awaiting", "reasons": reasons,
+                                                    "changed_files": change.changed_files})
+    return Ending(Status.awaiting_review, "review", "waiting for a person's review: " + review.reason_text(reasons),
+                  keep_upper=True, fields={"review_reasons": reasons, "review_since": utcnow(),
+                                           "changed_files": change.changed_files})
 
 
 def _record_beat(ctx: Context, job: Job, attempt: int, beat: Beat) -> None:
@@ -393,7 +427,8 @@ def _commit(ctx: Context, job: Job, ws: Workspace) -> Ending:
 
 def finish_commit(ctx: Context, job: Job, ws: Workspace, change: Change | None = None) -> Ending:
     """Apply the kept upper dir (again, after a crash: the apply is idempotent) and settle."""
-    change = change or scan_upper(ws.upper)
+    # A partial approval (review.py) applies only the approved paths, also when redone after a crash.
+    change = change or review.select(scan_upper(ws.upper), job.review_files)
     try:
         apply_change(change, ws.upper, ws.repo, ws.uid, ws.gid)
     except (UnsafePath, OSError) as exc:
@@ -420,4 +455,6 @@ def settle(ctx: Context, job: Job, ws: Workspace, ending: Ending) -> Job:
     ctx.store.add_event(settled, ws.attempt, "state", {"status": ending.status.value, "reason": ending.reason,
                                                         "error": ending.error})
     log_state(settled, ending.status, ws.attempt, reason=ending.reason, error=ending.error)
+    if ctx.notifier is not None and ending.status in (Status.awaiting_review, Status.failed):
+        ctx.notifier.job_event(settled)  # queued for a background thread: never blocks or fails the job
     return settled

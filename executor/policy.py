@@ -55,6 +55,31 @@ class Policy(BaseModel):
         description="CLAUDE_CODE_MAX_RETRIES in the container: the CLI's own quick retries before the "
                     "executor's recorded backoff (which frees the slot) takes over.",
     )
+    review: Literal["never", "auto", "always"] = Field(
+        default="auto",
+        description="When a job whose tests passed waits for a person before it is committed: never, auto "
+                    "(when a trigger fires: review_paths, protected_paths, review_max_changed_lines, or the "
+                    "model's own REVIEW: line) or always.",
+    )
+    review_paths: tuple[str, ...] = Field(
+        default=(), description="Globs (migrations/**, .github/**, Dockerfile): a change there needs a person.")
+    protected_paths: tuple[str, ...] = Field(
+        default=("tests/**",),
+        description="Globs of what the job is judged by: the agent changing them needs a person.")
+    review_max_changed_lines: int | None = Field(
+        default=None, ge=0, description="More changed lines (added + removed) than this need a person.")
+
+    context: Literal["compact", "resume", "full"] = Field(
+        default="compact",
+        description="How a follow-up job (its session has finished jobs) starts: compact (a fresh conversation "
+                    "whose system prompt carries the session brief), resume (continue the previous job's "
+                    "conversation as it is) or full (a fresh conversation carrying the raw session history).",
+    )
+    compaction_required: bool = Field(
+        default=False,
+        description="Fail a follow-up job whose brief cannot be written by the small model, instead of "
+                    "starting it with the structural brief.",
+    )
 
     @field_validator("memory", mode="before")
     @classmethod

@@ -29,6 +29,8 @@ from . import workspace
 from .commit import remove_tree
 from .errors import ConfigError, ExecutorError
 from .governor import Governor, Permit
+from .metrics import serve_metrics
+from .notify import Notifier
 from .redact import RedactingFilter, Redactor
 from .pipeline import (
     Context, Ending, adopt_job, finish_commit, log_state, retest_job, run_job, settle, workspace_for,
@@ -38,6 +40,7 @@ from .sandbox import LABEL_ATTEMPT, LABEL_ROLE, Sandbox, connect, instance_id
 from .settings import Settings
 from .spool import Spool, intake
 from .store import Job, Status, Store, aware, utcnow
+from .web import serve_web, web_url
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +73,14 @@ class Executor:
         self._last_retention = 0.0
         self._process = psutil.Process()
         self._process.cpu_percent(None)  # prime: the next call measures since now
+        self.metrics = None  # the Prometheus endpoint (metrics.ExecutorMetrics) when metrics_port is set
+        self.web = None  # the review web page (web.WebServer) when ui_port is set
+        for name in ("ui_token", "notify_url"):  # the executor's own secrets: never stored or logged
+            value = getattr(settings, name)
+            if value is not None:
+                self.redactor.update({f"EXECUTOR_{name.upper()}": value.get_secret_value()})
+        if settings.notify_url is not None:
+            self.ctx.notifier = Notifier(settings.notify_url.get_secret_value(), ui_url=web_url(settings))
 
     def _load_runners(self) -> dict[str, Runner]:
         try:
@@ -92,6 +103,8 @@ class Executor:
             handler.addFilter(log_filter)
         self.sandbox.check_image()
         self.recover()
+        self.metrics = serve_metrics(self.settings, self.store)
+        self.web = serve_web(self.settings, self.store)
         log.info("executor serving", extra={"action": "serve", "home": str(self.settings.home)})
         try:
             while not stop.is_set():
@@ -113,12 +126,18 @@ class Executor:
     def shutdown(self, grace: float = 60.0) -> None:
         """Tell running jobs to stop; they roll back and go back to the queue."""
         self.ctx.shutdown.set()
+        if self.web is not None:
+            self.web.close()  # no review decision may start while the executor goes down
         deadline = time.monotonic() + grace
         for slot in list(self.slots.values()):
             slot.thread.join(timeout=max(0.1, deadline - time.monotonic()))
         self.reap()
         if self.slots:
             log.error("jobs still running after the shutdown grace", extra={"jobs": sorted(self.slots)})
+        if self.metrics is not None:
+            self.metrics.close()
+        if self.ctx.notifier is not None:
+            self.ctx.notifier.close()
         self.store.close()
         log.info("executor stopped", extra={"action": "stopped"})
 
@@ -160,8 +179,11 @@ class Executor:
         # ticking leaves it stale, which is what "unhealthy" means.
         path = self.settings.status_path
         tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.status(), indent=2) + "\n")
+        snapshot = self.status()
+        tmp.write_text(json.dumps(snapshot, indent=2) + "\n")
         tmp.replace(path)
+        if self.metrics is not None:
+            self.metrics.refresh(self.store, snapshot)  # one aggregate query; a scrape reads this snapshot
 
     def remove_expired(self) -> None:
         """Job dirs of settled jobs go; those kept for inspection (conflicts) after the retention period."""
@@ -312,8 +334,8 @@ class Executor:
 
     def _fail_after_crash(self, job_id: str) -> None:
         job = self.store.get(job_id)
-        if job is None or job.status.terminal or job.status == Status.queued:
-            return
+        if job is None or job.status.terminal or job.status in (Status.queued, Status.awaiting_review):
+            return  # a job awaiting review already settled: its kept change is a person's to decide
         ws = workspace_for(self.settings, job, job.attempts)
         try:
             settle(self.ctx, job, ws, Ending(Status.failed, "internal",

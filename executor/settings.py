@@ -13,7 +13,7 @@ import re
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)i?b?\s*$", re.IGNORECASE)
@@ -76,8 +76,28 @@ class Settings(BaseSettings):
         default=7 * 86400.0, gt=0,
         description="Seconds a kept upper dir (conflict, review) stays before it is removed (default 7 days).",
     )
+    compaction_model: str = Field(
+        default="claude-haiku-4-5", description="Exact model id of the small model that writes session briefs.")
+    compaction_auth_env: str = Field(
+        default="ANTHROPIC_API_KEY", description="Name of the variable that holds the small model's API key.")
+    compaction_base_url: str | None = Field(default=None, description="Base URL of the small model's API.")
+    compaction_attempts: int = Field(default=4, ge=1, description="Calls per summary on 429/529 before giving up.")
+    compaction_backoff: float = Field(default=2.0, gt=0, description="First wait (s) after a 429/529; doubles.")
     log_format: Literal["text", "json"] = "text"
     log_level: str = "INFO"
+    ui_port: int | None = Field(
+        default=None, ge=0, le=65535,
+        description="Port of the review web page served by `executor serve` (unset: no web page).")
+    ui_host: str = Field(default="127.0.0.1", description="Address the web page binds to.")
+    ui_token: SecretStr | None = Field(
+        default=None,
+        description="Token the web page requires (Authorization: Bearer, or ?token= once in a browser). "
+                    "Required when ui_host is not a loopback address: without it such a page refuses everything.")
+    notify_url: SecretStr | None = Field(
+        default=None, description="Receives a JSON POST when a job enters review or fails (ntfy, chat webhooks).")
+    metrics_port: int | None = Field(default=None, ge=1, le=65535,
+                                     description="Port of the Prometheus /metrics endpoint (off when unset).")
+    metrics_host: str = Field(default="127.0.0.1", description="Address the metrics endpoint listens on.")
 
     @field_validator("workspace_roots", mode="before")
     @classmethod

@@ -140,6 +140,8 @@ def job_from(valid: ValidJob, spool_name: str | None) -> Job:
         policy=valid.policy.model_dump(),
         test_command=valid.test_command,
         priority=valid.spec.priority,
+        skills=valid.spec.skills,
+        context=valid.spec.context,
         spool_name=spool_name,
         repo_uid=valid.owner_uid,
         repo_gid=valid.owner_gid,

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import JSON, Column, event, func, update
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlmodel import Field, Session, SQLModel, col, create_engine, select
 
 from .errors import IllegalTransition, InvalidJob
@@ -44,6 +44,7 @@ class Status(str, Enum):
     cancelled = "cancelled"
     stalled = "stalled"
     waiting_retry = "waiting_retry"
+    awaiting_review = "awaiting_review"  # tests passed; the kept change waits for a person (review.py)
 
     @property
     def terminal(self) -> bool:
@@ -63,8 +64,11 @@ TRANSITIONS: dict[Status, frozenset[Status]] = {
     # A rate-limited job waits (slot freed, workspace kept) and then runs again against the same runner.
     Status.waiting_retry: frozenset({Status.running, Status.cancelled, Status.failed}),
     Status.testing: frozenset(
-        {Status.committing, Status.rolled_back, Status.failed, Status.cancelled, Status.queued}
+        {Status.committing, Status.rolled_back, Status.failed, Status.cancelled, Status.queued,
+         Status.awaiting_review}
     ),
+    # Review: approve commits (committing), reject rolls back, an approve that meets a conflict fails.
+    Status.awaiting_review: frozenset({Status.committing, Status.rolled_back, Status.failed, Status.cancelled}),
     Status.committing: frozenset({Status.succeeded, Status.failed}),
 }
 
@@ -100,6 +104,15 @@ class Job(SQLModel, table=True):
     retry_at: datetime | None = None  # waiting_retry: not before this time
     resume_session: str | None = None  # waiting_retry: the Claude Code session the next attempt resumes
     limited_attempts: int = 0  # attempts ended by a rate limit or overload (count toward max_attempts)
+    review_reasons: list = Field(default_factory=list, sa_column=Column(JSON))  # why a person must look
+    review_since: datetime | None = None  # when the job began to wait for a person
+    reviewed_at: datetime | None = None
+    reviewed_by: str | None = None
+    review_note: str | None = None
+    review_files: list | None = Field(default=None, sa_column=Column(JSON))  # a partial approval's paths
+    skills: list | None = Field(default=None, sa_column=Column(JSON))  # skills riding along in full
+    context: str | None = None  # "full": the job bypasses compaction
+    compaction: str | None = None  # how a follow-up started: model | structural | resume | full (+ why)
 
 
 class RateLimitEvent(SQLModel, table=True):
@@ -137,6 +150,27 @@ class Attempt(SQLModel, table=True):
     cost_usd: float | None = None
     input_tokens: int | None = None
     output_tokens: int | None = None
+
+
+class Compaction(SQLModel, table=True):
+    """One summary in a session brief, beside the event ids of the history it replaced."""
+
+    id: int | None = Field(default=None, primary_key=True)
+    session_id: str = Field(index=True)
+    job_id: str = Field(index=True)  # the job whose brief it went into
+    ts: datetime = Field(default_factory=utcnow)
+    kind: str  # file | settled_job | skill
+    subject: str  # the path, the earlier job's id, the skill's name
+    event_ids: list = Field(default_factory=list, sa_column=Column(JSON))
+    source_size: int = 0  # bytes of the history it replaced
+    summary_size: int = 0  # bytes of what the brief carries instead
+    summary: str = ""
+    model: str | None = None  # the model that answered (None: structural, no model)
+    input_tokens: int | None = None
+    output_tokens: int | None = None
+    cost_usd: float | None = None
+    latency: float | None = None  # seconds, retries included
+    reused_from: int | None = None  # an earlier row whose summary was reused (no call made)
 
 
 class Heartbeat(SQLModel, table=True):
@@ -187,7 +221,34 @@ class Store:
             f"sqlite:///{db_path}", connect_args={"check_same_thread": False, "timeout": 30}
         )
         event.listen(self.engine, "connect", _sqlite_pragmas)
-        SQLModel.metadata.create_all(self.engine)
+        self._create_schema()
+        self._add_missing_columns()
+
+    def _add_missing_columns(self) -> None:
+        """A database made by an older version gains the nullable columns added since (create_all only
+        makes missing tables)."""
+        with self.engine.begin() as conn:
+            for table in SQLModel.metadata.sorted_tables:
+                have = {row[1] for row in conn.exec_driver_sql(f'PRAGMA table_info("{table.name}")')}
+                for column in table.columns:
+                    if have and column.name not in have and column.nullable and not column.primary_key:
+                        kind = column.type.compile(dialect=self.engine.dialect)
+                        try:
+                            conn.exec_driver_sql(f'ALTER TABLE "{table.name}" ADD COLUMN "{column.name}" {kind}')
+                        except OperationalError as exc:  # another process added it a moment ago
+                            if "duplicate column" not in str(exc):
+                                raise
+
+    def _create_schema(self) -> None:
+        # `executor serve` and a CLI command may open a new database at the same moment: the loser of
+        # that race sees "table already exists"; the schema is then there, so look again.
+        for attempt in range(5):
+            try:
+                SQLModel.metadata.create_all(self.engine)
+                return
+            except OperationalError as exc:
+                if "already exists" not in str(exc) or attempt == 4:
+                    raise
 
     @contextmanager
     def session(self) -> Iterator[Session]:
@@ -281,10 +342,12 @@ class Store:
             raise InvalidJob(f"no job {job_id!r}")
         if job.status.terminal:
             return job
-        if job.status in (Status.queued, Status.waiting_retry):
+        if job.status in (Status.queued, Status.waiting_retry, Status.awaiting_review):
             try:
                 return self.transition(job_id, job.status, Status.cancelled, reason="cancelled",
                                        error="cancelled before it started" if job.status == Status.queued
+                                       else "cancelled while it awaited review (its change was discarded)"
+                                       if job.status == Status.awaiting_review
                                        else "cancelled while it waited to retry")
             except IllegalTransition:
                 pass  # it started meanwhile: flag it like a running job
@@ -350,6 +413,30 @@ class Store:
                     state.cooldown_until = state.cooldown_until.replace(tzinfo=timezone.utc)
                 states[state.name] = state
             return states
+
+    # -- session compaction ---------------------------------------------------------------------------
+
+    def session_jobs(self, session_id: str) -> list[Job]:
+        """The jobs of a session in arrival order."""
+        with self.session() as s:
+            query = select(Job).where(Job.session_id == session_id).order_by(col(Job.created_at), col(Job.id))
+            return list(s.exec(query))
+
+    def add_compactions(self, rows: list[Compaction]) -> None:
+        with self.session() as s:
+            for row in rows:
+                row.summary = self.redact(row.summary)
+                s.add(row)
+            s.commit()
+
+    def compactions(self, session_id: str | None = None, job_id: str | None = None) -> list[Compaction]:
+        with self.session() as s:
+            query = select(Compaction)
+            if session_id is not None:
+                query = query.where(Compaction.session_id == session_id)
+            if job_id is not None:
+                query = query.where(Compaction.job_id == job_id)
+            return list(s.exec(query.order_by(col(Compaction.id))))
 
     # -- heartbeats ---------------------------------------------------------------------------------
 

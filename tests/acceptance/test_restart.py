@@ -39,8 +39,12 @@ def test_sigkill_then_restart_adopts_running_jobs(world, docker_client, tmp_path
             wait_for(lambda: (world.home / "executor.db").exists(), 30, "the database")
             store = world.store()
             for name in repos:
-                wait_for(lambda n=name: any(e.kind == "tool_call" for e in store.events(job_id=n)), 60,
-                         f"{name}'s tool call")
+                try:
+                    wait_for(lambda n=name: any(e.kind == "tool_call" for e in store.events(job_id=n)), 90,
+                             f"{name}'s tool call")
+                except AssertionError as exc:
+                    raise AssertionError(f"{exc}; jobs: {[(j.id, j.status.value, j.error) for j in store.jobs()]}; "
+                                         f"serve log: {log.read_text()[-3000:]}") from None
         finally:
             os.killpg(first.pid, signal.SIGKILL)
             first.wait(timeout=30)

@@ -1,0 +1,197 @@
+"""The deployment as a person runs it: ``docker compose up -d --build`` with compose.yaml, then ``down``.
+
+The stack (the executor's image and the sandbox image, both built by compose with the classic builder)
+runs against a throwaway world: EXECUTOR_HOME, EXECUTOR_WORKSPACE_ROOTS and EXECUTOR_POLICIES are tmp
+directories, mounted at their host paths. tests/compose.test.yaml passes the test's runner token and
+makes the health check quick. The runners point at a scripted API on 127.0.0.1 in this process; the
+executor and (through the test's policy) the job containers use the host network. Jobs arrive the way
+any tool on the host submits them: a file written into the spool.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from executor.sandbox import instance_id
+from executor.spool import Spool
+from executor.store import Status
+from tests.conftest import SANDBOX_IMAGE, chown_tree, tree_digest, wait_for, wait_status
+from tests.scripted_api import ScriptedAPI, Turn
+
+ROOT = Path(__file__).resolve().parents[2]
+_VENV_COMPOSE = ROOT / ".venv" / "bin" / "docker-compose"
+COMPOSE = [str(_VENV_COMPOSE)] if _VENV_COMPOSE.exists() else ["docker", "compose"]
+FILES = ["-f", str(ROOT / "compose.yaml"), "-f", str(ROOT / "tests" / "compose.test.yaml")]
+
+
+class Stack:
+    """One compose project over a test world."""
+
+    def __init__(self, world, project: str) -> None:
+        self.world = world
+        self.project = project
+        self.env = world.env()
+        self.env.update({
+            "EXECUTOR_SANDBOX_IMAGE": SANDBOX_IMAGE,
+            # Docker 20.10 without buildx: compose builds with the classic builder.
+            "DOCKER_BUILDKIT": "0",
+            "COMPOSE_DOCKER_CLI_BUILD": "0",
+            "COMPOSE_BAKE": "false",
+        })
+
+    def compose(self, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+        return subprocess.run([*COMPOSE, "-p", self.project, *FILES, *args], env=self.env, cwd=ROOT,
+                              capture_output=True, text=True, timeout=timeout)
+
+    def containers(self, client, service: str | None = None) -> list:
+        labels = [f"com.docker.compose.project={self.project}"]
+        if service:
+            labels.append(f"com.docker.compose.service={service}")
+        return client.containers.list(all=True, filters={"label": labels}, ignore_removed=True)
+
+    def job_containers(self, client) -> list:
+        """Every container of this executor instance (its state root), whatever the job."""
+        labels = ["io.executor=1", f"io.executor.instance={instance_id(self.world.home)}"]
+        return client.containers.list(all=True, filters={"label": labels}, ignore_removed=True)
+
+    def logs(self) -> str:
+        done = self.compose("logs", "--no-color", "--tail", "200", timeout=60)
+        return (done.stdout + done.stderr)[-6000:]
+
+
+@pytest.fixture
+def stack(world, docker_client):
+    chown_tree(world.repos)  # `executor doctor`: a workspace root belongs to a regular user
+    s = Stack(world, f"exectest-{secrets.token_hex(4)}")
+    yield s
+    s.compose("down", "--remove-orphans", "--timeout", "90", timeout=180)
+    for container in s.job_containers(docker_client) + s.containers(docker_client):
+        container.remove(force=True)
+
+
+def _health(container) -> str:
+    container.reload()
+    state = container.attrs["State"]
+    return (state.get("Health") or {}).get("Status") or state.get("Status")
+
+
+def test_compose_up_runs_a_spooled_job_and_down_requeues_the_running_one(stack, world, docker_client):
+    app = world.repo("app", {"README.md": "app\n"})
+    other = world.repo("other", {"README.md": "other\n", "src/main.py": "print(1)\n"})
+    other_before = tree_digest(other)
+    script = {
+        "compose-ok": [
+            Turn.tool("Write", {"file_path": "/workspace/hello.txt", "content": "hello from compose\n"}),
+            Turn.text("Wrote hello.txt."),
+        ],
+        "compose-hang": [
+            Turn.tool("Bash", {"command": "echo half-done > partial.txt && rm README.md", "description": "start"}),
+            Turn.hang(),
+        ],
+    }
+    with ScriptedAPI(script) as api:
+        world.write_runners(api.base_url)
+        world.write_policy(test_command="grep -q 'hello from compose' hello.txt || test -f final.txt")
+
+        started = time.monotonic()
+        up = stack.compose("up", "-d", "--build", timeout=1200)
+        assert up.returncode == 0, up.stdout[-4000:] + up.stderr[-4000:]
+        up_seconds = time.monotonic() - started
+
+        (executor_container,) = stack.containers(docker_client, "executor")
+        config = executor_container.attrs["HostConfig"]
+        assert config["NetworkMode"] == "host"
+        assert config["RestartPolicy"]["Name"] == "unless-stopped"
+        assert config["Init"] is True
+        assert config["Memory"] == 256 * 2**20  # the orchestration reserve (EXECUTOR_RESERVE_MEMORY default)
+        binds = {m["Destination"]: m["Source"] for m in executor_container.attrs["Mounts"]}
+        for path in (world.home, world.repos):
+            assert binds.get(str(path)) == str(path), binds  # host path == container path
+        assert "/var/run/docker.sock" in binds
+        (sandbox_container,) = stack.containers(docker_client, "sandbox")
+        assert sandbox_container.attrs["State"]["ExitCode"] == 0  # `claude --version` in the built image
+
+        try:
+            wait_for(lambda: _health(executor_container) == "healthy", 120, "the executor to be healthy")
+        except AssertionError:
+            pytest.fail(f"the executor did not become healthy; logs:\n{stack.logs()}")
+
+        # The deployed set-up passes its own doctor (the token variable is the test runner's).
+        doctor = stack.compose("exec", "-T", "executor", "executor", "doctor", "--json", timeout=120)
+        report = json.loads(doctor.stdout)
+        assert doctor.returncode == 0 and report["ok"], doctor.stdout + doctor.stderr
+        paths = next(c for c in report["checks"] if c["name"] == "host path == container path")
+        assert paths["detail"].startswith("in container ")
+
+        # A job arrives through the spool, written from the host.
+        spool = Spool(world.home / "spool")
+        spool.write(json.dumps({"id": "compose-ok", "runner": "scripted", "workspace": str(app),
+                                "prompt": "compose-ok: write hello.txt"}).encode())
+        store = world.store()
+        try:
+            job = wait_status(store, "compose-ok", {Status.succeeded, Status.failed, Status.rolled_back,
+                                                    Status.cancelled}, timeout=240)
+            assert job.status == Status.succeeded, (job.reason, job.error, stack.logs())
+            assert (app / "hello.txt").read_text() == "hello from compose\n"
+            assert (app / "hello.txt").stat().st_uid == 1000
+
+            # A second job is mid-run when the stack goes down.
+            spool.write(json.dumps({"id": "compose-hang", "runner": "scripted", "workspace": str(other),
+                                    "prompt": "compose-hang: work then hang"}).encode())
+
+            def hanging() -> bool:
+                job = store.get("compose-hang")
+                return api.remaining("compose-hang") == 0 and job is not None and job.status == Status.running
+
+            wait_for(hanging, 240, "the second job's agent to reach its hung turn")
+            time.sleep(1.0)
+            assert any(c.labels.get("io.executor.job") == "compose-hang" for c in stack.job_containers(docker_client))
+
+            started = time.monotonic()
+            down = stack.compose("down", timeout=180)
+            down_seconds = time.monotonic() - started
+            assert down.returncode == 0, down.stdout + down.stderr
+            hung = store.get("compose-hang")
+        finally:
+            store.close()
+
+    # `down` stopped the executor cleanly within its grace: the running job rolled back and is queued
+    # again (not lost, not failed), and nothing of it reached the repository.
+    assert down_seconds < 90, down_seconds
+    assert hung.status == Status.queued, (hung.reason, hung.error)
+    assert tree_digest(other) == other_before
+    assert not (other / "partial.txt").exists()
+    # No job container outlives the executor, and the executor's own containers are gone.
+    assert stack.job_containers(docker_client) == []
+    assert stack.containers(docker_client) == []
+    print(f"compose up {up_seconds:.1f}s, down {down_seconds:.1f}s")
+
+
+def test_compose_file_mounts_paths_identically():
+    """compose.yaml itself, as compose resolves it: identical host and container paths, no bridge."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("EXECUTOR_")}
+    env.update({"EXECUTOR_HOME": "/srv/executor", "EXECUTOR_WORKSPACE_ROOTS": "/srv/repos"})
+    done = subprocess.run([*COMPOSE, "-p", "exectest-config", "-f", str(ROOT / "compose.yaml"), "config",
+                           "--format", "json"], env=env, cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    services = json.loads(done.stdout)["services"]
+    executor = services["executor"]
+    volumes = {v["target"]: v["source"] for v in executor["volumes"]}
+    assert volumes["/srv/executor"] == "/srv/executor" and volumes["/srv/repos"] == "/srv/repos"
+    assert volumes["/var/run/docker.sock"] == "/var/run/docker.sock"
+    assert executor["environment"]["EXECUTOR_HOME"] == "/srv/executor"
+    assert executor["environment"]["EXECUTOR_WORKSPACE_ROOTS"] == "/srv/repos"
+    assert executor["restart"] == "unless-stopped" and executor["init"] is True
+    assert executor["healthcheck"]["test"][1:3] == ["executor", "health"]
+    assert executor["depends_on"]["sandbox"]["condition"] == "service_completed_successfully"
+    assert {s["network_mode"] for s in services.values()} <= {"host", "none"}
+    assert services["sandbox"]["image"] == "executor-sandbox:latest"
+    assert shutil.which("docker")  # the socket's engine is what compose talks to

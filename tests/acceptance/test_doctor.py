@@ -1,0 +1,194 @@
+"""``executor doctor`` and ``executor health`` as a person runs them (subprocesses; doctor with the real
+engine). A healthy set-up passes every check; each deliberately broken one is named, with a fix. The
+path-mismatch case runs doctor where it matters: inside the executor's image, in a container whose state
+root is mounted from a different host path.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from executor.doctor import path_mismatches
+from tests.conftest import SANDBOX_IMAGE, TOKEN_VAR, TOKEN_VALUE, chown_tree
+
+ROOT = Path(__file__).resolve().parents[2]
+EXECUTOR = ROOT / ".venv" / "bin" / "executor"
+EXECUTOR_IMAGE = "executor:latest"
+
+
+def doctor(env: dict[str, str], cwd: Path) -> tuple[int, dict, str]:
+    done = subprocess.run([str(EXECUTOR), "doctor", "--json"], env=env, capture_output=True, text=True,
+                          timeout=180, cwd=cwd)
+    return done.returncode, json.loads(done.stdout), done.stderr
+
+
+def by_name(report: dict) -> dict[str, dict]:
+    return {c["name"]: c for c in report["checks"]}
+
+
+@pytest.fixture
+def healthy(world):
+    chown_tree(world.repos)
+    return world
+
+
+def test_doctor_passes_a_healthy_setup(healthy, docker_client):
+    code, report, stderr = doctor(healthy.env(), healthy.root)
+    assert code == 0 and report["ok"], (report, stderr)
+    checks = by_name(report)
+    assert {"engine", "sandbox image", "state root", "host path == container path", "overlay (userxattr)",
+            "runner tokens", f"workspace roots: {healthy.repos}"} == set(checks)
+    assert all(c["status"] == "ok" and c["fix"] is None for c in checks.values()), checks
+    assert TOKEN_VAR in checks["runner tokens"]["detail"]
+    assert TOKEN_VALUE not in json.dumps(report)  # the variable's name, never its value
+    # the probe cleaned up after itself: no probe dir, container or volume
+    assert not list(healthy.home.glob(".doctor-*"))
+    assert docker_client.containers.list(all=True, filters={"label": "io.executor.role=doctor"}) == []
+    assert [v for v in docker_client.volumes.list() if v.name.startswith("executor-doctor-")] == []
+
+
+def test_doctor_names_each_problem_of_a_broken_setup(world, tmp_path, docker_client):
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("a regular file where a directory is expected\n")  # root ignores modes; this stops it
+    env = world.env()
+    env.update({
+        "EXECUTOR_SANDBOX_IMAGE": "executor-sandbox:does-not-exist",
+        "EXECUTOR_HOME": str(blocker / "home"),
+        "EXECUTOR_WORKSPACE_ROOTS": f"{world.repos}:{tmp_path / 'missing-root'}",  # repos is root-owned
+    })
+    del env[TOKEN_VAR]
+    code, report, stderr = doctor(env, world.root)
+    assert code == 1 and not report["ok"], (report, stderr)
+    checks = by_name(report)
+
+    image = checks["sandbox image"]
+    assert image["status"] == "problem" and "executor-sandbox:does-not-exist" in image["detail"]
+    assert "docker build" in image["fix"] or "docker compose build" in image["fix"]
+
+    state = checks["state root"]
+    assert state["status"] == "problem" and str(blocker / "home") in state["detail"]
+    assert "not writable" in state["detail"] and "mkdir" in state["fix"]
+
+    tokens = checks["runner tokens"]
+    assert tokens["status"] == "problem" and TOKEN_VAR in tokens["detail"] and "scripted" in tokens["detail"]
+    assert TOKEN_VAR in tokens["fix"]
+
+    root_owned = checks[f"workspace roots: {world.repos}"]
+    assert root_owned["status"] == "problem" and "owned by root" in root_owned["detail"]
+    assert "chown" in root_owned["fix"]
+    missing = checks[f"workspace roots: {tmp_path / 'missing-root'}"]
+    assert missing["status"] == "problem" and "does not exist" in missing["detail"]
+
+    # the overlay probe needs an image and a state root: not run, and saying why
+    assert checks["overlay (userxattr)"]["status"] == "skipped"
+    assert checks["engine"]["status"] == "ok"
+
+    # the text form names the same problems, each with its fix
+    done = subprocess.run([str(EXECUTOR), "doctor"], env=env, capture_output=True, text=True, timeout=180,
+                          cwd=world.root)
+    assert done.returncode == 1
+    lines = done.stdout.splitlines()
+    problems = [line for line in lines if line.startswith("PROBLEM")]
+    assert len(problems) == 5, done.stdout
+    assert sum(1 for line in lines if line.strip().startswith("fix: ")) >= 5
+    assert lines[-1] == "5 problem(s)"
+
+
+@pytest.fixture(scope="session")
+def executor_image(docker_client):
+    """The executor's image as compose builds it (the classic builder caches every layer after the first)."""
+    done = subprocess.run(["docker", "build", "-q", "--network", "host", "-t", EXECUTOR_IMAGE, str(ROOT)],
+                          capture_output=True, text=True, timeout=1200, env={**os.environ, "DOCKER_BUILDKIT": "0"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    return EXECUTOR_IMAGE
+
+
+def run_doctor_in_container(docker_client, image: str, world, home_host: Path, home_inside: str) -> dict:
+    container = docker_client.containers.run(
+        image, ["doctor", "--json"], detach=True, network_mode="none",
+        volumes={"/var/run/docker.sock": {"bind": "/var/run/docker.sock", "mode": "rw"},
+                 str(home_host): {"bind": home_inside, "mode": "rw"},
+                 str(world.repos): {"bind": str(world.repos), "mode": "rw"},
+                 str(world.policies): {"bind": "/etc/executor/policies", "mode": "ro"}},
+        environment={"EXECUTOR_HOME": home_inside, "EXECUTOR_WORKSPACE_ROOTS": str(world.repos),
+                     "EXECUTOR_POLICIES": "/etc/executor/policies", "EXECUTOR_SANDBOX_IMAGE": SANDBOX_IMAGE,
+                     TOKEN_VAR: TOKEN_VALUE},
+        labels={"io.executor.test": "doctor"},
+    )
+    try:
+        code = container.wait(timeout=180)["StatusCode"]
+        out = container.logs(stdout=True, stderr=False).decode()
+        err = container.logs(stdout=False, stderr=True).decode()
+    finally:
+        container.remove(force=True)
+    report = json.loads(out) if out.strip().startswith("{") else {"checks": [], "ok": None}
+    report["exit_code"] = code
+    report["stderr"] = err
+    return report
+
+
+def test_doctor_in_a_container_names_a_host_path_mismatch(healthy, executor_image, docker_client):
+    inside = "/var/lib/executor-state"  # where the container sees the state root; the host has it elsewhere
+    report = run_doctor_in_container(docker_client, executor_image, healthy, healthy.home, inside)
+    assert report["exit_code"] == 1 and report["ok"] is False, report
+    checks = by_name(report)
+    paths = checks["host path == container path"]
+    assert paths["status"] == "problem", paths
+    assert str(healthy.home) in paths["detail"] and inside in paths["detail"] and "differ" in paths["detail"]
+    assert "same absolute path" in paths["fix"]
+    # the rest of the set-up is fine, and the overlay probe did not run on paths the engine cannot see
+    assert checks["overlay (userxattr)"]["status"] == "skipped"
+    assert all(checks[n]["status"] == "ok" for n in ("engine", "sandbox image", "state root", "runner tokens"))
+
+
+def test_doctor_in_a_container_with_identical_paths_passes(healthy, executor_image, docker_client):
+    report = run_doctor_in_container(docker_client, executor_image, healthy, healthy.home, str(healthy.home))
+    assert report["exit_code"] == 0 and report["ok"] is True, report
+    paths = by_name(report)["host path == container path"]
+    assert paths["status"] == "ok" and paths["detail"].startswith("in container ")
+    assert by_name(report)["overlay (userxattr)"]["status"] == "ok"
+
+
+def test_mount_comparison():
+    mounts = [
+        {"Type": "bind", "Source": "/srv/state", "Destination": "/srv/state"},
+        {"Type": "bind", "Source": "/data/repos", "Destination": "/srv/repos"},
+        {"Type": "bind", "Source": "/srv", "Destination": "/srv"},
+        {"Type": "volume", "Name": "vol", "Source": "/var/lib/docker/volumes/vol/_data", "Destination": "/vol"},
+    ]
+    assert path_mismatches(mounts, [("home", Path("/srv/state")), ("root", Path("/srv/other/x"))]) == []
+    (differ,) = path_mismatches(mounts, [("root", Path("/srv/repos/app"))])
+    assert "/data/repos" in differ and "differ" in differ  # the nearest mount decides, not /srv
+    (volume,) = path_mismatches(mounts, [("home", Path("/vol/home"))])
+    assert "volume mount" in volume
+    (unmounted,) = path_mismatches(mounts, [("home", Path("/opt/home"))])
+    assert "not mounted from the host" in unmounted
+
+
+def _health(world, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([str(EXECUTOR), "health", "--max-age", "30"], env=world.env(), capture_output=True,
+                          text=True, timeout=60, cwd=cwd)
+
+
+def test_health_fails_without_a_recent_tick(world):
+    status = world.home / "status.json"
+    absent = _health(world, world.root)
+    assert absent.returncode == 1 and "status.json" in absent.stderr
+
+    status.write_text(json.dumps({"ts": time.time() - 120}))
+    stale = _health(world, world.root)
+    assert stale.returncode == 1 and re.search(r"ticked 1[2-9]\ds ago", stale.stderr), stale.stderr
+
+    status.write_text(json.dumps({"ts": time.time()}))
+    fresh = _health(world, world.root)
+    assert fresh.returncode == 0, fresh.stderr
+
+    status.write_text("{half a fi")
+    assert _health(world, world.root).returncode == 1

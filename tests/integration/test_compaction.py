@@ -1,0 +1,110 @@
+"""Follow-up jobs of a session through the spool, on the real engine and CLI: the scripted API plays the
+coding agent, a second one the small model. The second job starts from the session brief (not the first
+job's raw tool results), or from the structural brief when the small model keeps answering 429, or
+continues the first job's conversation in ``resume`` mode."""
+
+from __future__ import annotations
+
+import json
+
+from executor.spool import Spool
+from executor.store import Status
+from tests.conftest import TOKEN_VAR, wait_status
+from tests.scripted_api import ScriptedAPI, Turn
+
+SETTLED = {Status.succeeded, Status.rolled_back, Status.failed, Status.stalled, Status.cancelled}
+NOTES = "RAW-NOTES-CONTENT-7781: the parser keeps a cache\n"
+FIRST = [
+    Turn.tool("Read", {"file_path": "/workspace/notes.txt"}),
+    Turn.tool("Write", {"file_path": "/workspace/out.txt", "content": "out\n"}),
+    Turn.tool("Bash", {"command": "cat notes.txt out.txt", "description": "show"}),
+    Turn.text("Done: wrote out.txt.\nOpen items:\n- document the cache"),
+]
+SUMMARY = "- notes.txt: design notes of the parser\n- mattered: the cache"
+
+
+def submit(world, **job) -> str:
+    job.setdefault("runner", "scripted")
+    Spool(world.home / "spool").write(json.dumps(job).encode())
+    return job["id"]
+
+
+def _two_jobs(world, run_executor, small_model: ScriptedAPI, settings: dict | None = None, **policy):
+    script = {"cmp-first": FIRST, "cmp-second": [Turn.text("Done: nothing else to do.")]}
+    with ScriptedAPI(script) as api:
+        world.write_runners(api.base_url)
+        world.write_policy(test_command="test -f out.txt", **policy)
+        repo = world.repo("cmp", {"notes.txt": NOTES})
+        running = run_executor(world.settings(compaction_base_url=small_model.base_url, compaction_auth_env=TOKEN_VAR,
+                                              **(settings or {})))
+        store = running.executor.store
+        submit(world, id="cmp-1", session_id="sess", workspace=str(repo), prompt="cmp-first: write out.txt")
+        first = wait_status(store, "cmp-1", SETTLED, timeout=120)
+        assert first.status == Status.succeeded, (first.reason, first.error)
+        submit(world, id="cmp-2", session_id="sess", workspace=str(repo), prompt="cmp-second: go on")
+        second = wait_status(store, "cmp-2", SETTLED, timeout=120)
+        requests = [r for r in api.conversation if r.key == "cmp-second"]
+        everything = [r for r in api.conversation]
+    return store, second, requests, everything
+
+
+def _system_text(request) -> str:
+    system = request.body.get("system")
+    if isinstance(system, list):
+        return "\n".join(b.get("text", "") for b in system if isinstance(b, dict))
+    return str(system or "")
+
+
+def test_second_job_starts_from_the_brief_not_the_raw_history(world, run_executor):
+    with ScriptedAPI(default=Turn.text(SUMMARY), side_filter=lambda body: False) as small:
+        store, second, requests, _ = _two_jobs(world, run_executor, small)
+        small_calls = [r for r in small.requests if r.is_messages]
+    assert second.status == Status.succeeded, (second.reason, second.error)
+    assert second.compaction == "model"
+    first_request = requests[0]
+    system = _system_text(first_request)
+    assert "# Session brief: session sess, 1 earlier job(s)" in system
+    assert "notes.txt (read by cmp-1):" in system and "mattered: the cache" in system
+    assert "out.txt: changed by cmp-1 (committed)" in system
+    assert "- document the cache" in system and "`test -f out.txt`" in system
+    body = json.dumps(first_request.body)
+    assert "RAW-NOTES-CONTENT-7781" not in body  # the first job's tool result is not carried
+    assert len(first_request.body["messages"]) == 1  # a fresh conversation
+    assert {r.body["model"] for r in small_calls} == {"claude-haiku-4-5"}
+    rows = store.compactions(job_id="cmp-2")
+    assert sorted((r.kind, r.subject) for r in rows) == [("file", "notes.txt"), ("settled_job", "cmp-1")]
+    for row in rows:
+        assert row.session_id == "sess" and row.model == "claude-haiku-4-5" and row.event_ids
+        assert row.source_size > 0 and row.summary_size > 0 and row.cost_usd > 0 and row.latency is not None
+    event = [e.data for e in store.events(job_id="cmp-2") if e.kind == "compaction"][0]
+    assert event["mode"] == "model" and event["brief"] in system
+
+
+def test_small_model_out_of_retries_starts_with_the_structural_brief(world, run_executor):
+    limit = Turn.error(429, "rate_limit_error", "Number of requests has exceeded your rate limit")
+    with ScriptedAPI(default=limit, side_filter=lambda body: False) as small:
+        store, second, requests, _ = _two_jobs(world, run_executor, small,
+                                               settings={"compaction_attempts": 2, "compaction_backoff": 0.1})
+        small_calls = [r for r in small.requests if r.is_messages]
+    assert second.status == Status.succeeded, (second.reason, second.error)
+    assert second.compaction.startswith("structural: claude-haiku-4-5 answered 429 after 2 attempts")
+    assert len(small_calls) == 2 * 2  # two items, two attempts each, the same model
+    system = _system_text(requests[0])
+    assert "structural, without model summaries (claude-haiku-4-5 answered 429" in system
+    assert "- notes.txt (read by cmp-1)" in system and "RAW-NOTES-CONTENT-7781" not in json.dumps(requests[0].body)
+    assert all(r.model is None for r in store.compactions(job_id="cmp-2"))
+
+
+def test_resume_mode_continues_the_previous_conversation(world, run_executor):
+    with ScriptedAPI(default=Turn.text(SUMMARY), side_filter=lambda body: False) as small:
+        store, second, _, everything = _two_jobs(world, run_executor, small, context="resume")
+        small_calls = [r for r in small.requests if r.is_messages]
+    assert second.status == Status.succeeded, (second.reason, second.error)
+    assert second.compaction == "resume" and small_calls == []
+    # the resumed conversation starts with the first job's prompt: its requests are keyed "cmp-first"
+    resumed = everything[-1]
+    body = json.dumps(resumed.body["messages"])
+    assert "RAW-NOTES-CONTENT-7781" in body and "cmp-second: go on" in body
+    first_attempt = store.attempts("cmp-1")[-1]
+    started = [e.data for e in store.events(job_id="cmp-2") if e.kind == "compaction"][0]
+    assert started == {"mode": "resume", "claude_session_id": first_attempt.claude_session_id, "previous_job": "cmp-1"}

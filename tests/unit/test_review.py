@@ -1,0 +1,498 @@
+"""Tests for executor.review (triggers, globs, the model's REVIEW line, the diff, approve/reject on hand-built
+upper dirs), executor.notify and the web page's access rules (executor.web on a real socket, no Docker)."""
+
+from __future__ import annotations
+
+import http.server
+import json
+import os
+import stat
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from executor import review
+from executor.commit import Change, Entry, scan_upper
+from executor.errors import Conflict, ReviewError
+from executor.notify import Notifier, payload
+from executor.policy import Policy
+from executor.settings import Settings
+from executor.store import Job, Status, Store, utcnow
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (mknod, chown)")
+
+UID = GID = 1000
+
+
+def write(path: Path, text: str | bytes, mode: int | None = None) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(text if isinstance(text, bytes) else text.encode())
+    if mode is not None:
+        os.chmod(path, mode)
+    return path
+
+
+def whiteout(path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    os.mknod(path, stat.S_IFCHR | 0o600, os.makedev(0, 0))
+
+
+def change_of(*paths: str) -> Change:
+    return Change(entries=[Entry(p, "file", 0o644, 1) for p in paths])
+
+
+# ---------------------------------------------------------------------------------------------- globs
+
+
+@pytest.mark.parametrize("path, pattern, hit", [
+    ("tests/test_a.py", "tests/**", True),
+    ("tests/unit/deep/test_b.py", "tests/**", True),
+    ("tests", "tests/**", True),  # the whole directory deleted
+    ("src/tests/test_c.py", "tests/**", False),  # a slash anchors at the root
+    ("testsuite.py", "tests/**", False),
+    ("migrations/0002_add.sql", "migrations/**", True),
+    (".github/workflows/ci.yml", ".github/**", True),
+    ("Dockerfile", "Dockerfile", True),
+    ("services/api/Dockerfile", "Dockerfile", True),  # no slash: at any depth
+    ("Dockerfile.dev", "Dockerfile", False),
+    ("db/schema.sql", "*.sql", True),
+    ("db/schema.sql.bak", "*.sql", False),
+    ("a/x/y/c.py", "a/**/c.py", True),
+    ("a/c.py", "a/**/c.py", True),
+    ("b/c.py", "a/**/c.py", False),
+    ("x1.txt", "x[0-9].txt", True),
+    ("xa.txt", "x[0-9].txt", False),
+    ("migrations/0001.sql", "migrations", True),  # a directory covers what is below it
+    ("src/app.py", "src/*.py", True),
+    ("src/sub/app.py", "src/*.py", False),
+])
+def test_glob_matching(path, pattern, hit):
+    assert bool(review.matching(path, [pattern])) is hit
+
+
+# ------------------------------------------------------------------------------------- the model's line
+
+
+@pytest.mark.parametrize("text, reason", [
+    ("I changed the auth check.\nREVIEW: touches the login path", "touches the login path"),
+    ("Done.\n\n**REVIEW:** unsure whether the migration is reversible\n", "unsure whether the migration is reversible"),
+    ("REVIEW: first\nmore text\nREVIEW: second", "second"),
+    ("Done.\nREVIEW:", "the model asked for a review without saying why"),
+    ("Done. No review needed.", None),
+    ("The review: fine", None),
+    ("", None),
+    (None, None),
+])
+def test_model_review_line(text, reason):
+    assert review.model_review_line(text) == reason
+
+
+# ------------------------------------------------------------------------------------------- triggers
+
+
+def test_triggers_each_give_their_reason():
+    auto = Policy(review_paths=("migrations/**", "Dockerfile"), review_max_changed_lines=10)
+    assert review.review_reasons(auto, change_of("src/app.py"), "Done.", 3) == []
+    [r] = review.review_reasons(auto, change_of("src/app.py", "migrations/0002.sql"), "Done.", 3)
+    assert r["trigger"] == "review_paths" and r["paths"] == ["migrations/0002.sql"]
+    assert "migrations/**" in r["message"] and "migrations/0002.sql" in r["message"]
+    [r] = review.review_reasons(auto, change_of("tests/test_app.py"), "Done.", 3)
+    assert r["trigger"] == "protected_paths" and "tests/test_app.py" in r["message"]
+    [r] = review.review_reasons(auto, change_of("src/app.py"), "Done.", 11)
+    assert r["trigger"] == "changed_lines" and r["lines"] == 11 and "11 changed lines" in r["message"]
+    [r] = review.review_reasons(auto, change_of("src/app.py"), "Done.\nREVIEW: not sure about the locking", 3)
+    assert r["trigger"] == "model" and "not sure about the locking" in r["message"]
+    always = Policy(review="always")
+    [r] = review.review_reasons(always, change_of("src/app.py"), "Done.", 3)
+    assert r["trigger"] == "always"
+    # several at once, all listed
+    reasons = review.review_reasons(auto, change_of("Dockerfile", "tests/t.py"), "REVIEW: x", 50)
+    assert [r["trigger"] for r in reasons] == ["review_paths", "protected_paths", "changed_lines", "model"]
+
+
+def test_never_commits_whatever_fires_and_an_empty_change_needs_nobody():
+    never = Policy(review="never", review_paths=("**",), review_max_changed_lines=0)
+    assert review.review_reasons(never, change_of("tests/t.py"), "REVIEW: please", 1000) == []
+    assert review.review_reasons(Policy(review="always"), Change(), "REVIEW: please", 0) == []
+    assert review.review_reasons(Policy(protected_paths=()), change_of("tests/t.py"), "", 0) == []
+
+
+def test_policy_fields_and_the_system_prompt_instruction(tmp_path):
+    from executor.pipeline import system_prompt_parts
+
+    p = Policy()
+    assert (p.review, p.review_paths, p.protected_paths, p.review_max_changed_lines) == ("auto", (), ("tests/**",), None)
+    with pytest.raises(ValueError):
+        Policy(review="sometimes")
+    with pytest.raises(ValueError):
+        Policy(review_path=["x"])  # extra=forbid
+    assert review.REVIEW_INSTRUCTION in system_prompt_parts(None, None, Policy())
+    assert review.REVIEW_INSTRUCTION in system_prompt_parts(None, None, Policy(review="always"))
+    assert review.REVIEW_INSTRUCTION not in system_prompt_parts(None, None, Policy(review="never"))
+    assert "REVIEW: <" in review.REVIEW_INSTRUCTION
+
+
+# ----------------------------------------------------------------------------------------------- diff
+
+
+@pytest.fixture
+def tree(tmp_path: Path):
+    probe = tmp_path / "probe"
+    probe.mkdir()
+    try:
+        os.setxattr(probe, "user.overlay.opaque", b"y")
+    except OSError as exc:  # pragma: no cover - depends on the host fs
+        pytest.skip(f"no user xattrs: {exc}")
+    repo, upper = tmp_path / "repo", tmp_path / "upper"
+    write(repo / "src/app.py", "def main():\n    return 1\n\n\nprint(main())\n")
+    write(repo / "old.txt", "one\ntwo\n")
+    write(repo / "gone/a.txt", "a1\na2\n")
+    write(repo / "gone/sub/b.txt", "b\n")
+    write(repo / "lib/keep.py", "k = 1\n")
+    write(repo / "lib/drop.py", "d = 1\nd = 2\n")
+    write(repo / "run.sh", "#!/bin/sh\necho hi\n", 0o644)
+    write(repo / "img.png", b"\x89PNG\r\n\x1a\n\0\0old")
+    upper.mkdir()
+    write(upper / "src/app.py", "def main():\n    return 2\n\n\nprint(main())\n")
+    write(upper / "new.md", "# new\nline\n")
+    whiteout(upper / "old.txt")
+    whiteout(upper / "gone")
+    (upper / "lib").mkdir()
+    os.setxattr(upper / "lib", "user.overlay.opaque", b"y")
+    write(upper / "lib/keep.py", "k = 2\n")
+    write(upper / "run.sh", "#!/bin/sh\necho hi\n", 0o755)
+    write(upper / "img.png", b"\x89PNG\r\n\x1a\n\0\0new!")
+    os.symlink("src/app.py", upper / "link")
+    return repo, upper
+
+
+def test_diff_states_every_kind_of_change(tree):
+    repo, upper = tree
+    diffs = {d.path: d for d in review.diff_change(scan_upper(upper), upper, repo)}
+    assert set(diffs) == {"src/app.py", "new.md", "old.txt", "gone", "lib", "lib/keep.py", "run.sh", "img.png", "link"}
+    app = diffs["src/app.py"]
+    assert app.kind == "modified" and (app.added, app.removed) == (1, 1)
+    text = app.unified()
+    assert "--- a/src/app.py\n+++ b/src/app.py\n" in text
+    assert "-    return 1\n" in text and "+    return 2\n" in text
+    assert diffs["new.md"].kind == "added" and "+++ b/new.md" in diffs["new.md"].unified()
+    assert "--- /dev/null" in diffs["new.md"].unified()
+    old = diffs["old.txt"]
+    assert old.kind == "deleted" and old.note.startswith("deleted") and "-one\n-two\n" in old.unified()
+    assert "+++ /dev/null" in old.unified()
+    gone = diffs["gone"]
+    assert gone.kind == "dir_deleted" and gone.removed_paths == ["gone/a.txt", "gone/sub/b.txt"] and gone.removed == 3
+    lib = diffs["lib"]
+    assert lib.kind == "dir_replaced" and lib.removed_paths == ["lib/drop.py"] and lib.removed == 2
+    assert diffs["run.sh"].kind == "mode" and "644 -> 755" in diffs["run.sh"].note
+    assert diffs["img.png"].kind == "binary" and "binary" in diffs["img.png"].note and diffs["img.png"].unified() == ""
+    assert diffs["link"].kind == "symlink" and "-> src/app.py" in diffs["link"].note
+    text = review.render_unified(list(diffs.values()))
+    assert "=== gone: directory deleted with its 2 entries" in text and "removed: gone/sub/b.txt" in text
+    assert "=== img.png: binary file changed" in text
+    hunks = app.hunks()
+    assert hunks and hunks[0]["header"].startswith("@@ -1,")
+    assert ("-", 2, None, "    return 1") in hunks[0]["lines"] and ("+", None, 2, "    return 2") in hunks[0]["lines"]
+    assert review.changed_lines(list(diffs.values())) == sum(d.added + d.removed for d in diffs.values())
+
+
+def test_diff_marks_a_missing_final_newline(tmp_path):
+    repo, upper = tmp_path / "r", tmp_path / "u"
+    write(repo / "a.txt", "x\n")
+    write(upper / "a.txt", "x")
+    [d] = review.diff_change(scan_upper(upper), upper, repo)
+    assert "\\ No newline at end of file" in d.unified() and d.added + d.removed >= 1
+
+
+# -------------------------------------------------------------------------------------------- select
+
+
+def test_select_takes_the_chosen_paths_and_their_parents(tree):
+    repo, upper = tree
+    change = scan_upper(upper)
+    part = review.select(change, ["lib/keep.py", "new.md"])
+    kinds = {e.path: e.kind for e in part.entries}
+    assert kinds == {"lib": "dir", "lib/keep.py": "file", "new.md": "file"}  # the replaced dir is not emptied
+    assert review.select(change, ["lib"]).changed_files == ["lib", "lib/keep.py"]
+    assert review.select(change, None) is change
+    with pytest.raises(ReviewError, match="not changed by the job: nope.txt"):
+        review.select(change, ["nope.txt"])
+
+
+# ------------------------------------------------------------------------------- approve and reject
+
+
+@pytest.fixture
+def pending_job(tmp_path: Path):
+    """A job in awaiting_review with a hand-built upper dir, as the pipeline leaves one."""
+    settings = Settings(home=tmp_path / "home", policies=tmp_path / "policies", workspace_roots=[tmp_path])
+    repo = tmp_path / "repo"
+    write(repo / "a.txt", "a\n")
+    write(repo / "b.txt", "b\n")
+    write(repo / "c.txt", "c\n")
+    time.sleep(0.05)  # the conflict check allows for a coarse clock (commit.CLOCK_SLACK_NS)
+    start_ns = time.time_ns()
+    store = Store(settings.db_path)
+    job = store.add_job(Job(id="rj", session_id="rj", runner="r", model_requested="m", workspace=str(repo),
+                            prompt="p", policy_name="default", repo_uid=UID, repo_gid=GID))
+    store.transition("rj", Status.queued, Status.running, attempts=1, start_ns=start_ns, started_at=utcnow())
+    store.transition("rj", Status.running, Status.testing)
+    upper = settings.job_dir("rj") / "upper"
+    write(upper / "a.txt", "A\n")
+    write(upper / "b.txt", "B\n")
+    whiteout(upper / "c.txt")
+    store.transition("rj", Status.testing, Status.awaiting_review, reason="review", review_since=utcnow(),
+                     review_reasons=[{"trigger": "always", "message": "always"}])
+    yield store, settings, repo
+    store.close()
+
+
+def test_approve_applies_everything_and_records_who(pending_job):
+    store, settings, repo = pending_job
+    job = review.approve(store, settings, "rj", note="looks right", by="alice")
+    assert job.status == Status.succeeded and job.reason == "committed"
+    assert (repo / "a.txt").read_text() == "A\n" and (repo / "b.txt").read_text() == "B\n"
+    assert not (repo / "c.txt").exists()
+    assert (repo / "a.txt").stat().st_uid == UID
+    assert not settings.job_dir("rj").exists()
+    assert (job.reviewed_by, job.review_note) == ("alice", "looks right") and job.reviewed_at is not None
+    [event] = [e.data for e in store.events(job_id="rj") if e.kind == "review"]
+    assert event["action"] == "approve" and event["by"] == "alice" and event["note"] == "looks right"
+    assert event["outcome"] == "approved" and event["at"]
+    with pytest.raises(ReviewError, match="not awaiting review"):
+        review.approve(store, settings, "rj")
+    stats = review.review_stats(store.jobs())
+    assert stats["reviewed"] == 1 and stats["review_share"] == 1.0 and stats["mean_review_wait_seconds"] is not None
+
+
+def test_partial_approve_applies_only_the_chosen_files(pending_job):
+    store, settings, repo = pending_job
+    job = review.approve(store, settings, "rj", files=["b.txt"], by="bob")
+    assert job.status == Status.succeeded and job.changed_files == ["b.txt"] and job.review_files == ["b.txt"]
+    assert (repo / "a.txt").read_text() == "a\n" and (repo / "b.txt").read_text() == "B\n"
+    assert (repo / "c.txt").read_text() == "c\n"
+
+
+def test_approve_after_a_conflicting_edit_applies_nothing_and_names_the_paths(pending_job):
+    store, settings, repo = pending_job
+    (repo / "b.txt").write_text("a person's edit\n")
+    with pytest.raises(Conflict) as caught:
+        review.approve(store, settings, "rj", by="carol")
+    assert caught.value.paths == ["b.txt"] and "b.txt" in str(caught.value)
+    assert (repo / "a.txt").read_text() == "a\n" and (repo / "c.txt").read_text() == "c\n"
+    assert (repo / "b.txt").read_text() == "a person's edit\n"
+    job = store.get("rj")
+    assert job.status == Status.failed and job.reason == "conflict"
+    assert (settings.job_dir("rj") / "upper").is_dir()  # kept for inspection
+    [event] = [e.data for e in store.events(job_id="rj") if e.kind == "review"]
+    assert event["outcome"] == "conflict" and event["paths"] == ["b.txt"]
+
+
+def test_partial_approve_beside_a_conflict_elsewhere_applies(pending_job):
+    store, settings, repo = pending_job
+    (repo / "b.txt").write_text("edited\n")
+    job = review.approve(store, settings, "rj", files=["a.txt"])
+    assert job.status == Status.succeeded and (repo / "a.txt").read_text() == "A\n"
+    assert (repo / "b.txt").read_text() == "edited\n"
+
+
+def test_reject_discards_and_leaves_the_repository_alone(pending_job):
+    store, settings, repo = pending_job
+    before = {p.name: p.read_bytes() for p in repo.iterdir()}
+    job = review.reject(store, settings, "rj", note="wrong approach", by="dave")
+    assert job.status == Status.rolled_back and job.reason == "rejected" and "dave" in job.error
+    assert {p.name: p.read_bytes() for p in repo.iterdir()} == before
+    assert not settings.job_dir("rj").exists()
+    [event] = [e.data for e in store.events(job_id="rj") if e.kind == "review"]
+    assert (event["action"], event["by"], event["note"]) == ("reject", "dave", "wrong approach")
+    with pytest.raises(ReviewError):
+        review.reject(store, settings, "rj")
+
+
+def test_two_reviewers_cannot_both_win(pending_job):
+    store, settings, repo = pending_job
+    results: list[str] = []
+    barrier = threading.Barrier(2)
+
+    def act(fn):
+        barrier.wait()
+        try:
+            results.append(fn(store, settings, "rj").status.value)
+        except ReviewError as exc:
+            results.append(f"refused: {exc}")
+
+    threads = [threading.Thread(target=act, args=(review.approve,)), threading.Thread(target=act, args=(review.reject,))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len([r for r in results if not r.startswith("refused")]) == 1, results
+    final = store.get("rj").status
+    assert final in (Status.succeeded, Status.rolled_back)
+    if final == Status.rolled_back:
+        assert (repo / "a.txt").read_text() == "a\n"
+    else:
+        assert (repo / "a.txt").read_text() == "A\n"
+
+
+def test_cancel_of_a_job_awaiting_review(pending_job):
+    store, settings, repo = pending_job
+    job = store.request_cancel("rj")
+    assert job.status == Status.cancelled and "review" in job.error
+    assert (repo / "a.txt").read_text() == "a\n"
+
+
+def test_finish_commit_redoes_only_the_approved_part(pending_job):
+    """A crash after a partial approve claimed the job: the restart's finish_commit applies the same part."""
+    from executor.pipeline import finish_commit, workspace_for
+
+    store, settings, repo = pending_job
+    store.transition("rj", Status.awaiting_review, Status.committing, review_files=["a.txt"], changed_files=["a.txt"])
+    job = store.get("rj")
+    ending = finish_commit(None, job, workspace_for(settings, job, job.attempts))
+    assert ending.status == Status.succeeded
+    assert (repo / "a.txt").read_text() == "A\n" and (repo / "b.txt").read_text() == "b\n"
+    assert (repo / "c.txt").exists()
+
+
+# -------------------------------------------------------------------------------------- notifications
+
+
+class Hook:
+    """A webhook on loopback that fails its first ``fail`` requests with 500."""
+
+    def __init__(self, fail: int = 0) -> None:
+        self.bodies: list[dict] = []
+        self.hits = 0
+        hook = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self):  # noqa: N802
+                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                hook.hits += 1
+                if hook.hits <= fail:
+                    self.send_response(500)
+                    self.end_headers()
+                    return
+                hook.bodies.append(json.loads(body))
+                self.send_response(200)
+                self.end_headers()
+                self.wfile.write(b"ok")
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook?topic=executor"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def _job(status: Status, **fields) -> Job:
+    return Job(id="n1", session_id="n1", runner="r", model_requested="m", workspace="/w", prompt="p",
+               policy_name="default", status=status, **fields)
+
+
+def test_notification_is_retried_after_a_failure():
+    hook = Hook(fail=2)
+    try:
+        notifier = Notifier(hook.url, backoff=0.05, ui_url="http://127.0.0.1:8765")
+        notifier.job_event(_job(Status.awaiting_review, review_reasons=[{"message": "changes tests/**"}]))
+        deadline = time.monotonic() + 10
+        while not hook.bodies and time.monotonic() < deadline:
+            time.sleep(0.05)
+        notifier.close()
+    finally:
+        hook.close()
+    assert hook.hits == 3 and notifier.delivered == 1
+    [body] = hook.bodies
+    assert body["event"] == "awaiting_review" and body["job"] == "n1" and body["reasons"] == ["changes tests/**"]
+    assert body["topic"] == "executor" and body["url"] == "http://127.0.0.1:8765/jobs/n1"
+    for key in ("title", "message", "text", "content"):
+        assert "n1" in body[key]
+
+
+def test_an_unreachable_webhook_never_blocks():
+    notifier = Notifier("http://127.0.0.1:9/nothing", attempts=3, backoff=0.05)
+    started = time.monotonic()
+    for _ in range(5):
+        notifier.job_event(_job(Status.failed, reason="timeout", error="too slow"))
+    assert time.monotonic() - started < 0.5
+    notifier.close(timeout=10)
+    assert notifier.failed == 5 and notifier.delivered == 0
+    body = payload(_job(Status.failed, reason="timeout", error="too slow"))
+    assert body["event"] == "failed" and "timeout" in body["message"]
+
+
+# ------------------------------------------------------------------------------------ the web page
+
+
+def _get(url: str, headers: dict | None = None, data: bytes | None = None) -> tuple[int, str]:
+    request = urllib.request.Request(url, data=data, headers=headers or {})
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}), _NoRedirect())
+    try:
+        with opener.open(request, timeout=10) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+
+
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    def redirect_request(self, *args, **kwargs):
+        return None
+
+
+def _web(tmp_path: Path, **settings):
+    from executor.web import serve_web
+
+    s = Settings(home=tmp_path / "home", policies=tmp_path / "p", ui_port=0, **settings)
+    store = Store(s.db_path)
+    server = serve_web(s, store)
+    return server, store, f"http://127.0.0.1:{server.port}"
+
+
+def test_web_on_loopback_serves_and_checks_host_and_csrf(tmp_path):
+    server, store, base = _web(tmp_path)
+    try:
+        status, body = _get(base + "/")
+        assert status == 200 and "Review queue" in body
+        status, _ = _get(base + "/", headers={"Host": "evil.example:80"})
+        assert status == 403  # DNS rebinding
+        status, body = _get(base + "/jobs/x/approve", data=b"csrf=wrong")
+        assert status == 403 and "CSRF" in body
+    finally:
+        server.close()
+        store.close()
+
+
+def test_web_bound_elsewhere_without_a_token_refuses_everything(tmp_path):
+    server, store, base = _web(tmp_path, ui_host="0.0.0.0")
+    try:
+        for path in ("/", "/healthz", "/jobs/x"):
+            status, body = _get(base + path)
+            assert status == 403 and "EXECUTOR_UI_TOKEN" in body
+    finally:
+        server.close()
+        store.close()
+
+
+def test_web_with_a_token_requires_it(tmp_path):
+    server, store, base = _web(tmp_path, ui_host="0.0.0.0", ui_token="s3cret-token-value")
+    try:
+        assert _get(base + "/")[0] == 403
+        assert _get(base + "/", headers={"Authorization": "Bearer nope"})[0] == 403
+        status, body = _get(base + "/", headers={"Authorization": "Bearer s3cret-token-value"})
+        assert status == 200 and "Review queue" in body
+        status, _ = _get(base + "/?token=s3cret-token-value")
+        assert status == 303  # the token moves into a cookie
+        assert _get(base + "/", headers={"Cookie": "executor_ui_token=s3cret-token-value"})[0] == 200
+    finally:
+        server.close()
+        store.close()
