@@ -23,7 +23,7 @@ def serve(world, log: Path) -> subprocess.Popen:
 
 
 def test_sigkill_then_restart_adopts_running_jobs(world, docker_client, tmp_path):
-    work = Turn.tool("Bash", {"command": "sleep 6; echo done > out.txt", "description": "slow work"})
+    work = Turn.tool("Bash", {"command": "sleep 10; echo done > out.txt", "description": "slow work"})
     script = {"kill-a": [work, Turn.text("Done.")], "kill-b": [work, Turn.text("Done.")]}
     log = tmp_path / "serve.log"
     with ScriptedAPI(script) as api:
@@ -48,9 +48,11 @@ def test_sigkill_then_restart_adopts_running_jobs(world, docker_client, tmp_path
         finally:
             os.killpg(first.pid, signal.SIGKILL)
             first.wait(timeout=30)
-        assert {store.get(n).status for n in repos} == {Status.running}
-        # the agents' containers outlived the executor
-        assert len(docker_client.containers.list(filters={"label": "io.executor.role=agent"})) >= 2
+        # killed mid-attempt: the agent (or, on a slow machine, already its test gate) is still running
+        assert {store.get(n).status for n in repos} <= {Status.running, Status.testing}
+        # their containers outlived the executor
+        assert len([c for c in docker_client.containers.list(filters={"label": "io.executor=1"})
+                    if c.labels.get("io.executor.job") in repos]) >= 1
 
         second = serve(world, log)
         try:
