@@ -637,7 +637,10 @@ class Start:
     """How a job's conversation starts: a Claude Code session to continue and/or a brief to append."""
 
     resume: str | None = None
-    brief: str | None = None
+    brief: str | None = None  # appended to the system prompt
+    #: put before the prompt: a resumed conversation keeps the system prompt it started with (Claude Code
+    #: 2.1.328 does not apply a new --append-system-prompt to it), so what must reach it goes in the prompt
+    prompt_note: str | None = None
 
 
 def mode_of(job: Job, policy: Policy) -> str:
@@ -653,7 +656,9 @@ def start(store: Store, settings: Settings, secrets: Mapping[str, str], job: Job
     first attempt is used again (no second model call)."""
     made = [e for e in store.events(job_id=job.id) if e.kind == "compaction"]
     if made:
-        if resuming or made[-1].data.get("mode") != "resume":
+        if resuming:  # the job's own conversation goes on: it already holds its brief
+            return Start()
+        if made[-1].data.get("mode") != "resume":
             return Start(brief=made[-1].data.get("brief"))
     skills_dir = settings.policies / "skills"
     jobs = earlier_jobs(store, job, job.session_id)
@@ -663,12 +668,12 @@ def start(store: Store, settings: Settings, secrets: Mapping[str, str], job: Job
     if jobs and mode == "resume":
         previous = next((a.claude_session_id for a in reversed(store.attempts(jobs[-1].id)) if a.claude_session_id), None)
         if previous and transcript_ok(previous):
-            # The conversation goes on as it is; the skills the job names still ride along in full (a
-            # resumed conversation does not keep the system prompt it was started with).
+            # The conversation goes on as it is; the skills the job names still ride along in full, in the
+            # prompt (a resumed conversation keeps the system prompt it was started with).
             text = _skills_only(store, job, jobs, skills_dir) if job.skills else None
             _record(store, job, attempt, {"mode": "resume", "claude_session_id": previous, "previous_job": jobs[-1].id,
-                                          **({"brief": text, "brief_size": _size(text)} if text else {})})
-            return Start(resume=previous, brief=text)
+                                          **({"prompt_note": text, "brief_size": _size(text)} if text else {})})
+            return Start(resume=previous, prompt_note=text)
         store.add_event(job, attempt, "resume_unavailable", {
             "claude_session_id": previous, "why": "the previous job's transcript cannot be read: starting with "
                                                   "the compacted brief instead"})

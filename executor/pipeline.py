@@ -146,6 +146,8 @@ def _attempt(ctx: Context, job: Job, ws: Workspace, resume: str | None) -> Endin
     start = compaction.start(ctx.store, ctx.settings, ctx.secrets, job, policy, ws.attempt,
                              transcript_ok=lambda sid: transcript_readable(home, sid), resuming=resume is not None)
     prompt = RESUME_PROMPT.format(prompt=job.prompt) if resume else job.prompt
+    if start.prompt_note:
+        prompt = f"{start.prompt_note}\n\n{prompt}"
     environment = agent_environment(runner, ctx.secrets, max_retries=policy.cli_max_retries)
     system = "\n\n".join(system_prompt_parts(ctx, job, policy, brief=start.brief)) or None
     spec = agent_spec(ws, runner, policy, prompt, environment, home=str(home), resume=resume or start.resume,

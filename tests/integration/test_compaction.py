@@ -29,7 +29,7 @@ def submit(world, **job) -> str:
     return job["id"]
 
 
-def _two_jobs(world, run_executor, small_model: ScriptedAPI, settings: dict | None = None, **policy):
+def _two_jobs(world, run_executor, small_model: ScriptedAPI, settings: dict | None = None, skills=None, **policy):
     script = {"cmp-first": FIRST, "cmp-second": [Turn.text("Done: nothing else to do.")]}
     with ScriptedAPI(script) as api:
         world.write_runners(api.base_url)
@@ -41,7 +41,12 @@ def _two_jobs(world, run_executor, small_model: ScriptedAPI, settings: dict | No
         submit(world, id="cmp-1", session_id="sess", workspace=str(repo), prompt="cmp-first: write out.txt")
         first = wait_status(store, "cmp-1", SETTLED, timeout=120)
         assert first.status == Status.succeeded, (first.reason, first.error)
-        submit(world, id="cmp-2", session_id="sess", workspace=str(repo), prompt="cmp-second: go on")
+        if skills:
+            (world.policies / "skills").mkdir(exist_ok=True)
+            for name in skills:
+                (world.policies / "skills" / f"{name}.md").write_text(f"# The {name} skill\nSKILL-BODY-{name}\n")
+        submit(world, id="cmp-2", session_id="sess", workspace=str(repo), prompt="cmp-second: go on",
+               **({"skills": skills} if skills else {}))
         second = wait_status(store, "cmp-2", SETTLED, timeout=120)
         requests = [r for r in api.conversation if r.key == "cmp-second"]
         everything = [r for r in api.conversation]
@@ -97,7 +102,7 @@ def test_small_model_out_of_retries_starts_with_the_structural_brief(world, run_
 
 def test_resume_mode_continues_the_previous_conversation(world, run_executor):
     with ScriptedAPI(default=Turn.text(SUMMARY), side_filter=lambda body: False) as small:
-        store, second, _, everything = _two_jobs(world, run_executor, small, context="resume")
+        store, second, _, everything = _two_jobs(world, run_executor, small, skills=["style"], context="resume")
         small_calls = [r for r in small.requests if r.is_messages]
     assert second.status == Status.succeeded, (second.reason, second.error)
     assert second.compaction == "resume" and small_calls == []
@@ -105,6 +110,9 @@ def test_resume_mode_continues_the_previous_conversation(world, run_executor):
     resumed = everything[-1]
     body = json.dumps(resumed.body["messages"])
     assert "RAW-NOTES-CONTENT-7781" in body and "cmp-second: go on" in body
+    # the skill it names rides along in full, in the prompt: a resumed conversation keeps its system prompt
+    assert "SKILL-BODY-style" in body and "SKILL-BODY-style" not in _system_text(resumed)
     first_attempt = store.attempts("cmp-1")[-1]
     started = [e.data for e in store.events(job_id="cmp-2") if e.kind == "compaction"][0]
-    assert started == {"mode": "resume", "claude_session_id": first_attempt.claude_session_id, "previous_job": "cmp-1"}
+    assert {k: started[k] for k in ("mode", "claude_session_id", "previous_job")} == {
+        "mode": "resume", "claude_session_id": first_attempt.claude_session_id, "previous_job": "cmp-1"}

@@ -249,13 +249,14 @@ def test_stalled_job_is_retried_from_the_clean_repository_when_the_policy_says_s
     assert stalls and "re-queued" in stalls[0]["error"]
 
 
-def test_kept_upper_dirs_are_removed_after_the_retention_period(world, run_executor):
+def test_kept_upper_dirs_are_removed_after_the_retention_period(world, docker_client):
     from datetime import timedelta
 
+    from executor.service import Executor
     from executor.store import Job, utcnow
 
-    running = run_executor(world.settings(retention="1h"))
-    store = running.executor.store
+    executor = Executor(world.settings(retention="1h"), {}, docker_client)  # not serving: no recovery races
+    store = executor.store
     jobs_dir = world.home / "jobs"
     for job_id, reason, age in (("old-conflict", "conflict", 2), ("new-conflict", "conflict", 0.5),
                                 ("done", "committed", 0)):
@@ -265,5 +266,5 @@ def test_kept_upper_dirs_are_removed_after_the_retention_period(world, run_execu
         store.transition(job_id, Status.running, Status.failed, reason=reason,
                          finished_at=utcnow() - timedelta(hours=age))
         (jobs_dir / job_id / "upper").mkdir(parents=True)
-    running.executor.remove_expired()
+    executor.remove_expired()
     assert sorted(p.name for p in jobs_dir.iterdir()) == ["new-conflict"]

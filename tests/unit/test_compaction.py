@@ -205,8 +205,11 @@ def test_start_records_structural_with_the_reason_or_fails_when_required(recorde
     assert record.startswith("structural: the small model's key is missing: NO_SUCH_KEY_VAR")
     event = [e for e in store.events(job_id="j3") if e.kind == "compaction"][-1]
     assert event.data["mode"] == "structural" and event.data["brief"] == begun.brief
-    # a rate-limit resume of the same job uses the same brief again
+    # a rate-limit resume of the same job goes on with its conversation (which holds the brief); a fresh
+    # attempt (the executor stopped) gets the same brief again, without calling the model again
     again = compaction.start(store, settings, {}, job, Policy(), 2, transcript_ok=lambda sid: False, resuming=True)
+    assert again.brief is None and again.resume is None
+    again = compaction.start(store, settings, {}, job, Policy(), 2, transcript_ok=lambda sid: False)
     assert again.brief == begun.brief
     other = _job(store, "j4", 4, Status.queued)
     with pytest.raises(CompactionUnavailable):
@@ -227,8 +230,9 @@ def test_start_resume_mode_continues_the_previous_conversation(recorded, tmp_pat
     skilled = _job(store, "j6", 6, Status.queued, skills=["release"])
     begun = compaction.start(store, _settings(tmp_path), {}, skilled, Policy(context="resume"), 1,
                              transcript_ok=lambda sid: sid == "claude-abc")
-    assert begun.resume == "claude-abc" and "RELEASE-BODY" in begun.brief and "app/utils.py" not in begun.brief
-    assert "- style: House code style for this repo" in begun.brief
+    assert begun.resume == "claude-abc" and begun.brief is None
+    assert "RELEASE-BODY" in begun.prompt_note and "app/utils.py" not in begun.prompt_note
+    assert "- style: House code style for this repo" in begun.prompt_note
     # context "full" bypasses compaction: the raw history rides along, no model involved
     full = _job(store, "j5", 5, Status.queued, context="full")
     begun = compaction.start(store, _settings(tmp_path), {}, full, Policy(context="resume"), 1,
