@@ -80,13 +80,15 @@ _PIDS_LINE = re.compile(r"^executor-pids-refused (\d+)$", re.MULTILINE)
 
 
 def agent_command(prompt: str, model: str, resume: str | None = None,
-                  append_system_prompt: str | None = None) -> list[str]:
+                  append_system_prompt: str | None = None, disallowed_tools: list[str] | None = None) -> list[str]:
     command = ["claude", "-p", prompt, "--model", model, "--output-format", "stream-json", "--verbose",
                "--include-partial-messages", "--dangerously-skip-permissions"]
     if resume:
         command += ["--resume", resume]
     if append_system_prompt:
         command += ["--append-system-prompt", append_system_prompt]
+    if disallowed_tools:
+        command += ["--disallowedTools", ",".join(disallowed_tools)]
     return ["sh", "-c", _PIDS_REPORT, "agent", *command]
 
 
@@ -163,7 +165,7 @@ def agent_spec(ws: Workspace, runner: Runner, policy: Policy, prompt: str,
                append_system_prompt: str | None = None) -> ContainerSpec:
     return ContainerSpec(
         name=f"executor-{ws.job_id}-a{ws.attempt}-agent",
-        command=agent_command(prompt, runner.model, resume, append_system_prompt),
+        command=agent_command(prompt, runner.model, resume, append_system_prompt, policy.disallowed_tools),
         home=home,
         user=f"{ws.uid}:{ws.gid}",
         volume=ws.volume,

@@ -40,6 +40,9 @@ def test_agent_writes_and_edits_then_tests_pass_commits(world, run_executor):
         store = runner.executor.store
         job = wait_status(store, job_id, {Status.succeeded, Status.rolled_back, Status.failed})
         assert job.status == Status.succeeded, (job.reason, job.error)
+        offered = {tool["name"] for tool in api.conversation[0].body["tools"]}
+    # the policy's disallowed_tools never reach the model; the tools a coding job needs do
+    assert {"Bash", "Read", "Edit", "Write"} <= offered and not offered & {"Agent", "WebFetch", "Workflow"}
 
     assert (repo / "hello.txt").read_text() == "hello world\n"
     assert (repo / "notes.txt").read_text() == "alpha\ngamma\n"
