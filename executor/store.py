@@ -396,9 +396,7 @@ class Store:
         """Extend (never shorten) a runner's cooldown."""
         with self.session() as s:
             state = s.get(RunnerState, runner) or RunnerState(name=runner)
-            current = state.cooldown_until
-            if current is not None and current.tzinfo is None:
-                current = current.replace(tzinfo=timezone.utc)
+            current = aware(state.cooldown_until) if state.cooldown_until else None
             if current is None or until > current:
                 state.cooldown_until = until
                 state.reason = self.redact(reason)
@@ -409,8 +407,8 @@ class Store:
         with self.session() as s:
             states = {}
             for state in s.exec(select(RunnerState)):
-                if state.cooldown_until is not None and state.cooldown_until.tzinfo is None:
-                    state.cooldown_until = state.cooldown_until.replace(tzinfo=timezone.utc)
+                if state.cooldown_until is not None:
+                    state.cooldown_until = aware(state.cooldown_until)
                 states[state.name] = state
             return states
 
