@@ -280,12 +280,17 @@ def _record_beat(ctx: Context, job: Job, attempt: int, beat: Beat) -> None:
                                       cpu_cores=beat.cpu_cores, memory=beat.memory, pids=beat.pids,
                                       idle_for=beat.idle_for, last_activity=beat.last_activity))
     if beat.pids_limit_hits:
-        # A fork bomb (or a busy build) hit the pids limit: contained, and worth a line in the log once.
-        seen = ctx.pids_reported.get(job.id)
-        if seen != beat.pids_limit_hits:
-            ctx.pids_reported[job.id] = beat.pids_limit_hits
-            ctx.store.add_event(job, attempt, "pids_limit", {
-                "refused_forks": beat.pids_limit_hits, "pids": beat.pids, "limit": Policy(**job.policy).pids})
+        _report_pids_limit(ctx, job, attempt, beat.pids_limit_hits, pids=beat.pids)
+
+
+def _report_pids_limit(ctx: Context, job: Job, attempt: int, refused: int, pids: int | None = None) -> None:
+    """A fork bomb (or a busy build) hit the pids limit: contained, and worth a line in the log once per
+    count. ``refused`` -1 means the limit is exhausted right now (nothing could even be started to count)."""
+    if ctx.pids_reported.get(job.id) == refused:
+        return
+    ctx.pids_reported[job.id] = refused
+    ctx.store.add_event(job, attempt, "pids_limit", {"refused_forks": refused, "pids": pids,
+                                                     "limit": job.policy.get("pids")})
 
 
 def _record(ctx: Context, job: Job, attempt: int, events: list[Event], line: int) -> None:
@@ -311,9 +316,8 @@ def _record_attempt(ctx: Context, job: Job, number: int, run: AgentRun) -> None:
         "models_seen": state.models_seen, "stderr_tail": run.stderr_tail[-1000:],
         "refused_forks": run.refused_forks,
     })
-    if run.refused_forks and ctx.pids_reported.get(job.id) != run.refused_forks:
-        ctx.store.add_event(job, number, "pids_limit", {"refused_forks": run.refused_forks,
-                                                        "limit": Policy(**job.policy).pids})
+    if run.refused_forks:
+        _report_pids_limit(ctx, job, number, run.refused_forks)
     ctx.pids_reported.pop(job.id, None)
 
 

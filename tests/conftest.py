@@ -122,6 +122,15 @@ class World:
     def store(self) -> Store:
         return Store(self.home / "executor.db")
 
+    def submit(self, **job) -> str:
+        """Drop a job file into the spool the way a writer does (tmp, fsync, rename); the runner defaults
+        to the scripted one."""
+        from executor.spool import Spool
+
+        job.setdefault("runner", "scripted")
+        Spool(self.home / "spool").write(json.dumps(job).encode())
+        return job["id"]
+
 
 @pytest.fixture
 def world(tmp_path: Path) -> World:

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 
-from executor.spool import Spool
 from executor.store import Status
 from tests.conftest import TOKEN_VAR, wait_status
 from tests.scripted_api import ScriptedAPI, Turn
@@ -23,11 +22,6 @@ FIRST = [
 SUMMARY = "- notes.txt: design notes of the parser\n- mattered: the cache"
 
 
-def submit(world, **job) -> str:
-    job.setdefault("runner", "scripted")
-    Spool(world.home / "spool").write(json.dumps(job).encode())
-    return job["id"]
-
 
 def _two_jobs(world, run_executor, small_model: ScriptedAPI, settings: dict | None = None, skills=None, **policy):
     script = {"cmp-first": FIRST, "cmp-second": [Turn.text("Done: nothing else to do.")]}
@@ -38,14 +32,14 @@ def _two_jobs(world, run_executor, small_model: ScriptedAPI, settings: dict | No
         running = run_executor(world.settings(compaction_base_url=small_model.base_url, compaction_auth_env=TOKEN_VAR,
                                               **(settings or {})))
         store = running.executor.store
-        submit(world, id="cmp-1", session_id="sess", workspace=str(repo), prompt="cmp-first: write out.txt")
+        world.submit(id="cmp-1", session_id="sess", workspace=str(repo), prompt="cmp-first: write out.txt")
         first = wait_status(store, "cmp-1", SETTLED, timeout=120)
         assert first.status == Status.succeeded, (first.reason, first.error)
         if skills:
             (world.policies / "skills").mkdir(exist_ok=True)
             for name in skills:
                 (world.policies / "skills" / f"{name}.md").write_text(f"# The {name} skill\nSKILL-BODY-{name}\n")
-        submit(world, id="cmp-2", session_id="sess", workspace=str(repo), prompt="cmp-second: go on",
+        world.submit(id="cmp-2", session_id="sess", workspace=str(repo), prompt="cmp-second: go on",
                **({"skills": skills} if skills else {}))
         second = wait_status(store, "cmp-2", SETTLED, timeout=120)
         requests = [r for r in api.conversation if r.key == "cmp-second"]

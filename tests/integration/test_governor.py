@@ -10,18 +10,12 @@ import time
 import docker
 
 from executor.sandbox import instance_id
-from executor.spool import Spool
 from executor.store import Status
 from tests.conftest import tree_digest, wait_for, wait_status
 from tests.scripted_api import ScriptedAPI, Turn
 
 SETTLED = {Status.succeeded, Status.rolled_back, Status.failed, Status.stalled, Status.cancelled}
 
-
-def submit(world, **job) -> str:
-    job.setdefault("runner", "scripted")
-    Spool(world.home / "spool").write(json.dumps(job).encode())
-    return job["id"]
 
 
 class EngineSampler:
@@ -76,7 +70,7 @@ def test_admission_never_exceeds_the_budget(world, run_executor):
         repos = [world.repo(f"r{i}") for i in range(5)]
         with EngineSampler(settings) as sampler:
             runner = run_executor(settings)
-            ids = [submit(world, id=f"adm-{i}", workspace=str(repos[i]), prompt=f"adm-{i}: work") for i in range(5)]
+            ids = [world.submit(id=f"adm-{i}", workspace=str(repos[i]), prompt=f"adm-{i}: work") for i in range(5)]
             store = runner.executor.store
             for job_id in ids:
                 job = wait_status(store, job_id, SETTLED, timeout=240)
@@ -100,11 +94,11 @@ def test_head_of_queue_is_not_overtaken(world, run_executor):
         settings = world.settings(budget_cpus=2.0, budget_memory="4g")
         running = run_executor(settings)
         store = running.executor.store
-        submit(world, id="first", workspace=str(world.repo("a")), prompt="first")
+        world.submit(id="first", workspace=str(world.repo("a")), prompt="first")
         wait_status(store, "first", Status.running, timeout=60)
-        submit(world, id="big", workspace=str(world.repo("b")), prompt="big", policy="big", priority=5)
+        world.submit(id="big", workspace=str(world.repo("b")), prompt="big", policy="big", priority=5)
         time.sleep(1.0)  # let intake order "big" before "small"
-        submit(world, id="small", workspace=str(world.repo("c")), prompt="small")
+        world.submit(id="small", workspace=str(world.repo("c")), prompt="small")
         wait_for(lambda: running.executor.waiting, 30, "the head of the queue to wait")
         assert "big" in running.executor.waiting and "cpus" in running.executor.waiting
         status = json.loads((world.home / "status.json").read_text())
@@ -126,8 +120,8 @@ def test_silent_job_is_stalled_killed_and_its_slot_freed(world, run_executor, do
         before = tree_digest(repo)
         running = run_executor(world.settings(budget_cpus=1.0))
         store = running.executor.store
-        submit(world, id="silent", workspace=str(repo), prompt="silent: then hang")
-        submit(world, id="next", workspace=str(world.repo("next")), prompt="next: quick")
+        world.submit(id="silent", workspace=str(repo), prompt="silent: then hang")
+        world.submit(id="next", workspace=str(world.repo("next")), prompt="next: quick")
         job = wait_status(store, "silent", SETTLED, timeout=120)
         assert job.status == Status.stalled, (job.reason, job.error)
         assert "last activity" in job.error and "Bash" in job.error
@@ -147,7 +141,7 @@ def test_slow_but_steady_stream_is_not_stalled(world, run_executor):
         world.write_runners(api.base_url)
         world.write_policy(heartbeat_interval="1s", stall_after="5s")
         running = run_executor(world.settings())
-        submit(world, id="steady", workspace=str(world.repo("steady")), prompt="steady: talk slowly")
+        world.submit(id="steady", workspace=str(world.repo("steady")), prompt="steady: talk slowly")
         job = wait_status(running.executor.store, "steady", SETTLED, timeout=120)
     assert job.status == Status.succeeded, (job.reason, job.error)
     started, finished = job.started_at, job.finished_at
@@ -162,7 +156,7 @@ def test_wall_clock_timeout_fails_and_rolls_back(world, run_executor):
         repo = world.repo("slow")
         before = tree_digest(repo)
         running = run_executor(world.settings())
-        submit(world, id="slow", workspace=str(repo), prompt="slow: hang")
+        world.submit(id="slow", workspace=str(repo), prompt="slow: hang")
         job = wait_status(running.executor.store, "slow", SETTLED, timeout=120)
     assert (job.status, job.reason) == (Status.failed, "timeout")
     assert tree_digest(repo) == before
@@ -177,7 +171,7 @@ def test_memory_hog_is_reported_as_out_of_memory(world, run_executor):
         repo = world.repo("hog")
         before = tree_digest(repo)
         running = run_executor(world.settings())
-        submit(world, id="hog", workspace=str(repo), prompt="hog: eat memory")
+        world.submit(id="hog", workspace=str(repo), prompt="hog: eat memory")
         job = wait_status(running.executor.store, "hog", SETTLED, timeout=180)
     assert (job.status, job.reason) == (Status.failed, "out_of_memory"), job.error
     assert "768m" in job.error
@@ -196,8 +190,8 @@ def test_fork_bomb_is_contained_and_reported(world, run_executor):
         world.write_policy(pids=64, heartbeat_interval="1s", test_command="true")
         running = run_executor(world.settings())
         store = running.executor.store
-        submit(world, id="bomb", workspace=str(world.repo("bomb")), prompt="bomb: fork")
-        submit(world, id="neighbour", workspace=str(world.repo("neighbour")), prompt="neighbour: work")
+        world.submit(id="bomb", workspace=str(world.repo("bomb")), prompt="bomb: fork")
+        world.submit(id="neighbour", workspace=str(world.repo("neighbour")), prompt="neighbour: work")
         bomb = wait_status(store, "bomb", SETTLED, timeout=180)
         neighbour = wait_status(store, "neighbour", SETTLED, timeout=180)
     assert neighbour.status == Status.succeeded  # the other job kept running
@@ -240,7 +234,7 @@ def test_stalled_job_is_retried_from_the_clean_repository_when_the_policy_says_s
         repo = world.repo("again")
         running = run_executor(world.settings())
         store = running.executor.store
-        submit(world, id="again", workspace=str(repo), prompt="again: stall once")
+        world.submit(id="again", workspace=str(repo), prompt="again: stall once")
         job = wait_status(store, "again", SETTLED, timeout=180)
     assert job.status == Status.succeeded and job.attempts == 2, (job.reason, job.error)
     assert (repo / "fresh.txt").read_text() == "fresh\n"

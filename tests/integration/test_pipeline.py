@@ -17,11 +17,6 @@ from tests.conftest import chown_tree, tree_digest, wait_for, wait_status
 from tests.scripted_api import ScriptedAPI, Turn
 
 
-def submit(world, **job) -> str:
-    job.setdefault("runner", "scripted")
-    Spool(world.home / "spool").write(json.dumps(job).encode())
-    return job["id"]
-
 
 def test_agent_writes_and_edits_then_tests_pass_commits(world, run_executor):
     repo = world.repo("app", {"notes.txt": "alpha\nbeta\n"})
@@ -36,7 +31,7 @@ def test_agent_writes_and_edits_then_tests_pass_commits(world, run_executor):
         world.write_runners(api.base_url)
         world.write_policy(test_command="grep -q 'hello world' hello.txt && grep -q gamma notes.txt")
         runner = run_executor(world.settings())
-        job_id = submit(world, id="job-one", workspace=str(repo), prompt="job-one: write, edit and add")
+        job_id = world.submit(id="job-one", workspace=str(repo), prompt="job-one: write, edit and add")
         store = runner.executor.store
         job = wait_status(store, job_id, {Status.succeeded, Status.rolled_back, Status.failed})
         assert job.status == Status.succeeded, (job.reason, job.error)
@@ -76,7 +71,7 @@ def run_one(world, run_executor, key: str, script: list, repo: Path, test_comman
         world.write_runners(api.base_url)
         runner = run_executor(world.settings())
         # the job file carries the test command (JSON-escaped; the policy's TOML helper does not escape)
-        job_id = submit(world, id=key, workspace=str(repo), prompt=f"{key}: do it", test_command=test_command)
+        job_id = world.submit(id=key, workspace=str(repo), prompt=f"{key}: do it", test_command=test_command)
         store = runner.executor.store
         job = wait_status(store, job_id, SETTLED)
     return job, store, api
@@ -355,7 +350,7 @@ def test_duplicate_job_id_is_rejected(world, run_executor, docker_client):
         store = runner.executor.store
         spool = Spool(world.home / "spool")
         t0 = time.time()
-        submit(world, id="dup-job", workspace=str(repo), prompt="dup-original: go")
+        world.submit(id="dup-job", workspace=str(repo), prompt="dup-original: go")
         first = wait_status(store, "dup-job", SETTLED)
         assert first.status == Status.succeeded, (first.reason, first.error)
         # positive control for the engine query used below: the original's containers are seen
@@ -393,7 +388,7 @@ def test_cancel_of_a_running_job_rolls_back(world, run_executor, docker_client):
         world.write_runners(api.base_url)
         runner = run_executor(world.settings())
         store = runner.executor.store
-        job_id = submit(world, id="job-cancel", workspace=str(repo), prompt="job-cancel: work then hang")
+        job_id = world.submit(id="job-cancel", workspace=str(repo), prompt="job-cancel: work then hang")
         wait_status(store, job_id, Status.running, timeout=60)
 
         def bash_done():

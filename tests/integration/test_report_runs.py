@@ -21,7 +21,6 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from executor.report import build_report, read_footprint
-from executor.spool import Spool
 from executor.store import Status
 from tests.conftest import TOKEN_VAR, TOKEN_VALUE, RunningExecutor, World, wait_for, wait_status
 from tests.scripted_api import ScriptedAPI, Turn
@@ -41,11 +40,6 @@ def free_port() -> int:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
 
-
-def submit(world: World, **job) -> str:
-    job.setdefault("runner", "scripted")
-    Spool(world.home / "spool").write(json.dumps(job).encode())
-    return job["id"]
 
 
 def write(name: str) -> list[Turn]:
@@ -84,10 +78,10 @@ def ran(tmp_path_factory, docker_client):
         try:
             store = running.executor.store
             for name in OK_JOBS:
-                submit(world, id=name, workspace=str(world.repo(name)), prompt=f"{name}: write a file")
-            submit(world, id="rep-tests", workspace=str(world.repo("rep-tests")), prompt="rep-tests: write a file",
+                world.submit(id=name, workspace=str(world.repo(name)), prompt=f"{name}: write a file")
+            world.submit(id="rep-tests", workspace=str(world.repo("rep-tests")), prompt="rep-tests: write a file",
                    test_command="false")
-            submit(world, id="rep-limited", workspace=str(world.repo("rep-limited")), prompt="rep-limited: try")
+            world.submit(id="rep-limited", workspace=str(world.repo("rep-limited")), prompt="rep-limited: try")
             jobs = {name: wait_status(store, name, SETTLED, timeout=240)
                     for name in (*OK_JOBS, "rep-tests", "rep-limited")}
             yield world, running, port, jobs
@@ -205,7 +199,7 @@ def test_serve_logs_one_json_line_per_state_change_and_serves_metrics(world, doc
                          "the executor's first tick")
                 assert proc.poll() is None, log_path.read_text()[-3000:]
                 store = world.store()
-                submit(world, id="json-logs", workspace=str(repo), prompt="json-logs: write a file")
+                world.submit(id="json-logs", workspace=str(repo), prompt="json-logs: write a file")
                 job = wait_status(store, "json-logs", SETTLED, timeout=180)
                 metrics = wait_for(lambda: (m := scrape(port)) and total(m, "executor_jobs_finished_total") and m,
                                    20, "the metrics endpoint")

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 
-from executor.spool import Spool
 from executor.store import Status, aware
 from tests.conftest import tree_digest, wait_for, wait_status
 from tests.scripted_api import ScriptedAPI, Turn
@@ -14,11 +13,6 @@ SETTLED = {Status.succeeded, Status.rolled_back, Status.failed, Status.stalled, 
 LIMIT = Turn.error(429, "rate_limit_error", "Number of requests has exceeded your rate limit", {"retry-after": "0"})
 FAST_RETRY = dict(cli_max_retries=0, backoff_initial="1s", backoff_multiplier=2, max_attempts=4)
 
-
-def submit(world, **job) -> str:
-    job.setdefault("runner", "scripted")
-    Spool(world.home / "spool").write(json.dumps(job).encode())
-    return job["id"]
 
 
 def test_rate_limited_twice_then_succeeds_on_the_same_runner(world, run_executor):
@@ -37,7 +31,7 @@ base_url = "{other.base_url}"
         repo = world.repo("rl")
         running = run_executor(world.settings())
         store = running.executor.store
-        submit(world, id="rl-ok", workspace=str(repo), prompt="rl-ok: write ok.txt")
+        world.submit(id="rl-ok", workspace=str(repo), prompt="rl-ok: write ok.txt")
         job = wait_status(store, "rl-ok", SETTLED, timeout=180)
         conversation = api.conversation
         assert other.requests == []  # no other runner was touched
@@ -62,8 +56,8 @@ def test_rate_limited_on_every_attempt_fails_naming_the_runner(world, run_execut
         repo = world.repo("never")
         before = tree_digest(repo)
         running = run_executor(world.settings())
-        job = wait_status(running.executor.store, "rl-never", SETTLED, timeout=180) if submit(
-            world, id="rl-never", workspace=str(repo), prompt="rl-never: try") else None
+        world.submit(id="rl-never", workspace=str(repo), prompt="rl-never: try")
+        job = wait_status(running.executor.store, "rl-never", SETTLED, timeout=180)
     assert job.status == Status.failed and job.reason == "rate_limited"
     assert job.error.startswith("scripted failed: rate limited after 3 attempts: ")
     assert "rate limit" in job.error.lower()
@@ -80,16 +74,15 @@ def test_cooldown_holds_the_runner_but_not_the_others(world, run_executor):
         world.write_policy(**{**FAST_RETRY, "backoff_initial": "8s"})
         running = run_executor(world.settings(budget_cpus=3.0))
         store = running.executor.store
-        submit(world, id="cool-a1", runner="runner-a", workspace=str(world.repo("a1")), prompt="cool-a1: go")
+        world.submit(id="cool-a1", runner="runner-a", workspace=str(world.repo("a1")), prompt="cool-a1: go")
         a1 = wait_status(store, "cool-a1", {Status.waiting_retry} | SETTLED, timeout=120)
         assert a1.status == Status.waiting_retry, (a1.reason, a1.error)
         retry_at = aware(a1.retry_at)
-        submit(world, id="cool-a2", runner="runner-a", workspace=str(world.repo("a2")), prompt="cool-a2: go")
-        submit(world, id="cool-b1", runner="runner-b", workspace=str(world.repo("b1")), prompt="cool-b1: go")
+        world.submit(id="cool-a2", runner="runner-a", workspace=str(world.repo("a2")), prompt="cool-a2: go")
+        world.submit(id="cool-b1", runner="runner-b", workspace=str(world.repo("b1")), prompt="cool-b1: go")
         b1 = wait_status(store, "cool-b1", SETTLED, timeout=120)
         assert b1.status == Status.succeeded
         assert aware(b1.finished_at) < retry_at  # runner B ran while A cooled down
-        wait_for(lambda: running.executor.status()["runners"][0]["state"] != "ok" or True, 5, "status")
         a2 = wait_status(store, "cool-a2", SETTLED, timeout=120)
         a1 = wait_status(store, "cool-a1", SETTLED, timeout=120)
     assert a1.status == a2.status == Status.succeeded
@@ -103,7 +96,7 @@ def test_status_shows_a_runner_cooling_down(world, run_executor):
         world.write_policy(**{**FAST_RETRY, "backoff_initial": "20s"})
         running = run_executor(world.settings())
         store = running.executor.store
-        submit(world, id="cool-s", workspace=str(world.repo("s")), prompt="cool-s: go")
+        world.submit(id="cool-s", workspace=str(world.repo("s")), prompt="cool-s: go")
         wait_status(store, "cool-s", Status.waiting_retry, timeout=120)
         view = wait_for(lambda: [r for r in running.executor.status()["runners"] if r["state"] != "ok"], 10,
                         "the runner to show its cooldown")
@@ -120,7 +113,7 @@ def test_a_different_model_answering_fails_the_job(world, run_executor):
         repo = world.repo("swap")
         before = tree_digest(repo)
         running = run_executor(world.settings())
-        submit(world, id="swap", workspace=str(repo), prompt="swap: write")
+        world.submit(id="swap", workspace=str(repo), prompt="swap: write")
         job = wait_status(running.executor.store, "swap", SETTLED, timeout=120)
     assert (job.status, job.reason) == (Status.failed, "model_mismatch")
     assert "ModelMismatch" in job.error and "claude-sonnet-4-5" in job.error and "claude-haiku-9-9" in job.error
@@ -142,7 +135,7 @@ def test_retry_after_a_rate_limit_resumes_the_conversation_and_keeps_the_work(wo
         repo = world.repo("resume")
         running = run_executor(world.settings())
         store = running.executor.store
-        submit(world, id="resume-me", workspace=str(repo), prompt="resume-me: write two files")
+        world.submit(id="resume-me", workspace=str(repo), prompt="resume-me: write two files")
         job = wait_status(store, "resume-me", SETTLED, timeout=180)
         conversation = api.conversation
     assert job.status == Status.succeeded, (job.reason, job.error)
@@ -150,7 +143,6 @@ def test_retry_after_a_rate_limit_resumes_the_conversation_and_keeps_the_work(wo
     assert (repo / "first.txt").read_text() == "from attempt one\n"
     assert (repo / "second.txt").read_text() == "from attempt two\n"
     # the second attempt's first request carries the first attempt's conversation (the Write tool call)
-    first_write_id = conversation[0].turn and [r for r in conversation if r.key == "resume-me"][0]
     resumed = conversation[2]
     body = json.dumps(resumed.body["messages"])
     assert "first.txt" in body and "from attempt one" in body
@@ -159,7 +151,6 @@ def test_retry_after_a_rate_limit_resumes_the_conversation_and_keeps_the_work(wo
     assert attempts[0].claude_session_id and attempts[1].outcome == "success"
     running_events = [e.data for e in store.events(job_id="resume-me") if e.kind == "state" and e.data.get("status") == "running"]
     assert running_events[1]["resume"] == attempts[0].claude_session_id
-    assert first_write_id is not None
 
 
 def test_a_job_waiting_on_the_clis_own_retry_is_not_stalled(world, run_executor):
@@ -170,7 +161,7 @@ def test_a_job_waiting_on_the_clis_own_retry_is_not_stalled(world, run_executor)
         world.write_policy(cli_max_retries=1, heartbeat_interval="1s", stall_after="4s")
         running = run_executor(world.settings())
         store = running.executor.store
-        submit(world, id="patient", workspace=str(world.repo("patient")), prompt="patient: wait for it")
+        world.submit(id="patient", workspace=str(world.repo("patient")), prompt="patient: wait for it")
         job = wait_status(store, "patient", SETTLED, timeout=120)
     assert job.status == Status.succeeded, (job.reason, job.error)
     assert any(e.kind == "api_retry" for e in store.events(job_id="patient"))

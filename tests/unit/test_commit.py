@@ -24,13 +24,11 @@ from executor.commit import (
     scan_upper,
 )
 from executor.errors import UnsafePath
+from tests.unit.upper_tree import opaque, require_root, require_user_xattrs, whiteout, write
 
 @pytest.fixture(autouse=True)
 def _root() -> None:
-    # Whiteouts are device files and commits chown to the repository owner: the executor runs as root,
-    # and so do these tests (CI does). Not root is a failure, never a silent skip.
-    if os.geteuid() != 0:
-        pytest.fail("these tests need root (mknod of whiteouts, chown): run the suite as root", pytrace=False)
+    require_root()
 
 UID = GID = 1000
 
@@ -41,13 +39,7 @@ UID = GID = 1000
 
 @pytest.fixture
 def base(tmp_path: Path) -> Path:
-    probe = tmp_path / "xattr-probe"
-    probe.mkdir()
-    try:
-        os.setxattr(probe, "user.overlay.opaque", b"y")
-    except OSError as exc:  # pragma: no cover - depends on the host fs
-        pytest.fail(f"filesystem of {tmp_path} has no user xattrs (overlay's userxattr needs them): {exc}")
-    probe.rmdir()
+    require_user_xattrs(tmp_path)
     return tmp_path
 
 
@@ -72,22 +64,6 @@ def upper(base: Path) -> Path:
     return u
 
 
-def write(path: Path, text: str, mode: int | None = None) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text)
-    if mode is not None:
-        os.chmod(path, mode)
-    return path
-
-
-def whiteout(path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    os.mknod(path, stat.S_IFCHR | 0o600, os.makedev(0, 0))
-
-
-def opaque(path: Path) -> None:
-    path.mkdir(parents=True, exist_ok=True)
-    os.setxattr(path, "user.overlay.opaque", b"y")
 
 
 def snapshot(root: Path) -> dict[str, tuple]:

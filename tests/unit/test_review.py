@@ -6,7 +6,6 @@ from __future__ import annotations
 import http.server
 import json
 import os
-import stat
 import threading
 import time
 import urllib.error
@@ -22,28 +21,15 @@ from executor.notify import Notifier, payload
 from executor.policy import Policy
 from executor.settings import Settings
 from executor.store import Job, Status, Store, utcnow
+from tests.unit.upper_tree import opaque, require_root, require_user_xattrs, whiteout, write
 
 @pytest.fixture(autouse=True)
 def _root() -> None:
-    # Whiteouts are device files and commits chown to the repository owner: the executor runs as root,
-    # and so do these tests (CI does). Not root is a failure, never a silent skip.
-    if os.geteuid() != 0:
-        pytest.fail("these tests need root (mknod of whiteouts, chown): run the suite as root", pytrace=False)
+    require_root()
 
 UID = GID = 1000
 
 
-def write(path: Path, text: str | bytes, mode: int | None = None) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(text if isinstance(text, bytes) else text.encode())
-    if mode is not None:
-        os.chmod(path, mode)
-    return path
-
-
-def whiteout(path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    os.mknod(path, stat.S_IFCHR | 0o600, os.makedev(0, 0))
 
 
 def change_of(*paths: str) -> Change:
@@ -146,12 +132,7 @@ def test_policy_fields_and_the_system_prompt_instruction(tmp_path):
 
 @pytest.fixture
 def tree(tmp_path: Path):
-    probe = tmp_path / "probe"
-    probe.mkdir()
-    try:
-        os.setxattr(probe, "user.overlay.opaque", b"y")
-    except OSError as exc:  # pragma: no cover - depends on the host fs
-        pytest.fail(f"no user xattrs (overlay's userxattr needs them): {exc}")
+    require_user_xattrs(tmp_path)
     repo, upper = tmp_path / "repo", tmp_path / "upper"
     write(repo / "src/app.py", "def main():\n    return 1\n\n\nprint(main())\n")
     write(repo / "old.txt", "one\ntwo\n")
@@ -166,8 +147,7 @@ def tree(tmp_path: Path):
     write(upper / "new.md", "# new\nline\n")
     whiteout(upper / "old.txt")
     whiteout(upper / "gone")
-    (upper / "lib").mkdir()
-    os.setxattr(upper / "lib", "user.overlay.opaque", b"y")
+    opaque(upper / "lib")
     write(upper / "lib/keep.py", "k = 2\n")
     write(upper / "run.sh", "#!/bin/sh\necho hi\n", 0o755)
     write(upper / "img.png", b"\x89PNG\r\n\x1a\n\0\0new!")
