@@ -46,11 +46,13 @@ sys.path.insert(0, str(ROOT))
 
 import docker  # noqa: E402
 
-from executor import compaction  # noqa: E402
-from executor.service import Executor  # noqa: E402
+from executor.intake.spool import Spool  # noqa: E402
+from executor.scheduling.service import Executor  # noqa: E402
+from executor.session import brief as session_brief  # noqa: E402
+from executor.session import history as session_history  # noqa: E402
+from executor.session.summarizer import estimate_tokens  # noqa: E402
 from executor.settings import Settings  # noqa: E402
-from executor.spool import Spool  # noqa: E402
-from executor.store import TERMINAL, Status  # noqa: E402
+from executor.store import TERMINAL  # noqa: E402
 from tests.scripted_api import ScriptedAPI, Turn  # noqa: E402
 
 IMAGE = "executor-sandbox:latest"
@@ -286,9 +288,9 @@ def run_mode(mode: str, base: Path, template: Path, plans: list[list[dict]], arg
             event = next((e.data for e in store.events(job_id=job_id) if e.kind == "compaction"), None)
             retention = None
             if mode == "compact" and event and event.get("brief") and row.session_id:
-                earlier = compaction.earlier_jobs(store, row, row.session_id)
-                h = compaction.history(store, row.session_id, earlier, row.skills or [])
-                retention = compaction.retention_problems(event["brief"], h)
+                earlier = session_history.earlier_jobs(store, row, row.session_id)
+                h = session_history.history(store, row.session_id, earlier, row.skills or [])
+                retention = session_brief.retention_problems(event["brief"], h)
                 retention += [f"skill {n} not in full" for n in row.skills or []
                               if f"### Skill {n} (in full)" not in event["brief"]]
             jobs.append({"id": job_id, "status": row.status.value, "reason": row.reason, "sizes": sizes,
@@ -312,7 +314,7 @@ def mean(values: list[float]) -> float:
 
 
 def report(resume: dict, compact: dict) -> dict:
-    tok = compaction.estimate_tokens
+    tok = estimate_tokens
     rows = []
     print(f"{'session':8} {'jobs':>5} {'resume B':>10} {'compact B':>10} {'resume tok':>10} {'compact tok':>11} "
           f"{'saving':>7} {'f-up saving':>11} {'$/job':>8} {'lat/job':>8} {'retention':>9}  statuses")

@@ -50,11 +50,11 @@ sys.path.insert(0, str(ROOT))
 import docker  # noqa: E402
 import psutil  # noqa: E402
 
+from executor.agent.command import agent_command  # noqa: E402
+from executor.intake.spool import Spool  # noqa: E402
 from executor.logs import TextFormatter  # noqa: E402
-from executor.runner import agent_command  # noqa: E402
-from executor.sandbox import LABEL, LABEL_INSTANCE, instance_id  # noqa: E402
+from executor.sandbox.deployment import LABEL, LABEL_INSTANCE, instance_id  # noqa: E402
 from executor.settings import Settings, parse_size  # noqa: E402
-from executor.spool import Spool  # noqa: E402
 from executor.store import TERMINAL, Status  # noqa: E402
 
 IMAGE = os.environ.get("EXECUTOR_SANDBOX_IMAGE", "executor-sandbox:latest")
@@ -157,7 +157,7 @@ def utc(dt):
 
 
 def run_executor(args, base: Path, base_url: str, concurrency: int) -> dict:
-    from executor.service import Executor
+    from executor.scheduling.service import Executor
 
     home, policies, repos = base / "home", base / "policies", base / "repos"
     for d in (home, policies, repos):
@@ -414,7 +414,7 @@ def main() -> int:
     print("=" * (width + 24))
 
     if ex:
-        print(f"\nexecutor per-job latency (s, from the store):")
+        print("\nexecutor per-job latency (s, from the store):")
         print(f"  queue wait (started-created)  {dist(ex['queue_wait'])}")
         print(f"  run (finished-started)        {dist(ex['run_time'])}")
         print(f"  completion since first write  {dist(ex['end_to_end'])}")

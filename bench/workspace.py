@@ -37,10 +37,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from executor import workspace  # noqa: E402
 from executor.commit import CLOCK_SLACK_NS, apply_change, check_conflicts, remove_tree, scan_upper  # noqa: E402
-from executor.sandbox import LABEL, LABEL_JOB, WORKSPACE_MOUNT, AGENT_HOME, ContainerSpec, Limits, Sandbox, connect  # noqa: E402
-from executor.workspace import Workspace  # noqa: E402
+
+from executor.sandbox.deployment import AGENT_HOME, LABEL, LABEL_JOB, ContainerSpec, Limits, Sandbox, connect  # noqa: E402
+from executor.transaction import workspace  # noqa: E402
+from executor.transaction.workspace import Workspace  # noqa: E402
 
 UID = GID = 1000
 NETWORK = "none"

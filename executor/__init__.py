@@ -1,15 +1,44 @@
-"""executor: run Claude Code jobs in hardened containers on overlay workspaces; commit only what passed."""
+"""executor: run Claude Code jobs in hardened containers on overlay workspaces; commit only what passed.
+
+The public surface: the exception tree, the settings, and the job status machine.
+"""
 
 from .errors import (
-    AgentFailed, ConfigError, Conflict, ExecutorError, IllegalTransition, InvalidJob, ModelMismatch,
-    OutOfMemory, Overloaded, RateLimited, SandboxError, Stalled, TestsFailed, TimedOut, UnsafePath,
+    AgentFailed,
+    ApiError,
+    AuthFailed,
+    Cancelled,
+    CommitFailed,
+    CompactionUnavailable,
+    ConfigError,
+    Conflict,
+    ExecutorError,
+    IllegalTransition,
+    InternalError,
+    Interrupted,
+    InvalidJob,
+    ModelMismatch,
+    OutOfMemory,
+    Overloaded,
+    RateLimited,
+    Rejected,
+    ReviewError,
+    SandboxError,
+    Stalled,
+    TestsFailed,
+    TestsOutOfMemory,
+    TestsTimedOut,
+    TimedOut,
+    UnsafePath,
     WorkspaceError,
 )
 from .settings import Settings
-from .store import Status
+from .store.status import Status
 
 __all__ = [
-    "AgentFailed", "ConfigError", "Conflict", "ExecutorError", "IllegalTransition", "InvalidJob",
-    "ModelMismatch", "OutOfMemory", "Overloaded", "RateLimited", "SandboxError", "Settings", "Stalled",
-    "Status", "TestsFailed", "TimedOut", "UnsafePath", "WorkspaceError",
+    "AgentFailed", "ApiError", "AuthFailed", "Cancelled", "CommitFailed", "CompactionUnavailable", "ConfigError",
+    "Conflict", "ExecutorError", "IllegalTransition", "InternalError", "Interrupted", "InvalidJob",
+    "ModelMismatch", "OutOfMemory", "Overloaded", "RateLimited", "Rejected", "ReviewError", "SandboxError",
+    "Settings", "Stalled", "Status", "TestsFailed", "TestsOutOfMemory", "TestsTimedOut", "TimedOut",
+    "UnsafePath", "WorkspaceError",
 ]

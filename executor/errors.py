@@ -1,39 +1,61 @@
-"""The one exception tree of the executor.
+"""The one exception tree of the executor, and the vocabulary of how a job ends.
 
 Owns every error type the executor raises on purpose. Each carries what a person needs to act on it
-(which job, which runner, which path, what to change). Retryability is a property of the error
-(``retryable``), so a single predicate decides whether to back off and try again.
+(which job, which runner, which path, what to change), the short ``reason`` stored on a job that ends
+with it, and ``ends_as``, the status such a job gets. Retryability is a property of the error
+(``retryable``), so a single predicate decides whether to back off and try again. A job's ending reason
+is always one of these classes' ``reason`` (or ``COMMITTED`` / ``AWAITING_REVIEW`` for the two endings
+that are not errors).
 
 Must never: grow a second base class, or hold secrets (tokens, keys) in a message.
 
     ExecutorError
-    ├── ConfigError          settings, policy or runner files are wrong
-    ├── InvalidJob           a job file is wrong (the message says what and how to fix it)
-    ├── IllegalTransition    the store refused a status change (someone else moved the job first)
-    ├── WorkspaceError       overlay set-up or teardown failed
-    │   └── UnsafePath       the upper dir holds something that must never be applied
-    ├── Conflict             the repository changed under the job at paths the job touched
-    ├── ReviewError          a review action cannot be done (not awaiting review, unknown paths, ...)
-    ├── SandboxError         the container could not be created or run
-    └── AgentFailed          the agent's run ended badly
-        ├── RateLimited      429 / usage limit (retryable)
-        ├── Overloaded       529 (retryable)
-        ├── Stalled          no progress within the stall window
-        ├── TimedOut         the wall-clock timeout elapsed
-        ├── OutOfMemory      the kernel killed the container at its memory limit
-        ├── ModelMismatch    a model other than the runner's answered
-        └── TestsFailed      the test command failed
+    ├── ConfigError              settings, policy or runner files are wrong
+    ├── InvalidJob               a job file is wrong (the message says what and how to fix it)
+    ├── IllegalTransition        the store refused a status change (someone else moved the job first)
+    ├── InternalError            a bug in the executor ended the job (see its log)
+    ├── Interrupted              the executor stopped during the attempt: rolled back and re-queued
+    ├── Cancelled                a person cancelled the job
+    ├── WorkspaceError           overlay set-up or teardown failed
+    │   ├── UnsafePath           the upper dir holds something that must never be applied
+    │   └── CommitFailed         the change could not be written into the repository
+    ├── Conflict                 the repository changed under the job at paths the job touched
+    ├── ReviewError              a review action cannot be done (not awaiting review, unknown paths, ...)
+    │   └── Rejected             a person rejected the change
+    ├── SandboxError             the container could not be created or run
+    ├── CompactionUnavailable    the small model could not write the brief and the policy requires it
+    ├── AgentFailed              the agent's run ended badly (rolled back)
+    │   ├── RateLimited          429 / usage limit (retryable)
+    │   │   └── Overloaded       529 (retryable)
+    │   ├── AuthFailed           the API refused the runner's credential
+    │   ├── ApiError             another API error (spend cap, bad request, ...)
+    │   ├── Stalled              no progress within the stall window
+    │   ├── TimedOut             the wall-clock timeout elapsed
+    │   ├── OutOfMemory          the kernel killed the container at its memory limit
+    │   └── ModelMismatch        a model other than the runner's answered
+    └── TestsFailed              the test command failed (rolled back)
+        ├── TestsTimedOut        the tests ran longer than test_timeout
+        └── TestsOutOfMemory     the tests hit the memory limit
 """
 
 from __future__ import annotations
+
+#: The reason of a job whose change was applied.
+COMMITTED = "committed"
+#: The reason of a job whose tested change waits for a person.
+AWAITING_REVIEW = "review"
 
 
 class ExecutorError(Exception):
     """Base of every error the executor raises on purpose."""
 
     retryable: bool = False
-    #: short machine-readable reason stored on the job (``failed`` / ``rolled_back`` jobs)
+    #: short machine-readable reason stored on a job that ends with this error
     reason: str = "error"
+    #: the status (a ``store.Status`` value) of a job whose attempt ends with this error
+    ends_as: str = "failed"
+    #: whether the attempt's upper dir is kept (for inspection, or for a person to decide)
+    keeps_change: bool = False
 
     def __init__(self, message: str, **context: object) -> None:
         super().__init__(message)
@@ -56,6 +78,20 @@ class IllegalTransition(ExecutorError):
     reason = "illegal_transition"
 
 
+class InternalError(ExecutorError):
+    reason = "internal"
+
+
+class Interrupted(ExecutorError):
+    reason = "interrupted"
+    ends_as = "queued"
+
+
+class Cancelled(ExecutorError):
+    reason = "cancelled"
+    ends_as = "cancelled"
+
+
 class WorkspaceError(ExecutorError):
     reason = "workspace"
 
@@ -64,8 +100,14 @@ class UnsafePath(WorkspaceError):
     reason = "unsafe_path"
 
 
+class CommitFailed(WorkspaceError):
+    reason = "commit_failed"
+    keeps_change = True
+
+
 class Conflict(ExecutorError):
     reason = "conflict"
+    keeps_change = True
 
     def __init__(self, paths: list[str]) -> None:
         self.paths = sorted(paths)
@@ -81,17 +123,30 @@ class ReviewError(ExecutorError):
     reason = "review"
 
 
+class Rejected(ReviewError):
+    reason = "rejected"
+    ends_as = "rolled_back"
+
+
 class SandboxError(ExecutorError):
     reason = "sandbox"
 
 
+class CompactionUnavailable(ExecutorError):
+    """The small model could not write the brief (after its retries) and the policy requires it."""
+
+    reason = "compaction_unavailable"
+
+
 class AgentFailed(ExecutorError):
     reason = "agent_error"
+    ends_as = "rolled_back"
 
 
 class RateLimited(AgentFailed):
     retryable = True
     reason = "rate_limited"
+    ends_as = "failed"  # once the retries are spent; before that the job waits (waiting_retry)
 
     def __init__(self, message: str, retry_after: float | None = None, **context: object) -> None:
         super().__init__(message, retry_after=retry_after, **context)
@@ -102,20 +157,34 @@ class Overloaded(RateLimited):
     reason = "overloaded"
 
 
+class AuthFailed(AgentFailed):
+    reason = "auth_error"
+    ends_as = "failed"
+
+
+class ApiError(AgentFailed):
+    reason = "api_error"
+    ends_as = "failed"
+
+
 class Stalled(AgentFailed):
     reason = "stalled"
+    ends_as = "stalled"
 
 
 class TimedOut(AgentFailed):
     reason = "timeout"
+    ends_as = "failed"
 
 
 class OutOfMemory(AgentFailed):
     reason = "out_of_memory"
+    ends_as = "failed"
 
 
 class ModelMismatch(AgentFailed):
     reason = "model_mismatch"
+    ends_as = "failed"
 
     def __init__(self, runner: str, requested: str, answered: list[str]) -> None:
         super().__init__(
@@ -130,3 +199,22 @@ class ModelMismatch(AgentFailed):
 class TestsFailed(ExecutorError):
     __test__ = False  # not a pytest class
     reason = "tests_failed"
+    ends_as = "rolled_back"
+
+
+class TestsTimedOut(TestsFailed):
+    reason = "tests_timeout"
+
+
+class TestsOutOfMemory(TestsFailed):
+    reason = "tests_out_of_memory"
+
+
+#: Every ending reason there is: the classes' reasons and the two endings that are not errors.
+def ending_reasons() -> set[str]:
+    found, todo = set(), [ExecutorError]
+    while todo:
+        cls = todo.pop()
+        found.add(cls.reason)
+        todo.extend(cls.__subclasses__())
+    return found | {COMMITTED, AWAITING_REVIEW}

@@ -12,6 +12,7 @@ import json
 import logging
 import sys
 from datetime import datetime, timezone
+from typing import Any
 
 _STANDARD = set(vars(logging.makeLogRecord({}))) | {"message", "asctime", "taskName"}
 
@@ -52,3 +53,13 @@ def configure(fmt: str = "text", level: str = "INFO") -> None:
     root.setLevel(level.upper())
     for noisy in ("urllib3", "docker"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+_state_log = logging.getLogger("executor.state")
+
+
+def log_state(job: Any, status: Any, attempt: int, **fields: object) -> None:
+    """The one record of a job's state change: ``action=state`` with the job, session, runner, attempt."""
+    value = getattr(status, "value", status)
+    _state_log.info("job %s", value, extra={"action": "state", "job": job.id, "session": job.session_id,
+                                             "runner": job.runner, "attempt": attempt, "status": value, **fields})

@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import stat
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -28,10 +28,6 @@ class Redactor:
         pairs = {(value, f"[REDACTED:{name}]") for name, value in secrets.items() if value and len(value) >= MIN_SECRET}
         # longest first, so a secret containing another is replaced whole
         self._pairs = sorted(set(self._pairs) | pairs, key=lambda p: -len(p[0]))
-
-    @classmethod
-    def for_runners(cls, auth_envs: Iterable[str], environ: Mapping[str, str]) -> Redactor:
-        return cls({name: environ.get(name, "") for name in auth_envs})
 
     def text(self, value: str) -> str:
         for secret, mark in self._pairs:

@@ -62,6 +62,7 @@ class World:
     repos: Path
     base_url: str = "http://127.0.0.1:9"  # replaced by the scripted API's
     extra_env: dict[str, str] = field(default_factory=dict)
+    repo_made: float = 0.0  # when the last repository was made (see submit)
 
     def settings(self, **overrides) -> Settings:
         values = dict(home=self.home, policies=self.policies, workspace_roots=[self.repos],
@@ -117,6 +118,7 @@ class World:
             subprocess.run(["git", "init", "-q", str(path)], check=True)
             subprocess.run(["git", "-C", str(path), "config", "user.email", "t@example.invalid"], check=True)
         chown_tree(path)
+        self.repo_made = time.time()
         return path
 
     def store(self) -> Store:
@@ -125,9 +127,12 @@ class World:
     def submit(self, **job) -> str:
         """Drop a job file into the spool the way a writer does (tmp, fsync, rename); the runner defaults
         to the scripted one."""
-        from executor.spool import Spool
+        from executor.intake.spool import Spool
 
         job.setdefault("runner", "scripted")
+        # A repository made a moment ago looks changed to the conflict check (it errs on the safe side
+        # by CLOCK_SLACK_NS = 20 ms): let the clock move past that before the job can start.
+        time.sleep(max(0.0, self.repo_made + 0.05 - time.time()))
         Spool(self.home / "spool").write(json.dumps(job).encode())
         return job["id"]
 
@@ -192,7 +197,7 @@ class RunningExecutor:
     """The executor's serving loop in a thread of the test process, stopped at teardown."""
 
     def __init__(self, settings: Settings, secrets: dict[str, str], client) -> None:
-        from executor.service import Executor
+        from executor.scheduling.service import Executor
 
         self.executor = Executor(settings, secrets, client)
         self.stop = threading.Event()

@@ -7,11 +7,9 @@ real Claude Code CLI against a scripted Messages API on loopback (the policy use
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 

@@ -20,8 +20,8 @@ from pathlib import Path
 
 import pytest
 
-from executor.sandbox import instance_id
-from executor.spool import Spool
+from executor.intake.spool import Spool
+from executor.sandbox.deployment import instance_id
 from executor.store import Status
 from tests.conftest import SANDBOX_IMAGE, chown_tree, tree_digest, wait_for, wait_status
 from tests.scripted_api import ScriptedAPI, Turn
@@ -152,8 +152,8 @@ def test_compose_up_runs_a_spooled_job_and_down_requeues_the_running_one(stack, 
                 return api.remaining("compose-hang") == 0 and job is not None and job.status == Status.running
 
             wait_for(hanging, 240, "the second job's agent to reach its hung turn")
-            time.sleep(1.0)
-            assert any(c.labels.get("io.executor.job") == "compose-hang" for c in stack.job_containers(docker_client))
+            wait_for(lambda: any(c.labels.get("io.executor.job") == "compose-hang"
+                                 for c in stack.job_containers(docker_client)), 30, "the hung job's container")
 
             started = time.monotonic()
             down = stack.compose("down", timeout=180)

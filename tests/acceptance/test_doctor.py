@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from executor.doctor import path_mismatches
-from tests.conftest import SANDBOX_IMAGE, TOKEN_VAR, TOKEN_VALUE, chown_tree
+from executor.surfaces.doctor import path_mismatches
+from tests.conftest import SANDBOX_IMAGE, TOKEN_VALUE, TOKEN_VAR, chown_tree
 
 ROOT = Path(__file__).resolve().parents[2]
 EXECUTOR = ROOT / ".venv" / "bin" / "executor"

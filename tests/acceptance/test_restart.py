@@ -9,7 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from executor.spool import Spool
+from executor.intake.spool import Spool
 from executor.store import Status
 from tests.conftest import wait_for, wait_status
 from tests.scripted_api import ScriptedAPI, Turn

@@ -8,18 +8,17 @@ import http.server
 import json
 import tempfile
 import threading
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
 
 import pytest
 from selenium import webdriver
-from selenium.webdriver.chrome.service import Service
 from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException
+from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 
-from executor.spool import Spool
+from executor.intake.spool import Spool
 from executor.store import Status
 from tests.conftest import tree_digest, wait_for, wait_status
 from tests.scripted_api import ScriptedAPI, Turn

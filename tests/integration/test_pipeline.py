@@ -11,11 +11,10 @@ import sys
 import time
 from pathlib import Path
 
-from executor.spool import Spool
+from executor.intake.spool import Spool
 from executor.store import Status
 from tests.conftest import chown_tree, tree_digest, wait_for, wait_status
 from tests.scripted_api import ScriptedAPI, Turn
-
 
 
 def test_agent_writes_and_edits_then_tests_pass_commits(world, run_executor):
@@ -361,7 +360,11 @@ def test_duplicate_job_id_is_rejected(world, run_executor, docker_client):
         spool.write(json.dumps({"id": "dup-job", "runner": "scripted", "workspace": str(other),
                                 "prompt": "dup-second: go"}).encode(), name="dup-second.json")
         wait_for(lambda: (spool.rejected / "dup-second.json.error.json").exists(), 30, "the duplicate rejected")
-        time.sleep(1.0)
+        ticked = runner.executor.last_tick
+        # Two more ticks of intake and admission: had the duplicate been taken, it would have started.
+        wait_for(lambda: runner.executor.last_tick > ticked, 30, "a tick after the rejection")
+        ticked = runner.executor.last_tick
+        wait_for(lambda: runner.executor.last_tick > ticked, 30, "a second tick after the rejection")
         assert len(api.requests) == requests_before
         assert not any("dup-second" in r.first_user_text for r in api.requests)
 

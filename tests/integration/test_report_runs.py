@@ -12,7 +12,6 @@ import json
 import shutil
 import socket
 import subprocess
-import time
 import urllib.request
 from datetime import timedelta
 from pathlib import Path
@@ -20,9 +19,9 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from executor.report import build_report, read_footprint
 from executor.store import Status
-from tests.conftest import TOKEN_VAR, TOKEN_VALUE, RunningExecutor, World, wait_for, wait_status
+from executor.surfaces.report import build_report, read_footprint
+from tests.conftest import TOKEN_VALUE, TOKEN_VAR, RunningExecutor, World, wait_for, wait_status
 from tests.scripted_api import ScriptedAPI, Turn
 
 ROOT = Path(__file__).resolve().parents[2]

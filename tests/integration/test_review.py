@@ -12,8 +12,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from executor.spool import Spool
+from executor.intake.spool import Spool
 from executor.store import Status
+from executor.transaction.retention import remove_expired
 from tests.conftest import tree_digest, wait_status
 from tests.scripted_api import ScriptedAPI, Turn
 
@@ -246,7 +247,7 @@ def test_a_job_awaiting_review_survives_a_restart(world, run_executor, docker_cl
 
         second = run_executor(world.settings())
         store = second.executor.store
-        second.executor.remove_expired()  # retention must not take a change that waits for a person
+        remove_expired(second.executor.settings, store)  # retention must not take a change that waits for a person
         assert store.get("rv-restart").status == Status.awaiting_review
         assert (world.home / "jobs" / "rv-restart" / "upper" / "hello.txt").read_text() == "changed\n"
         assert (repo / "hello.txt").read_text() == "hi\n"

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import json
 
-from executor.store import Status, aware
+from executor.clock import aware
+from executor.store import Status
 from tests.conftest import tree_digest, wait_for, wait_status
 from tests.scripted_api import ScriptedAPI, Turn
 

@@ -1,4 +1,4 @@
-"""Tests for executor.commit: scanning an overlay upper dir, the conflict check, and applying.
+"""Tests for executor.transaction (upper, conflicts, apply): scanning an overlay upper dir, the conflict check, and applying.
 
 The upper dirs are built by hand the way overlayfs (mounted with ``userxattr``) leaves them:
 whiteouts are 0/0 character devices, opaque dirs carry ``user.overlay.opaque=y``. Needs root
@@ -15,16 +15,13 @@ from pathlib import Path
 
 import pytest
 
-from executor.commit import (
-    Change,
-    Entry,
-    apply_change,
-    check_conflicts,
-    remove_tree,
-    scan_upper,
-)
 from executor.errors import UnsafePath
+from executor.transaction.apply import apply_change
+from executor.transaction.conflicts import check_conflicts
+from executor.transaction.safefs import remove_tree
+from executor.transaction.upper import Change, Entry, scan_upper
 from tests.unit.upper_tree import opaque, require_root, require_user_xattrs, whiteout, write
+
 
 @pytest.fixture(autouse=True)
 def _root() -> None:
@@ -403,7 +400,7 @@ def test_rerun_after_crash_cleans_up_and_finishes(repo: Path, upper: Path) -> No
     expected = tree_hash(repo)
 
     # simulate a crash: a temp file left behind, a stale child in the opaque dir, old content
-    from executor.commit import _temp_name
+    from executor.transaction.apply import _temp_name
 
     write(repo / "src" / _temp_name("app.py"), "half written")
     write(repo / "src/app.py", "old")

@@ -10,13 +10,16 @@ from pathlib import Path
 
 import pytest
 
-from executor import compaction
-from executor.compaction import Answer, CompactionUnavailable, Summarizer
-from executor.errors import InvalidJob
-from executor.jobs import parse_spec, validate
+from executor.clock import utcnow
+from executor.errors import CompactionUnavailable, InvalidJob
+from executor.intake.jobs import parse_spec, validate
 from executor.policy import Policy
+from executor.session import brief as session_brief
+from executor.session import compaction
+from executor.session import history as session_history
+from executor.session.summarizer import Answer, Summarizer
 from executor.settings import Settings
-from executor.store import Job, Status, Store, utcnow
+from executor.store import Job, Status, Store
 from tests.scripted_api import ScriptedAPI, Turn
 
 UTILS_CONTENT = "     1\tdef slugify(text):\n     2\t    return UNIQUE_BODY_MARKER_42\n"
@@ -82,7 +85,7 @@ def test_brief_summarizes_read_files_condenses_jobs_and_keeps_the_last_message(r
     store, skills_dir = recorded
     model = FakeModel()
     job = _next(store)
-    brief = compaction.build(store, "s1", job, skills_dir, model)
+    brief = session_brief.build(store, "s1", job, skills_dir, model)
     text = brief.text
     assert brief.mode == "model" and brief.reason is None
     # files read but not changed: key points, never the content
@@ -99,7 +102,7 @@ def test_brief_summarizes_read_files_condenses_jobs_and_keeps_the_last_message(r
     # the last job's final message and open items, verbatim
     assert FINAL in text
     assert "- - handle time zones" in text and "- - TODO: document the format" in text
-    assert compaction.retention_problems(text, brief.history) == []
+    assert session_brief.retention_problems(text, brief.history) == []
     # the skill of the session that this job does not name: its one-liner
     assert "- style: House code style for this repo" in text and "STYLE-BODY" not in text
 
@@ -107,7 +110,7 @@ def test_brief_summarizes_read_files_condenses_jobs_and_keeps_the_last_message(r
 def test_every_summary_is_a_row_beside_the_events_it_replaced(recorded):
     store, skills_dir = recorded
     job = _next(store)
-    brief = compaction.build(store, "s1", job, skills_dir, FakeModel())
+    brief = session_brief.build(store, "s1", job, skills_dir, FakeModel())
     store.add_compactions(brief.rows)
     rows = store.compactions(job_id="j3")
     kinds = sorted((r.kind, r.subject) for r in rows)
@@ -129,10 +132,10 @@ def test_every_summary_is_a_row_beside_the_events_it_replaced(recorded):
 def test_summaries_are_reused_not_paid_twice(recorded):
     store, skills_dir = recorded
     job = _next(store)
-    first = compaction.build(store, "s1", job, skills_dir, FakeModel())
+    first = session_brief.build(store, "s1", job, skills_dir, FakeModel())
     store.add_compactions(first.rows)
     again = FakeModel()
-    second = compaction.build(store, "s1", job, skills_dir, again)
+    second = session_brief.build(store, "s1", job, skills_dir, again)
     assert again.prompts == []
     assert second.text == first.text
     assert all(r.cost_usd == 0.0 and r.reused_from for r in second.rows if r.model)
@@ -141,11 +144,11 @@ def test_summaries_are_reused_not_paid_twice(recorded):
 def test_skills_swap_in_and_out(recorded):
     store, skills_dir = recorded
     job = _next(store, skills=["release"])
-    text = compaction.build(store, "s1", job, skills_dir, FakeModel()).text
+    text = session_brief.build(store, "s1", job, skills_dir, FakeModel()).text
     assert "### Skill release (in full)" in text and "RELEASE-BODY" in text
     assert "- style: House code style for this repo" in text and "STYLE-BODY" not in text
     store.update_job("j3", skills=["style"])
-    text = compaction.build(store, "s1", store.get("j3"), skills_dir, FakeModel()).text
+    text = session_brief.build(store, "s1", store.get("j3"), skills_dir, FakeModel()).text
     assert "STYLE-BODY" in text and "RELEASE-BODY" not in text
 
 
@@ -156,7 +159,7 @@ def test_structural_brief_when_the_small_model_keeps_answering_429(recorded):
     with ScriptedAPI(default=limit, side_filter=lambda body: False) as api:
         sleeps: list[float] = []
         model = Summarizer("claude-haiku-4-5", "sk-fake", api.base_url, attempts=3, backoff=0.5, sleep=sleeps.append)
-        brief = compaction.build(store, "s1", job, skills_dir, model)
+        brief = session_brief.build(store, "s1", job, skills_dir, model)
         calls = [r for r in api.requests if r.is_messages]
     assert brief.mode == "structural"
     assert "429" in brief.reason and "after 3 attempts" in brief.reason
@@ -168,7 +171,7 @@ def test_structural_brief_when_the_small_model_keeps_answering_429(recorded):
     assert "- app/utils.py (read by j1)" in text
     assert "- j1 [succeeded]: requested: Add parse_date to app/dates.py; changed app/dates.py; tests: pass" in text
     assert "rolled_back: tests_failed the tests failed (exit 1)" in text
-    assert compaction.retention_problems(text, brief.history) == []
+    assert session_brief.retention_problems(text, brief.history) == []
     assert all(r.model is None for r in brief.rows)
 
 
@@ -176,7 +179,7 @@ def test_a_different_model_answering_makes_the_brief_structural(recorded):
     store, skills_dir = recorded
     with ScriptedAPI(default=Turn.text("- a file", model="claude-sonnet-4-5"), side_filter=lambda b: False) as api:
         model = Summarizer("claude-haiku-4-5", "sk-fake", api.base_url, attempts=2)
-        brief = compaction.build(store, "s1", _next(store), skills_dir, model)
+        brief = session_brief.build(store, "s1", _next(store), skills_dir, model)
     assert brief.mode == "structural" and "claude-sonnet-4-5" in brief.reason and "no fallback" in brief.reason
 
 
@@ -185,7 +188,7 @@ def test_the_real_sdk_path_writes_summaries(recorded):
     with ScriptedAPI(default=Turn.text("- the utilities module\n- slugify is used by dates"),
                      side_filter=lambda b: False) as api:
         model = Summarizer("claude-haiku-4-5", "sk-fake", api.base_url)
-        brief = compaction.build(store, "s1", _next(store), skills_dir, model)
+        brief = session_brief.build(store, "s1", _next(store), skills_dir, model)
     assert brief.mode == "model"
     assert "  - slugify is used by dates" in brief.text
     assert all(r.latency is not None and r.model == "claude-haiku-4-5" for r in brief.rows if r.kind != "skill")
@@ -250,8 +253,8 @@ def test_first_job_of_a_session_gets_no_brief(tmp_path):
 
 def test_open_items_are_found_verbatim():
     text = "All done.\nStill need to wire the CLI.\nNext steps:\n- add docs\n* bump version\n\nUnrelated - bullet"
-    assert compaction.open_items(text) == ["Still need to wire the CLI.", "Next steps:", "- add docs", "* bump version"]
-    assert compaction.open_items("Done.") == []
+    assert session_history.open_items(text) == ["Still need to wire the CLI.", "Next steps:", "- add docs", "* bump version"]
+    assert session_history.open_items("Done.") == []
 
 
 def test_job_files_name_skills_that_exist_and_context_full(tmp_path):
@@ -292,7 +295,7 @@ def test_an_older_database_gains_the_new_columns(tmp_path):
 def test_session_context_and_full_print_the_brief_and_the_history(recorded, tmp_path):
     from click.testing import CliRunner
 
-    from executor.cli import main
+    from executor.surfaces.cli import main
 
     store, _ = recorded
     _next(store)
@@ -302,7 +305,7 @@ def test_session_context_and_full_print_the_brief_and_the_history(recorded, tmp_
     assert "# Session brief: session s1, 2 earlier job(s)" in out.output
     assert "- app/utils.py (read by j1)" in out.output and "UNIQUE_BODY_MARKER_42" not in out.output
     assert "structural (no summary yet" in out.output
-    brief = compaction.build(store, "s1", store.get("j3"), tmp_path / "policies" / "skills", FakeModel())
+    brief = session_brief.build(store, "s1", store.get("j3"), tmp_path / "policies" / "skills", FakeModel())
     store.add_compactions(brief.rows)
     out = CliRunner().invoke(main, ["session", "s1", "--context", "--skill", "release"], env=env)
     assert out.exit_code == 0, out.output

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from executor.errors import ConfigError, InvalidJob
-from executor.jobs import JobSpec, parse_spec, validate
+from executor.intake.jobs import JobSpec, parse_spec, validate
 from executor.policy import load_policy, load_runners, parse_duration
 from executor.settings import Settings, parse_size
 

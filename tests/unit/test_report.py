@@ -15,9 +15,9 @@ from click.testing import CliRunner
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from executor.metrics import ExecutorMetrics, aggregate
-from executor.report import BUSY_WINDOW_JOBS, build_report, percentile, read_footprint, render_text
-from executor.store import Attempt, Event, Job, RateLimitEvent, Status, Store
+from executor.store import Attempt, Job, RateLimitEvent, Status, Store
+from executor.surfaces.metrics import ExecutorMetrics, aggregate
+from executor.surfaces.report import BUSY_WINDOW_JOBS, build_report, percentile, read_footprint, render_text
 
 NOW = datetime(2025, 6, 10, 12, 0, tzinfo=timezone.utc)
 
@@ -220,7 +220,7 @@ def test_footprint_says_when_the_executor_is_not_running(store, tmp_path):
 def test_report_command_json_and_text(store, tmp_path, monkeypatch):
     add(store, "ok", Status.succeeded, finished=datetime.now(timezone.utc) - timedelta(minutes=1),
         models=["claude-sonnet-4-5"], usage=(10, 2, 0.5))
-    from executor.cli import main
+    from executor.surfaces.cli import main
 
     monkeypatch.setenv("EXECUTOR_HOME", str(tmp_path / "home"))
     done = CliRunner().invoke(main, ["report", "--since", "2d", "--json"])

@@ -7,10 +7,12 @@ from pathlib import Path
 
 import pytest
 
+from executor.agent.events import parse_line
+from executor.agent.outcome import classify
+from executor.agent.stream import StreamState
 from executor.errors import AgentFailed, ModelMismatch, Overloaded, RateLimited
+from executor.job.retry import decide
 from executor.policy import Policy
-from executor.retry import decide
-from executor.stream import StreamState, classify, parse_line
 
 CAPTURED = Path(__file__).resolve().parents[1] / "fixtures"
 NOW = datetime(2026, 11, 26, 3, 0, tzinfo=timezone.utc)

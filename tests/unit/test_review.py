@@ -15,13 +15,16 @@ from pathlib import Path
 import pytest
 
 from executor import review
-from executor.commit import Change, Entry, scan_upper
+from executor.clock import utcnow
 from executor.errors import Conflict, ReviewError
-from executor.notify import Notifier, payload
 from executor.policy import Policy
 from executor.settings import Settings
-from executor.store import Job, Status, Store, utcnow
+from executor.store import Job, Status, Store
+from executor.surfaces.notify import Notifier, payload
+from executor.transaction.upper import Change, Entry, scan_upper
+from tests.conftest import wait_for
 from tests.unit.upper_tree import opaque, require_root, require_user_xattrs, whiteout, write
+
 
 @pytest.fixture(autouse=True)
 def _root() -> None:
@@ -113,7 +116,7 @@ def test_never_commits_whatever_fires_and_an_empty_change_needs_nobody():
 
 
 def test_policy_fields_and_the_system_prompt_instruction(tmp_path):
-    from executor.pipeline import system_prompt_parts
+    from executor.job.pipeline import system_prompt_parts
 
     p = Policy()
     assert (p.review, p.review_paths, p.protected_paths, p.review_max_changed_lines) == ("auto", (), ("tests/**",), None)
@@ -121,9 +124,9 @@ def test_policy_fields_and_the_system_prompt_instruction(tmp_path):
         Policy(review="sometimes")
     with pytest.raises(ValueError):
         Policy(review_path=["x"])  # extra=forbid
-    assert review.REVIEW_INSTRUCTION in system_prompt_parts(None, None, Policy())
-    assert review.REVIEW_INSTRUCTION in system_prompt_parts(None, None, Policy(review="always"))
-    assert review.REVIEW_INSTRUCTION not in system_prompt_parts(None, None, Policy(review="never"))
+    assert review.REVIEW_INSTRUCTION in system_prompt_parts(Policy())
+    assert review.REVIEW_INSTRUCTION in system_prompt_parts(Policy(review="always"))
+    assert review.REVIEW_INSTRUCTION not in system_prompt_parts(Policy(review="never"))
     assert "REVIEW: <" in review.REVIEW_INSTRUCTION
 
 
@@ -332,13 +335,14 @@ def test_cancel_of_a_job_awaiting_review(pending_job):
 
 
 def test_finish_commit_redoes_only_the_approved_part(pending_job):
-    """A crash after a partial approve claimed the job: the restart's finish_commit applies the same part."""
-    from executor.pipeline import finish_commit, workspace_for
+    """A crash after a partial approve claimed the job: the restart's commit.finish applies the same part."""
+    from executor.transaction.commit import finish
+    from executor.transaction.workspace import Workspace
 
     store, settings, repo = pending_job
     store.transition("rj", Status.awaiting_review, Status.committing, review_files=["a.txt"], changed_files=["a.txt"])
     job = store.get("rj")
-    ending = finish_commit(None, job, workspace_for(settings, job, job.attempts))
+    ending = finish(job, Workspace.of(settings, job))
     assert ending.status == Status.succeeded
     assert (repo / "a.txt").read_text() == "A\n" and (repo / "b.txt").read_text() == "b\n"
     assert (repo / "c.txt").exists()
@@ -390,9 +394,7 @@ def test_notification_is_retried_after_a_failure():
     try:
         notifier = Notifier(hook.url, backoff=0.05, ui_url="http://127.0.0.1:8765")
         notifier.job_event(_job(Status.awaiting_review, review_reasons=[{"message": "changes tests/**"}]))
-        deadline = time.monotonic() + 10
-        while not hook.bodies and time.monotonic() < deadline:
-            time.sleep(0.05)
+        wait_for(lambda: hook.bodies, 10, "the notification to arrive", interval=0.05)
         notifier.close()
     finally:
         hook.close()
@@ -435,7 +437,7 @@ class _NoRedirect(urllib.request.HTTPRedirectHandler):
 
 
 def _web(tmp_path: Path, **settings):
-    from executor.web import serve_web
+    from executor.surfaces.web import serve_web
 
     s = Settings(home=tmp_path / "home", policies=tmp_path / "p", ui_port=0, **settings)
     store = Store(s.db_path)

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from executor import spool as spool_mod
-from executor.spool import MAX_JOB_FILE, Spool, intake
+from executor.intake import spool as spool_mod
+from executor.intake.spool import MAX_JOB_FILE, Spool, intake
 from executor.store import Job, Status, Store
 
 
@@ -257,7 +257,7 @@ def test_crash_after_commit_before_move_finishes_the_move_only(env):
     world, repo, settings, sp, store = env
     path = sp.write(job_json(repo, id="crashy"))
     # what intake did before the crash: the job row is committed, the file did not move
-    from executor.jobs import parse_spec, validate
+    from executor.intake.jobs import parse_spec, validate
 
     valid = validate(parse_spec(path.read_bytes()), settings)
     store.add_job(spool_mod.job_from(valid, path.name))
@@ -275,7 +275,7 @@ def test_crash_after_commit_of_a_file_without_id_makes_no_second_job(env):
     """Without an id in the file a re-read would invent a new one: only the spool name links them."""
     world, repo, settings, sp, store = env
     path = sp.write(job_json(repo))
-    from executor.jobs import parse_spec, validate
+    from executor.intake.jobs import parse_spec, validate
 
     valid = validate(parse_spec(path.read_bytes()), settings)
     store.add_job(spool_mod.job_from(valid, path.name))

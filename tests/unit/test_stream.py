@@ -1,36 +1,23 @@
-"""Tests for executor.stream: real CLI transcripts end to end, plus small synthetic streams shaped
+"""Tests for executor.agent (events, stream state, outcome, usage limits): real CLI transcripts end to end, plus small synthetic streams shaped
 like them for the endings the fixtures do not cover (auth error, 529, spend cap, usage limits)."""
 
 from __future__ import annotations
 
 import json
-import os
 from datetime import datetime, timezone
 from pathlib import Path
 from zoneinfo import ZoneInfo
 
 import pytest
 
+from executor.agent.events import SYNTHETIC_MODEL, Event, events_for, parse_line
+from executor.agent.outcome import Outcome, classify
+from executor.agent.stream import StreamState
+from executor.agent.usage_limit import looks_like_usage_limit, parse_usage_limit
 from executor.errors import AgentFailed, Overloaded, RateLimited
-from executor.stream import (
-    SYNTHETIC_MODEL,
-    Event,
-    Outcome,
-    StreamState,
-    classify,
-    events_for,
-    looks_like_usage_limit,
-    parse_line,
-    parse_usage_limit,
-)
 
-# /work/shared/fixtures/claude-stream when the repo is /work/main; EXECUTOR_FIXTURES overrides.
-FIXTURES = Path(
-    os.environ.get(
-        "EXECUTOR_FIXTURES",
-        Path(__file__).resolve().parents[3] / "shared" / "fixtures" / "claude-stream",
-    )
-)
+# Real transcripts of CLI 2.1.328 (tests/fixtures/claude-stream/README.md says how they were captured).
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "claude-stream"
 
 # Thursday 2026-11-26 10:00 UTC: a fixed "now" for every relative reset time.
 NOW = datetime(2026, 11, 26, 10, 0, tzinfo=timezone.utc)
@@ -40,7 +27,7 @@ SESSION = "11111111-2222-3333-4444-555555555555"
 def fixture_path(name: str) -> Path:
     path = FIXTURES / name
     if not path.exists():
-        pytest.fail(f"fixture {path} is missing (set EXECUTOR_FIXTURES to the claude-stream folder)")
+        pytest.fail(f"fixture {path} is missing")
     return path
 
 
@@ -167,7 +154,6 @@ def test_success_write_fixture_end_to_end():
 
     outcome = classify(state, 0)
     assert outcome.kind == "success"
-    assert outcome.retryable is False
     assert outcome.to_error() is None
 
 
@@ -208,7 +194,7 @@ def test_rate_limit_429_fixture_is_rate_limited_with_retry_after():
     assert outcome.kind == "rate_limited"
     assert outcome.retry_after == pytest.approx(1.171)  # the last api_retry's retry_delay_ms
     assert "Request rejected (429)" in outcome.message
-    assert outcome.retryable
+    assert outcome.to_error().retryable
     error = outcome.to_error()
     assert isinstance(error, RateLimited) and error.retry_after == pytest.approx(1.171)
 
@@ -366,7 +352,7 @@ def test_auth_error_stream():
     outcome = classify(state, 1)
     assert outcome.kind == "auth_error"
     assert outcome.message == text
-    assert not outcome.retryable
+    assert not outcome.to_error().retryable
     assert state.models_seen == ["claude-opus-5-5"]
 
 
@@ -396,7 +382,7 @@ def test_spend_cap_429_is_not_retryable():
     ])
     outcome = classify(state, 1)
     assert outcome.kind == "api_error"
-    assert not outcome.retryable
+    assert not outcome.to_error().retryable
     assert "specified API usage limits" in outcome.message
 
 

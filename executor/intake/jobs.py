@@ -1,0 +1,188 @@
+"""What a job file may say, and the checks that make a job runnable before it is accepted.
+
+Owns the job file schema (``JobSpec``) and its validation against the settings, the runners and the
+policies: every problem is an ``InvalidJob`` whose message says what is wrong and how to fix it.
+
+Must never: touch the spool, the database or Docker; it only judges.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import stat
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from ..errors import ConfigError, InvalidJob
+from ..policy import Policy, Runner, load_policy, load_runners
+from ..settings import Settings, format_size
+
+# First character alphanumeric: "." and ".." would name the jobs directory or the state root itself as a
+# job's directory (removed on rollback), and a leading "-" reads as an option on the command line.
+JOB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+# The overlay's mount options are a comma-separated list and lowerdir stacks are colon-separated.
+_UNSAFE_PATH_CHARS = set(",:\n\\")
+
+
+class JobSpec(BaseModel):
+    """A job file (JSON). Unknown fields are errors."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    runner: str = Field(description="Name of a runner in runners.toml.")
+    workspace: str = Field(description="Absolute path of the repository, under a workspace root.")
+    prompt: str = Field(min_length=1, description="What the agent is asked to do.")
+    id: str | None = Field(default=None, pattern=JOB_ID.pattern, description="Unique job id.")
+    session_id: str | None = Field(default=None, pattern=JOB_ID.pattern, description="Defaults to the id.")
+    policy: str = Field(default="default", description="Policy file name (without .toml).")
+    test_command: str | None = Field(default=None, min_length=1, description="Overrides the policy's.")
+    priority: int = Field(default=0, description="Higher starts first; ties start in arrival order.")
+    skills: list[str] | None = Field(default=None, description="Skills (policies/skills/NAME.md) that ride "
+                                     "along in full in the session brief.")
+    context: Literal["full"] | None = Field(default=None, description="'full': bypass compaction for this job.")
+
+
+@dataclass(frozen=True)
+class ValidJob:
+    """A job that passed every check, with what it resolved to."""
+
+    spec: JobSpec
+    id: str
+    runner: Runner
+    policy: Policy
+    workspace: Path
+    owner_uid: int
+    owner_gid: int
+
+    @property
+    def session_id(self) -> str:
+        return self.spec.session_id or self.id
+
+    @property
+    def test_command(self) -> str | None:
+        return self.spec.test_command or self.policy.test_command
+
+
+def new_job_id() -> str:
+    return uuid.uuid4().hex[:16]
+
+
+def parse_spec(raw: bytes | str | dict) -> JobSpec:
+    """Decode and schema-check a job file's content."""
+    if isinstance(raw, (bytes, str)):
+        try:
+            return JobSpec.model_validate_json(raw)
+        except ValidationError as exc:
+            raise InvalidJob(_explain(exc)) from None
+    try:
+        return JobSpec.model_validate(raw)
+    except ValidationError as exc:
+        raise InvalidJob(_explain(exc)) from None
+
+
+def _explain(exc: ValidationError) -> str:
+    parts = []
+    for err in exc.errors():
+        where = ".".join(str(p) for p in err["loc"])
+        if err["type"] == "json_invalid":
+            parts.append(f"not valid JSON ({err['ctx'].get('error', err['msg'])}): write one JSON object")
+        elif err["type"] == "extra_forbidden":
+            parts.append(f"unknown field {where!r}: allowed fields are {', '.join(JobSpec.model_fields)}")
+        elif err["type"] == "missing":
+            parts.append(f"missing required field {where!r}")
+        elif err["type"] == "model_type":
+            parts.append("a job file must be one JSON object")
+        else:
+            parts.append(f"{where}: {err['msg']}")
+    return "invalid job file: " + "; ".join(parts)
+
+
+def validate(spec: JobSpec, settings: Settings, runners: dict[str, Runner] | None = None) -> ValidJob:
+    """Every check a job must pass before it is accepted; raises InvalidJob naming the problem."""
+    if runners is None:
+        runners = _runners(settings)
+    runner = runners.get(spec.runner)
+    if runner is None:
+        known = ", ".join(sorted(runners)) or "none"
+        raise InvalidJob(
+            f"unknown runner {spec.runner!r}: runners in {settings.policies / 'runners.toml'} are {known}"
+        )
+    try:
+        policy = load_policy(settings.policies, spec.policy)
+    except ConfigError as exc:
+        raise InvalidJob(f"policy {spec.policy!r}: {exc}") from None
+    _check_budget(policy, settings)
+    _check_skills(spec.skills or [], settings)
+    workspace, uid, gid = _check_workspace(spec.workspace, settings)
+    return ValidJob(spec=spec, id=spec.id or new_job_id(), runner=runner, policy=policy,
+                    workspace=workspace, owner_uid=uid, owner_gid=gid)
+
+
+def _runners(settings: Settings) -> dict[str, Runner]:
+    try:
+        return load_runners(settings.policies)
+    except ConfigError as exc:
+        raise InvalidJob(f"cannot read runners: {exc}") from None
+
+
+SKILL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+
+def _check_skills(skills: list[str], settings: Settings) -> None:
+    for name in skills:
+        if not SKILL_NAME.match(name):
+            raise InvalidJob(f"skill {name!r} is not a skill name (letters, digits, . _ -)")
+        if not (settings.policies / "skills" / f"{name}.md").is_file():
+            raise InvalidJob(f"unknown skill {name!r}: there is no {settings.policies / 'skills' / (name + '.md')}")
+
+
+def _check_budget(policy: Policy, settings: Settings) -> None:
+    usable_memory = settings.budget_memory - settings.reserve_memory
+    if policy.cpus > settings.budget_cpus:
+        raise InvalidJob(
+            f"policy asks for {policy.cpus:g} cpus but the whole budget is {settings.budget_cpus:g} "
+            "(EXECUTOR_BUDGET_CPUS): lower the policy's cpus or raise the budget"
+        )
+    if policy.memory > usable_memory:
+        raise InvalidJob(
+            f"policy asks for {format_size(policy.memory)} of memory but the budget leaves "
+            f"{format_size(usable_memory)} for jobs (EXECUTOR_BUDGET_MEMORY "
+            f"{format_size(settings.budget_memory)} minus EXECUTOR_RESERVE_MEMORY "
+            f"{format_size(settings.reserve_memory)}): lower the policy's memory or raise the budget"
+        )
+
+
+def _check_workspace(raw: str, settings: Settings) -> tuple[Path, int, int]:
+    path = Path(raw)
+    if not path.is_absolute():
+        raise InvalidJob(f"workspace {raw!r} is not an absolute path")
+    if _UNSAFE_PATH_CHARS & set(raw):
+        raise InvalidJob(f"workspace {raw!r} contains one of , : \\ or a newline, which overlay options cannot carry")
+    resolved = path.resolve()
+    if _UNSAFE_PATH_CHARS & set(str(resolved)):
+        # the overlay is built on the resolved path: a symlink must not smuggle the characters in
+        raise InvalidJob(f"workspace {raw!r} resolves to {str(resolved)!r}, which contains one of , : \\ or a "
+                         "newline, which overlay options cannot carry")
+    if not any(resolved == root or root in resolved.parents for root in settings.workspace_roots):
+        roots = ", ".join(str(r) for r in settings.workspace_roots) or "none configured"
+        raise InvalidJob(
+            f"workspace {raw!r} is not under a workspace root ({roots}); "
+            "add its parent to EXECUTOR_WORKSPACE_ROOTS or move the repository"
+        )
+    try:
+        st = os.stat(resolved)
+    except FileNotFoundError:
+        raise InvalidJob(f"workspace {raw!r} does not exist") from None
+    if not stat.S_ISDIR(st.st_mode):
+        raise InvalidJob(f"workspace {raw!r} is not a directory")
+    if st.st_uid == 0:
+        raise InvalidJob(
+            f"workspace {raw!r} is owned by root; the agent runs as the repository's owner and never as "
+            "root: chown the repository to a regular user"
+        )
+    return resolved, st.st_uid, st.st_gid

@@ -1,0 +1,178 @@
+"""The spool: a maildir-style directory through which job files arrive, are accepted or are rejected.
+
+Owns ``$EXECUTOR_HOME/spool/{tmp,incoming,accepted,rejected}``. Writers put a file in ``tmp/``, fsync it
+and rename it into ``incoming/`` (so intake never sees half a file). Intake reads each incoming file
+without following symlinks, commits the job to the store, and only then moves the file to
+``accepted/``; a bad file goes to ``rejected/`` beside ``NAME.error.json``. A crash between any two steps
+neither loses a job nor runs it twice: the store remembers which spool file a job came from.
+
+Must never: delete a job file, run anything, or accept a file the store did not take.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import os
+import secrets
+import socket
+import stat
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import InvalidJob
+from ..policy import Runner
+from ..settings import Settings
+from ..store import Job, Store
+from .jobs import ValidJob, parse_spec, validate
+
+log = logging.getLogger(__name__)
+
+MAX_JOB_FILE = 1024 * 1024  # 1 MiB: a prompt is text, not a payload
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _unique_name(suffix: str = ".json") -> str:
+    # maildir-style: time, host, pid and randomness, so concurrent writers never collide
+    return f"{time.time_ns()}.{socket.gethostname()}.{os.getpid()}.{secrets.token_hex(4)}{suffix}"
+
+
+@dataclass
+class IntakeResult:
+    accepted: list[str]
+    rejected: list[str]
+
+
+class Spool:
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.tmp = root / "tmp"
+        self.incoming = root / "incoming"
+        self.accepted = root / "accepted"
+        self.rejected = root / "rejected"
+        for d in (self.tmp, self.incoming, self.accepted, self.rejected):
+            d.mkdir(parents=True, exist_ok=True)
+
+    # -- writers ------------------------------------------------------------------------------------
+
+    def write(self, content: bytes, name: str | None = None) -> Path:
+        """Atomically place ``content`` in ``incoming/`` (tmp, fsync, rename, fsync the directory)."""
+        name = name or _unique_name()
+        tmp_path = self.tmp / name
+        fd = os.open(tmp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+        try:
+            os.write(fd, content)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        final = self.incoming / name
+        os.rename(tmp_path, final)
+        _fsync_dir(self.incoming)
+        return final
+
+    # -- intake -------------------------------------------------------------------------------------
+
+    def pending(self) -> list[str]:
+        """Names in ``incoming/``, oldest first (maildir names start with the time)."""
+        return sorted(n for n in os.listdir(self.incoming) if not n.startswith("."))
+
+    def read(self, name: str) -> bytes:
+        """The file's bytes, refusing anything that is not a small regular file (no symlinks, fifos)."""
+        try:
+            fd = os.open(self.incoming / name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise InvalidJob("the spool entry is a symlink; write the job file itself into the spool") from None
+            raise InvalidJob(f"cannot open the job file: {exc.strerror}") from None
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise InvalidJob("the spool entry is not a regular file; write a JSON job file")
+            if st.st_size > MAX_JOB_FILE:
+                raise InvalidJob(f"the job file is {st.st_size} bytes; the limit is {MAX_JOB_FILE} (1 MiB)")
+            data = os.read(fd, MAX_JOB_FILE + 1)
+            if len(data) > MAX_JOB_FILE:
+                raise InvalidJob(f"the job file is larger than {MAX_JOB_FILE} bytes (1 MiB)")
+            return data
+        finally:
+            os.close(fd)
+
+    def accept(self, name: str) -> None:
+        os.rename(self.incoming / name, self.accepted / name)
+        _fsync_dir(self.accepted)
+        _fsync_dir(self.incoming)
+
+    def reject(self, name: str, error: str) -> None:
+        """Move the file to ``rejected/`` beside ``NAME.error.json`` (written first, atomically)."""
+        report = json.dumps({"file": name, "error": error, "rejected_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}, indent=2)
+        tmp = self.tmp / f"{name}.error.json"
+        tmp.write_text(report + "\n")
+        os.rename(tmp, self.rejected / f"{name}.error.json")
+        os.rename(self.incoming / name, self.rejected / name)
+        _fsync_dir(self.rejected)
+        _fsync_dir(self.incoming)
+
+    def rename_incoming(self, name: str) -> str:
+        """Give an incoming file a fresh unique name (its old name was already used by an earlier job)."""
+        new = _unique_name(suffix=f".{name}")
+        os.rename(self.incoming / name, self.incoming / new)
+        return new
+
+
+def job_from(valid: ValidJob, spool_name: str | None) -> Job:
+    return Job(
+        id=valid.id,
+        session_id=valid.session_id,
+        runner=valid.runner.name,
+        model_requested=valid.runner.model,
+        workspace=str(valid.workspace),
+        prompt=valid.spec.prompt,
+        policy_name=valid.spec.policy,
+        policy=valid.policy.model_dump(),
+        test_command=valid.test_command,
+        priority=valid.spec.priority,
+        skills=valid.spec.skills,
+        context=valid.spec.context,
+        spool_name=spool_name,
+        repo_uid=valid.owner_uid,
+        repo_gid=valid.owner_gid,
+    )
+
+
+def intake(spool: Spool, store: Store, settings: Settings, runners: dict[str, Runner] | None = None) -> IntakeResult:
+    """Take every file in ``incoming/``: commit it as a job, then accept it; or reject it with a reason."""
+    result = IntakeResult(accepted=[], rejected=[])
+    for name in spool.pending():
+        known = store.find_by_spool_name(name)
+        if known is not None:
+            if not (spool.accepted / name).exists():
+                # Crash after the job was committed but before the file moved: finish the move only.
+                spool.accept(name)
+                continue
+            # A writer reused a name that an earlier job already had: take it as a new file.
+            name = spool.rename_incoming(name)
+        elif os.path.lexists(spool.accepted / name) or os.path.lexists(spool.rejected / name):
+            # The name was used by an earlier file (rejected, or accepted by a store since replaced):
+            # moving this one there would overwrite, and so delete, that earlier file.
+            name = spool.rename_incoming(name)
+        try:
+            valid = validate(parse_spec(spool.read(name)), settings, runners)
+            store.add_job(job_from(valid, name))
+        except InvalidJob as exc:
+            log.warning("job file rejected", extra={"action": "rejected", "file": name, "error": str(exc)})
+            spool.reject(name, str(exc))
+            result.rejected.append(name)
+            continue
+        spool.accept(name)
+        log.info("job accepted", extra={"action": "accepted", "job": valid.id, "file": name})
+        result.accepted.append(valid.id)
+    return result

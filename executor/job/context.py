@@ -1,0 +1,43 @@
+"""What every job thread needs from the executor, passed down explicitly (no globals).
+
+Owns ``Context``: the settings, the store, the deployment, the runners and their credentials, the shutdown
+signal, the watchdogs of running agents (``executor status`` reads their last samples) and the hooks a
+settled job fires (notifications).
+
+Must never: hold mutable state beyond those registries, or be built anywhere but the serving loop and
+tests.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+from ..policy import Runner
+from ..redact import Redactor
+from ..sandbox.deployment import Deployment
+from ..sandbox.liveness import Watchdog
+from ..settings import Settings
+from ..store import Job, Status, Store
+
+
+@dataclass
+class Context:
+    settings: Settings
+    store: Store
+    sandbox: Deployment
+    runners: dict[str, Runner]
+    secrets: Mapping[str, str]
+    shutdown: threading.Event = field(default_factory=threading.Event)
+    #: the watchdog of each job whose agent runs now (status reads their last samples)
+    watchdogs: dict[str, Watchdog] = field(default_factory=dict)
+    pids_reported: dict[str, int] = field(default_factory=dict)  # refused forks already in the log
+    redactor: Redactor | None = None
+    #: told about a job that entered review or failed (EXECUTOR_NOTIFY_URL); must never block or raise
+    notify: Callable[[Job], None] | None = None
+
+    def settled(self, job: Job) -> None:
+        """A job settled: tell whoever wants to know."""
+        if self.notify is not None and job.status in (Status.awaiting_review, Status.failed):
+            self.notify(job)

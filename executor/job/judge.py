@@ -1,0 +1,87 @@
+"""Judging a finished agent run and a finished test run: did they earn the next step, and if not, why not.
+
+Owns the rules that turn what a run did (how it stopped, its exit, the models that answered, its outcome)
+into either nothing (go on) or one error of the tree (``errors.py``) whose reason, status and message the
+job ends with.
+
+Must never: touch the store, the engine or the workspace; it only decides.
+"""
+
+from __future__ import annotations
+
+import time
+
+from ..agent.events import SYNTHETIC_MODEL
+from ..errors import (
+    AgentFailed,
+    Cancelled,
+    Interrupted,
+    ModelMismatch,
+    OutOfMemory,
+    Stalled,
+    TestsFailed,
+    TestsOutOfMemory,
+    TestsTimedOut,
+    TimedOut,
+)
+from ..policy import Policy, Runner
+from ..sandbox.runtime import AgentRun, TestRun
+from ..settings import format_size
+
+
+def judge_agent(runner: Runner, policy: Policy, run: AgentRun) -> None:
+    """Raise why the agent's run does not earn a test run; return when it does."""
+    _stopped(run.stopped, "the attempt")
+    if run.stopped == "stalled":
+        raise _stalled(policy, run)
+    if run.stopped == "timeout":
+        raise TimedOut(f"the agent ran longer than the policy's timeout ({policy.timeout:g}s); its changes "
+                       "were rolled back")
+    if run.oom_killed:
+        raise OutOfMemory(f"the agent container hit its memory limit ({format_size(policy.memory)}) and was "
+                          "killed; raise the policy's memory")
+    wrong = [m for m in run.state.models_seen if m not in (runner.model, SYNTHETIC_MODEL)]
+    if wrong:
+        raise ModelMismatch(runner.name, runner.model, wrong)
+    outcome = run.outcome
+    if outcome.kind == "success":
+        return
+    if outcome.kind == "agent_error":
+        limit = (f" (the container's pids limit of {policy.pids} refused {run.refused_forks} forks: a fork "
+                 "bomb or runaway processes; raise the policy's pids if the work needs more)") if run.refused_forks else ""
+        raise AgentFailed(f"the agent did not succeed: {outcome.message}{limit}")
+    error = outcome.to_error(runner=runner.name)
+    if not error.retryable:
+        label = outcome.kind.replace("_", " ")
+        error.message = f"{runner.name} failed: {label}: {outcome.message}"
+    raise error
+
+
+def _stopped(stopped: str | None, during: str) -> None:
+    """The executor itself ended the run: it is stopping, or a person cancelled the job."""
+    if stopped == "shutdown":
+        raise Interrupted(f"the executor stopped during {during}")
+    if stopped == "cancelled":
+        raise Cancelled(f"cancelled while {'the agent' if during == 'the attempt' else 'the tests'} ran")
+
+
+def _stalled(policy: Policy, run: AgentRun) -> Stalled:
+    alive = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(run.last_alive or time.time()))
+    message = (f"no progress for {policy.stall_after:g}s (stall_after): last alive at {alive}, last activity: "
+               f"{run.last_activity or 'none'}; the container was killed and its changes discarded"
+               + ("; re-queued from the clean repository (retry_stalled)" if policy.retry_stalled else ""))
+    error = Stalled(message)
+    if policy.retry_stalled:
+        error.ends_as = "queued"
+    return error
+
+
+def judge_tests(tests: TestRun) -> None:
+    """Raise why the test run does not let the change through; return when it passed."""
+    _stopped(tests.stopped, "the tests")
+    if tests.timed_out:
+        raise TestsTimedOut("the tests ran longer than the policy's test_timeout")
+    if tests.oom_killed:
+        raise TestsOutOfMemory("the tests hit the memory limit")
+    if not tests.passed:
+        raise TestsFailed(f"the tests failed (exit {tests.exit_code}): {tests.command}")

@@ -1,0 +1,238 @@
+"""One job's life: workspace, agent, test gate, then commit or rollback.
+
+Owns the order of a job's steps and the phase it is in (``store/status.py`` draws the whole machine):
+
+    queued -> running -> testing -> (awaiting_review) -> committing -> succeeded
+                 |-> waiting_retry (rate limited: slot freed, upper kept) -> running (same runner, resumed)
+                 |-> rolled_back / failed / stalled / cancelled / queued again (the executor is stopping)
+
+Only an agent that reported success *and* a passing test run lead to a commit (``transaction/commit.py``);
+anything else removes the job's overlay and leaves the repository as it was. Every ending is an error of
+the tree (``errors.py``) or one of its two non-error reasons.
+
+Must never: commit without a passing test run, run a job it did not move to ``running`` itself, or
+hide why a job ended.
+"""
+
+from __future__ import annotations
+
+import time
+from datetime import timedelta
+
+from ..agent.command import agent_environment
+from ..clock import utcnow
+from ..errors import AWAITING_REVIEW, ConfigError, ExecutorError, RateLimited
+from ..logs import log_state
+from ..policy import Policy, Runner
+from ..redact import scrub_tree
+from ..review.diff import changed_lines, diff_change
+from ..review.triggers import REVIEW_INSTRUCTION, reason_text, review_reasons
+from ..sandbox.liveness import Watchdog
+from ..sandbox.runtime import AgentRun, agent_spec, run_tests, watch_agent
+from ..session import compaction
+from ..session.home import session_home, transcript_readable
+from ..store import Job, RateLimitEvent, Status
+from ..transaction import workspace
+from ..transaction.commit import Ending, Phase, commit, settle
+from ..transaction.conflicts import check_conflicts
+from ..transaction.upper import scan_upper
+from ..transaction.workspace import Workspace
+from . import retry
+from .context import Context
+from .judge import judge_agent, judge_tests
+from .record import record_attempt, record_beat, record_events, record_tests
+from .stop import StopCheck
+
+#: What the agent is told when its conversation is resumed after a rate limit.
+RESUME_PROMPT = ("Your previous attempt at this task was interrupted by an API rate limit. The workspace is as "
+                 "you left it. Continue where you stopped and finish the task:\n\n{prompt}")
+
+
+def run_job(ctx: Context, job_id: str) -> Job:
+    """Run one attempt of a queued job to a settled status (or back to queued on shutdown)."""
+    job = ctx.store.get(job_id)
+    assert job is not None
+    number = job.attempts + 1
+    resume = job.resume_session if job.status == Status.waiting_retry else None
+    # A resumed attempt continues the earlier attempt's changes: the repository is judged against
+    # the moment those started.
+    start_ns = job.start_ns if resume and job.start_ns else time.time_ns()
+    phase = Phase(job.status)
+    job = phase.move(ctx.store, job, Status.running, started_at=job.started_at or utcnow(), start_ns=start_ns,
+                     attempts=number, retry_at=None, resume_session=None)
+    ctx.store.start_attempt(job.id, number)
+    ctx.store.add_event(job, number, "state", {"status": "running", "attempt": number, "resume": resume})
+    log_state(job, Status.running, number)
+    ws = Workspace.of(ctx.settings, job, number)
+    return _settled(ctx, job, ws, phase, lambda: _attempt(ctx, job, ws, phase, resume))
+
+
+def adopt_job(ctx: Context, job_id: str, container) -> Job:
+    """Supervise again an agent container that outlived an executor restart."""
+    job = ctx.store.get(job_id)
+    assert job is not None
+    ws = Workspace.of(ctx.settings, job)
+    ctx.store.add_event(job, ws.attempt, "adopted", {"container": container.name})
+    log_state(job, "adopted", ws.attempt)
+    phase = Phase(Status.running)
+    skip = ctx.store.last_stream_line(job.id, ws.attempt)
+    return _settled(ctx, job, ws, phase, lambda: _supervise(ctx, job, ws, phase, _runner_of(ctx, job),
+                                                           Policy(**job.policy), container, skip_lines=skip))
+
+
+def retest_job(ctx: Context, job_id: str) -> Job:
+    """Run the test gate again for a job whose tests were interrupted by an executor restart."""
+    job = ctx.store.get(job_id)
+    assert job is not None
+    ws = Workspace.of(ctx.settings, job)
+    ctx.store.add_event(job, ws.attempt, "adopted", {"phase": "testing"})
+    phase = Phase(Status.testing)
+    return _settled(ctx, job, ws, phase, lambda: _test_and_commit(ctx, job, ws, phase, Policy(**job.policy),
+                                                                 StopCheck(ctx, job.id)))
+
+
+def _settled(ctx: Context, job: Job, ws: Workspace, phase: Phase, attempt) -> Job:
+    try:
+        ending = attempt()
+    except ExecutorError as exc:
+        ending = Ending.of(exc)
+    return settle(ctx.store, job, ws, ending, phase, ctx.sandbox, ctx.settled)
+
+
+def _runner_of(ctx: Context, job: Job) -> Runner:
+    runner = ctx.runners.get(job.runner)
+    if runner is None or runner.model != job.model_requested:
+        raise ConfigError(f"runner {job.runner!r} is no longer configured as it was when the job was "
+                          f"accepted (model {job.model_requested!r}); resubmit the job")
+    return runner
+
+
+def _attempt(ctx: Context, job: Job, ws: Workspace, phase: Phase, resume: str | None) -> Ending:
+    runner = _runner_of(ctx, job)
+    policy = Policy(**job.policy)
+    home = session_home(ctx.settings.sessions_dir, job.session_id, ws.uid, ws.gid)
+    if resume and not (transcript_readable(home, resume) and ws.upper.is_dir()):
+        ctx.store.add_event(job, ws.attempt, "resume_unavailable", {
+            "claude_session_id": resume,
+            "why": "the session transcript or the kept workspace cannot be read: starting fresh from the "
+                   "clean repository"})
+        resume = None
+    workspace.create(ctx.sandbox, ws, keep_upper=resume is not None)
+    # A follow-up job of a session starts from the session brief (or continues the previous conversation).
+    start = compaction.start(ctx.store, ctx.settings, ctx.secrets, job, policy, ws.attempt,
+                             transcript_ok=lambda sid: transcript_readable(home, sid), resuming=resume is not None)
+    prompt = RESUME_PROMPT.format(prompt=job.prompt) if resume else job.prompt
+    if start.prompt_note:
+        prompt = f"{start.prompt_note}\n\n{prompt}"
+    environment = agent_environment(runner, ctx.secrets, max_retries=policy.cli_max_retries)
+    system = "\n\n".join(system_prompt_parts(policy, brief=start.brief)) or None
+    spec = agent_spec(ws, runner, policy, prompt, environment, home=str(home), resume=resume or start.resume,
+                      append_system_prompt=system)
+    container = ctx.sandbox.start(spec)
+    return _supervise(ctx, job, ws, phase, runner, policy, container)
+
+
+def system_prompt_parts(policy: Policy, brief: str | None = None) -> list[str]:
+    """What the executor appends to the agent's system prompt (``--append-system-prompt``), in order."""
+    parts: list[str] = []
+    if policy.review != "never":
+        parts.append(REVIEW_INSTRUCTION)  # the model may send its change to a person (review/triggers.py)
+    if brief:
+        parts.append(brief)  # the session brief (session/brief.py): last, it is the longest part
+    return parts
+
+
+def _supervise(ctx: Context, job: Job, ws: Workspace, phase: Phase, runner: Runner, policy: Policy, container,
+               skip_lines: int = 0) -> Ending:
+    stop = StopCheck(ctx, job.id)
+    watchdog = Watchdog(policy, on_beat=lambda beat: record_beat(ctx, job, ws.attempt, beat))
+    ctx.watchdogs[job.id] = watchdog
+    try:
+        run = watch_agent(
+            ctx.sandbox, container, policy,
+            on_events=lambda events, line: record_events(ctx, job, ws.attempt, events, line),
+            should_stop=stop, result_grace=ctx.settings.result_grace, watchdog=watchdog,
+            skip_lines=skip_lines,
+        )
+    finally:
+        ctx.watchdogs.pop(job.id, None)
+        if ctx.redactor is not None:
+            scrub_tree(ctx.settings.sessions_dir / job.session_id, ctx.redactor)
+    record_attempt(ctx, job, ws.attempt, run)
+    try:
+        judge_agent(runner, policy, run)
+    except RateLimited as limited:
+        return _rate_limited(ctx, job, ws.attempt, runner, policy, run, limited)
+    job = phase.move(ctx.store, job, Status.testing)
+    ctx.store.add_event(job, ws.attempt, "state", {"status": "testing"})
+    log_state(job, Status.testing, ws.attempt)
+    return _test_and_commit(ctx, job, ws, phase, policy, stop)
+
+
+def _test_and_commit(ctx: Context, job: Job, ws: Workspace, phase: Phase, policy: Policy,
+                     stop: StopCheck) -> Ending:
+    workspace.create_test_view(ctx.sandbox, ws)
+    try:
+        tests = run_tests(ctx.sandbox, ws, job.test_command or "true", policy, should_stop=stop)
+    finally:
+        workspace.discard_test_view(ctx.sandbox, ws)
+    record_tests(ctx, job, ws.attempt, tests)
+    judge_tests(tests)
+    ending = _review_gate(ctx, job, ws, policy)
+    if ending is not None:
+        return ending
+    return commit(ctx.store, job, ws, phase)
+
+
+def _review_gate(ctx: Context, job: Job, ws: Workspace, policy: Policy) -> Ending | None:
+    """After the tests passed: keep the tested change for a person (awaiting_review: the upper dir stays,
+    the overlay and containers go), or None to commit it now."""
+    if policy.review == "never":
+        return None
+    change = scan_upper(ws.upper)
+    if change.refused or check_conflicts(change, ws.repo, job.start_ns or 0):
+        return None  # the commit fails it, as it would without review
+    lines = None
+    if policy.review_max_changed_lines is not None:
+        lines = changed_lines(diff_change(change, ws.upper, ws.repo))
+    current = ctx.store.get(job.id)
+    reasons = review_reasons(policy, change, current.final_text if current else None, lines)
+    if not reasons:
+        return None
+    ctx.store.add_event(job, ws.attempt, "review", {"action": "awaiting", "reasons": reasons,
+                                                    "changed_files": change.changed_files})
+    return Ending(Status.awaiting_review, AWAITING_REVIEW, "waiting for a person's review: " + reason_text(reasons),
+                  keep_upper=True, fields={"review_reasons": reasons, "review_since": utcnow(),
+                                           "changed_files": change.changed_files})
+
+
+def _rate_limited(ctx: Context, job: Job, attempt: int, runner: Runner, policy: Policy, run: AgentRun,
+                  error: RateLimited) -> Ending:
+    """Weather: record it, cool the runner down, and wait to retry against the same runner."""
+    outcome = run.outcome
+    now = utcnow()
+    usage_limit = outcome.resets_at is not None
+    counted = job.limited_attempts + (0 if usage_limit else 1)
+    decision = retry.decide(policy, error, counted, now, resets_at=outcome.resets_at,
+                            retry_after=outcome.retry_after)
+    statuses = run.state.api_error_statuses or [r.get("error_status") for r in run.state.api_retries]
+    ctx.store.add_rate_limit(RateLimitEvent(
+        runner=runner.name, job_id=job.id, attempt=attempt,
+        kind="usage_limit" if usage_limit else outcome.kind,
+        status_code=next((s for s in reversed(statuses) if s), None),
+        retry_delay=round(decision.delay, 3) if decision.retry else None, message=outcome.message[:500]))
+    ctx.store.update_job(job.id, limited_attempts=counted if decision.counts else job.limited_attempts)
+    label = "rate limited" if outcome.kind == "rate_limited" else "overloaded"
+    if not decision.retry:
+        error.message = f"{runner.name} failed: {label} after {counted} attempts: {outcome.message}"
+        return Ending.of(error)
+    until = now + timedelta(seconds=decision.delay)
+    # A rate limit is account-wide: no other job of this runner starts before the cooldown ends.
+    ctx.store.cool_down(runner.name, until, f"{label}: {outcome.message[:200]}")
+    message = (f"{runner.name} {label}; attempt {attempt} rolled back to wait {decision.delay:.0f}s "
+               f"({decision.why}); retry at {until:%Y-%m-%dT%H:%M:%SZ} against the same runner")
+    ctx.store.add_event(job, attempt, "rate_limit", {"runner": runner.name, "kind": outcome.kind,
+                                                     "delay": decision.delay, "why": decision.why,
+                                                     "retry_at": until.isoformat(), "message": outcome.message})
+    return Ending(Status.waiting_retry, error.reason, message, keep_upper=True,
+                  fields={"retry_at": until, "resume_session": run.state.claude_session_id})

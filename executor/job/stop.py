@@ -1,0 +1,30 @@
+"""Why a running attempt must stop now: the executor is shutting down, or a person asked to cancel it.
+
+Owns the cheap check the runtime calls between stream lines: the shutdown flag every time, the store's
+``cancel_requested`` at most once a second (a cancel is a person's action; a second is quick enough).
+
+Must never: stop anything itself; it only answers.
+"""
+
+from __future__ import annotations
+
+import time
+
+from .context import Context
+
+
+class StopCheck:
+    def __init__(self, ctx: Context, job_id: str) -> None:
+        self.ctx, self.job_id = ctx, job_id
+        self._next_poll = 0.0
+        self._cancelled = False
+
+    def __call__(self) -> str | None:
+        if self.ctx.shutdown.is_set():
+            return "shutdown"
+        now = time.monotonic()
+        if not self._cancelled and now >= self._next_poll:
+            self._next_poll = now + 1.0
+            job = self.ctx.store.get(self.job_id)
+            self._cancelled = bool(job and job.cancel_requested)
+        return "cancelled" if self._cancelled else None

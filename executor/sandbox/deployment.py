@@ -1,0 +1,221 @@
+"""Deployment: starting, stopping and sweeping the executor's containers and volumes on the Docker engine.
+
+Owns every call that creates or removes an engine object, the hardening every job container gets
+(non-root, all capabilities dropped, no-new-privileges, read-only root, hard cpu/memory/pids limits)
+and the labels by which the executor finds its own objects again after a restart.
+
+``Deployment`` is the small interface the rest of the executor uses; ``Sandbox`` implements it on the Docker
+engine, and unit tests of scheduling use a fake.
+
+Must never: talk to the agent (that is ``runtime.py``), run a container as root, or use a default
+network other than the one the policy names.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+import docker
+from docker.errors import APIError, DockerException, ImageNotFound, NotFound
+from docker.models.containers import Container
+from docker.types import Mount
+
+from ..errors import SandboxError
+
+log = logging.getLogger(__name__)
+
+LABEL = "io.executor"  # every object the executor creates carries io.executor=1
+LABEL_INSTANCE = "io.executor.instance"  # which executor (state root) owns it: sweeps touch only their own
+LABEL_JOB = "io.executor.job"
+LABEL_ROLE = "io.executor.role"  # agent | tests | workspace | testview
+LABEL_ATTEMPT = "io.executor.attempt"
+WORKSPACE_MOUNT = "/workspace"
+AGENT_HOME = "/home/agent"
+
+
+@dataclass(frozen=True)
+class Limits:
+    cpus: float
+    memory: int
+    pids: int
+
+
+@dataclass
+class ContainerSpec:
+    """One hardened job container."""
+
+    name: str
+    command: list[str]
+    user: str  # "uid:gid", never root
+    volume: str  # mounted at /workspace with nocopy
+    limits: Limits
+    network: str
+    labels: dict[str, str]
+    environment: dict[str, str] = field(default_factory=dict)
+    tmpfs_size: str = "512m"
+    home: str | None = None  # host directory bind-mounted as the agent's home (its sessions survive)
+
+
+def connect() -> docker.DockerClient:
+    try:
+        client = docker.from_env(timeout=120)
+        client.ping()
+    except DockerException as exc:
+        raise SandboxError(
+            f"cannot reach the Docker engine ({exc}); start dockerd or set DOCKER_HOST"
+        ) from None
+    return client
+
+
+def instance_id(home: Path) -> str:
+    """A stable name for the executor that owns a state root (two executors never sweep each other)."""
+    return hashlib.sha256(str(home).encode()).hexdigest()[:12]
+
+
+class Deployment(Protocol):
+    """What the executor asks of the engine: containers and overlay volumes, found again by label."""
+
+    def check_image(self) -> None: ...
+    def start(self, spec: ContainerSpec) -> Container: ...
+    def remove(self, container: Container | str) -> None: ...
+    def create_overlay_volume(self, name: str, lower: list[str], upper: str, work: str,
+                              labels: dict[str, str]) -> None: ...
+    def remove_volume(self, name: str) -> None: ...
+    def containers(self, job_id: str | None = None, all: bool = True) -> list[Container]: ...
+    def remove_job_objects(self, job_id: str) -> None: ...
+    def sweep(self, live_jobs: Iterable[str]) -> list[str]: ...
+
+
+class Sandbox:
+    """``Deployment`` on the Docker engine."""
+
+    def __init__(self, client: docker.DockerClient, image: str, instance: str = "default") -> None:
+        self.client = client
+        self.image = image
+        self.instance = instance
+        self._own = {LABEL: "1", LABEL_INSTANCE: instance}
+
+    def check_image(self) -> None:
+        try:
+            self.client.images.get(self.image)
+        except ImageNotFound:
+            raise SandboxError(
+                f"sandbox image {self.image!r} is missing: build it with "
+                f"`docker build -t {self.image} sandbox/`"
+            ) from None
+
+    def start(self, spec: ContainerSpec) -> Container:
+        if spec.user.split(":")[0] in ("0", "root"):
+            raise SandboxError(f"refusing to run {spec.name} as root")
+        try:
+            return self.client.containers.run(
+                self.image,
+                spec.command,
+                name=spec.name,
+                detach=True,
+                user=spec.user,
+                environment=spec.environment,
+                working_dir=WORKSPACE_MOUNT,
+                labels={**self._own, **spec.labels},
+                mounts=self._mounts(spec),
+                network_mode=spec.network,
+                cap_drop=["ALL"],
+                security_opt=["no-new-privileges"],
+                read_only=True,
+                tmpfs=self._tmpfs(spec),
+                nano_cpus=int(spec.limits.cpus * 1e9),
+                mem_limit=spec.limits.memory,
+                memswap_limit=spec.limits.memory,  # no swap beyond the hard limit
+                pids_limit=spec.limits.pids,
+                init=True,  # reap the agent's children; a killed job leaves no zombies
+            )
+        except (APIError, DockerException) as exc:
+            raise SandboxError(f"cannot start container {spec.name}: {exc}") from None
+
+    @staticmethod
+    def _mounts(spec: ContainerSpec) -> list[Mount]:
+        mounts = [Mount(target=WORKSPACE_MOUNT, source=spec.volume, type="volume", no_copy=True)]
+        if spec.home:
+            mounts.append(Mount(target=AGENT_HOME, source=spec.home, type="bind"))
+        return mounts
+
+    @staticmethod
+    def _tmpfs(spec: ContainerSpec) -> dict[str, str]:
+        # Home and /tmp are the only writable places besides the workspace; mode 1777 because the
+        # agent's uid is the repository owner's and has no entry in the image.
+        tmpfs = {"/tmp": f"rw,nosuid,nodev,size={spec.tmpfs_size},mode=1777"}
+        if not spec.home:
+            tmpfs[AGENT_HOME] = f"rw,nosuid,nodev,size={spec.tmpfs_size},mode=1777"
+        return tmpfs
+
+    def remove(self, container: Container | str) -> None:
+        """Kill and remove a container; absent is fine."""
+        try:
+            obj = container if isinstance(container, Container) else self.client.containers.get(container)
+            obj.remove(force=True)
+        except NotFound:
+            pass
+        except APIError as exc:
+            if "removal of container" in str(exc) and "already in progress" in str(exc):
+                return
+            raise SandboxError(f"cannot remove container: {exc}") from None
+
+    def create_overlay_volume(self, name: str, lower: list[str], upper: str, work: str,
+                              labels: dict[str, str]) -> None:
+        """A local-driver volume of type overlay; mounting it copies nothing."""
+        options = ",".join([f"lowerdir={':'.join(lower)}", f"upperdir={upper}", f"workdir={work}",
+                            # userxattr keeps overlay metadata in user.* xattrs and redirect_dir off, so
+                            # the upper dir describes itself; metacopy/index off for the same reason.
+                            "userxattr", "metacopy=off", "index=off"])
+        try:
+            self.client.volumes.create(
+                name=name, driver="local",
+                driver_opts={"type": "overlay", "device": "overlay", "o": options},
+                labels={**self._own, **labels},
+            )
+        except APIError as exc:
+            raise SandboxError(f"cannot create overlay volume {name}: {exc}") from None
+
+    def remove_volume(self, name: str) -> None:
+        try:
+            self.client.volumes.get(name).remove(force=True)
+        except NotFound:
+            pass
+        except APIError as exc:
+            raise SandboxError(f"cannot remove volume {name}: {exc}") from None
+
+    def _filters(self, job_id: str | None) -> dict:
+        labels = [f"{LABEL}=1", f"{LABEL_INSTANCE}={self.instance}"]
+        return {"label": labels + ([f"{LABEL_JOB}={job_id}"] if job_id else [])}
+
+    def containers(self, job_id: str | None = None, all: bool = True) -> list[Container]:
+        return self.client.containers.list(all=all, filters=self._filters(job_id), ignore_removed=True)
+
+    def volumes(self, job_id: str | None = None) -> list:
+        return self.client.volumes.list(filters=self._filters(job_id))
+
+    def remove_job_objects(self, job_id: str) -> None:
+        """Every container, then every volume, of one job (containers first: they hold the mounts)."""
+        for container in self.containers(job_id):
+            self.remove(container)
+        for volume in self.volumes(job_id):
+            self.remove_volume(volume.name)
+
+    def sweep(self, live_jobs: Iterable[str]) -> list[str]:
+        """Remove containers and volumes labelled as ours that no live job owns; returns their names."""
+        live = set(live_jobs)
+        removed = []
+        for container in self.containers():
+            if container.labels.get(LABEL_JOB) not in live:
+                self.remove(container)
+                removed.append(container.name)
+        for volume in self.volumes():
+            if (volume.attrs.get("Labels") or {}).get(LABEL_JOB) not in live:
+                self.remove_volume(volume.name)
+                removed.append(volume.name)
+        return removed

@@ -1,0 +1,231 @@
+"""Runtime: one agent attempt and one test run inside their containers, watched line by line.
+
+Owns acting inside a started sandbox: reading the agent's stream-json output as it arrives into events,
+the wall-clock timeout, the grace period after the result line, stopping a run on cancel, shutdown or a
+stall the watchdog calls, and running the test command in a fresh container on the test view.
+Starting and removing containers is ``deployment.py``; the CLI's command line is ``agent/command.py``.
+
+Must never: choose a model or runner other than the job's, or decide what happens to the workspace.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import requests
+from docker.errors import APIError, NotFound
+from docker.models.containers import Container
+
+from ..agent.command import PIDS_LINE, agent_command, refused_forks
+from ..agent.events import Event, parse_line
+from ..agent.outcome import Outcome, classify
+from ..agent.stream import StreamState
+from ..policy import Policy, Runner
+from ..transaction.workspace import Workspace
+from .deployment import AGENT_HOME, ContainerSpec, Deployment, Limits
+from .liveness import Watchdog
+
+log = logging.getLogger(__name__)
+
+#: returns why the run must stop now ("cancelled", "shutdown") or None to go on
+StopCheck = Callable[[], str | None]
+#: receives the events of each stream line as it arrives, with the line's number (1-based)
+EventSink = Callable[[list[Event], int], None]
+
+OUTPUT_TAIL = 4000
+
+
+@dataclass
+class AgentRun:
+    outcome: Outcome
+    state: StreamState
+    exit_code: int | None
+    oom_killed: bool = False
+    stopped: str | None = None  # "timeout" | "cancelled" | "shutdown" | "stalled": the executor ended it
+    lingered: bool = False  # the CLI did not exit within the grace period after its result line
+    stderr_tail: str = ""
+    container_id: str | None = None
+    lines: int = 0
+    refused_forks: int = 0
+    last_activity: str = ""
+    last_alive: float | None = None  # wall-clock time of the last progress
+
+
+@dataclass
+class TestRun:
+    __test__ = False  # not a pytest class
+    command: str
+    exit_code: int | None
+    output_tail: str
+    timed_out: bool = False
+    oom_killed: bool = False
+    stopped: str | None = None
+    duration: float = 0.0
+
+    @property
+    def passed(self) -> bool:
+        return self.exit_code == 0 and not self.timed_out and self.stopped is None
+
+
+def _pump_lines(container: Container, sink: queue.Queue) -> None:
+    """Reader thread: stdout of the container, split into lines; None marks the end."""
+    buffer = b""
+    try:
+        for chunk in container.logs(stream=True, follow=True, stdout=True, stderr=False):
+            buffer += chunk
+            while b"\n" in buffer:
+                line, buffer = buffer.split(b"\n", 1)
+                sink.put(line)
+    except (APIError, NotFound, requests.RequestException) as exc:
+        log.debug("log stream ended: %s", exc)
+    finally:
+        if buffer:
+            sink.put(buffer)
+        sink.put(None)
+
+
+def _wait_exit(container: Container, timeout: float = 30.0) -> tuple[int | None, bool]:
+    try:
+        status = container.wait(timeout=timeout)
+        container.reload()
+        return status.get("StatusCode"), bool(container.attrs["State"].get("OOMKilled"))
+    except (requests.RequestException, APIError, NotFound):
+        return None, False
+
+
+def _kill(container: Container) -> None:
+    try:
+        container.kill()
+    except (APIError, NotFound):
+        pass  # already gone
+
+
+def _stderr_tail(container: Container) -> str:
+    try:
+        return container.logs(stdout=False, stderr=True, tail=40).decode("utf-8", "replace")[-OUTPUT_TAIL:]
+    except (APIError, NotFound):
+        return ""
+
+
+def agent_spec(ws: Workspace, runner: Runner, policy: Policy, prompt: str,
+               environment: dict[str, str], home: str | None = None, resume: str | None = None,
+               append_system_prompt: str | None = None) -> ContainerSpec:
+    return ContainerSpec(
+        name=f"executor-{ws.job_id}-a{ws.attempt}-agent",
+        command=agent_command(prompt, runner.model, resume, append_system_prompt, policy.disallowed_tools),
+        home=home,
+        user=f"{ws.uid}:{ws.gid}",
+        volume=ws.volume,
+        limits=Limits(policy.cpus, policy.memory, policy.pids),
+        network=policy.network,
+        labels=ws.labels("agent"),
+        environment=environment,
+    )
+
+
+def watch_agent(sandbox: Deployment, container: Container, policy: Policy, *, on_events: EventSink,
+                should_stop: StopCheck, result_grace: float, watchdog: Watchdog,
+                skip_lines: int = 0) -> AgentRun:
+    """Read the agent's stream to its end (or stop it), then classify how it ended.
+
+    ``skip_lines``: when adopting a container after a restart, its stream is read again from the start;
+    the first ``skip_lines`` lines only rebuild the state, their events are already in the store.
+    """
+    state = StreamState()
+    lines: queue.Queue = queue.Queue()
+    reader = threading.Thread(target=_pump_lines, args=(container, lines), daemon=True,
+                              name=f"stream-{container.name}")
+    reader.start()
+    watchdog.start(container)
+    deadline = time.monotonic() + policy.timeout
+    result_seen_at: float | None = None
+    stopped: str | None = None
+    lingered = False
+    seen = 0
+    while True:
+        try:
+            raw = lines.get(timeout=0.5)
+        except queue.Empty:
+            raw = b""
+        if raw is None:
+            break
+        if raw:
+            msg = parse_line(raw)
+            if msg is not None:
+                seen += 1
+                events = state.feed(msg)
+                watchdog.saw_line(events, state.last_activity)
+                if seen > skip_lines:
+                    on_events(events, seen)
+        now = time.monotonic()
+        if state.result is not None and result_seen_at is None:
+            result_seen_at = now
+        if stopped or lingered:
+            continue  # killed: drain what is left until the stream ends
+        if result_seen_at is not None and now - result_seen_at > result_grace:
+            # The CLI has been seen to hang after its result line in headless runs: its work is done.
+            lingered = True
+            _kill(container)
+        elif now > deadline:
+            stopped = "timeout"
+            _kill(container)
+        elif (why := should_stop()) is not None or (why := watchdog.check(container)) is not None:
+            stopped = why
+            _kill(container)
+    reader.join(timeout=10)
+    exit_code, oom = _wait_exit(container)
+    stderr = _stderr_tail(container)
+    run = AgentRun(outcome=classify(state, None if lingered else exit_code), state=state,
+                   exit_code=exit_code, oom_killed=oom, stopped=stopped, lingered=lingered,
+                   stderr_tail=PIDS_LINE.sub("", stderr).strip(), refused_forks=refused_forks(stderr),
+                   container_id=container.id, lines=seen,
+                   last_activity=watchdog.last_activity, last_alive=watchdog.last_progress_wall)
+    sandbox.remove(container)
+    return run
+
+
+def run_tests(sandbox: Deployment, ws: Workspace, command: str, policy: Policy, *,
+              should_stop: StopCheck) -> TestRun:
+    """The test command in a fresh container on the test view, network none, same limits."""
+    spec = ContainerSpec(
+        name=f"executor-{ws.job_id}-a{ws.attempt}-tests",
+        command=["sh", "-c", command],
+        user=f"{ws.uid}:{ws.gid}",
+        volume=ws.test_volume,
+        limits=Limits(policy.cpus, policy.memory, policy.pids),
+        network="none",
+        labels=ws.labels("tests"),
+        environment={"HOME": AGENT_HOME, "CI": "true"},
+    )
+    started = time.monotonic()
+    container = sandbox.start(spec)
+    deadline = started + policy.test_timeout
+    timed_out = False
+    stopped = None
+    exit_code: int | None = None
+    oom = False
+    while True:
+        exit_code, oom = _wait_exit(container, timeout=1.0)
+        if exit_code is not None:
+            break
+        if time.monotonic() > deadline:
+            timed_out = True
+        elif (why := should_stop()) is not None:
+            stopped = why
+        if timed_out or stopped:
+            _kill(container)
+            exit_code, oom = _wait_exit(container)
+            break
+    try:
+        output = container.logs(stdout=True, stderr=True, tail=200).decode("utf-8", "replace")
+    except (APIError, NotFound):
+        output = ""
+    sandbox.remove(container)
+    return TestRun(command=command, exit_code=exit_code, output_tail=output[-OUTPUT_TAIL:],
+                   timed_out=timed_out, oom_killed=oom, stopped=stopped,
+                   duration=time.monotonic() - started)

@@ -1,0 +1,80 @@
+"""Admission: which queued jobs start now, in what order, and why the head of the queue waits.
+
+Owns the order rule. Queued jobs (and waiting ones whose retry time has come) are considered in priority,
+then arrival order. Admission is strict head-of-line: when the first job that could run does not fit the
+budget (or the host's available memory), nothing behind it starts ahead of it, so a big job is never
+starved by a stream of small ones. A job held back by its runner's cooldown, its runner's
+``max_concurrent`` or its busy workspace does not block the others.
+
+Must never: start anything (it returns the plan and the permits it took), or read the environment.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+
+from ..clock import aware
+from ..policy import Policy, Runner
+from ..store import Job, Status
+from .governor import Governor, Permit
+
+
+@dataclass
+class Plan:
+    """What to start now (each with its permit, already reserved) and why the queue's head waits."""
+
+    starts: list[tuple[Job, Permit]] = field(default_factory=list)
+    waiting: str | None = None
+
+
+@dataclass(frozen=True)
+class Running:
+    """What admission needs to know of a running job."""
+
+    runner: str
+    workspace: str
+
+
+def plan(candidates: Iterable[Job], running: Mapping[str, Running], runners: Mapping[str, Runner],
+         cooling: Iterable[str], governor: Governor, now: datetime) -> Plan:
+    """The jobs among ``candidates`` (in admission order) that start now."""
+    candidates = list(candidates)
+    cooling = set(cooling)
+    result = Plan()
+    # One job per workspace: running jobs hold theirs, and so do jobs waiting to resume on a kept upper.
+    holders = {r.workspace: job_id for job_id, r in running.items()}
+    for job in candidates:
+        if job.status == Status.waiting_retry:
+            holders.setdefault(job.workspace, job.id)
+    per_runner: dict[str, int] = {}
+    for r in running.values():
+        per_runner[r.runner] = per_runner.get(r.runner, 0) + 1
+    for job in candidates:
+        if job.id in running or not _may_run(job, now, cooling, holders, runners, per_runner):
+            continue
+        policy = Policy(**job.policy)
+        host = governor.host_allows(policy)
+        permit = None if host else governor.try_reserve(job.id, policy)
+        if permit is None:
+            # Strict head-of-line: nothing behind a job that does not fit may overtake it.
+            result.waiting = f"job {job.id} waits: {host or governor.why_not(policy)}"
+            break
+        result.starts.append((job, permit))
+        holders[job.workspace] = job.id
+        per_runner[job.runner] = per_runner.get(job.runner, 0) + 1
+    return result
+
+
+def _may_run(job: Job, now: datetime, cooling: set[str], holders: dict[str, str], runners: Mapping[str, Runner],
+             per_runner: dict[str, int]) -> bool:
+    """Whether anything but the budget holds the job back (those never block the jobs behind it)."""
+    if job.status == Status.waiting_retry and job.retry_at and aware(job.retry_at) > now:
+        return False
+    if job.runner in cooling:
+        return False  # a rate limit is account-wide: the runner rests until its cooldown ends
+    if holders.get(job.workspace, job.id) != job.id:
+        return False  # a lower dir must not change under a mounted overlay
+    runner = runners.get(job.runner)
+    return not (runner and runner.max_concurrent and per_runner.get(job.runner, 0) >= runner.max_concurrent)

@@ -1,0 +1,93 @@
+"""The governor: a hard CPU/memory/pids budget handed out as permits before any container starts.
+
+Owns the arithmetic of the budget. A job may start only with a permit covering its policy's hard
+limits; the sum of the permits held plus the executor's own reserve never exceeds the budget, by
+construction. A permit remembers what it took, so releasing it can never free more than was reserved.
+Admission is strict head-of-line: when the first queued job does not fit, nothing behind it starts
+ahead of it, so a big job is never starved by a stream of small ones.
+
+Must never: start or stop anything, or read the environment.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+
+import psutil
+
+from ..policy import Policy
+from ..settings import Settings
+
+
+@dataclass(frozen=True)
+class Permit:
+    job_id: str
+    cpus: float
+    memory: int
+    pids: int
+
+
+class Governor:
+    def __init__(self, budget_cpus: float, budget_memory: int, reserve_memory: int) -> None:
+        self.budget_cpus = budget_cpus
+        self.budget_memory = budget_memory
+        self.reserve_memory = reserve_memory
+        self._held: dict[str, Permit] = {}
+        self._lock = threading.Lock()
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Governor:
+        return cls(settings.budget_cpus, settings.budget_memory, settings.reserve_memory)
+
+    @property
+    def reserved_cpus(self) -> float:
+        return sum(p.cpus for p in self._held.values())
+
+    @property
+    def reserved_memory(self) -> int:
+        return self.reserve_memory + sum(p.memory for p in self._held.values())
+
+    def why_not(self, policy: Policy) -> str | None:
+        """Why a job with this policy cannot start now, or None when it fits."""
+        free_cpus = self.budget_cpus - self.reserved_cpus
+        free_memory = self.budget_memory - self.reserved_memory
+        if policy.cpus > free_cpus + 1e-9:
+            return f"needs {policy.cpus:g} cpus, {free_cpus:g} of {self.budget_cpus:g} free"
+        if policy.memory > free_memory:
+            return (f"needs {policy.memory // 2**20} MiB, {free_memory // 2**20} MiB of "
+                    f"{self.budget_memory // 2**20} MiB free")
+        return None
+
+    def host_allows(self, policy: Policy) -> str | None:
+        """Why the host cannot take the job now (its available memory is below the reservation)."""
+        available = psutil.virtual_memory().available
+        if available < policy.memory:
+            return (f"host memory available {available // 2**20} MiB is below the job's reservation "
+                    f"{policy.memory // 2**20} MiB")
+        return None
+
+    def snapshot(self) -> dict:
+        with self._lock:
+            held = list(self._held.values())
+        return {
+            "budget": {"cpus": self.budget_cpus, "memory": self.budget_memory,
+                       "reserve_memory": self.reserve_memory},
+            "reserved": {"cpus": round(sum(p.cpus for p in held), 3),
+                         "memory": self.reserve_memory + sum(p.memory for p in held)},
+            "permits": [{"job": p.job_id, "cpus": p.cpus, "memory": p.memory, "pids": p.pids} for p in held],
+        }
+
+    def try_reserve(self, job_id: str, policy: Policy) -> Permit | None:
+        """A permit for the job's limits if they fit now; never waits."""
+        with self._lock:
+            if job_id in self._held or self.why_not(policy) is not None:
+                return None
+            permit = Permit(job_id, policy.cpus, policy.memory, policy.pids)
+            self._held[job_id] = permit
+            return permit
+
+    def release(self, permit: Permit) -> None:
+        with self._lock:
+            if self._held.get(permit.job_id) is permit:
+                del self._held[permit.job_id]

@@ -1,0 +1,104 @@
+"""Start-up recovery: resolving what a crash of the executor left behind, so nothing is lost or run twice.
+
+Owns the decision for every job found mid-flight: an agent container that still runs is adopted (its
+stream read again; events already stored are not stored twice); an interrupted test gate runs again; an
+interrupted commit is finished (the apply is idempotent; a job in ``committing`` without its upper dir had
+finished applying); an attempt whose container is gone is rolled back and re-queued. Then containers and
+volumes of this executor that no live job owns are swept, and expired job dirs removed.
+
+Must never: run a job twice at once, apply a change twice, or touch another executor's objects.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Protocol
+
+from ..errors import COMMITTED, Interrupted
+from ..job.context import Context
+from ..job.pipeline import adopt_job, retest_job
+from ..logs import log_state
+from ..policy import Policy
+from ..sandbox.deployment import LABEL_ATTEMPT, LABEL_ROLE, Deployment
+from ..settings import Settings
+from ..store import Job, Status, Store
+from ..transaction import workspace
+from ..transaction.commit import Ending, Phase, finish, settle
+from ..transaction.retention import remove_expired
+from ..transaction.workspace import Workspace
+from .governor import Governor, Permit
+
+log = logging.getLogger(__name__)
+
+#: Statuses in which a job thread owns the job.
+ACTIVE = (Status.running, Status.testing, Status.committing)
+
+
+class Executor(Protocol):
+    """What recovery needs of the serving executor."""
+
+    settings: Settings
+    store: Store
+    sandbox: Deployment
+    governor: Governor
+    ctx: Context
+
+    def start(self, job: Job, permit: Permit, target: Callable | None = None, *args) -> None: ...
+
+
+def recover(ex: Executor) -> None:
+    for job in ex.store.jobs([Status.running]):
+        _running(ex, job)
+    for job in ex.store.jobs([Status.testing]):
+        _testing(ex, job)
+    for job in ex.store.jobs([Status.committing]):
+        _committing(ex, job)
+    live = {job.id for job in ex.store.jobs(ACTIVE)}
+    removed = ex.sandbox.sweep(live)
+    remove_expired(ex.settings, ex.store)
+    if removed:
+        log.info("swept leftovers", extra={"action": "sweep", "removed": removed})
+
+
+def _running(ex: Executor, job: Job) -> None:
+    container = _live_container(ex, job, "agent")
+    permit = ex.governor.try_reserve(job.id, Policy(**job.policy)) if container else None
+    if container is not None and permit is not None:
+        ex.start(job, permit, adopt_job, container)
+        return
+    log_state(job, "interrupted", job.attempts)
+    _settle(ex, job, Interrupted("the executor stopped and the agent's container is gone"), Status.running)
+
+
+def _testing(ex: Executor, job: Job) -> None:
+    # A test run is repeatable and its result was not recorded: kill it and run the gate again.
+    for container in ex.sandbox.containers(job.id):
+        ex.sandbox.remove(container)
+    ws = Workspace.of(ex.settings, job)
+    workspace.discard_test_view(ex.sandbox, ws)
+    permit = ex.governor.try_reserve(job.id, Policy(**job.policy))
+    if permit is not None and ws.upper.exists():
+        ex.start(job, permit, retest_job)
+    else:
+        _settle(ex, job, Interrupted("the executor stopped during the tests"), Status.testing)
+
+
+def _committing(ex: Executor, job: Job) -> None:
+    ws = Workspace.of(ex.settings, job)
+    # The upper dir is removed only after a complete apply: without it, the commit had finished.
+    ending = finish(job, ws) if ws.upper.exists() else Ending(Status.succeeded, COMMITTED)
+    settle(ex.store, job, ws, ending, Phase(Status.committing), ex.sandbox, ex.ctx.settled)
+
+
+def _settle(ex: Executor, job: Job, error: Interrupted, phase: Status) -> None:
+    settle(ex.store, job, Workspace.of(ex.settings, job), Ending.of(error), Phase(phase), ex.sandbox,
+           ex.ctx.settled)
+
+
+def _live_container(ex: Executor, job: Job, role: str):
+    for container in ex.sandbox.containers(job.id, all=False):
+        labels = container.labels
+        if labels.get(LABEL_ROLE) == role and labels.get(LABEL_ATTEMPT) == str(job.attempts):
+            return container
+    return None

@@ -1,0 +1,284 @@
+"""The serving loop: intake, admission, supervision of job threads and side threads, recovery, shutdown.
+
+Owns the executor's process-level life. Each tick it takes new job files from the spool, starts the
+queued jobs that fit the budget (one thread per job, each holding a governor permit), reaps finished
+threads, checks that its side threads (web page, metrics, notifier) are alive, and writes its snapshot.
+At start-up it resolves what a crash left behind (``recovery.py``). Shutdown has phases: stop intake and
+admission and close the web page (no decision may start), tell running jobs to stop and wait a grace
+period for them to roll back and re-queue, then remove what still runs and wait for every thread that
+may still touch a repository before the store closes.
+
+Must never: start a job without a permit, run two jobs on one workspace, limp on with a dead side
+thread, or close the store while a job thread may still touch a repository.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+import psutil
+from docker.errors import DockerException
+
+from ..clock import utcnow
+from ..errors import ConfigError, ExecutorError, InternalError
+from ..intake.spool import Spool, intake
+from ..job.context import Context
+from ..job.pipeline import run_job
+from ..policy import Runner, load_runners
+from ..redact import RedactingFilter, Redactor
+from ..sandbox.deployment import Deployment, Sandbox, connect, instance_id
+from ..settings import Settings
+from ..store import Job, Status, Store
+from ..transaction.commit import Ending, Phase, settle
+from ..transaction.retention import remove_expired
+from ..transaction.workspace import Workspace
+from . import admission, snapshot
+from .governor import Governor, Permit
+from .recovery import ACTIVE, recover
+
+log = logging.getLogger(__name__)
+
+RETENTION_EVERY = 3600.0  # seconds between sweeps of expired job dirs
+
+
+@dataclass
+class Slot:
+    job: Job
+    permit: Permit
+    thread: threading.Thread
+
+
+class Executor:
+    def __init__(self, settings: Settings, secrets: Mapping[str, str], client=None,
+                 deployment: Deployment | None = None) -> None:
+        self.settings = settings
+        self.secrets = secrets
+        self.redactor = Redactor()
+        self.store = Store(settings.db_path, redact=self.redactor)
+        self.spool = Spool(settings.spool_dir)
+        self.sandbox = deployment or Sandbox(client or connect(), settings.sandbox_image, instance_id(settings.home))
+        self.governor = Governor.from_settings(settings)
+        self.ctx = Context(settings=settings, store=self.store, sandbox=self.sandbox,
+                           runners=self._load_runners(), secrets=secrets, redactor=self.redactor)
+        self.slots: dict[str, Slot] = {}
+        self.waiting: str | None = None  # why the head of the queue is not running
+        self.last_tick = 0.0
+        self._last_retention = 0.0
+        self._process = psutil.Process()
+        self._process.cpu_percent(None)  # prime: the next call measures since now
+        self.metrics = None  # the Prometheus endpoint (metrics.ExecutorMetrics) when metrics_port is set
+        self.web = None  # the review web page (web.WebServer) when ui_port is set
+        self.notifier = None  # notify.Notifier when notify_url is set
+        for name in ("ui_token", "notify_url"):  # the executor's own secrets: never stored or logged
+            value = getattr(settings, name)
+            if value is not None:
+                self.redactor.update({f"EXECUTOR_{name.upper()}": value.get_secret_value()})
+
+    def _load_runners(self) -> dict[str, Runner]:
+        try:
+            runners = load_runners(self.settings.policies)
+            # Whatever a runner's credential is, it is scrubbed from everything stored or logged.
+            self.redactor.update({r.auth_env: self.secrets.get(r.auth_env, "") for r in runners.values()})
+            return runners
+        except ConfigError as exc:
+            if hasattr(self, "ctx"):
+                log.error("runners.toml unreadable; keeping the previous runners", extra={"error": str(exc)})
+                return self.ctx.runners
+            raise
+
+    # -- life -----------------------------------------------------------------------------------------
+
+    def serve(self, stop: threading.Event) -> None:
+        """Run until ``stop`` is set, then shut down in phases. Raises ``InternalError`` when a side thread
+        died (the process then exits non-zero and its supervisor restarts it)."""
+        log_filter = RedactingFilter(self.redactor)
+        for handler in logging.getLogger().handlers:
+            handler.addFilter(log_filter)
+        self.sandbox.check_image()
+        recover(self)
+        self._start_side_threads()
+        log.info("executor serving", extra={"action": "serve", "home": str(self.settings.home)})
+        try:
+            while not stop.is_set():
+                self.tick()
+                self.check_side_threads()
+                stop.wait(self.settings.poll_interval)
+        finally:
+            self.shutdown()
+
+    def _start_side_threads(self) -> None:
+        from ..surfaces.metrics import serve_metrics
+        from ..surfaces.notify import Notifier
+        from ..surfaces.web import serve_web, web_url
+
+        self.metrics = serve_metrics(self.settings, self.store)
+        self.web = serve_web(self.settings, self.store)
+        if self.settings.notify_url is not None:
+            self.notifier = Notifier(self.settings.notify_url.get_secret_value(), ui_url=web_url(self.settings))
+            self.ctx.notify = self.notifier.job_event
+
+    def side_threads(self) -> dict[str, threading.Thread]:
+        """The threads the executor needs besides its job threads, by name."""
+        threads = {}
+        for name, owner in (("web page", self.web), ("metrics endpoint", self.metrics), ("notifier", self.notifier)):
+            if owner is not None:
+                threads[name] = owner.thread
+        return threads
+
+    def check_side_threads(self) -> None:
+        """A side thread that died stops the executor loudly, instead of limping on without it."""
+        dead = sorted(name for name, thread in self.side_threads().items() if not thread.is_alive())
+        if dead:
+            log.error("side thread died: stopping", extra={"action": "side_thread_died", "threads": dead})
+            raise InternalError(f"the executor's {', '.join(dead)} thread stopped unexpectedly; the executor "
+                                "stops (its supervisor restarts it); see the log above for why")
+
+    def tick(self) -> None:
+        self.ctx.runners = self._load_runners()
+        intake(self.spool, self.store, self.settings, self.ctx.runners)
+        self.reap()
+        self.admit()
+        self.last_tick = time.time()
+        if self.last_tick - self._last_retention > RETENTION_EVERY:
+            self._last_retention = self.last_tick
+            remove_expired(self.settings, self.store)
+        self._write_status()
+
+    def shutdown(self, grace: float = 60.0) -> None:
+        """Phases: no new work or decisions; running jobs told to stop and given ``grace`` to roll back and
+        re-queue; what still runs is removed; every thread that may touch a repository is waited for; then
+        the store closes."""
+        self.ctx.shutdown.set()
+        if self.web is not None:
+            self.web.close()  # no review decision may start while the executor goes down
+        self._join_jobs(time.monotonic() + grace)
+        if self.slots:
+            log.error("jobs still running after the shutdown grace: removing their containers",
+                      extra={"action": "shutdown", "jobs": sorted(self.slots)})
+            for job_id in list(self.slots):
+                self.sandbox.remove_job_objects(job_id)
+            self._join_jobs(None)
+        for closing in (self.metrics, self.notifier):
+            if closing is not None:
+                closing.close()
+        self.store.close()
+        log.info("executor stopped", extra={"action": "stopped"})
+
+    def _join_jobs(self, deadline: float | None) -> None:
+        """Wait for job threads (until ``deadline``, or for as long as they take when None)."""
+        for slot in list(self.slots.values()):
+            slot.thread.join(timeout=None if deadline is None else max(0.1, deadline - time.monotonic()))
+        self.reap()
+
+    # -- status ---------------------------------------------------------------------------------------
+
+    def status(self) -> dict:
+        """What ``executor status`` shows: budget, reservations, measured use, running jobs, the queue."""
+        running = [self._running_view(job_id, slot) for job_id, slot in list(self.slots.items())]
+        with self._process.oneshot():
+            executor_use = {"rss": self._process.memory_info().rss,
+                            "cpu_percent": self._process.cpu_percent(None)}
+        counts = self.store.counts()
+        return {
+            **self.governor.snapshot(),
+            "ts": time.time(),
+            "pid": self._process.pid,
+            "measured": {
+                "executor": executor_use,
+                "jobs": {"cpu_cores": round(sum(r["cpu_cores"] or 0 for r in running), 4),
+                         "memory": sum(r["memory_used"] or 0 for r in running)},
+                "host": {"memory_available": psutil.virtual_memory().available},
+            },
+            "running": running,
+            "queue_length": counts.get(Status.queued, 0),
+            "counts": {st.value: n for st, n in counts.items()},
+            "waiting": self.waiting,
+            "runners": self.runner_view(),
+        }
+
+    def _running_view(self, job_id: str, slot: Slot) -> dict:
+        watchdog = self.ctx.watchdogs.get(job_id)
+        beat = watchdog.last_beat if watchdog else None
+        return {
+            "job": job_id, "runner": slot.job.runner, "cpus": slot.permit.cpus, "memory": slot.permit.memory,
+            "pids": slot.permit.pids,
+            "cpu_cores": beat.cpu_cores if beat else None, "memory_used": beat.memory if beat else None,
+            "state": beat.state if beat else None, "idle_for": beat.idle_for if beat else None,
+            "last_activity": watchdog.last_activity if watchdog else None,
+        }
+
+    def _write_status(self) -> None:
+        view = self.status()
+        snapshot.write(self.settings.status_path, view)
+        if self.metrics is not None:
+            self.metrics.refresh(self.store, view)  # one aggregate query; a scrape reads this snapshot
+
+    def runner_view(self) -> list[dict]:
+        """Each runner's state: ok, or cooling down until T; how many of its jobs run and wait."""
+        now = utcnow()
+        states = self.store.runner_states()
+        waiting = self.store.jobs([Status.waiting_retry])
+        view = []
+        for name in sorted(self.ctx.runners):
+            until = states[name].cooldown_until if name in states else None
+            cooling = until is not None and until > now
+            view.append({
+                "runner": name,
+                "state": f"cooling down until {until:%Y-%m-%dT%H:%M:%SZ}" if cooling else "ok",
+                "cooldown_until": until.isoformat() if cooling else None,
+                "reason": states[name].reason if cooling else None,
+                "running": sum(1 for slot in self.slots.values() if slot.job.runner == name),
+                "waiting": sum(1 for job in waiting if job.runner == name),
+            })
+        return view
+
+    # -- scheduling -----------------------------------------------------------------------------------
+
+    def reap(self) -> None:
+        for job_id, slot in list(self.slots.items()):
+            if not slot.thread.is_alive():
+                self.governor.release(slot.permit)
+                del self.slots[job_id]
+
+    def admit(self) -> None:
+        """Start the queued jobs that ``admission.plan`` lets start now."""
+        if self.ctx.shutdown.is_set():
+            return
+        now = utcnow()
+        running = {job_id: admission.Running(slot.job.runner, slot.job.workspace)
+                   for job_id, slot in self.slots.items()}
+        cooling = [name for name, st in self.store.runner_states().items()
+                   if st.cooldown_until and st.cooldown_until > now]
+        plan = admission.plan(self.store.jobs([Status.queued, Status.waiting_retry]), running, self.ctx.runners,
+                              cooling, self.governor, now)
+        self.waiting = plan.waiting
+        for job, permit in plan.starts:
+            self.start(job, permit)
+
+    def start(self, job: Job, permit: Permit, target: Callable | None = None, *args) -> None:
+        thread = threading.Thread(target=self._run, args=(target or run_job, job.id, *args),
+                                  name=f"job-{job.id}", daemon=True)
+        self.slots[job.id] = Slot(job, permit, thread)
+        thread.start()
+
+    def _run(self, target, job_id: str, *args) -> None:
+        try:
+            target(self.ctx, job_id, *args)
+        except Exception:  # the job thread's boundary: a bug must fail the job loudly, not hang it
+            log.exception("job thread failed", extra={"action": "job_crashed", "job": job_id})
+            self._fail_after_crash(job_id)
+
+    def _fail_after_crash(self, job_id: str) -> None:
+        job = self.store.get(job_id)
+        if job is None or job.status not in ACTIVE:
+            return  # settled, queued again, or awaiting review: its kept change is a person's to decide
+        try:
+            settle(self.store, job, Workspace.of(self.settings, job),
+                   Ending.of(InternalError("the executor hit an internal error; see its log")),
+                   Phase(job.status), self.sandbox, self.ctx.settled)
+        except (ExecutorError, OSError, DockerException):
+            log.exception("cannot settle crashed job", extra={"job": job_id})

@@ -1,0 +1,294 @@
+"""Durable state: every read and write of the database (jobs, attempts, the per-session event log).
+
+Owns the engine and every query; the tables are ``models.py``, the status machine ``status.py``. A status changes only
+through ``transition``, which updates where the current status is the expected one; when another actor
+moved the job first, it raises ``IllegalTransition`` instead of overwriting the truth.
+
+Must never: store a secret (token values never reach this module), or let a terminal status change.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import event, func, update
+from sqlalchemy.exc import IntegrityError, OperationalError
+from sqlmodel import Session, SQLModel, col, create_engine, select
+
+from ..clock import aware, utcnow
+from ..errors import IllegalTransition, InvalidJob
+from .models import Attempt, Compaction, Event, Heartbeat, Job, RateLimitEvent, RunnerState
+from .status import TRANSITIONS, Status
+
+
+def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+    # WAL lets readers (the CLI) run beside the writer; FULL makes a committed row survive power loss.
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA synchronous=FULL")
+    cursor.execute("PRAGMA busy_timeout=30000")
+    cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.close()
+
+
+class Store:
+    """Every database operation of the executor."""
+
+    def __init__(self, db_path: Path, redact: Callable[[Any], Any] | None = None) -> None:
+        #: applied to every free-text value written (credential values must never be stored)
+        self.redact = redact or (lambda value: value)
+        db_path.parent.mkdir(parents=True, exist_ok=True)
+        self.engine = create_engine(
+            f"sqlite:///{db_path}", connect_args={"check_same_thread": False, "timeout": 30}
+        )
+        event.listen(self.engine, "connect", _sqlite_pragmas)
+        self._create_schema()
+        self._add_missing_columns()
+
+    def _add_missing_columns(self) -> None:
+        """A database made by an older version gains the nullable columns added since (create_all only
+        makes missing tables)."""
+        with self.engine.begin() as conn:
+            for table in SQLModel.metadata.sorted_tables:
+                have = {row[1] for row in conn.exec_driver_sql(f'PRAGMA table_info("{table.name}")')}
+                for column in table.columns:
+                    if have and column.name not in have and column.nullable and not column.primary_key:
+                        kind = column.type.compile(dialect=self.engine.dialect)
+                        try:
+                            conn.exec_driver_sql(f'ALTER TABLE "{table.name}" ADD COLUMN "{column.name}" {kind}')
+                        except OperationalError as exc:  # another process added it a moment ago
+                            if "duplicate column" not in str(exc):
+                                raise
+
+    def _create_schema(self) -> None:
+        # `executor serve` and a CLI command may open a new database at the same moment: the loser of
+        # that race sees "table already exists"; the schema is then there, so look again.
+        for attempt in range(5):
+            try:
+                SQLModel.metadata.create_all(self.engine)
+                return
+            except OperationalError as exc:
+                if "already exists" not in str(exc) or attempt == 4:
+                    raise
+
+    @contextmanager
+    def session(self) -> Iterator[Session]:
+        with Session(self.engine, expire_on_commit=False) as session:
+            yield session
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    # -- jobs ---------------------------------------------------------------------------------------
+
+    def add_job(self, job: Job) -> Job:
+        """Insert a new job; a second job with the same id is refused (never run twice)."""
+        with self.session() as s:
+            s.add(job)
+            try:
+                s.commit()
+            except IntegrityError:
+                s.rollback()
+                existing = s.get(Job, job.id)
+                if existing is not None:
+                    raise InvalidJob(
+                        f"a job with id {job.id!r} already exists (status {existing.status.value}); "
+                        "job ids are unique: remove 'id' to get a generated one or choose another"
+                    ) from None
+                raise
+        return job
+
+    def get(self, job_id: str) -> Job | None:
+        with self.session() as s:
+            return s.get(Job, job_id)
+
+    def find_by_spool_name(self, name: str) -> Job | None:
+        with self.session() as s:
+            return s.exec(select(Job).where(Job.spool_name == name)).first()
+
+    def jobs(self, statuses: Iterable[Status] | None = None) -> list[Job]:
+        """Jobs in priority, then arrival order (the order admission considers them)."""
+        with self.session() as s:
+            query = select(Job)
+            if statuses is not None:
+                query = query.where(col(Job.status).in_([st.value for st in statuses]))
+            query = query.order_by(col(Job.priority).desc(), col(Job.created_at), col(Job.id))
+            return list(s.exec(query))
+
+    def transition(self, job_id: str, expected: Status | Iterable[Status], new: Status, **fields: Any) -> Job:
+        """Move a job from one of ``expected`` to ``new`` (and set ``fields``) or raise IllegalTransition."""
+        allowed = {expected} if isinstance(expected, Status) else set(expected)
+        sources = [st for st in allowed if new in TRANSITIONS.get(st, frozenset())]
+        if not sources:
+            raise IllegalTransition(f"job {job_id}: no legal move from {sorted(allowed)} to {new.value}")
+        if new.terminal:
+            fields.setdefault("finished_at", utcnow())
+        with self.session() as s:
+            result = s.exec(  # type: ignore[call-overload]
+                update(Job)
+                .where(col(Job.id) == job_id, col(Job.status).in_([st.value for st in sources]))
+                .values(status=new, **self.redact(fields))
+            )
+            s.commit()
+            if result.rowcount != 1:
+                current = s.get(Job, job_id)
+                now = current.status.value if current else "missing"
+                raise IllegalTransition(
+                    f"job {job_id}: refused {'/'.join(st.value for st in sources)} -> {new.value}: "
+                    f"the job is {now}",
+                    job_id=job_id,
+                    current=now,
+                )
+            job = s.get(Job, job_id)
+            s.refresh(job)
+            return job
+
+    def counts(self) -> dict[Status, int]:
+        with self.session() as s:
+            rows = s.exec(select(Job.status, func.count()).group_by(Job.status)).all()
+            return {Status(st): n for st, n in rows}
+
+    def update_job(self, job_id: str, **fields: Any) -> None:
+        """Set fields that are not the status (the status moves only through ``transition``)."""
+        if "status" in fields:
+            raise ValueError("use transition() to change a job's status")
+        with self.session() as s:
+            s.exec(update(Job).where(col(Job.id) == job_id).values(**self.redact(fields)))  # type: ignore[call-overload]
+            s.commit()
+
+    def request_cancel(self, job_id: str) -> Job:
+        """Cancel a queued job at once; flag a running one so its supervisor stops it."""
+        job = self.get(job_id)
+        if job is None:
+            raise InvalidJob(f"no job {job_id!r}")
+        if job.status.terminal:
+            return job
+        if job.status in (Status.queued, Status.waiting_retry, Status.awaiting_review):
+            try:
+                return self.transition(job_id, job.status, Status.cancelled, reason="cancelled",
+                                       error="cancelled before it started" if job.status == Status.queued
+                                       else "cancelled while it awaited review (its change was discarded)"
+                                       if job.status == Status.awaiting_review
+                                       else "cancelled while it waited to retry")
+            except IllegalTransition:
+                pass  # it started meanwhile: flag it like a running job
+        self.update_job(job_id, cancel_requested=True)
+        return self.get(job_id)  # type: ignore[return-value]
+
+    # -- attempts -----------------------------------------------------------------------------------
+
+    def start_attempt(self, job_id: str, number: int) -> Attempt:
+        with self.session() as s:
+            attempt = Attempt(job_id=job_id, number=number)
+            s.add(attempt)
+            s.commit()
+            s.refresh(attempt)
+            return attempt
+
+    def finish_attempt(self, attempt_id: int, **fields: Any) -> None:
+        with self.session() as s:
+            s.exec(  # type: ignore[call-overload]
+                update(Attempt).where(col(Attempt.id) == attempt_id).values(finished_at=utcnow(), **self.redact(fields))
+            )
+            s.commit()
+
+    def attempts(self, job_id: str) -> list[Attempt]:
+        return self._rows(Attempt, Attempt.number, job_id=job_id)
+
+    def _rows(self, table: Any, order: Any, **filters: Any) -> list:
+        """Rows of ``table`` matching every filter that is not None, in ``order``."""
+        with self.session() as s:
+            query = select(table)
+            for name, value in filters.items():
+                if value is not None:
+                    query = query.where(getattr(table, name) == value)
+            return list(s.exec(query.order_by(col(order))))
+
+    # -- rate limits and runners ---------------------------------------------------------------------
+
+    def add_rate_limit(self, event: RateLimitEvent) -> None:
+        event.message = self.redact(event.message)
+        with self.session() as s:
+            s.add(event)
+            s.commit()
+
+    def rate_limits(self, runner: str | None = None, job_id: str | None = None) -> list[RateLimitEvent]:
+        return self._rows(RateLimitEvent, RateLimitEvent.id, runner=runner, job_id=job_id)
+
+    def cool_down(self, runner: str, until: datetime, reason: str) -> None:
+        """Extend (never shorten) a runner's cooldown."""
+        with self.session() as s:
+            state = s.get(RunnerState, runner) or RunnerState(name=runner)
+            current = aware(state.cooldown_until) if state.cooldown_until else None
+            if current is None or until > current:
+                state.cooldown_until = until
+                state.reason = self.redact(reason)
+            s.add(state)
+            s.commit()
+
+    def runner_states(self) -> dict[str, RunnerState]:
+        with self.session() as s:
+            states = {}
+            for state in s.exec(select(RunnerState)):
+                if state.cooldown_until is not None:
+                    state.cooldown_until = aware(state.cooldown_until)
+                states[state.name] = state
+            return states
+
+    # -- session compaction ---------------------------------------------------------------------------
+
+    def session_jobs(self, session_id: str) -> list[Job]:
+        """The jobs of a session in arrival order."""
+        with self.session() as s:
+            query = select(Job).where(Job.session_id == session_id).order_by(col(Job.created_at), col(Job.id))
+            return list(s.exec(query))
+
+    def add_compactions(self, rows: list[Compaction]) -> None:
+        with self.session() as s:
+            for row in rows:
+                row.summary = self.redact(row.summary)
+                s.add(row)
+            s.commit()
+
+    def compactions(self, session_id: str | None = None, job_id: str | None = None) -> list[Compaction]:
+        return self._rows(Compaction, Compaction.id, session_id=session_id, job_id=job_id)
+
+    # -- heartbeats ---------------------------------------------------------------------------------
+
+    def add_heartbeat(self, beat: Heartbeat) -> None:
+        beat.last_activity = self.redact(beat.last_activity)
+        with self.session() as s:
+            s.add(beat)
+            s.commit()
+
+    def heartbeats(self, job_id: str) -> list[Heartbeat]:
+        return self._rows(Heartbeat, Heartbeat.id, job_id=job_id)
+
+    # -- events -------------------------------------------------------------------------------------
+
+    def add_event(self, job: Job, attempt: int, kind: str, data: dict | None = None) -> None:
+        self.add_events(job, attempt, [(kind, data or {})])
+
+    def add_events(self, job: Job, attempt: int, items: list[tuple[str, dict]], line: int | None = None) -> None:
+        """Events of one moment, in one transaction (all of a stream line's events or none)."""
+        if not items:
+            return
+        with self.session() as s:
+            for kind, data in items:
+                s.add(Event(job_id=job.id, session_id=job.session_id, attempt=attempt, kind=kind, line=line,
+                            data=self.redact(json.loads(json.dumps(data, default=str)))))
+            s.commit()
+
+    def last_stream_line(self, job_id: str, attempt: int) -> int:
+        """How many stream lines of an attempt have their events in the store."""
+        with self.session() as s:
+            value = s.exec(select(func.max(Event.line)).where(Event.job_id == job_id, Event.attempt == attempt)).first()
+            return int(value or 0)
+
+    def events(self, job_id: str | None = None, session_id: str | None = None) -> list[Event]:
+        return self._rows(Event, Event.id, job_id=job_id, session_id=session_id)

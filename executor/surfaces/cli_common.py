@@ -1,0 +1,76 @@
+"""What every ``executor`` command shares: the settings, the store, a job by id, a job's full view.
+
+Owns turning a bad setting or a missing state root into a message a person can act on.
+
+Must never: write to the store.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import click
+from pydantic import ValidationError
+
+from ..settings import Settings
+from ..store import Job, Store
+
+
+def load_settings() -> Settings:
+    try:
+        return Settings()
+    except ValidationError as exc:
+        raise click.ClickException(f"bad EXECUTOR_* setting: {exc}") from None
+
+
+def open_store(settings: Settings) -> Store:
+    if not settings.db_path.exists():
+        raise click.ClickException(f"no database at {settings.db_path}: is EXECUTOR_HOME right?")
+    return Store(settings.db_path)
+
+
+def get_job(store: Store, job_id: str) -> Job:
+    job = store.get(job_id)
+    if job is None:
+        raise click.ClickException(f"no job {job_id!r}")
+    return job
+
+
+def job_view(store: Store, job: Job) -> dict[str, Any]:
+    """What ``show --json`` prints: the whole story of a job."""
+    return {
+        "id": job.id,
+        "session_id": job.session_id,
+        "status": job.status.value,
+        "reason": job.reason,
+        "error": job.error,
+        "runner": job.runner,
+        "model_requested": job.model_requested,
+        "models_seen": job.models_seen,
+        "workspace": job.workspace,
+        "policy": job.policy_name,
+        "priority": job.priority,
+        "prompt": job.prompt,
+        "created_at": job.created_at.isoformat(),
+        "started_at": job.started_at.isoformat() if job.started_at else None,
+        "finished_at": job.finished_at.isoformat() if job.finished_at else None,
+        "attempts": [
+            {"number": a.number, "outcome": a.outcome, "exit_code": a.exit_code,
+             "claude_session_id": a.claude_session_id, "models_seen": a.models_seen,
+             "cost_usd": a.cost_usd, "input_tokens": a.input_tokens, "output_tokens": a.output_tokens,
+             "started_at": a.started_at.isoformat(),
+             "finished_at": a.finished_at.isoformat() if a.finished_at else None}
+            for a in store.attempts(job.id)
+        ],
+        "changed_files": job.changed_files,
+        "tests": {"command": job.test_command, "exit_code": job.test_exit_code, "output_tail": job.test_output},
+        "final_text": job.final_text,
+        "review": {"reasons": job.review_reasons, "since": job.review_since.isoformat() if job.review_since else None,
+                   "reviewed_at": job.reviewed_at.isoformat() if job.reviewed_at else None,
+                   "reviewed_by": job.reviewed_by, "note": job.review_note, "files": job.review_files},
+        "skills": job.skills,
+        "context": job.context,
+        "compaction": job.compaction,
+    }
+
+

@@ -1,0 +1,119 @@
+"""``executor review``: the review queue from the command line (list, show, approve, reject).
+
+Owns the review commands' arguments and printing; the decisions are ``review/decisions.py``'s.
+
+Must never: decide anything itself.
+"""
+
+from __future__ import annotations
+
+import json
+
+import click
+
+from .. import review as rv
+from ..errors import Conflict, ReviewError
+from ..store import Status
+from .cli_common import get_job, load_settings, open_store
+
+
+@click.group()
+def review() -> None:
+    """Jobs whose tests passed and that wait for a person: list, show, approve, reject."""
+
+
+def _review_call(fn, *args, **kwargs):
+    try:
+        return fn(*args, **kwargs)
+    except Conflict as exc:
+        click.echo("conflict: nothing was applied; changed in the repository since the job started:", err=True)
+        for path in exc.paths:
+            click.echo(f"  {path}", err=True)
+        raise click.ClickException(str(exc)) from None
+    except ReviewError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+@review.command(name="list")
+@click.option("--json", "as_json", is_flag=True)
+def review_list(as_json: bool) -> None:
+    """The review queue, the longest waiting first."""
+    store = open_store(load_settings())
+    rows = [{"id": j.id, "session_id": j.session_id, "runner": j.runner, "workspace": j.workspace,
+             "since": j.review_since.isoformat() if j.review_since else None,
+             "waiting_seconds": round(rv.since(j.review_since) or 0, 1),
+             "reasons": j.review_reasons, "changed_files": j.changed_files} for j in rv.queue(store)]
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    if not rows:
+        click.echo("no job awaits review")
+    for r in rows:
+        click.echo(f"{r['id']:20} waiting {r['waiting_seconds']:>8.0f}s  {len(r['changed_files'])} files  "
+                   f"{rv.reason_text(r['reasons'])}")
+
+
+@review.command(name="show")
+@click.argument("job_id")
+def review_show(job_id: str) -> None:
+    """Everything a reviewer needs: reasons, the agent's final message, tests, and a diff of every changed
+    file against the repository as it is now."""
+    settings = load_settings()
+    store = open_store(settings)
+    current = get_job(store, job_id)
+    if current.status != Status.awaiting_review:
+        raise click.ClickException(f"job {job_id} is {current.status.value}, not awaiting review")
+    item = _review_call(rv.pending, store, settings, job_id)
+    job = item.job
+    click.echo(f"job        {job.id} ({job.status.value})")
+    click.echo(f"workspace  {job.workspace}")
+    click.echo(f"runner     {job.runner} ({job.model_requested})")
+    if job.review_since:
+        click.echo(f"waiting    since {job.review_since:%Y-%m-%d %H:%M:%S}Z")
+    click.echo("reasons:")
+    for r in item.reasons:
+        click.echo(f"  - {r.get('message', r) if isinstance(r, dict) else r}")
+    click.echo("final message:")
+    for line in (job.final_text or "(none)").splitlines():
+        click.echo(f"  | {line}")
+    click.echo(f"tests: {job.test_command or 'true'} -> exit {job.test_exit_code}")
+    for line in (job.test_output or "").splitlines()[-30:]:
+        click.echo(f"  | {line}")
+    if item.missing:
+        click.echo("the kept change is gone: only reject makes sense")
+        return
+    if item.refused:
+        click.echo(f"never applied: {', '.join(item.refused)}")
+    click.echo(f"change: {len(item.diffs)} paths, {item.changed_lines} changed lines")
+    click.echo(rv.render_unified(item.diffs), nl=False)
+
+
+@review.command(name="approve")
+@click.argument("job_id")
+@click.argument("more", nargs=-1)
+@click.option("--files", "files", multiple=True, metavar="PATH...",
+              help="Apply only these changed paths (a directory: everything changed below it).")
+@click.option("--note", default=None, help="Recorded with the decision.")
+def review_approve(job_id: str, more: tuple[str, ...], files: tuple[str, ...], note: str | None) -> None:
+    """Apply the job's change exactly as tested (or only --files PATH...), with the pipeline's conflict check."""
+    if more and not files:
+        raise click.UsageError(f"unexpected arguments {' '.join(more)}: paths go after --files")
+    settings = load_settings()
+    store = open_store(settings)
+    job = _review_call(rv.approve, store, settings, job_id, [*files, *more] or None, note)
+    click.echo(f"{job.id} {job.status.value}: applied {len(job.changed_files)} paths")
+    for path in job.changed_files:
+        click.echo(f"  {path}")
+
+
+@review.command(name="reject")
+@click.argument("job_id")
+@click.option("--note", default=None, help="Recorded with the decision.")
+def review_reject(job_id: str, note: str | None) -> None:
+    """Discard the job's change; the repository is not touched."""
+    settings = load_settings()
+    store = open_store(settings)
+    job = _review_call(rv.reject, store, settings, job_id, note)
+    click.echo(f"{job.id} {job.status.value}: {job.error}")
+
+

@@ -1,0 +1,142 @@
+"""The one commit sequence, and how an attempt settles: used by the pipeline and by a review approval alike.
+
+Owns the order of a commit: read the upper dir (``scan_upper``), refuse what must never be applied, check
+the repository against the moment the job started (``check_conflicts``), move the job to ``committing``
+(the journal: the status plus the kept upper dir), apply, and settle. ``finish`` redoes the apply after a
+crash (it is idempotent). ``settle`` cleans up the attempt's containers and overlay, then records the
+ending, guarded by the phase the caller knows the job is in, so a racing cancel or watchdog loses
+cleanly instead of being overwritten.
+
+Must never: apply a change whose upper dir holds something unsafe, apply while the repository conflicts
+with the change, apply other paths than the ones chosen, or record an ending before cleaning up.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+from ..errors import (
+    COMMITTED,
+    CommitFailed,
+    Conflict,
+    ExecutorError,
+    IllegalTransition,
+    UnsafePath,
+)
+from ..logs import log_state
+from ..sandbox.deployment import Deployment
+from ..store import Job, Status, Store
+from . import workspace
+from .apply import apply_change
+from .conflicts import check_conflicts
+from .upper import Change, scan_upper, select
+from .workspace import Workspace
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Ending:
+    """Where an attempt ended: the status to move to and why."""
+
+    status: Status
+    reason: str
+    error: str | None = None
+    keep_upper: bool = False
+    fields: dict = field(default_factory=dict)  # more job fields to set with the status
+    cause: ExecutorError | None = None  # the error it ended with, if any
+
+    @classmethod
+    def of(cls, error: ExecutorError, **fields: object) -> Ending:
+        """The ending of an attempt that ended with ``error`` (its reason, status and message)."""
+        return cls(Status(error.ends_as), error.reason, str(error), keep_upper=error.keeps_change, fields=fields,
+                   cause=error)
+
+
+@dataclass
+class Phase:
+    """The status an attempt's owner knows the job is in. Every move the owner makes goes through it, so
+    the store refuses the move (``IllegalTransition``) when someone else moved the job meanwhile."""
+
+    status: Status
+
+    def move(self, store: Store, job: Job, new: Status, **fields: object) -> Job:
+        moved = store.transition(job.id, self.status, new, **fields)
+        self.status = new
+        return moved
+
+
+def commit(store: Store, job: Job, ws: Workspace, phase: Phase, files: Iterable[str] | None = None,
+           **fields: object) -> Ending:
+    """Commit the job's tested change (or the part at ``files``): the job moves from its phase (testing,
+    or awaiting_review for an approval) to ``committing``, then the change is applied.
+
+    Returns the ending to settle with (``failed`` for an unsafe change or a conflict, nothing applied).
+    ``fields`` are set on the job with the move to ``committing`` (a review's decision).
+    """
+    chosen = sorted({p.strip().strip("/") for p in files or [] if p.strip().strip("/")}) or None
+    change = select(scan_upper(ws.upper), chosen)
+    if change.refused:
+        return Ending.of(UnsafePath("the change holds entries that are never applied: " +
+                                    ", ".join(f"{r.path} ({r.reason})" for r in change.refused)))
+    conflicts = check_conflicts(change, ws.repo, job.start_ns or 0)
+    if conflicts:
+        return Ending.of(Conflict(conflicts))
+    job = phase.move(store, job, Status.committing, changed_files=change.changed_files, review_files=chosen,
+                     **fields)
+    store.add_event(job, ws.attempt, "state", {"status": "committing", "changed_files": change.changed_files,
+                                              "ignored_git": change.ignored_git})
+    log_state(job, Status.committing, ws.attempt, changed=len(change.changed_files))
+    return finish(job, ws, change)
+
+
+def finish(job: Job, ws: Workspace, change: Change | None = None) -> Ending:
+    """Apply the kept upper dir (again, after a crash: the apply is idempotent)."""
+    # A partial approval applies only the approved paths, also when redone after a crash.
+    change = change or select(scan_upper(ws.upper), job.review_files)
+    try:
+        apply_change(change, ws.upper, ws.repo, ws.uid, ws.gid)
+    except (UnsafePath, OSError) as exc:
+        return Ending.of(CommitFailed(f"the change could not be applied: {exc}"))
+    return Ending(Status.succeeded, COMMITTED)
+
+
+#: Called with a job that just settled (a notification, for example); must never raise.
+SettleHook = Callable[[Job], None]
+
+
+def settle(store: Store, job: Job, ws: Workspace, ending: Ending, phase: Phase,
+           deployment: Deployment | None = None, on_settled: SettleHook | None = None) -> Job:
+    """Clean up the attempt's containers and overlay, then record the ending (in that order: a crash in
+    between leaves a job the restart recovery resolves). ``phase``: the status the caller knows the job
+    is in; when someone else moved the job meanwhile, ``IllegalTransition`` is raised and logged."""
+    # A running attempt is owned by its thread: clean up first, so the status never claims a state the
+    # disk does not have yet. A job awaiting review is owned by no one (two reviewers may race): claim it
+    # first, so the loser never removes the winner's change.
+    owned = phase.status != Status.awaiting_review
+    if owned:
+        _clean_up(deployment, ws, ending)
+    fields = {} if ending.status == Status.queued else {"reason": ending.reason, "error": ending.error}
+    fields.update(ending.fields)
+    try:
+        settled = phase.move(store, job, ending.status, **fields)
+    except IllegalTransition as exc:
+        log.error("cannot settle job", extra={"action": "settle_refused", "job": job.id, "error": str(exc)})
+        raise
+    if not owned:
+        _clean_up(deployment, ws, ending)
+    store.add_event(settled, ws.attempt, "state", {"status": ending.status.value, "reason": ending.reason,
+                                                    "error": ending.error})
+    log_state(settled, ending.status, ws.attempt, reason=ending.reason, error=ending.error)
+    if on_settled is not None:
+        on_settled(settled)
+    return settled
+
+
+def _clean_up(deployment: Deployment | None, ws: Workspace, ending: Ending) -> None:
+    if ending.keep_upper:
+        workspace.release(deployment, ws)
+    else:
+        workspace.discard(deployment, ws)

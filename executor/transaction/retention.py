@@ -1,0 +1,45 @@
+"""Retention: which job directories under the state root go, and when.
+
+Owns the rule: the directory of a settled job goes at once, unless the job kept its change for inspection
+(a conflict, a failed apply), which stays for ``EXECUTOR_RETENTION``; directories of jobs that are not
+settled stay. Removal never follows a link (``safefs.remove_tree``).
+
+Must never: remove the directory of a job that is not settled.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from datetime import timedelta
+
+from ..clock import aware, utcnow
+from ..errors import CommitFailed, Conflict
+from ..settings import Settings
+from ..store import Store
+from .safefs import remove_tree
+
+log = logging.getLogger(__name__)
+
+KEPT_FOR_INSPECTION = frozenset({Conflict.reason, CommitFailed.reason})
+
+
+def remove_expired(settings: Settings, store: Store) -> list[str]:
+    """Remove the job dirs whose time is up; returns the job ids removed."""
+    cutoff = utcnow() - timedelta(seconds=settings.retention)
+    try:
+        names = os.listdir(settings.jobs_dir)
+    except FileNotFoundError:
+        return []
+    removed = []
+    for name in names:
+        job = store.get(name)
+        if job is not None and not job.status.terminal:
+            continue
+        finished = aware(job.finished_at) if job is not None and job.finished_at else None
+        kept = job is not None and job.reason in KEPT_FOR_INSPECTION
+        if not kept or finished is None or finished < cutoff:
+            remove_tree(settings.jobs_dir / name)
+            removed.append(name)
+            log.info("removed expired job dir", extra={"action": "retention", "job": name})
+    return removed

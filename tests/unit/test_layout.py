@@ -1,0 +1,89 @@
+"""The layout shows the design: small modules that say what they own, no import cycle, one public surface.
+
+These read the source with ``ast``; they run nothing of it (but the last, which imports the package).
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import executor
+
+PACKAGE = Path(executor.__file__).resolve().parent
+MAX_LINES = 400
+
+
+def modules() -> dict[str, Path]:
+    found = {}
+    for path in sorted(PACKAGE.rglob("*.py")):
+        parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+        name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+        found[name] = path
+    return found
+
+
+def imports_of(name: str, path: Path, known: set[str]) -> set[str]:
+    """Every executor module ``name`` imports, at any depth of the file (a lazy import is still a
+    dependency), resolved to the module (``from .x import y`` names module ``x.y`` when that exists)."""
+    is_package = path.name == "__init__.py"
+    base = name.split(".") if is_package else name.split(".")[:-1]
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom):
+            anchor = base[: len(base) - node.level + 1] if node.level else []
+            target = ".".join([*anchor, *(node.module.split(".") if node.module else [])])
+            for alias in node.names:
+                sub = f"{target}.{alias.name}"
+                found.add(sub if sub in known else target)
+        elif isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+    return {m for m in found if m in known and m != name}
+
+
+def test_no_module_is_longer_than_400_lines():
+    long = {name: n for name, path in modules().items() if (n := len(path.read_text().splitlines())) > MAX_LINES}
+    assert not long, f"split these modules by role: {long}"
+
+
+def test_every_module_says_what_it_owns_and_what_it_must_never_do():
+    missing = []
+    for name, path in modules().items():
+        doc = ast.get_docstring(ast.parse(path.read_text())) or ""
+        if not doc or (path.name != "__init__.py" and "must never" not in doc.lower()):
+            missing.append(name)
+    assert not missing, f"modules without a docstring naming what they own and must never do: {missing}"
+
+
+def test_there_is_no_import_cycle():
+    mods = modules()
+    graph = {name: imports_of(name, path, set(mods)) for name, path in mods.items()}
+    # A package's __init__ re-exporting its own modules is not a cycle of the design.
+    for name in graph:
+        graph[name] = {m for m in graph[name] if not (name.startswith(m + ".") and mods[m].name == "__init__.py")}
+    cycles = []
+    state: dict[str, int] = {}
+    stack: list[str] = []
+
+    def visit(node: str) -> None:
+        state[node] = 1
+        stack.append(node)
+        for nxt in sorted(graph[node]):
+            if state.get(nxt) == 1:
+                cycles.append(stack[stack.index(nxt):] + [nxt])
+            elif nxt not in state:
+                visit(nxt)
+        stack.pop()
+        state[node] = 2
+
+    for node in sorted(graph):
+        if node not in state:
+            visit(node)
+    assert not cycles, "import cycles: " + "; ".join(" -> ".join(c) for c in cycles)
+
+
+def test_the_public_surface_is_what_the_package_exports():
+    for name in executor.__all__:
+        assert getattr(executor, name) is not None, name
+    assert issubclass(executor.TestsFailed, executor.ExecutorError)
+    assert {"Settings", "Status", "ExecutorError"} <= set(executor.__all__)

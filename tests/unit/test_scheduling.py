@@ -1,0 +1,401 @@
+"""Scheduling logic without an engine: admission order, settling from the phase the caller knows, the
+judgement of agent and test runs, and the liveness watchdog on a fake clock. The integration tier proves
+the same behaviours on the real engine."""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import pytest
+
+from executor.agent.events import Event
+from executor.agent.outcome import Outcome
+from executor.agent.stream import StreamState
+from executor.errors import (
+    AgentFailed,
+    ApiError,
+    Cancelled,
+    IllegalTransition,
+    Interrupted,
+    ModelMismatch,
+    OutOfMemory,
+    RateLimited,
+    Stalled,
+    TestsFailed,
+    TestsOutOfMemory,
+    TestsTimedOut,
+    TimedOut,
+)
+from executor.job.judge import judge_agent, judge_tests
+from executor.policy import Policy, Runner
+from executor.sandbox.liveness import Watchdog
+from executor.sandbox.runtime import AgentRun, TestRun
+from executor.scheduling import admission
+from executor.scheduling.governor import Governor
+from executor.settings import parse_size
+from executor.store import Job, Status, Store
+from executor.transaction.commit import Ending, Phase, settle
+from executor.transaction.workspace import Workspace
+from tests.unit.fakes import FakeDeployment
+
+NOW = datetime(2026, 11, 27, 12, 0, tzinfo=timezone.utc)
+RUNNER = Runner(name="r", model="claude-sonnet-4-5", auth_env="T")
+
+
+def job(job_id: str, *, cpus: float = 1.0, runner: str = "r", workspace: str | None = None,
+        status: Status = Status.queued, **fields) -> Job:
+    return Job(id=job_id, session_id=job_id, runner=runner, model_requested="m",
+               workspace=workspace or f"/w/{job_id}", prompt="p", policy_name="default",
+               policy=Policy(cpus=cpus, memory="512m").model_dump(), status=status, **fields)
+
+
+def governor(cpus: float = 2.0) -> Governor:
+    return Governor(cpus, parse_size("64g"), parse_size("256m"))
+
+
+def started(plan: admission.Plan) -> list[str]:
+    return [j.id for j, _ in plan.starts]
+
+
+# ------------------------------------------------------------------------------------------ admission
+
+
+def test_jobs_start_in_the_order_given_while_they_fit():
+    plan = admission.plan([job("a"), job("b"), job("c")], {}, {"r": RUNNER}, [], governor(2.0), NOW)
+    assert started(plan) == ["a", "b"]
+    assert plan.waiting is not None and "job c waits" in plan.waiting and "cpus" in plan.waiting
+
+
+def test_a_head_that_does_not_fit_is_never_overtaken():
+    gov = governor(2.0)
+    assert gov.try_reserve("running", Policy(cpus=1.0)) is not None
+    plan = admission.plan([job("big", cpus=2.0), job("small", cpus=1.0)], {}, {"r": RUNNER}, [], gov, NOW)
+    assert started(plan) == []
+    assert "job big waits" in plan.waiting
+
+
+def test_cooldown_concurrency_and_busy_workspaces_do_not_block_the_line():
+    limited = Runner(name="limited", model="m", auth_env="T", max_concurrent=1)
+    candidates = [job("cool", runner="cooling"), job("busy", workspace="/w/shared"),
+                  job("limited2", runner="limited"), job("free")]
+    running = {"holder": admission.Running("r", "/w/shared"), "lim1": admission.Running("limited", "/w/l")}
+    plan = admission.plan(candidates, running, {"r": RUNNER, "limited": limited, "cooling": RUNNER},
+                          ["cooling"], governor(8.0), NOW)
+    assert started(plan) == ["free"]
+    assert plan.waiting is None
+
+
+def test_a_waiting_retry_job_holds_its_workspace_until_its_time():
+    waiting = job("w", status=Status.waiting_retry, workspace="/w/x", retry_at=NOW + timedelta(minutes=5))
+    later = job("later", workspace="/w/x")
+    plan = admission.plan([waiting, later], {}, {"r": RUNNER}, [], governor(), NOW)
+    assert started(plan) == []  # not yet its time, and the newer job may not take its kept upper's workspace
+    plan = admission.plan([waiting, later], {}, {"r": RUNNER}, [], governor(), NOW + timedelta(minutes=6))
+    assert started(plan) == ["w"]
+
+
+def test_permits_taken_by_a_plan_are_held_until_released():
+    gov = governor(2.0)
+    plan = admission.plan([job("a"), job("b")], {}, {"r": RUNNER}, [], gov, NOW)
+    assert gov.reserved_cpus == 2.0
+    for _, permit in plan.starts:
+        gov.release(permit)
+        gov.release(permit)  # a second release frees nothing more
+    assert gov.reserved_cpus == 0.0
+
+
+# --------------------------------------------------------------------------------------------- settle
+
+
+@pytest.fixture
+def stored(tmp_path: Path):
+    store = Store(tmp_path / "executor.db")
+    store.add_job(job("s1", workspace=str(tmp_path / "repo")))
+    ws = Workspace(job_id="s1", attempt=1, repo=tmp_path / "repo", root=tmp_path / "jobs" / "s1", uid=0, gid=0)
+    ws.upper.mkdir(parents=True)
+    yield store, ws
+    store.close()
+
+
+def test_settle_moves_the_job_from_the_phase_its_owner_knows(stored):
+    store, ws = stored
+    phase = Phase(Status.queued)
+    phase.move(store, store.get("s1"), Status.running)
+    deployment = FakeDeployment()
+    settled = settle(store, store.get("s1"), ws, Ending.of(AgentFailed("no")), phase, deployment)
+    assert settled.status == Status.rolled_back and settled.reason == "agent_error"
+    assert ("remove_job_objects", "s1") in deployment.calls
+    assert not ws.root.exists()  # rolled back: the job dir went before the status said so
+
+
+def test_a_racing_cancel_wins_and_settle_does_not_overwrite_it(stored):
+    store, ws = stored
+    phase = Phase(Status.queued)
+    job_row = phase.move(store, store.get("s1"), Status.running)
+    store.transition("s1", Status.running, Status.cancelled, reason="cancelled")  # someone else, first
+    with pytest.raises(IllegalTransition):
+        settle(store, job_row, ws, Ending.of(AgentFailed("no")), phase, FakeDeployment())
+    assert store.get("s1").status == Status.cancelled
+
+
+def test_a_job_awaiting_review_is_claimed_before_its_change_is_removed(stored):
+    store, ws = stored
+    store.transition("s1", Status.queued, Status.running)
+    store.transition("s1", Status.running, Status.testing)
+    store.transition("s1", Status.testing, Status.awaiting_review)
+    store.transition("s1", Status.awaiting_review, Status.committing)  # another reviewer approved it first
+    with pytest.raises(IllegalTransition):
+        settle(store, store.get("s1"), ws, Ending(Status.rolled_back, "rejected"), Phase(Status.awaiting_review))
+    assert ws.upper.is_dir(), "the loser removed the winner's change"
+
+
+def test_an_ending_takes_reason_status_and_keeping_from_its_error():
+    from executor.errors import Conflict
+
+    ending = Ending.of(Conflict(["a.txt"]))
+    assert (ending.status, ending.reason, ending.keep_upper) == (Status.failed, "conflict", True)
+    assert Ending.of(Interrupted("stop")).status == Status.queued
+    assert Ending.of(TestsTimedOut("slow")).status == Status.rolled_back
+
+
+# -------------------------------------------------------------------------------------------- judging
+
+
+def run_of(kind: str = "success", *, models: tuple[str, ...] = ("claude-sonnet-4-5",), **fields) -> AgentRun:
+    state = StreamState()
+    state.models_seen = list(models)
+    return AgentRun(outcome=Outcome(kind, "msg"), state=state, exit_code=0, **fields)
+
+
+@pytest.mark.parametrize("run, error", [
+    (run_of(stopped="shutdown"), Interrupted),
+    (run_of(stopped="cancelled"), Cancelled),
+    (run_of(stopped="stalled"), Stalled),
+    (run_of(stopped="timeout"), TimedOut),
+    (run_of(oom_killed=True), OutOfMemory),
+    (run_of(models=("claude-sonnet-4-5", "claude-haiku-4-5")), ModelMismatch),
+    (run_of("agent_error"), AgentFailed),
+    (run_of("rate_limited"), RateLimited),
+    (run_of("api_error"), ApiError),
+])
+def test_an_agent_run_that_did_not_earn_its_tests_raises_why(run, error):
+    with pytest.raises(error) as raised:
+        judge_agent(RUNNER, Policy(), run)
+    assert type(raised.value) is error or issubclass(type(raised.value), error)
+
+
+def test_a_successful_run_earns_its_tests_and_the_synthetic_model_is_not_a_mismatch():
+    assert judge_agent(RUNNER, Policy(), run_of(models=("claude-sonnet-4-5", "<synthetic>"))) is None
+
+
+def test_a_stall_with_retry_stalled_goes_back_to_the_queue():
+    with pytest.raises(Stalled) as raised:
+        judge_agent(RUNNER, Policy(retry_stalled=True), run_of(stopped="stalled", last_activity="tool call Bash"))
+    assert Ending.of(raised.value).status == Status.queued
+    assert "tool call Bash" in str(raised.value) and "retry_stalled" in str(raised.value)
+
+
+@pytest.mark.parametrize("tests, error", [
+    (TestRun("t", 1, ""), TestsFailed),
+    (TestRun("t", None, "", timed_out=True), TestsTimedOut),
+    (TestRun("t", 137, "", oom_killed=True), TestsOutOfMemory),
+    (TestRun("t", None, "", stopped="cancelled"), Cancelled),
+    (TestRun("t", None, "", stopped="shutdown"), Interrupted),
+])
+def test_a_test_run_that_did_not_pass_raises_why(tests, error):
+    with pytest.raises(error):
+        judge_tests(tests)
+    assert judge_tests(TestRun("t", 0, "")) is None
+
+
+# ------------------------------------------------------------------------------------------- watchdog
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class FakeContainer:
+    """Answers the two engine calls a heartbeat makes: stats and the pids cgroup read."""
+
+    def __init__(self) -> None:
+        self.cpu_ns = 0
+
+    def stats(self, stream: bool, one_shot: bool) -> dict:
+        return {"cpu_stats": {"cpu_usage": {"total_usage": self.cpu_ns}}, "memory_stats": {"usage": 1 << 20},
+                "pids_stats": {"current": 3}}
+
+    def exec_run(self, cmd, stdout: bool, stderr: bool):
+        class Result:
+            exit_code = 0
+            output = b"max 0\n"
+        return Result()
+
+
+def watchdog(**policy) -> tuple[Watchdog, Clock, list]:
+    clock, beats = Clock(), []
+    dog = Watchdog(Policy(heartbeat_interval=30, stall_after=300, **policy), on_beat=beats.append, clock=clock)
+    return dog, clock, beats
+
+
+def test_silence_for_the_stall_window_is_a_stall_and_each_interval_beats_once():
+    dog, clock, beats = watchdog()
+    container = FakeContainer()
+    dog.start(container)
+    for _ in range(9):
+        clock.now += 30
+        assert dog.check(container) is None
+    clock.now += 30
+    assert dog.check(container) == "stalled"
+    assert len(beats) == 10 and all(b.state == "idle" for b in beats)
+
+
+def test_stream_lines_and_real_cpu_work_are_progress_but_timer_noise_is_not():
+    dog, clock, beats = watchdog(stall_cpu_threshold=0.05)
+    container = FakeContainer()
+    dog.start(container)
+    clock.now += 30
+    dog.saw_line([Event("tool_call", {"name": "Bash", "command": "make"})], "")
+    assert dog.check(container) is None and beats[-1].state == "progress"
+    assert dog.last_activity == "tool call Bash: make"
+    for _ in range(20):  # ten minutes of a silent build at half a core: alive
+        clock.now += 30
+        container.cpu_ns += int(0.5 * 1e9 * 30)
+        assert dog.check(container) is None and beats[-1].state == "progress"
+    for _ in range(9):  # then a CLI waiting on its timers (0.3 % of a core): idle, not yet stalled
+        clock.now += 30
+        container.cpu_ns += int(0.003 * 1e9 * 30)
+        assert dog.check(container) is None and beats[-1].state == "idle"
+    clock.now += 30
+    assert dog.check(container) == "stalled"
+
+
+def test_a_wait_the_cli_announced_is_not_a_stall():
+    dog, clock, _ = watchdog()
+    container = FakeContainer()
+    dog.start(container)
+    dog.saw_line([Event("api_retry", {"error_status": 429, "retry_delay_ms": 600_000})], "")
+    clock.now += 500
+    assert dog.check(container) is None and dog.waiting_api
+    clock.now += 500
+    assert dog.check(container) == "stalled"
+
+
+def test_a_heartbeat_that_cannot_be_written_does_not_stop_the_job():
+    clock = Clock()
+
+    def broken(beat):
+        raise RuntimeError("database is gone")
+
+    dog = Watchdog(Policy(heartbeat_interval=30, stall_after=300), on_beat=broken, clock=clock)
+    container = FakeContainer()
+    dog.start(container)
+    clock.now += 31
+    assert dog.check(container) is None and dog.last_beat is not None
+
+
+# ------------------------------------------------------------------------- the loop, on a fake engine
+
+
+def test_the_serving_loop_admits_within_the_budget_and_frees_slots(tmp_path, monkeypatch):
+    """The loop's tick on a fake deployment: two 1-cpu jobs of three run under a 2-cpu budget, the third
+    waits and says why, and starts once a slot is reaped."""
+    import threading
+
+    from executor.scheduling import service
+    from executor.settings import Settings
+
+    policies = tmp_path / "policies"
+    policies.mkdir()
+    (policies / "runners.toml").write_text('[runners.r]\nmodel = "m"\nauth_env = "T"\n')
+    settings = Settings(home=tmp_path / "home", policies=policies, workspace_roots=[tmp_path], budget_cpus=2.0,
+                        budget_memory="8g")
+    release = threading.Event()
+    ran: list[str] = []
+
+    def fake_run_job(ctx, job_id):  # moves the job as the pipeline would, without a container
+        ran.append(job_id)
+        ctx.store.transition(job_id, Status.queued, Status.running)
+        release.wait(10)
+        ctx.store.transition(job_id, Status.running, Status.rolled_back, reason="agent_error")
+
+    monkeypatch.setattr(service, "run_job", fake_run_job)
+    executor = service.Executor(settings, {}, deployment=FakeDeployment())
+    for name in ("a", "b", "c"):
+        executor.store.add_job(job(name))
+    executor.tick()
+    assert sorted(executor.slots) == ["a", "b"] and "job c waits" in executor.waiting
+    status = executor.status()
+    assert status["reserved"]["cpus"] == 2.0 and [r["job"] for r in status["running"]] == ["a", "b"]
+    release.set()
+    for slot in list(executor.slots.values()):
+        slot.thread.join(5)
+    executor.tick()
+    assert list(executor.slots) == ["c"] and sorted(ran) == ["a", "b", "c"] and executor.waiting is None
+    for slot in list(executor.slots.values()):
+        slot.thread.join(5)
+    executor.store.close()
+
+
+def _executor(tmp_path, monkeypatch, run_job, deployment=None):
+    from executor.scheduling import service
+    from executor.settings import Settings
+
+    policies = tmp_path / "policies"
+    policies.mkdir(exist_ok=True)
+    (policies / "runners.toml").write_text('[runners.r]\nmodel = "m"\nauth_env = "T"\n')
+    monkeypatch.setattr(service, "run_job", run_job)
+    settings = Settings(home=tmp_path / "home", policies=policies, workspace_roots=[tmp_path])
+    return service.Executor(settings, {}, deployment=deployment or FakeDeployment())
+
+
+def test_a_dead_side_thread_stops_the_executor_loudly(tmp_path, monkeypatch):
+    import threading
+
+    from executor.errors import InternalError
+
+    executor = _executor(tmp_path, monkeypatch, lambda ctx, job_id: None)
+    dead = threading.Thread(target=lambda: None)
+    dead.start()
+    dead.join()
+
+    class Notifier:
+        thread = dead
+
+    executor.notifier = Notifier()
+    with pytest.raises(InternalError, match="notifier"):
+        executor.check_side_threads()
+    executor.store.close()
+
+
+def test_shutdown_removes_what_outlives_the_grace_and_waits_for_it_before_closing_the_store(tmp_path, monkeypatch):
+    """A job thread that does not stop by itself within the grace is cut off (its containers removed), and
+    the store closes only after the thread has returned."""
+    import threading
+
+    removed = threading.Event()
+    finished = []
+
+    class Deployment(FakeDeployment):
+        def remove_job_objects(self, job_id: str) -> None:
+            super().remove_job_objects(job_id)
+            removed.set()
+
+    def stubborn(ctx, job_id):
+        removed.wait(30)  # an agent that only ends when its container goes
+        ctx.store.get(job_id)  # still uses the store: it must be open
+        finished.append(job_id)
+
+    deployment = Deployment()
+    executor = _executor(tmp_path, monkeypatch, stubborn, deployment)
+    executor.store.add_job(job("stuck"))
+    executor.tick()
+    assert "stuck" in executor.slots
+    executor.shutdown(grace=0.2)
+    assert ("remove_job_objects", "stuck") in deployment.calls
+    assert finished == ["stuck"] and not executor.slots
