@@ -1,7 +1,9 @@
-"""Why a running attempt must stop now: the executor is shutting down, or a person asked to cancel it.
+"""Why a running attempt must stop now: the executor is shutting down, the serving loop asked for it (the
+state root's disk ran low), or a person asked to cancel it.
 
-Owns the cheap check the runtime calls between stream lines: the shutdown flag every time, the store's
-``cancel_requested`` at most once a second (a cancel is a person's action; a second is quick enough).
+Owns the cheap check the runtime calls between stream lines: the shutdown flag and the loop's requests
+every time, the store's ``cancel_requested`` at most once a second (a cancel is a person's action; a
+second is quick enough).
 
 Must never: stop anything itself; it only answers.
 """
@@ -22,6 +24,8 @@ class StopCheck:
     def __call__(self) -> str | None:
         if self.ctx.shutdown.is_set():
             return "shutdown"
+        if (why := self.ctx.stop_requests.get(self.job_id)) is not None:
+            return why
         now = time.monotonic()
         if not self._cancelled and now >= self._next_poll:
             self._next_poll = now + 1.0
