@@ -12,15 +12,19 @@ from .errors import (
     CompactionUnavailable,
     ConfigError,
     Conflict,
+    EvaluationError,
+    EvaluationTimedOut,
     ExecutorError,
     IllegalTransition,
     InternalError,
     Interrupted,
     InvalidJob,
     ModelMismatch,
+    NoCoverageGain,
     OutOfMemory,
     Overloaded,
     RateLimited,
+    Regression,
     Rejected,
     ReviewError,
     SandboxError,
@@ -30,6 +34,7 @@ from .errors import (
     TestsTimedOut,
     TimedOut,
     UnsafePath,
+    WeakTests,
     WorkspaceError,
 )
 from .settings import Settings
@@ -37,8 +42,8 @@ from .store.status import Status
 
 __all__ = [
     "AgentFailed", "ApiError", "AuthFailed", "Cancelled", "CommitFailed", "CompactionUnavailable", "ConfigError",
-    "Conflict", "ExecutorError", "IllegalTransition", "InternalError", "Interrupted", "InvalidJob",
-    "ModelMismatch", "OutOfMemory", "Overloaded", "RateLimited", "Rejected", "ReviewError", "SandboxError",
-    "Settings", "Stalled", "Status", "TestsFailed", "TestsOutOfMemory", "TestsTimedOut", "TimedOut",
-    "UnsafePath", "WorkspaceError",
+    "Conflict", "EvaluationError", "EvaluationTimedOut", "ExecutorError", "IllegalTransition", "InternalError",
+    "Interrupted", "InvalidJob", "ModelMismatch", "NoCoverageGain", "OutOfMemory", "Overloaded", "RateLimited",
+    "Regression", "Rejected", "ReviewError", "SandboxError", "Settings", "Stalled", "Status", "TestsFailed",
+    "TestsOutOfMemory", "TestsTimedOut", "TimedOut", "UnsafePath", "WeakTests", "WorkspaceError",
 ]

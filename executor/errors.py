@@ -25,6 +25,8 @@ Must never: grow a second base class, or hold secrets (tokens, keys) in a messag
     │   └── Rejected             a person rejected the change
     ├── SandboxError             the container could not be created or run
     ├── CompactionUnavailable    the small model could not write the brief and the policy requires it
+    ├── EvaluationError          the graded gate could not grade the change (no or a broken report, no coverage)
+    │   └── EvaluationTimedOut   the graded gate's runs together took longer than evaluation_timeout
     ├── AgentFailed              the agent's run ended badly (rolled back)
     │   ├── RateLimited          429 / usage limit (retryable)
     │   │   └── Overloaded       529 (retryable)
@@ -38,7 +40,10 @@ Must never: grow a second base class, or hold secrets (tokens, keys) in a messag
     │   └── ModelMismatch        a model other than the runner's answered
     └── TestsFailed              the test command failed (rolled back)
         ├── TestsTimedOut        the tests ran longer than test_timeout
-        └── TestsOutOfMemory     the tests hit the memory limit
+        ├── TestsOutOfMemory     the tests hit the memory limit
+        ├── Regression           a test that passed before the change fails, is skipped or is gone after it
+        └── WeakTests            the job's tests prove nothing: none fails without its change and passes with it
+            └── NoCoverageGain   a test-only job's tests cover no line or branch the suite left uncovered
 """
 
 from __future__ import annotations
@@ -145,6 +150,16 @@ class CompactionUnavailable(ExecutorError):
     reason = "compaction_unavailable"
 
 
+class EvaluationError(ExecutorError):
+    """The graded gate (``evaluation = "tests"``) could not grade the change: never a pass."""
+
+    reason = "evaluation_error"
+
+
+class EvaluationTimedOut(EvaluationError):
+    reason = "evaluation_timeout"
+
+
 class AgentFailed(ExecutorError):
     reason = "agent_error"
     ends_as = "rolled_back"
@@ -224,6 +239,22 @@ class TestsTimedOut(TestsFailed):
 
 class TestsOutOfMemory(TestsFailed):
     reason = "tests_out_of_memory"
+
+
+class Regression(TestsFailed):
+    """Raised by the graded gate with ``tests=[ids]``: the broken tests, as the report names them."""
+
+    reason = "regression"
+
+
+class WeakTests(TestsFailed):
+    """Raised by the graded gate with ``tests=[ids]``: the job's tests that proved nothing."""
+
+    reason = "weak_tests"
+
+
+class NoCoverageGain(WeakTests):
+    reason = "no_coverage_gain"
 
 
 #: Every ending reason there is: the classes' reasons and the two endings that are not errors.

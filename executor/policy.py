@@ -33,6 +33,14 @@ DEFAULT_DISALLOWED_TOOLS = (
 )
 
 
+#: Where tests live unless a policy says otherwise (gitignore globs): Python, JavaScript/TypeScript and Go layouts.
+DEFAULT_TEST_PATHS = (
+    "**/tests/**", "**/test/**", "test_*.py", "*_test.py", "conftest.py",
+    "*.test.js", "*.spec.js", "*.test.ts", "*.spec.ts", "*.test.jsx", "*.test.tsx", "**/__tests__/**",
+    "*_test.go", "**/testdata/**",
+)
+
+
 class Policy(BaseModel):
     """How one job may run. Every field has a default, so a policy file names only what it changes."""
 
@@ -51,6 +59,23 @@ class Policy(BaseModel):
     )
     test_command: str | None = Field(default=None, description="Shell command whose exit 0 gates the commit.")
     test_timeout: Duration = Field(default=600.0, description="Wall-clock limit of the test run.")
+    evaluation: Literal["exit-code", "tests"] = Field(
+        default="exit-code",
+        description="The gate: exit-code (the test command's exit 0 commits) or tests (graded per test from the "
+                    "JUnit XML report the command writes to $EXECUTOR_JUNIT_XML: no regression, and the job's "
+                    "own tests must fail without its change and pass with it).")
+    test_paths: tuple[str, ...] = Field(
+        default=DEFAULT_TEST_PATHS,
+        description="Globs of test files: the graded gate's tests-only run applies the job's changes there only.")
+    flaky_reruns: int = Field(
+        default=2, ge=0, le=10,
+        description="Times the graded gate re-runs a test command whose tests failed with the change: a test that "
+                    "flips is flaky and counts for nothing.")
+    on_weak_tests: Literal["rollback", "review"] = Field(
+        default="rollback",
+        description="A job whose tests prove nothing: rolled back (weak_tests) or sent to a person's review.")
+    evaluation_timeout: Duration = Field(
+        default=1800.0, description="Wall-clock limit of all the graded gate's runs together.")
     heartbeat_interval: Duration = Field(default=30.0, description="Seconds between heartbeat rows.")
     stall_after: Duration = Field(default=300.0, description="No progress for this long is a stall.")
     stall_cpu_threshold: float = Field(
@@ -111,7 +136,7 @@ class Policy(BaseModel):
         return parse_size(value) if isinstance(value, (str, int, float)) else value
 
     @field_validator("timeout", "test_timeout", "heartbeat_interval", "stall_after", "backoff_initial",
-                     "backoff_max", mode="before")
+                     "backoff_max", "evaluation_timeout", mode="before")
     @classmethod
     def _duration(cls, value: object) -> object:
         return parse_duration(value) if isinstance(value, (str, int, float)) else value

@@ -162,5 +162,10 @@ class Settings(BaseSettings):
     def jobs_dir(self) -> Path:
         return self.home / "jobs"
 
+    @property
+    def evaluation_dir(self) -> Path:
+        """The graded gate's cache of *before* runs, per repository state."""
+        return self.home / "evaluation"
+
     def job_dir(self, job_id: str) -> Path:
         return self.jobs_dir / job_id

@@ -92,6 +92,14 @@ def _disk(why: str, policy: Policy, used: int | None, who: str) -> DiskLimit:
 
 def judge_tests(tests: TestRun, policy: Policy | None = None) -> None:
     """Raise why the test run does not let the change through; return when it passed."""
+    judge_run_end(tests, policy)
+    if not tests.passed:
+        raise TestsFailed(f"the tests failed (exit {tests.exit_code}): {tests.command}")
+
+
+def judge_run_end(tests: TestRun, policy: Policy | None = None) -> None:
+    """Raise when a test run did not end by itself (stopped, timed out, out of memory, over the disk cap);
+    its exit code is not judged (the graded gate reads the report instead)."""
     _stopped(tests.stopped, "the tests")
     if tests.stopped == "disk_limit":
         raise _disk("disk_limit", policy or Policy(), tests.disk_used, "the tests")
@@ -99,5 +107,3 @@ def judge_tests(tests: TestRun, policy: Policy | None = None) -> None:
         raise TestsTimedOut("the tests ran longer than the policy's test_timeout")
     if tests.oom_killed:
         raise TestsOutOfMemory("the tests hit the memory limit")
-    if not tests.passed:
-        raise TestsFailed(f"the tests failed (exit {tests.exit_code}): {tests.command}")

@@ -59,6 +59,7 @@ class ContainerSpec:
     environment: dict[str, str] = field(default_factory=dict)
     tmpfs_size: int = 512 * 2**20  # bytes of each tmpfs (counted against the job's disk limit)
     home_volume: str | None = None  # the agent's home: an overlay volume over the session's committed home
+    binds: dict[str, str] = field(default_factory=dict)  # host dir -> container path (a test run's report dir)
 
 
 def connect() -> docker.DockerClient:
@@ -81,6 +82,7 @@ class Deployment(Protocol):
     """What the executor asks of the engine: containers and overlay volumes, found again by label."""
 
     def check_image(self) -> None: ...
+    def image_id(self) -> str: ...
     def start(self, spec: ContainerSpec) -> Container: ...
     def remove(self, container: Container | str) -> None: ...
     def create_overlay_volume(self, name: str, lower: list[str], upper: str, work: str,
@@ -108,6 +110,13 @@ class Sandbox:
                 f"sandbox image {self.image!r} is missing: build it with "
                 f"`docker build -t {self.image} sandbox/`"
             ) from None
+
+    def image_id(self) -> str:
+        """The sandbox image's id (what a cached test result was measured with)."""
+        try:
+            return self.client.images.get(self.image).id
+        except (ImageNotFound, APIError) as exc:
+            raise SandboxError(f"cannot inspect sandbox image {self.image!r}: {exc}") from None
 
     def start(self, spec: ContainerSpec) -> Container:
         if spec.user.split(":")[0] in ("0", "root"):
@@ -142,6 +151,7 @@ class Sandbox:
         mounts = [Mount(target=WORKSPACE_MOUNT, source=spec.volume, type="volume", no_copy=True)]
         if spec.home_volume:
             mounts.append(Mount(target=AGENT_HOME, source=spec.home_volume, type="volume", no_copy=True))
+        mounts.extend(Mount(target=target, source=source, type="bind") for source, target in spec.binds.items())
         return mounts
 
     @staticmethod

@@ -16,6 +16,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import requests
 from docker.errors import APIError, NotFound
@@ -200,24 +201,36 @@ def watch_agent(sandbox: Deployment, container: Container, policy: Policy, *, on
     return run
 
 
+#: Where a graded test run's own directory (``transaction.workspace.fresh_run_dir``) is mounted.
+RUN_DIR_MOUNT = "/executor-run"
+
+
 def run_tests(sandbox: Deployment, ws: Workspace, command: str, policy: Policy, *,
-              should_stop: StopCheck, disk: DiskMeter | None = None) -> TestRun:
-    """The test command in a fresh container on the test view, network none, same limits; ``disk`` measures
-    what the tests write (their throwaway layer) against the job's disk cap."""
+              should_stop: StopCheck, disk: DiskMeter | None = None, view: str = "test",
+              run_dir: Path | None = None, environment: dict[str, str] | None = None,
+              argv: list[str] | None = None, timeout: float | None = None) -> TestRun:
+    """The test command in a fresh container on a test view (by default the job's change over the repository),
+    network none, same limits; ``disk`` measures what the tests write against the job's disk cap.
+
+    For the graded gate: ``run_dir`` is mounted read-write at ``RUN_DIR_MOUNT`` (the report goes there),
+    ``environment`` is added, ``argv`` replaces ``sh -c command`` (a wrapper around it), and ``timeout``
+    (seconds, at most ``test_timeout``) bounds this run.
+    """
     spec = ContainerSpec(
-        name=f"executor-{ws.job_id}-a{ws.attempt}-tests",
-        command=["sh", "-c", command],
+        name=f"executor-{ws.job_id}-a{ws.attempt}-tests" + ("" if view == "test" else f"-{view}"),
+        command=argv or ["sh", "-c", command],
         user=f"{ws.uid}:{ws.gid}",
-        volume=ws.test_volume,
+        volume=ws.view_volume(view),
         limits=Limits(policy.cpus, policy.memory, policy.pids),
         network="none",
         labels=ws.labels("tests"),
         tmpfs_size=tmpfs_size(policy),
-        environment={"HOME": AGENT_HOME, "CI": "true"},
+        environment={"HOME": AGENT_HOME, "CI": "true", **(environment or {})},
+        binds={str(run_dir): RUN_DIR_MOUNT} if run_dir is not None else {},
     )
     started = time.monotonic()
     container = sandbox.start(spec)
-    deadline = started + policy.test_timeout
+    deadline = started + min(policy.test_timeout, timeout if timeout is not None else policy.test_timeout)
     timed_out = False
     stopped = None
     exit_code: int | None = None

@@ -46,6 +46,8 @@ class Job(SQLModel, table=True):
     changed_files: list = Field(default_factory=list, sa_column=Column(JSON))
     test_exit_code: int | None = None
     test_output: str | None = None
+    #: the graded gate's record (evaluation = "tests"): kind, verdict, fail-to-pass, broken and flaky tests, runs
+    evaluation: dict | None = Field(default=None, sa_column=Column(JSON))
     final_text: str | None = None
     retry_at: datetime | None = None  # waiting_retry: not before this time
     resume_session: str | None = None  # waiting_retry: the Claude Code session the next attempt resumes

@@ -95,11 +95,27 @@ class Workspace:
 
     @property
     def test_upper(self) -> Path:
-        return self.root / "test-upper"
+        return self.view_upper("test")
+
+    def view_upper(self, view: str) -> Path:
+        """The throwaway layer of a test view (``VIEWS``): what its tests write, never committed."""
+        return self.root / f"{view}-upper"
+
+    def view_work(self, view: str) -> Path:
+        return self.root / f"{view}-work"
+
+    def view_volume(self, view: str) -> str:
+        return f"executor-{self.job_id}-a{self.attempt}-{view}"
 
     @property
-    def test_work(self) -> Path:
-        return self.root / "test-work"
+    def tests_layer(self) -> Path:
+        """The graded gate's layer holding only the job's changes to test files (``evaluation/layers.py``)."""
+        return self.root / "tests-layer"
+
+    @property
+    def runs_dir(self) -> Path:
+        """One directory per graded test run, bind-mounted into its container for the report it writes."""
+        return self.root / "runs"
 
     @contextmanager
     def trees(self) -> Iterator[tuple[Tree, Tree]]:
@@ -141,7 +157,7 @@ class Workspace:
 
     @property
     def test_volume(self) -> str:
-        return f"executor-{self.job_id}-a{self.attempt}-test"
+        return self.view_volume("test")
 
     def labels(self, role: str) -> dict[str, str]:
         return {LABEL_JOB: self.job_id, LABEL_ATTEMPT: str(self.attempt), LABEL_ROLE: role}
@@ -205,20 +221,46 @@ def _repo_mode(ws: Workspace) -> int:
         os.close(fd)
 
 
-def create_test_view(sandbox: Deployment, ws: Workspace) -> None:
-    """A throwaway layer above the job's changes: what the tests write is never committed."""
-    _repo_mode(ws)  # the repository must still be the one the job started on
-    repo_mode = os.stat(ws.upper).st_mode & 0o777
-    _fresh_dir(ws.test_upper, ws.uid, ws.gid, repo_mode)
-    _fresh_dir(ws.test_work, ws.uid, ws.gid, 0o700)
-    sandbox.create_overlay_volume(ws.test_volume, [str(ws.upper), str(ws.repo)], str(ws.test_upper),
-                                  str(ws.test_work), ws.labels("testview"))
+#: The test views: ``test`` (the job's changes over the repository: the gate), and the graded gate's
+#: ``before`` (the repository alone) and ``tests`` (only the job's changes to test files over the repository).
+VIEWS = ("test", "before", "tests")
+
+
+def create_test_view(sandbox: Deployment, ws: Workspace, view: str = "test", lower: list[Path] | None = None) -> None:
+    """A throwaway layer above ``lower`` (by default the job's changes over the repository): what the tests
+    write is never committed, and nothing below it is copied."""
+    repo_mode = _repo_mode(ws)  # the repository must still be the one the job started on
+    lower = lower if lower is not None else [ws.upper, ws.repo]
+    top_mode = repo_mode if lower[0] == ws.repo else os.stat(lower[0]).st_mode & 0o777
+    _fresh_dir(ws.view_upper(view), ws.uid, ws.gid, top_mode)
+    _fresh_dir(ws.view_work(view), ws.uid, ws.gid, 0o700)
+    sandbox.create_overlay_volume(ws.view_volume(view), [str(p) for p in lower], str(ws.view_upper(view)),
+                                  str(ws.view_work(view)), ws.labels("testview"))
+
+
+def fresh_run_dir(ws: Workspace, name: str) -> Path:
+    """An empty directory of the agent's uid for one graded test run (its report), in the root-owned runs dir:
+    the run cannot swap the directory itself, only what lies in it."""
+    ws.runs_dir.mkdir(exist_ok=True)
+    os.chmod(ws.runs_dir, 0o711)
+    path = ws.runs_dir / name
+    _fresh_dir(path, ws.uid, ws.gid, 0o700)
+    return path
+
+
+def discard_view(sandbox: Deployment, ws: Workspace, view: str) -> None:
+    sandbox.remove_volume(ws.view_volume(view))
+    for path in (ws.view_upper(view), ws.view_work(view)):
+        if path.exists() or path.is_symlink():
+            remove_tree(path)
 
 
 def discard_test_view(sandbox: Deployment, ws: Workspace) -> None:
-    sandbox.remove_volume(ws.test_volume)
-    for path in (ws.test_upper, ws.test_work):
-        if path.exists():
+    """Every test view, the graded gate's tests layer and its run directories."""
+    for view in VIEWS:
+        discard_view(sandbox, ws, view)
+    for path in (ws.tests_layer, ws.runs_dir):
+        if path.exists() or path.is_symlink():
             remove_tree(path)
 
 

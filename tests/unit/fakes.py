@@ -15,6 +15,9 @@ class FakeDeployment:
     def check_image(self) -> None:
         self.calls.append(("check_image",))
 
+    def image_id(self) -> str:
+        return "sha256:fake"
+
     def start(self, spec):
         self.calls.append(("start", spec.name))
         raise AssertionError("a unit test must not start a container")
