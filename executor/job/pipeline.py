@@ -6,7 +6,8 @@ Owns the order of a job's steps and the phase it is in (``store/status.py`` draw
                  |-> waiting_retry (rate limited: slot freed, upper kept) -> running (same runner, resumed)
                  |-> rolled_back / failed / stalled / cancelled / queued again (the executor is stopping)
 
-Only an agent that reported success *and* a passing test run lead to a commit (``transaction/commit.py``);
+Only an agent that reported success *and* a passing test gate lead to a commit (``transaction/commit.py``):
+the test command's exit 0, or with ``evaluation = "tests"`` the graded gate's rules (``grading.py``);
 anything else removes the job's overlay and leaves the repository as it was. Every ending is an error of
 the tree (``errors.py``) or one of its two non-error reasons.
 
@@ -39,6 +40,7 @@ from ..transaction.upper import scan_upper
 from ..transaction.workspace import Workspace
 from . import retry
 from .context import Context
+from .grading import graded_gate
 from .judge import judge_agent, judge_tests
 from .record import record_attempt, record_beat, record_events, record_tests
 from .stop import StopCheck
@@ -172,24 +174,29 @@ def _supervise(ctx: Context, job: Job, ws: Workspace, phase: Phase, runner: Runn
 
 def _test_and_commit(ctx: Context, job: Job, ws: Workspace, phase: Phase, policy: Policy,
                      stop: StopCheck) -> Ending:
-    workspace.create_test_view(ctx.sandbox, ws)
-    try:
-        tests = run_tests(ctx.sandbox, ws, job.test_command or "true", policy, should_stop=stop,
-                          disk=DiskMeter([ws.test_upper], policy.disk))
-    finally:
-        workspace.discard_test_view(ctx.sandbox, ws)
-    record_tests(ctx, job, ws.attempt, tests)
-    judge_tests(tests, policy)
-    ending = _review_gate(ctx, job, ws, policy)
+    if policy.evaluation == "tests":
+        forced = graded_gate(ctx, job, ws, policy, stop)  # raises the rule the change broke
+    else:
+        forced = []
+        workspace.create_test_view(ctx.sandbox, ws)
+        try:
+            tests = run_tests(ctx.sandbox, ws, job.test_command or "true", policy, should_stop=stop,
+                              disk=DiskMeter([ws.test_upper], policy.disk))
+        finally:
+            workspace.discard_test_view(ctx.sandbox, ws)
+        record_tests(ctx, job, ws.attempt, tests)
+        judge_tests(tests, policy)
+    ending = _review_gate(ctx, job, ws, policy, forced)
     if ending is not None:
         return ending
     return commit(ctx.store, job, ws, phase)
 
 
-def _review_gate(ctx: Context, job: Job, ws: Workspace, policy: Policy) -> Ending | None:
+def _review_gate(ctx: Context, job: Job, ws: Workspace, policy: Policy, forced: list[dict]) -> Ending | None:
     """After the tests passed: keep the tested change for a person (awaiting_review: the upper dir stays,
-    the overlay and containers go), or None to commit it now."""
-    if policy.review == "never":
+    the overlay and containers go), or None to commit it now. ``forced``: reasons the gate already found
+    (weak tests the policy sends to a person), whatever the policy's ``review``."""
+    if policy.review == "never" and not forced:
         return None
     change = scan_upper(ws.upper)
     if change.refused or has_conflicts(ws, change, job.start_ns or 0):
@@ -199,7 +206,7 @@ def _review_gate(ctx: Context, job: Job, ws: Workspace, policy: Policy) -> Endin
         with ws.trees() as (upper, repo):
             lines = changed_lines(diff_change(change, upper, repo))
     current = ctx.store.get(job.id)
-    reasons = review_reasons(policy, change, current.final_text if current else None, lines)
+    reasons = forced + review_reasons(policy, change, current.final_text if current else None, lines)
     if not reasons:
         return None
     ctx.store.add_event(job, ws.attempt, "review", {"action": "awaiting", "reasons": reasons,

@@ -24,7 +24,7 @@ import click
 from ..errors import ExecutorError, InvalidJob
 from ..scheduling import snapshot as status_file
 from ..store import Status
-from .cli_common import get_job, job_view, load_settings, open_store
+from .cli_common import evaluation_lines, get_job, job_view, load_settings, open_store
 from .cli_review import review
 from .cli_session import session
 
@@ -78,7 +78,7 @@ def submit(file: Any) -> None:
 @click.argument("job_id")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def show(job_id: str, as_json: bool) -> None:
-    """One job: status, why, models, attempts, changed files, tests."""
+    """One job: status, why, models, attempts, changed files, tests (and the graded gate's tests by name)."""
     store = open_store(load_settings())
     view = job_view(store, get_job(store, job_id))
     if as_json:
@@ -98,6 +98,8 @@ def show(job_id: str, as_json: bool) -> None:
         click.echo(f"tests: {tests['command']} -> exit {tests['exit_code']}")
         for line in (tests["output_tail"] or "").splitlines()[-15:]:
             click.echo(f"  | {line}")
+    for line in evaluation_lines(view["evaluation"]):
+        click.echo(line)
 
 
 @main.command()

@@ -68,6 +68,7 @@ def job_view(store: Store, job: Job) -> dict[str, Any]:
         ],
         "changed_files": job.changed_files,
         "tests": {"command": job.test_command, "exit_code": job.test_exit_code, "output_tail": job.test_output},
+        "evaluation": job.evaluation,
         "final_text": job.final_text,
         "review": {"reasons": job.review_reasons, "since": job.review_since.isoformat() if job.review_since else None,
                    "reviewed_at": job.reviewed_at.isoformat() if job.reviewed_at else None,
@@ -77,4 +78,35 @@ def job_view(store: Store, job: Job) -> dict[str, Any]:
         "compaction": job.compaction,
     }
 
+
+#: What ``show`` lists of the graded gate's record, in order: (record key, label).
+EVALUATION_LISTS = (("fail_to_pass", "fail-to-pass"), ("broken", "broken"), ("flaky", "flaky"),
+                    ("failing", "failing"), ("weak", "weak"))
+
+
+def evaluation_lines(record: dict | None, limit: int = 20) -> list[str]:
+    """The graded gate's record for a terminal: verdict, the named tests, coverage gained, the runs."""
+    if not record:
+        return []
+    proved = {True: "proved", False: "not proved", None: "no tests to prove"}.get(record.get("proved"), "")
+    lines = [f"evaluation: {record.get('kind') or '-'} -> {record.get('verdict')}"
+             + (f" ({proved})" if record.get("kind") else "")]
+    for key, label in EVALUATION_LISTS:
+        tests = record.get(key) or []
+        if tests:
+            lines.append(f"  {label}:")
+            lines.extend(f"    {t}" for t in tests[:limit])
+            if len(tests) > limit:
+                lines.append(f"    ... and {len(tests) - limit} more")
+    coverage = record.get("coverage")
+    if coverage:
+        lines.append(f"  coverage gained: {coverage.get('lines')} lines, {coverage.get('branches')} branches "
+                     f"(code lines covered before: {coverage.get('before')})")
+    runs = ", ".join(f"{r['run']} " + ("cached" if r.get("cached") else f"exit {r.get('exit_code')} "
+                                       f"{r.get('duration', 0):.1f}s")
+                     + (f" ({r['tests_reported']} tests)" if r.get("tests_reported") is not None else "")
+                     for r in record.get("runs") or [])
+    if runs:
+        lines.append(f"  runs: {runs}")
+    return lines
 

@@ -11,7 +11,8 @@ Definitions:
     ``finished_at`` lies in the window; completion rate = succeeded / finished.
   * duration = finished_at - started_at; queue wait = started_at - created_at (the first start).
   * rollbacks: ``tests_failed`` counts every rollback by the test gate (tests failed, timed out or ran out
-    of memory), ``agent_error`` those where the agent did not succeed; ``by_reason`` has the exact reasons.
+    of memory; the graded gate's regression, weak_tests and no_coverage_gain), ``agent_error`` those where
+    the agent did not succeed; ``by_reason`` has the exact reasons.
   * stalls: the state changes recorded with reason ``stalled`` (settled as stalled or re-queued).
   * rate-limit events per 24 h = events in the window / window length in days; busy windows are the 24 h
     windows (counted back from ``now``) in which more than 50 jobs finished.
@@ -19,6 +20,11 @@ Definitions:
   * review: of the finished jobs whose tests passed (succeeded, or sent to review) plus the jobs awaiting
     review now, the share that waited for a person; the mean wait is reviewed_at - review_since over the
     decided ones.
+  * evaluation (the graded gate), over the same jobs: graded = jobs it graded; test-writing = those that
+    changed tests (with code, or only tests: hardening), and their share of the graded; proof rate = the
+    test-writing jobs whose tests proved their change (fail-to-pass, or coverage gained) / test-writing;
+    weak-test rejections = verdicts weak_tests or no_coverage_gain (rolled back or sent to review);
+    regressions caught = verdicts regression; flaky tests = tests reported flaky, summed.
 
 Must never: write to the store or any file, start or signal anything, or print a credential (it reads
 only counts, times, names of runners and models, and the status snapshot's figures).
@@ -42,7 +48,8 @@ from ..store import TERMINAL, Attempt, Event, Job, RateLimitEvent, Status, Store
 
 DAY = timedelta(days=1)
 BUSY_WINDOW_JOBS = 50  # a 24 h window with more finished jobs than this is "busy"
-TEST_GATE_REASONS = frozenset({"tests_failed", "tests_timeout", "tests_out_of_memory"})
+TEST_GATE_REASONS = frozenset({"tests_failed", "tests_timeout", "tests_out_of_memory", "regression", "weak_tests",
+                               "no_coverage_gain"})
 TIMEOUT_REASONS = frozenset({"timeout", "tests_timeout"})
 #: status.json older than this means the executor is not running (its loop ticks every poll interval)
 STATUS_FRESH_SECONDS = 10.0
@@ -222,9 +229,32 @@ def build_report(store: Store, since: timedelta, now: datetime | None = None,
         "usage": {"attempts": len(attempts), "input_tokens": input_tokens, "output_tokens": output_tokens,
                   "cost_usd": round(cost, 6)},
         "review": review_stats(finished + awaiting),
+        "evaluation": evaluation_stats(finished + awaiting),
         "duration_seconds": _summary(durations),
         "queue_wait_seconds": _summary(waits),
         "footprint": _footprint_view(footprint),
+    }
+
+
+WEAK_VERDICTS = frozenset({"weak_tests", "no_coverage_gain"})
+
+
+def evaluation_stats(jobs: list[Job]) -> dict[str, Any]:
+    """The graded gate's figures over ``jobs`` (see the module's definitions)."""
+    graded = [j.evaluation for j in jobs if j.evaluation and j.evaluation.get("kind") not in (None, "none")]
+    writing = [e for e in graded if e["kind"] in ("tests", "tests_and_code")]
+    proved = sum(1 for e in writing if e.get("proved"))
+    return {
+        "graded": len(graded),
+        "test_writing": len(writing),
+        "test_writing_share": round(len(writing) / len(graded), 4) if graded else None,
+        "hardening": sum(1 for e in writing if e["kind"] == "tests"),
+        "proved": proved,
+        "proof_rate": round(proved / len(writing), 4) if writing else None,
+        "weak_test_rejections": sum(1 for e in graded if e.get("verdict") in WEAK_VERDICTS),
+        "regressions_caught": sum(1 for e in graded if e.get("verdict") == "regression"),
+        "evaluation_errors": sum(1 for j in jobs if j.reason in ("evaluation_error", "evaluation_timeout")),
+        "flaky_tests": sum(len(e.get("flaky") or []) for e in graded),
     }
 
 
@@ -274,6 +304,12 @@ def render_text(report: dict[str, Any]) -> str:
         lines.append(f"review       {rv['reviewed']} of {rv['tests_passed']} jobs whose tests passed waited for a "
                      f"person ({_pct(rv['review_share'])}); mean wait {_secs(rv['mean_review_wait_seconds'])}; "
                      f"{rv['awaiting_review']} awaiting now")
+    ev = report.get("evaluation") or {}
+    if ev.get("graded"):
+        lines.append(f"evaluation   {ev['graded']} graded: {ev['test_writing']} wrote tests "
+                     f"({_pct(ev['test_writing_share'])}, {ev['hardening']} only tests), proof rate "
+                     f"{_pct(ev['proof_rate'])}; {ev['weak_test_rejections']} weak-test rejections, "
+                     f"{ev['regressions_caught']} regressions caught, {ev['flaky_tests']} flaky tests")
     d, q = report["duration_seconds"], report["queue_wait_seconds"]
     lines.append(f"duration     p50 {_secs(d['p50'])}, p95 {_secs(d['p95'])} ({d['count']} jobs)")
     lines.append(f"queue wait   p50 {_secs(q['p50'])}, p95 {_secs(q['p95'])}")

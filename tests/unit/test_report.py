@@ -281,3 +281,32 @@ def test_metrics_refresh_never_raises(store):
     broken.engine = None  # type: ignore[assignment]
     metrics.refresh(broken)  # logged, not raised
     assert scrape(metrics)[("executor_cost_usd_total", ())] == 0
+
+
+def test_the_graded_gates_figures(store):
+    t = NOW - timedelta(hours=1)
+
+    def graded(job_id: str, status: Status, reason: str, **record) -> None:
+        add(store, job_id, status, finished=None if status == Status.awaiting_review else t, reason=reason)
+        store.update_job(job_id, evaluation={"flaky": [], **record})
+
+    graded("fix", Status.succeeded, "committed", kind="tests_and_code", verdict="passed", proved=True,
+           flaky=["tests.test_f::test_flip"])
+    graded("harden", Status.succeeded, "committed", kind="tests", verdict="passed", proved=True)
+    graded("weak", Status.rolled_back, "weak_tests", kind="tests_and_code", verdict="weak_tests", proved=False)
+    graded("vacuous", Status.rolled_back, "no_coverage_gain", kind="tests", verdict="no_coverage_gain",
+           proved=False)
+    graded("to-review", Status.awaiting_review, "review", kind="tests_and_code", verdict="weak_tests", proved=False)
+    graded("broke", Status.rolled_back, "regression", kind="code", verdict="regression", proved=None)
+    graded("plain", Status.succeeded, "committed", kind="code", verdict="passed", proved=None)
+    graded("noreport", Status.failed, "evaluation_error", kind=None, verdict="evaluation_error")
+    add(store, "exit-code", Status.succeeded, finished=t, reason="committed")  # not graded: no record
+
+    report = build_report(store, timedelta(days=7), now=NOW)
+    assert report["evaluation"] == {
+        "graded": 7, "test_writing": 5, "test_writing_share": round(5 / 7, 4), "hardening": 2, "proved": 2,
+        "proof_rate": 0.4, "weak_test_rejections": 3, "regressions_caught": 1, "evaluation_errors": 1,
+        "flaky_tests": 1}
+    assert report["rollbacks"]["tests_failed"] == 3  # the graded gate's rollbacks are the test gate's
+    assert ("evaluation   7 graded: 5 wrote tests (71.4%, 2 only tests), proof rate 40.0%; 3 weak-test "
+            "rejections, 1 regressions caught, 1 flaky tests") in render_text(report)
