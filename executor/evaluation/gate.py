@@ -4,7 +4,8 @@ Owns the order and the bounds of the runs. *After* (the job's change over the re
 view) runs first: without a readable report there is nothing to grade (``EvaluationError``). A run whose
 tests fail is run again, on the same throwaway layer, up to ``flaky_reruns`` times, until every failing
 test has flipped. *Before* (the repository alone) comes from the cache when the repository has a known
-state, else it runs (with coverage, so a later test-only job on the same state needs no new run). *Tests
+state, else it runs. Coverage is measured (about three times the run's cost) only for a test-only job, in
+*after* and *before*; a cached *before* without coverage is run again, measured, for such a job. *Tests
 only* (the job's test-file changes over the repository) runs when the job changed tests and code. Every run
 gets its own directory for its report, at most ``test_timeout``, and all of them together at most
 ``evaluation_timeout``. Each view is discarded when its runs are done.
@@ -107,7 +108,7 @@ def evaluate(gate: Gate) -> Verdict:
     try:
         after, coverage_after = _after(gate, measure=parts.kind == "tests")
         runs = Runs(after=after, coverage_after=coverage_after)
-        runs.before, runs.coverage_before = _before(gate)
+        runs.before, runs.coverage_before = _before(gate, measure=parts.kind == "tests")
         if parts.kind == "tests_and_code":
             runs.tests_only_ran = True
             runs.tests_only = _tests_only(gate, change, parts)
@@ -144,8 +145,9 @@ def _unflipped(reports: list[Report]) -> set[str]:
     return failed - passed
 
 
-def _before(gate: Gate) -> tuple[Report | None, cov.Coverage | None]:
-    """The repository's own suite: from the cache, or run (and cached when the repository has a state)."""
+def _before(gate: Gate, measure: bool) -> tuple[Report | None, cov.Coverage | None]:
+    """The repository's own suite: from the cache, or run (and cached when the repository has a state).
+    ``measure``: coverage is needed (a test-only job); a cached result without it is run again, measured."""
     key = None
     if gate.cache is not None:
         repo_fd = gate.ws.open_repo()
@@ -155,13 +157,13 @@ def _before(gate: Gate) -> tuple[Report | None, cov.Coverage | None]:
             os.close(repo_fd)
         key = gate.cache.key(state, gate.command) if state else None
         found = gate.cache.load(key) if key else None
-        if found is not None:
+        if found is not None and (found[1] is not None or not measure):
             gate.cache_note = "hit"
             gate.on_run("before", None, len(found[0].outcomes), None)
             return found
     workspace.create_test_view(gate.sandbox, gate.ws, "before", [gate.ws.repo])
     try:
-        _, report, coverage = gate.run("before", "before", True)
+        _, report, coverage = gate.run("before", "before", measure)
     finally:
         workspace.discard_view(gate.sandbox, gate.ws, "before")
     if report is not None and key is not None:

@@ -108,5 +108,7 @@ def evaluation_lines(record: dict | None, limit: int = 20) -> list[str]:
                      for r in record.get("runs") or [])
     if runs:
         lines.append(f"  runs: {runs}")
+    if record.get("before_cache"):
+        lines.append(f"  before cache: {record['before_cache']}")
     return lines
 

@@ -15,7 +15,7 @@ import click
 
 from ..errors import Conflict, ReviewError
 from ..store import Status
-from .cli_common import get_job, load_settings, open_store
+from .cli_common import evaluation_lines, get_job, load_settings, open_store
 
 
 @click.group()
@@ -83,8 +83,8 @@ def review_list(as_json: bool) -> None:
 @review.command(name="show")
 @click.argument("job_id")
 def review_show(job_id: str) -> None:
-    """Everything a reviewer needs: reasons, the agent's final message, tests, and a diff of every changed
-    file against the repository as it is now."""
+    """Everything a reviewer needs: reasons, the agent's final message, tests (the evaluation gate's by name),
+    and a diff of every changed file against the repository as it is now."""
     from .. import review as rv
 
     settings = load_settings()
@@ -108,6 +108,8 @@ def review_show(job_id: str) -> None:
     click.echo(f"tests: {job.test_command or 'true'} -> exit {job.test_exit_code}")
     for line in (job.test_output or "").splitlines()[-30:]:
         click.echo(f"  | {line}")
+    for line in evaluation_lines(job.evaluation):
+        click.echo(line)
     if item.missing:
         click.echo("the kept change is gone: only reject makes sense")
         return

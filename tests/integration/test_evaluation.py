@@ -5,10 +5,12 @@ pytest suites that scripted agents change."""
 from __future__ import annotations
 
 import json
-import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import threading
+import time
 from pathlib import Path
 
 import psutil
@@ -91,9 +93,8 @@ def write(path: str, content: str) -> Turn:
     return Turn.tool("Write", {"file_path": f"/workspace/{path}", "content": content})
 
 
-def calc_repo(world, name: str, git: bool = False) -> Path:
-    repo = world.repo(name, {"calc.py": CALC, "tests/test_calc.py": SUITE}, git=git)
-    return repo
+def calc_repo(world, name: str) -> Path:
+    return world.repo(name, {"calc.py": CALC, "tests/test_calc.py": SUITE})
 
 
 def run_jobs(world, run_executor, jobs: dict[str, tuple[Path, list[Turn]]], **policy) -> dict:
@@ -169,6 +170,9 @@ def test_tests_that_assert_nothing_or_already_pass_are_weak(world, run_executor)
     assert pas.evaluation["verdict"] == "weak_tests"
     assert pas.evaluation["weak"] == ["tests.test_more::test_add_again"]
     assert [r["trigger"] for r in pas.review_reasons] == ["weak_tests"]
+    shown = cli(world, "review", "show", "weak-passing")
+    assert shown.returncode == 0, shown.stderr
+    assert "weak tests (weak_tests)" in shown.stdout and "    tests.test_more::test_add_again" in shown.stdout
 
 
 def test_a_change_that_breaks_or_deletes_an_existing_test_is_rolled_back_naming_it(world, run_executor):
@@ -252,40 +256,46 @@ def test_a_hostile_report_is_refused_cleanly_and_the_executor_is_unharmed(world,
 
 
 def test_before_runs_are_cached_per_clean_repository_state(world, run_executor):
-    # git runs as the repository's owner, who must be able to walk to it: open pytest's private temp dirs
-    # for searching (not listing) while the test runs.
-    private = [p for p in world.root.parents if p.is_relative_to("/tmp") and p != Path("/tmp")]
-    modes = {p: p.stat().st_mode & 0o777 for p in private}
+    # git runs as the repository's owner, who must be able to walk to it. pytest keeps its temp dirs private
+    # (and any pytest session on the machine makes them so again), so this repository has a root of its own.
+    root = Path(tempfile.mkdtemp(prefix="executor-evaluation-", dir="/tmp"))
     try:
-        for p in private:
-            p.chmod(modes[p] | 0o011)
-        _cached(world, run_executor)
+        root.chmod(0o711)
+        _cached(world, run_executor, root)
     finally:
-        for p, mode in modes.items():
-            p.chmod(mode)
+        shutil.rmtree(root)
 
 
-def _cached(world, run_executor) -> None:
-    repo = calc_repo(world, "cached", git=True)
+def _cached(world, run_executor, root: Path) -> None:
+    repo = root / "cached"
+    for rel, content in {"calc.py": CALC, "tests/test_calc.py": SUITE}.items():
+        (repo / rel).parent.mkdir(parents=True, exist_ok=True)
+        (repo / rel).write_text(content)
 
     def commit(message: str) -> None:  # as the person would (as root here; the tree is then given back)
-        for args in (["add", "-A"], ["-c", "user.name=t", "commit", "-q", "-m", message]):
+        for args in (["add", "-A"], ["-c", "user.name=t", "-c", "user.email=t@example.invalid", "commit", "-q",
+                                     "-m", message]):
             subprocess.run(["git", "-c", "safe.directory=*", "-C", str(repo), *args], check=True, capture_output=True)
         chown_tree(repo)
+        world.repo_made = time.time()
 
+    subprocess.run(["git", "init", "-q", str(repo)], check=True)
     commit("start")
     vacuous = "def test_sub():\n    assert True\n"
     script = [bash(FIX), write("tests/test_sub.py", vacuous), Turn.text("Done.")]  # weak: rolled back
-    keys = ("cache-1", "cache-2", "cache-3", "cache-4")
+    keys = ("cache-1", "cache-2", "cache-3", "cache-4", "cache-5")
+    harden = [write("tests/test_div.py", "import calc\n\n\ndef test_div():\n    assert calc.div(6, 3) == 2\n"),
+              Turn.text("Done.")]
     world.write_policy(evaluation="tests", review="never", test_command=PYTEST)
-    with ScriptedAPI({key: script for key in keys}) as api:
+    with ScriptedAPI({**{key: script for key in keys[:4]}, "cache-5": harden}) as api:
         world.write_runners(api.base_url)
-        runner = run_executor(world.settings())
+        runner = run_executor(world.settings(workspace_roots=[root]))
         store = runner.executor.store
 
-        def run(key: str) -> None:
+        def run(key: str, reason: str = "weak_tests") -> None:
             world.submit(id=key, workspace=str(repo), prompt=f"{key}: do it")
-            assert wait_status(store, key, SETTLED, timeout=240).reason == "weak_tests"
+            job = wait_status(store, key, SETTLED, timeout=240)
+            assert job.reason == reason, (job.reason, job.error)
 
         run("cache-1")  # runs before and stores it
         run("cache-2")  # the same clean state: from the cache
@@ -294,8 +304,10 @@ def _cached(world, run_executor) -> None:
         run("cache-3")  # an untracked file: no state, no cache
         commit("more")
         run("cache-4")  # a new HEAD tree: a new run
+        run("cache-5", "committed")  # a test-only job needs coverage, which the cached run did not measure
     cached = {key: [r["cached"] for r in runs_of(world, key) if r["run"] == "before"] for key in keys}
     notes = [world.store().get(key).evaluation["before_cache"] for key in keys]
-    assert cached == {"cache-1": [False], "cache-2": [True], "cache-3": [False], "cache-4": [False]}, notes
-    assert notes == ["stored", "hit", "the repository has changes that are not committed", "stored"]
+    assert cached == {"cache-1": [False], "cache-2": [True], "cache-3": [False], "cache-4": [False],
+                      "cache-5": [False]}, notes
+    assert notes == ["stored", "hit", "the repository has changes that are not committed", "stored", "stored"]
     assert len(list((world.home / "evaluation" / "before").glob("*.json"))) == 2
