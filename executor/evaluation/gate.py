@@ -21,7 +21,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from ..errors import EvaluationError, EvaluationTimedOut
+from ..errors import EvaluationError, EvaluationTimedOut, ExecutorError
 from ..policy import Policy
 from ..sandbox.deployment import Deployment
 from ..sandbox.disk import DiskMeter
@@ -41,7 +41,7 @@ REPORT_NAME = "junit.xml"
 REPORT_VAR = "EXECUTOR_JUNIT_XML"
 
 #: Told about each run: its name (after, after-rerun-1, before, tests-only), the run (None: from the cache),
-#: how many tests its report named (None: no report) and why its report was refused (None: it was not).
+#: how many tests its report named (None: no report) and what made the run unusable (None: nothing did).
 RunSink = Callable[[str, TestRun | None, int | None, str | None], None]
 #: Judges a finished run's end (timeout, cancel, out of memory, disk) like the exit-code gate; raises.
 RunJudge = Callable[[TestRun], None]
@@ -81,17 +81,19 @@ class Gate:
             tests = run_tests(self.sandbox, self.ws, self.command, self.policy, should_stop=self.should_stop,
                               disk=disk, view=view, run_dir=run_dir, environment=env, timeout=left,
                               argv=cov.wrapped(self.command) if measure else None)
-            if tests.timed_out and left < self.policy.test_timeout:
-                raise EvaluationTimedOut(f"the graded gate's runs together took longer than the policy's "
-                                         f"evaluation_timeout ({self.policy.evaluation_timeout:g}s) in the "
-                                         f"{name} run")
-            self.judge(tests)
             try:
+                if tests.timed_out and left < self.policy.test_timeout:
+                    raise EvaluationTimedOut(f"the graded gate's runs together took longer than the policy's "
+                                             f"evaluation_timeout ({self.policy.evaluation_timeout:g}s) in the "
+                                             f"{name} run")
+                self.judge(tests)
                 report = read_report(dir_fd, REPORT_NAME)
                 coverage = cov.read(dir_fd) if measure else None
-            except EvaluationError as exc:
+            except ExecutorError as exc:
                 self.on_run(name, tests, None, str(exc))
-                raise EvaluationError(f"{exc} (the {name} run)") from None
+                if type(exc) is EvaluationError:
+                    raise EvaluationError(f"{exc} (the {name} run)") from None
+                raise
         finally:
             os.close(dir_fd)
         self.on_run(name, tests, len(report.outcomes) if report is not None else None, None)

@@ -35,8 +35,8 @@ def graded_gate(ctx: Context, job: Job, ws: Workspace, policy: Policy, stop: Sto
     reasons it adds (weak tests a person is to judge), empty when the change may go on."""
     runs: list[dict] = []
 
-    def on_run(name: str, tests: TestRun | None, reported: int | None, refused: str | None) -> None:
-        row = {"run": name, "cached": tests is None, "tests_reported": reported, "refused": refused}
+    def on_run(name: str, tests: TestRun | None, reported: int | None, problem: str | None) -> None:
+        row = {"run": name, "cached": tests is None, "tests_reported": reported, "problem": problem}
         if tests is not None:
             row.update(exit_code=tests.exit_code, duration=round(tests.duration, 3), timed_out=tests.timed_out,
                        oom_killed=tests.oom_killed)

@@ -245,8 +245,8 @@ def test_a_hostile_report_is_refused_cleanly_and_the_executor_is_unharmed(world,
     assert "DTDForbidden" in bomb.error and "after" in bomb.error
     assert huge.status == Status.failed and huge.reason == "evaluation_error", (huge.reason, huge.error)
     assert "more than the 32.0 MiB" in huge.error
-    refused = [r for r in runs_of(world, "huge") if r["refused"]]
-    assert refused and refused[0]["run"] == "after"
+    refused = [r for r in runs_of(world, "huge") if r["problem"]]
+    assert [r["run"] for r in refused] == ["after"] and "32.0 MiB" in refused[0]["problem"]
     for repo in (bomb_repo, huge_repo):
         assert "a + b  # the bug" in (repo / "calc.py").read_text()
     # the executor went on: the next job was graded and committed, and its memory did not balloon
@@ -311,3 +311,26 @@ def _cached(world, run_executor, root: Path) -> None:
                       "cache-5": [False]}, notes
     assert notes == ["stored", "hit", "the repository has changes that are not committed", "stored", "stored"]
     assert len(list((world.home / "evaluation" / "before").glob("*.json"))) == 2
+
+
+def test_no_report_and_a_gate_over_its_time_fail_the_job(world, run_executor):
+    quiet_repo, slow_repo = calc_repo(world, "quiet"), calc_repo(world, "slow")
+    world.write_policy("slow", evaluation="tests", review="never", test_command=f"sleep 30; {PYTEST}",
+                       evaluation_timeout="4s")
+    world.write_policy(evaluation="tests", review="never", test_command=PYTEST)
+    change = [bash(FIX), Turn.text("Done.")]
+    with ScriptedAPI({"quiet": change, "slow": change}) as api:
+        world.write_runners(api.base_url)
+        runner = run_executor(world.settings())
+        world.submit(id="quiet", workspace=str(quiet_repo), prompt="quiet: do it", test_command="python3 -m pytest -q")
+        world.submit(id="slow", workspace=str(slow_repo), prompt="slow: do it", policy="slow")
+        store = runner.executor.store
+        quiet, slow = (wait_status(store, key, SETTLED, timeout=240) for key in ("quiet", "slow"))
+    assert quiet.status == Status.failed and quiet.reason == "evaluation_error", (quiet.reason, quiet.error)
+    assert "wrote no JUnit XML report to $EXECUTOR_JUNIT_XML (exit 0)" in quiet.error
+    assert quiet.evaluation["verdict"] == "evaluation_error" and quiet.test_exit_code == 0
+    assert slow.status == Status.failed and slow.reason == "evaluation_timeout", (slow.reason, slow.error)
+    assert [(r["run"], r["timed_out"]) for r in slow.evaluation["runs"]] == [("after", True)]
+    assert "evaluation_timeout (4s)" in slow.evaluation["runs"][0]["problem"]
+    for repo in (quiet_repo, slow_repo):
+        assert "a + b  # the bug" in (repo / "calc.py").read_text()
