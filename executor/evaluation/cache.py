@@ -20,6 +20,7 @@ import json
 import os
 import re
 import subprocess
+import tempfile
 from pathlib import Path
 
 from .coverage import Coverage
@@ -88,10 +89,10 @@ class BeforeCache:
     def store(self, key: str, report: Report, coverage: Coverage | None) -> None:
         self.directory.mkdir(parents=True, exist_ok=True)
         os.chmod(self.directory, 0o700)
-        tmp = self.directory / f".{key}.{os.getpid()}.tmp"
-        with open(tmp, "w") as fh:
+        fd, tmp = tempfile.mkstemp(prefix=f".{key}.", suffix=".tmp", dir=self.directory)  # one per writer
+        with os.fdopen(fd, "w") as fh:
             json.dump({"report": report.to_json(), "coverage": coverage.to_json() if coverage else None}, fh)
-        tmp.replace(self._path(key))
+        os.replace(tmp, self._path(key))
         self._prune()
 
     def _prune(self) -> None:

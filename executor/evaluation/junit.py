@@ -120,7 +120,7 @@ def _local(tag: object) -> str:
     return tag.rsplit("}", 1)[-1] if isinstance(tag, str) else ""
 
 
-def test_id(classname: str | None, name: str | None) -> str:
+def case_id(classname: str | None, name: str | None) -> str:
     classname, name = (classname or "").strip(), (name or "").strip()
     ident = f"{classname}::{name}" if classname and name else classname or name
     return ident[:MAX_ID]
@@ -157,7 +157,7 @@ def _case(report: Report, elem) -> None:
         found = _CHILD_OUTCOME.get(_local(child.tag))
         if found is not None and OUTCOMES.index(found) > OUTCOMES.index(outcome):
             outcome = found
-    ident = test_id(elem.get("classname"), elem.get("name"))
+    ident = case_id(elem.get("classname"), elem.get("name"))
     if ident:
         report.add(ident, outcome, (elem.get("file") or "")[:MAX_ID] or None)
     elem.clear()
