@@ -193,6 +193,7 @@ class Executor:
             **self.governor.snapshot(),
             "ts": time.time(),
             "pid": self._process.pid,
+            "poll_interval": self.settings.poll_interval,  # how fresh a snapshot must be to say "running"
             "measured": {
                 "executor": executor_use,
                 "jobs": {"cpu_cores": round(sum(r["cpu_cores"] or 0 for r in running), 4),

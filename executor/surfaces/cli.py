@@ -3,6 +3,8 @@
 Owns argument parsing and printing. Configuration comes from one ``Settings`` object built here from the
 environment (pydantic-settings); ``os.environ`` is handed to the executor as the source of runner
 credentials (looked up by the names in ``runners.toml``), and to ``doctor``, which checks they are set.
+``status`` and ``health`` read the serving loop's snapshot and take only its place (``EXECUTOR_HOME``) from
+the environment, so that they answer without loading pydantic-settings (``cli_common.state_root``).
 
 Must never: change a job's status itself (it asks the store, which refuses illegal moves), or print a
 credential.
@@ -24,7 +26,7 @@ import click
 from ..errors import ExecutorError, InvalidJob
 from ..scheduling import snapshot as status_file
 from ..store import Status
-from .cli_common import get_job, job_view, load_settings, open_store
+from .cli_common import get_job, job_view, load_settings, open_store, state_root
 from .cli_review import review
 from .cli_session import session
 
@@ -136,35 +138,56 @@ def log_cmd(job_id: str, as_json: bool) -> None:
 @click.option("--json", "as_json", is_flag=True)
 def status(as_json: bool) -> None:
     """Budget, reservations, measured use, running jobs, the queue and why its head waits."""
-    from ..sandbox.disk import free_bytes
-
-    settings = load_settings()
-    snapshot = status_file.read(settings.status_path) or {}
-    age = snapshot.get("age_seconds")
-    fresh = age is not None and age < max(10.0, 5 * settings.poll_interval)
-    # A live executor's snapshot already holds the counts: the database is read only when it does not run.
-    counts = snapshot.get("counts") if fresh else None
-    if counts is None:
-        counts = {st.value: n for st, n in open_store(settings).counts().items()}
-    measured_disk = (snapshot.get("measured") or {}).get("disk") or {}
-    view = {
-        "executor": "running" if fresh else "not running",
-        "status_age_seconds": age,
-        "budget": snapshot.get("budget") or {"cpus": settings.budget_cpus, "memory": settings.budget_memory,
-                                             "reserve_memory": settings.reserve_memory},
-        "reserved": snapshot.get("reserved"),
-        "measured": snapshot.get("measured"),
-        "running": snapshot.get("running", []),
-        "queue_length": counts.get(Status.queued.value, 0),
-        "waiting": snapshot.get("waiting"),
-        "runners": snapshot.get("runners", []),
-        "counts": counts,
-        "disk": {"state_root": str(settings.home), "free": measured_disk.get("state_root_free") or free_bytes(settings.home),
-                 "reserve": settings.disk_reserve, "jobs": measured_disk.get("jobs", 0)},
-    }
+    view = _status_view()
     if as_json:
         click.echo(json.dumps(view, indent=2))
         return
+    _print_status(view)
+
+
+def _fresh(snapshot: dict | None) -> bool:
+    if not snapshot:
+        return False
+    return snapshot["age_seconds"] < max(10.0, 5 * float(snapshot.get("poll_interval") or 0.5))
+
+
+def _status_view() -> dict[str, Any]:
+    """From the serving loop's snapshot alone while it runs; from the settings and the store when it does not."""
+    home = state_root()
+    snapshot = status_file.read(home / "status.json")
+    if not _fresh(snapshot):
+        settings = load_settings()
+        snapshot = status_file.read(settings.status_path)
+        if not _fresh(snapshot):
+            return _idle_view(settings, snapshot)
+    disk = snapshot["measured"].get("disk") or {}
+    counts = snapshot.get("counts") or {}
+    return {
+        "executor": "running", "status_age_seconds": snapshot["age_seconds"], "budget": snapshot["budget"],
+        "reserved": snapshot.get("reserved"), "measured": snapshot.get("measured"),
+        "running": snapshot.get("running", []), "queue_length": counts.get(Status.queued.value, 0),
+        "waiting": snapshot.get("waiting"), "runners": snapshot.get("runners", []), "counts": counts,
+        "disk": {"state_root": str(home), "free": disk.get("state_root_free"), "reserve": disk.get("reserve"),
+                 "jobs": disk.get("jobs", 0)},
+    }
+
+
+def _idle_view(settings, snapshot: dict | None) -> dict[str, Any]:
+    from ..sandbox.disk import free_bytes
+
+    counts = {st.value: n for st, n in open_store(settings).counts().items()}
+    return {
+        "executor": "not running", "status_age_seconds": snapshot["age_seconds"] if snapshot else None,
+        "budget": {"cpus": settings.budget_cpus, "memory": settings.budget_memory,
+                   "reserve_memory": settings.reserve_memory},
+        "reserved": None, "measured": None, "running": [], "queue_length": counts.get(Status.queued.value, 0),
+        "waiting": None, "runners": [], "counts": counts,
+        "disk": {"state_root": str(settings.home), "free": free_bytes(settings.home),
+                 "reserve": settings.disk_reserve, "jobs": 0},
+    }
+
+
+def _print_status(view: dict[str, Any]) -> None:
     mib = lambda n: f"{(n or 0) / 2**20:.0f} MiB"  # noqa: E731
     budget = view["budget"]
     click.echo(f"executor   {view['executor']}")
@@ -232,10 +255,10 @@ def cancel(job_id: str) -> None:
               help="Seconds since the main loop's last tick beyond which the executor is unhealthy.")
 def health(max_age: float) -> None:
     """Exit 0 if the serving loop ticked within --max-age seconds (the container health check), else 1."""
-    settings = load_settings()
-    snapshot = status_file.read(settings.status_path)
+    path = state_root() / "status.json"
+    snapshot = status_file.read(path)
     if snapshot is None:
-        click.echo(f"unhealthy: no readable {settings.status_path}", err=True)
+        click.echo(f"unhealthy: no readable {path}", err=True)
         sys.exit(1)
     age = snapshot["age_seconds"]
     if age > max_age:
