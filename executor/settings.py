@@ -9,12 +9,14 @@ Must never: be read from anywhere but the CLI's entry point (and tests), or hold
 
 from __future__ import annotations
 
+import difflib
+import json
 import re
 from pathlib import Path
 from typing import Annotated, Literal
 
 from pydantic import Field, SecretStr, field_validator
-from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from pydantic_settings import BaseSettings, EnvSettingsSource, NoDecode, SettingsConfigDict
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)i?b?\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3, "t": 1024**4}
@@ -60,16 +62,49 @@ def human_size(n: int) -> str:
     return f"{n} B"
 
 
+#: Variables that compose.yaml reads on the host (image names, host directories) and that may reach the
+#: executor's environment through ``.env``; they are not the executor's settings, and not errors.
+DEPLOYMENT_VARIABLES = frozenset({"EXECUTOR_IMAGE", "EXECUTOR_STATE_DIR", "EXECUTOR_WORKSPACES_DIR",
+                                  "EXECUTOR_POLICIES_DIR"})
+
+
+class UnknownSetting(ValueError):
+    """An ``EXECUTOR_*`` variable that names no setting: a typo that would silently do nothing."""
+
+
+class _StrictEnvironment(EnvSettingsSource):
+    """The environment, refusing ``EXECUTOR_*`` variables that name no setting (with the closest one)."""
+
+    def __call__(self) -> dict:
+        known = {f"EXECUTOR_{name}".upper() for name in self.settings_cls.model_fields} | DEPLOYMENT_VARIABLES
+        unknown = sorted(k.upper() for k in self.env_vars if k.upper().startswith("EXECUTOR_")
+                         and k.upper() not in known)
+        if unknown:
+            hints = []
+            for name in unknown:
+                close = difflib.get_close_matches(name, sorted(known), n=1)
+                hints.append(f"{name}" + (f" (did you mean {close[0]}?)" if close else ""))
+            raise UnknownSetting(f"unknown setting {', '.join(hints)}: the EXECUTOR_* settings are listed in the "
+                                 "README's Settings table")
+        return super().__call__()
+
+
 class Settings(BaseSettings):
     """Settings of one executor. Each field is ``EXECUTOR_<NAME>`` in the environment."""
 
     model_config = SettingsConfigDict(env_prefix="EXECUTOR_", extra="forbid")
 
+    @classmethod
+    def settings_customise_sources(cls, settings_cls, init_settings, env_settings, dotenv_settings,
+                                   file_secret_settings):
+        return init_settings, _StrictEnvironment(settings_cls), dotenv_settings, file_secret_settings
+
     home: Path = Field(default=Path("store"), description="State root: executor.db, spool/, jobs/.")
     policies: Path = Field(default=Path("policies"), description="Directory of policy and runner TOML files.")
     workspace_roots: Annotated[list[Path], NoDecode] = Field(
         default_factory=list,
-        description="Directories a job's workspace must lie under (separated by ':' or ',').",
+        description="Directories a job's workspace must lie under (absolute; separated by ':' or ',', or a "
+                    "JSON list).",
     )
     sandbox_image: str = Field(default="executor-sandbox:latest", description="Image every job runs in.")
     budget_cpus: float = Field(default=4.0, gt=0, description="CPU cores all job containers may use together.")
@@ -115,8 +150,17 @@ class Settings(BaseSettings):
     @field_validator("workspace_roots", mode="before")
     @classmethod
     def _split_roots(cls, value: object) -> object:
+        if isinstance(value, str) and value.strip().startswith("["):
+            try:
+                value = json.loads(value)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{value!r} looks like a JSON list but is not one ({exc.msg}); write "
+                                 '["/srv/repos", "/home/me/code"] or /srv/repos:/home/me/code') from None
+            if not isinstance(value, list) or not all(isinstance(p, str) for p in value):
+                raise ValueError("a JSON list of workspace roots must hold strings (absolute paths)")
+            return value
         if isinstance(value, str):
-            return [p for p in re.split(r"[:,]", value) if p.strip()]
+            return [p.strip() for p in re.split(r"[:,]", value) if p.strip()]
         return value
 
     @field_validator("retention", mode="before")
@@ -139,6 +183,9 @@ class Settings(BaseSettings):
     @field_validator("workspace_roots")
     @classmethod
     def _absolute_roots(cls, value: list[Path]) -> list[Path]:
+        relative = [str(p) for p in value if not p.expanduser().is_absolute()]
+        if relative:
+            raise ValueError(f"workspace roots must be absolute paths, not {', '.join(relative)}")
         return [p.expanduser().resolve() for p in value]
 
     # Derived paths of the state root: one place, so no module builds them by hand.

@@ -25,8 +25,8 @@ from pathlib import Path
 from ..errors import InvalidJob
 from ..policy import Runner
 from ..settings import Settings
-from ..store import Job, Store
-from .jobs import ValidJob, parse_spec, validate
+from ..store import Job, Status, Store
+from .jobs import JOB_ID, ValidJob, parse_spec, validate
 
 log = logging.getLogger(__name__)
 
@@ -188,10 +188,12 @@ def _take(spool: Spool, store: Store, settings: Settings, runners: dict[str, Run
         name = _fresh_name(spool, store, name)
         if name is None:
             continue
+        raw = None
         try:
-            valid.append((name, validate(parse_spec(spool.read(name)), settings, runners)))
+            raw = spool.read(name)
+            valid.append((name, validate(parse_spec(raw), settings, runners)))
         except InvalidJob as exc:
-            _reject(spool, name, exc, result)
+            _reject(spool, name, exc, result, store, raw)
     refused = store.add_jobs([job_from(v, name) for name, v in valid])
     for index, (name, v) in enumerate(valid):
         if index in refused:
@@ -220,7 +222,30 @@ def _fresh_name(spool: Spool, store: Store, name: str) -> str | None:
     return name
 
 
-def _reject(spool: Spool, name: str, exc: InvalidJob, result: IntakeResult) -> None:
+def _reject(spool: Spool, name: str, exc: InvalidJob, result: IntakeResult, store: Store | None = None,
+            raw: bytes | None = None) -> None:
     log.warning("job file rejected", extra={"action": "rejected", "file": name, "error": str(exc)})
+    if store is not None:
+        _record_rejection(store, name, raw, exc)
     spool.reject(name, str(exc))
     result.rejected.append(name)
+
+
+def _record_rejection(store: Store, name: str, raw: bytes | None, exc: InvalidJob) -> None:
+    """A refused file becomes a job record (status ``rejected``, its error) under the id its submitter was
+    given, so ``executor show ID`` tells the truth; a file without a usable id is known by its spool name."""
+    try:
+        data = json.loads(raw) if raw else {}
+    except (ValueError, UnicodeDecodeError):
+        data = {}
+    data = data if isinstance(data, dict) else {}
+    job_id = data.get("id")
+    if not (isinstance(job_id, str) and JOB_ID.match(job_id)) or store.get(job_id) is not None:
+        return  # no id to answer to, or the id is another job's (a duplicate): the spool's report says it
+    text = lambda key, limit: str(data.get(key) or "")[:limit]  # noqa: E731 - untrusted, clipped
+    session = data.get("session_id") if isinstance(data.get("session_id"), str) and JOB_ID.match(data["session_id"]) \
+        else job_id
+    store.add_rejected(Job(id=job_id, session_id=session, runner=text("runner", 200), model_requested="",
+                           workspace=text("workspace", 4096), prompt=text("prompt", 20000),
+                           policy_name=text("policy", 64) or "default", status=Status.rejected,
+                           reason=InvalidJob.reason, error=str(exc), spool_name=name))

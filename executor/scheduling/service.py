@@ -194,6 +194,11 @@ class Executor:
             "ts": time.time(),
             "pid": self._process.pid,
             "poll_interval": self.settings.poll_interval,  # how fresh a snapshot must be to say "running"
+            # What `executor submit` judges a job file by: this executor's own settings, not the submitter's.
+            "settings": {"home": str(self.settings.home), "policies": str(self.settings.policies),
+                         "workspace_roots": [str(r) for r in self.settings.workspace_roots],
+                         "budget_cpus": self.settings.budget_cpus, "budget_memory": self.settings.budget_memory,
+                         "reserve_memory": self.settings.reserve_memory},
             "measured": {
                 "executor": executor_use,
                 "jobs": {"cpu_cores": round(sum(r["cpu_cores"] or 0 for r in running), 4),

@@ -123,6 +123,14 @@ class Store:
                 refused[index] = exc
         return refused
 
+    def add_rejected(self, job: Job) -> None:
+        """Record a job file refused at intake (status ``rejected``); an id taken meanwhile keeps its job."""
+        job.finished_at = job.finished_at or utcnow()
+        try:
+            self.add_job(job)
+        except InvalidJob:
+            pass
+
     def get(self, job_id: str) -> Job | None:
         with self.session() as s:
             return s.get(Job, job_id)
@@ -310,5 +318,14 @@ class Store:
             value = s.exec(select(func.max(Event.line)).where(Event.job_id == job_id, Event.attempt == attempt)).first()
             return int(value or 0)
 
-    def events(self, job_id: str | None = None, session_id: str | None = None) -> list[Event]:
-        return self._rows(Event, Event.id, job_id=job_id, session_id=session_id)
+    def events(self, job_id: str | None = None, session_id: str | None = None, after: int = 0) -> list[Event]:
+        """Events in order; ``after``: only those with a larger id (to follow a log as it grows)."""
+        if not after:
+            return self._rows(Event, Event.id, job_id=job_id, session_id=session_id)
+        with self.session() as s:
+            query = select(Event).where(col(Event.id) > after)
+            if job_id is not None:
+                query = query.where(Event.job_id == job_id)
+            if session_id is not None:
+                query = query.where(Event.session_id == session_id)
+            return list(s.exec(query.order_by(col(Event.id))))

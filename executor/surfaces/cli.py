@@ -17,6 +17,7 @@ import os
 import signal
 import sys
 import threading
+import time
 from typing import Any
 
 import click
@@ -55,25 +56,68 @@ def serve() -> None:
 
 @main.command()
 @click.argument("file", type=click.File("rb"))
-def submit(file: Any) -> None:
-    """Validate a job file (or - for stdin) and put it into the spool; prints the job id."""
+@click.option("--wait", is_flag=True, help="Follow the job to its end; exit 0 only if it succeeded.")
+@click.option("--json", "as_json", is_flag=True, help="Print the id (and with --wait the ending) as JSON.")
+def submit(file: Any, wait: bool, as_json: bool) -> None:
+    """Validate a job file (or - for stdin) against the serving executor's own settings and put it into its
+    spool; prints the job id. Refuses when no executor serves the state root (EXECUTOR_HOME)."""
     from ..intake.jobs import parse_spec, validate
     from ..intake.spool import Spool
-    from ..store import Store
+    from ..settings import Settings
 
-    settings = load_settings()
+    home = state_root()
+    snapshot = status_file.read(home / "status.json")
+    if not _fresh(snapshot) or "settings" not in snapshot:
+        raise click.ClickException(
+            f"no executor serves the state root {home} (no fresh {home / 'status.json'}): start `executor serve` "
+            "(or `docker compose up -d`, then submit with `docker compose exec -T executor executor submit -`), "
+            "or set EXECUTOR_HOME to the state root it serves")
+    daemon = Settings(**snapshot["settings"])  # judged as the executor that will run it would judge it
     raw = file.read()
     try:
-        spec = parse_spec(raw)
-        valid = validate(spec, settings)
+        valid = validate(parse_spec(raw), daemon)
     except InvalidJob as exc:
         raise click.ClickException(str(exc)) from None
-    if settings.db_path.exists() and Store(settings.db_path).get(valid.id) is not None:
+    if daemon.db_path.exists() and open_store(daemon).get(valid.id) is not None:
         raise click.ClickException(f"a job with id {valid.id!r} already exists; job ids are unique")
     data = json.loads(raw)
     data["id"] = valid.id  # fix the id now, so the person gets it and a re-read cannot change it
-    Spool(settings.spool_dir).write(json.dumps(data, indent=2).encode() + b"\n")
-    click.echo(valid.id)
+    Spool(daemon.spool_dir).write(json.dumps(data, indent=2).encode() + b"\n")
+    if not wait:
+        click.echo(json.dumps({"id": valid.id}) if as_json else valid.id)
+        return
+    job = _follow(daemon, valid.id, quiet=as_json)
+    if as_json:
+        click.echo(json.dumps({"id": job.id, "status": job.status.value, "reason": job.reason, "error": job.error}))
+    sys.exit(0 if job.status == Status.succeeded else 1)
+
+
+def _follow(settings, job_id: str, quiet: bool = False, as_json: bool = False):
+    """Print the job's events as they arrive until it settles (or waits for a person); returns the job."""
+    from ..agent.describe import clipped
+
+    store = None
+    last = 0
+    while True:
+        if store is None and settings.db_path.exists():
+            store = open_store(settings)
+        job = store.get(job_id) if store is not None else None
+        if job is not None:
+            for e in store.events(job_id=job_id, after=last):
+                last = e.id
+                if quiet:
+                    continue
+                if as_json:
+                    click.echo(json.dumps({"ts": e.ts.isoformat(), "attempt": e.attempt, "kind": e.kind,
+                                           "data": e.data}))
+                else:
+                    click.echo(f"{e.ts:%H:%M:%S} a{e.attempt} {e.kind:12} {clipped(e.kind, e.data, 300)}")
+            if job.status.terminal or job.status == Status.awaiting_review:
+                if not quiet and not as_json:
+                    click.echo(f"{job.id} {job.status.value}" + (f" ({job.reason}): {job.error}" if job.reason and
+                                                                 job.status != Status.succeeded else ""))
+                return job
+        time.sleep(0.5)
 
 
 @main.command()
@@ -121,12 +165,17 @@ def jobs(statuses: tuple[str, ...], as_json: bool) -> None:
 @main.command(name="log")
 @click.argument("job_id")
 @click.option("--json", "as_json", is_flag=True)
-def log_cmd(job_id: str, as_json: bool) -> None:
+@click.option("-f", "--follow", is_flag=True, help="Keep printing events as they arrive until the job settles.")
+def log_cmd(job_id: str, as_json: bool, follow: bool) -> None:
     """The job's event log: turns, tool calls, file edits, shell commands, results, state changes."""
     from ..agent.describe import clipped
 
-    store = open_store(load_settings())
+    settings = load_settings()
+    store = open_store(settings)
     get_job(store, job_id)
+    if follow:
+        job = _follow(settings, job_id, as_json=as_json)
+        sys.exit(0 if job.status == Status.succeeded else 1)
     for e in store.events(job_id=job_id):
         if as_json:
             click.echo(json.dumps({"ts": e.ts.isoformat(), "attempt": e.attempt, "kind": e.kind, "data": e.data}))

@@ -21,12 +21,18 @@ if TYPE_CHECKING:  # loaded when a command needs them: pydantic-settings and SQL
 def load_settings() -> Settings:
     from pydantic import ValidationError
 
-    from ..settings import Settings
+    from ..settings import Settings, UnknownSetting
 
     try:
         return Settings()
+    except UnknownSetting as exc:
+        raise click.ClickException(str(exc)) from None
     except ValidationError as exc:
-        raise click.ClickException(f"bad EXECUTOR_* setting: {exc}") from None
+        problems = []
+        for err in exc.errors():
+            name = "EXECUTOR_" + "_".join(str(p) for p in err["loc"][:1]).upper()
+            problems.append(f"{name}={os.environ.get(name, '')!r}: {err['msg'].removeprefix('Value error, ')}")
+        raise click.ClickException("bad setting: " + "; ".join(problems)) from None
 
 
 def state_root() -> Path:

@@ -524,3 +524,29 @@ def test_settings_bad_values(monkeypatch, var, value):
     monkeypatch.setenv(var, value)
     with pytest.raises(ValidationError):
         Settings()
+
+
+def test_settings_refuse_an_unknown_executor_variable_and_name_the_close_one(monkeypatch):
+    from executor.settings import UnknownSetting
+
+    _clear_env(monkeypatch)
+    monkeypatch.setenv("EXECUTOR_BUDGET_CPU", "3")
+    with pytest.raises(UnknownSetting, match="EXECUTOR_BUDGET_CPU .did you mean EXECUTOR_BUDGET_CPUS"):
+        Settings()
+    monkeypatch.delenv("EXECUTOR_BUDGET_CPU")
+    monkeypatch.setenv("EXECUTOR_IMAGE", "executor:latest")  # compose's own: not a setting, not an error
+    assert Settings().budget_cpus == 4.0
+
+
+def test_settings_read_a_json_list_of_workspace_roots_and_refuse_relative_ones(monkeypatch, tmp_path):
+    from pydantic import ValidationError
+
+    _clear_env(monkeypatch)
+    monkeypatch.setenv("EXECUTOR_WORKSPACE_ROOTS", json.dumps([str(tmp_path / "a"), str(tmp_path / "b")]))
+    assert Settings().workspace_roots == [tmp_path / "a", tmp_path / "b"]
+    monkeypatch.setenv("EXECUTOR_WORKSPACE_ROOTS", "srv/repos")
+    with pytest.raises(ValidationError, match="absolute"):
+        Settings()
+    monkeypatch.setenv("EXECUTOR_WORKSPACE_ROOTS", '["/srv/repos",')
+    with pytest.raises(ValidationError, match="JSON list"):
+        Settings()
