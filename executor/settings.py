@@ -62,6 +62,12 @@ def human_size(n: int) -> str:
     return f"{n} B"
 
 
+#: Every kind of notification (``notify.kind_of``), and those sent unless ``EXECUTOR_NOTIFY_ON`` says otherwise:
+#: every unsuccessful end, and every review.
+NOTIFY_KINDS = ("review", "failed", "timeout", "rolled_back", "tests_failed", "stalled", "rejected", "cancelled",
+                "succeeded")
+DEFAULT_NOTIFY = ("review", "failed", "timeout", "rolled_back", "tests_failed", "stalled", "rejected")
+
 #: Variables that compose.yaml reads on the host (image names, host directories) and that may reach the
 #: executor's environment through ``.env``; they are not the executor's settings, and not errors.
 DEPLOYMENT_VARIABLES = frozenset({"EXECUTOR_IMAGE", "EXECUTOR_STATE_DIR", "EXECUTOR_WORKSPACES_DIR",
@@ -142,7 +148,12 @@ class Settings(BaseSettings):
         description="Token the web page requires (Authorization: Bearer, or ?token= once in a browser). "
                     "Required when ui_host is not a loopback address: without it such a page refuses everything.")
     notify_url: SecretStr | None = Field(
-        default=None, description="Receives a JSON POST when a job enters review or fails (ntfy, chat webhooks).")
+        default=None, description="Receives a JSON POST when a job ends unsuccessfully or waits for review "
+                                  "(ntfy, chat webhooks).")
+    notify_on: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: list(DEFAULT_NOTIFY),
+        description="Kinds of notification (comma-separated): review, failed, timeout, rolled_back, tests_failed, "
+                    "stalled, rejected, cancelled, succeeded.")
     metrics_port: int | None = Field(default=None, ge=1, le=65535,
                                      description="Port of the Prometheus /metrics endpoint (off when unset).")
     metrics_host: str = Field(default="127.0.0.1", description="Address the metrics endpoint listens on.")
@@ -162,6 +173,15 @@ class Settings(BaseSettings):
         if isinstance(value, str):
             return [p.strip() for p in re.split(r"[:,]", value) if p.strip()]
         return value
+
+    @field_validator("notify_on", mode="before")
+    @classmethod
+    def _kinds(cls, value: object) -> object:
+        kinds = [k.strip() for k in value.split(",") if k.strip()] if isinstance(value, str) else value
+        unknown = [k for k in kinds if k not in NOTIFY_KINDS]
+        if unknown:
+            raise ValueError(f"unknown kind {', '.join(unknown)}: choose among {', '.join(NOTIFY_KINDS)}")
+        return kinds
 
     @field_validator("retention", mode="before")
     @classmethod

@@ -19,7 +19,7 @@ import secrets
 import socket
 import stat
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import InvalidJob
@@ -51,6 +51,7 @@ class IntakeResult:
     accepted: list[str]
     rejected: list[str]
     more: bool = False  # files are left in incoming/ for the next tick
+    rejected_ids: list[str] = field(default_factory=list)  # refused files recorded as jobs (status rejected)
 
 
 class Spool:
@@ -225,13 +226,13 @@ def _fresh_name(spool: Spool, store: Store, name: str) -> str | None:
 def _reject(spool: Spool, name: str, exc: InvalidJob, result: IntakeResult, store: Store | None = None,
             raw: bytes | None = None) -> None:
     log.warning("job file rejected", extra={"action": "rejected", "file": name, "error": str(exc)})
-    if store is not None:
-        _record_rejection(store, name, raw, exc)
+    if store is not None and (recorded := _record_rejection(store, name, raw, exc)) is not None:
+        result.rejected_ids.append(recorded)
     spool.reject(name, str(exc))
     result.rejected.append(name)
 
 
-def _record_rejection(store: Store, name: str, raw: bytes | None, exc: InvalidJob) -> None:
+def _record_rejection(store: Store, name: str, raw: bytes | None, exc: InvalidJob) -> str | None:
     """A refused file becomes a job record (status ``rejected``, its error) under the id its submitter was
     given, so ``executor show ID`` tells the truth; a file without a usable id is known by its spool name."""
     try:
@@ -241,7 +242,7 @@ def _record_rejection(store: Store, name: str, raw: bytes | None, exc: InvalidJo
     data = data if isinstance(data, dict) else {}
     job_id = data.get("id")
     if not (isinstance(job_id, str) and JOB_ID.match(job_id)) or store.get(job_id) is not None:
-        return  # no id to answer to, or the id is another job's (a duplicate): the spool's report says it
+        return None  # no id to answer to, or the id is another job's (a duplicate): the spool's report says it
     text = lambda key, limit: str(data.get(key) or "")[:limit]  # noqa: E731 - untrusted, clipped
     session = data.get("session_id") if isinstance(data.get("session_id"), str) and JOB_ID.match(data["session_id"]) \
         else job_id
@@ -249,3 +250,4 @@ def _record_rejection(store: Store, name: str, raw: bytes | None, exc: InvalidJo
                            workspace=text("workspace", 4096), prompt=text("prompt", 20000),
                            policy_name=text("policy", 64) or "default", status=Status.rejected,
                            reason=InvalidJob.reason, error=str(exc), spool_name=name))
+    return job_id

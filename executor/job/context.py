@@ -19,7 +19,7 @@ from ..redact import Redactor
 from ..sandbox.deployment import Deployment
 from ..sandbox.liveness import Watchdog
 from ..settings import Settings
-from ..store import Job, Status, Store
+from ..store import Job, Store
 
 
 @dataclass
@@ -36,10 +36,10 @@ class Context:
     #: why the serving loop wants a running job stopped (e.g. "disk_reserve"), by job id
     stop_requests: dict[str, str] = field(default_factory=dict)
     redactor: Redactor | None = None
-    #: told about a job that entered review or failed (EXECUTOR_NOTIFY_URL); must never block or raise
+    #: told about every job that settled (the notifier picks the kinds it was asked for); must never block or raise
     notify: Callable[[Job], None] | None = None
 
     def settled(self, job: Job) -> None:
         """A job settled: tell whoever wants to know."""
-        if self.notify is not None and job.status in (Status.awaiting_review, Status.failed):
+        if self.notify is not None:
             self.notify(job)

@@ -120,7 +120,8 @@ class Executor:
         self.metrics = serve_metrics(self.settings, self.store)
         self.web = serve_web(self.settings, self.store)
         if self.settings.notify_url is not None:
-            self.notifier = Notifier(self.settings.notify_url.get_secret_value(), ui_url=web_url(self.settings))
+            self.notifier = Notifier(self.settings.notify_url.get_secret_value(), ui_url=web_url(self.settings),
+                                     kinds=self.settings.notify_on)
             self.ctx.notify = self.notifier.job_event
 
     def side_threads(self) -> dict[str, threading.Thread]:
@@ -144,6 +145,9 @@ class Executor:
         slices of ``INTAKE_BUDGET`` seconds, so the status and admission keep up)."""
         self.ctx.runners = self._load_runners()
         taken = intake(self.spool, self.store, self.settings, self.ctx.runners, budget=INTAKE_BUDGET)
+        for job_id in taken.rejected_ids:  # a refused job file is an ending too (status rejected)
+            if (job := self.store.get(job_id)) is not None:
+                self.ctx.settled(job)
         self.reap()
         self.keep_disk_reserve()
         self.admit()

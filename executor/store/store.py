@@ -148,6 +148,20 @@ class Store:
             query = query.order_by(col(Job.priority).desc(), col(Job.created_at), col(Job.id))
             return list(s.exec(query))
 
+    def recent_jobs(self, statuses: Iterable[Status] | None = None, runner: str | None = None,
+                    session_id: str | None = None, limit: int = 50) -> list[Job]:
+        """The newest jobs first (what a person lists), filtered, at most ``limit`` (read in one query)."""
+        with self.session() as s:
+            query = select(Job)
+            if statuses is not None:
+                query = query.where(col(Job.status).in_([st.value for st in statuses]))
+            if runner is not None:
+                query = query.where(Job.runner == runner)
+            if session_id is not None:
+                query = query.where(Job.session_id == session_id)
+            query = query.order_by(col(Job.created_at).desc(), col(Job.id).desc()).limit(limit)
+            return list(s.exec(query))
+
     def transition(self, job_id: str, expected: Status | Iterable[Status], new: Status, **fields: Any) -> Job:
         """Move a job from one of ``expected`` to ``new`` (and set ``fields``) or raise IllegalTransition."""
         allowed = {expected} if isinstance(expected, Status) else set(expected)

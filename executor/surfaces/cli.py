@@ -17,7 +17,6 @@ import os
 import signal
 import sys
 import threading
-import time
 from typing import Any
 
 import click
@@ -27,12 +26,14 @@ import click
 from ..errors import ExecutorError, InvalidJob
 from ..scheduling import snapshot as status_file
 from ..store import Status
-from .cli_common import get_job, job_view, load_settings, open_store, state_root
+from .cli_common import load_settings, open_store, state_root
+from .cli_jobs import cancel, follow_events, jobs, log_cmd, show
 from .cli_review import review
 from .cli_session import session
 
 
-@click.group()
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="executor", prog_name="executor")
 def main() -> None:
     """Run Claude Code jobs in containers on overlay workspaces; commit only what passed its tests."""
 
@@ -86,101 +87,10 @@ def submit(file: Any, wait: bool, as_json: bool) -> None:
     if not wait:
         click.echo(json.dumps({"id": valid.id}) if as_json else valid.id)
         return
-    job = _follow(daemon, valid.id, quiet=as_json)
+    job = follow_events(daemon, valid.id, quiet=as_json)
     if as_json:
         click.echo(json.dumps({"id": job.id, "status": job.status.value, "reason": job.reason, "error": job.error}))
     sys.exit(0 if job.status == Status.succeeded else 1)
-
-
-def _follow(settings, job_id: str, quiet: bool = False, as_json: bool = False):
-    """Print the job's events as they arrive until it settles (or waits for a person); returns the job."""
-    from ..agent.describe import clipped
-
-    store = None
-    last = 0
-    while True:
-        if store is None and settings.db_path.exists():
-            store = open_store(settings)
-        job = store.get(job_id) if store is not None else None
-        if job is not None:
-            for e in store.events(job_id=job_id, after=last):
-                last = e.id
-                if quiet:
-                    continue
-                if as_json:
-                    click.echo(json.dumps({"ts": e.ts.isoformat(), "attempt": e.attempt, "kind": e.kind,
-                                           "data": e.data}))
-                else:
-                    click.echo(f"{e.ts:%H:%M:%S} a{e.attempt} {e.kind:12} {clipped(e.kind, e.data, 300)}")
-            if job.status.terminal or job.status == Status.awaiting_review:
-                if not quiet and not as_json:
-                    click.echo(f"{job.id} {job.status.value}" + (f" ({job.reason}): {job.error}" if job.reason and
-                                                                 job.status != Status.succeeded else ""))
-                return job
-        time.sleep(0.5)
-
-
-@main.command()
-@click.argument("job_id")
-@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-def show(job_id: str, as_json: bool) -> None:
-    """One job: status, why, models, attempts, changed files, tests."""
-    store = open_store(load_settings())
-    view = job_view(store, get_job(store, job_id))
-    if as_json:
-        click.echo(json.dumps(view, indent=2))
-        return
-    for key in ("id", "session_id", "status", "reason", "error", "runner", "model_requested", "models_seen",
-                "workspace", "policy", "created_at", "started_at", "finished_at", "skills", "context", "compaction"):
-        if view[key] not in (None, [], ""):
-            click.echo(f"{key:16} {view[key]}")
-    click.echo(f"{'attempts':16} {len(view['attempts'])}")
-    if view["changed_files"]:
-        click.echo("changed files:")
-        for path in view["changed_files"]:
-            click.echo(f"  {path}")
-    tests = view["tests"]
-    if tests["exit_code"] is not None:
-        click.echo(f"tests: {tests['command']} -> exit {tests['exit_code']}")
-        for line in (tests["output_tail"] or "").splitlines()[-15:]:
-            click.echo(f"  | {line}")
-
-
-@main.command()
-@click.option("--status", "statuses", multiple=True, type=click.Choice([s.value for s in Status]))
-@click.option("--json", "as_json", is_flag=True)
-def jobs(statuses: tuple[str, ...], as_json: bool) -> None:
-    """List jobs (optionally of some statuses)."""
-    store = open_store(load_settings())
-    rows = store.jobs([Status(s) for s in statuses] if statuses else None)
-    if as_json:
-        click.echo(json.dumps([{"id": j.id, "status": j.status.value, "runner": j.runner,
-                                "session_id": j.session_id, "reason": j.reason,
-                                "created_at": j.created_at.isoformat()} for j in rows], indent=2))
-        return
-    for j in rows:
-        click.echo(f"{j.id:20} {j.status.value:12} {j.runner:12} {j.reason or ''}")
-
-
-@main.command(name="log")
-@click.argument("job_id")
-@click.option("--json", "as_json", is_flag=True)
-@click.option("-f", "--follow", is_flag=True, help="Keep printing events as they arrive until the job settles.")
-def log_cmd(job_id: str, as_json: bool, follow: bool) -> None:
-    """The job's event log: turns, tool calls, file edits, shell commands, results, state changes."""
-    from ..agent.describe import clipped
-
-    settings = load_settings()
-    store = open_store(settings)
-    get_job(store, job_id)
-    if follow:
-        job = _follow(settings, job_id, as_json=as_json)
-        sys.exit(0 if job.status == Status.succeeded else 1)
-    for e in store.events(job_id=job_id):
-        if as_json:
-            click.echo(json.dumps({"ts": e.ts.isoformat(), "attempt": e.attempt, "kind": e.kind, "data": e.data}))
-        else:
-            click.echo(f"{e.ts:%H:%M:%S} a{e.attempt} {e.kind:12} {clipped(e.kind, e.data, 300)}")
 
 
 @main.command()
@@ -285,35 +195,24 @@ def report(since: str, as_json: bool) -> None:
 
 
 @main.command()
-@click.argument("job_id")
-def cancel(job_id: str) -> None:
-    """Cancel a job: a queued one at once, a running one as soon as its supervisor notices (about 1 s)."""
-    store = open_store(load_settings())
-    try:
-        job = store.request_cancel(job_id)
-    except InvalidJob as exc:
-        raise click.ClickException(str(exc)) from None
-    if job.status.terminal:
-        click.echo(f"{job.id} {job.status.value}")
-    else:
-        click.echo(f"{job.id} cancel requested ({job.status.value})")
-
-
-@main.command()
 @click.option("--max-age", default=30.0, show_default=True, type=float,
               help="Seconds since the main loop's last tick beyond which the executor is unhealthy.")
-def health(max_age: float) -> None:
+@click.option("--json", "as_json", is_flag=True)
+def health(max_age: float, as_json: bool) -> None:
     """Exit 0 if the serving loop ticked within --max-age seconds (the container health check), else 1."""
     path = state_root() / "status.json"
     snapshot = status_file.read(path)
-    if snapshot is None:
+    age = snapshot["age_seconds"] if snapshot else None
+    healthy = age is not None and age <= max_age
+    if as_json:
+        click.echo(json.dumps({"healthy": healthy, "last_tick_seconds_ago": age, "max_age": max_age}))
+    elif age is None:
         click.echo(f"unhealthy: no readable {path}", err=True)
-        sys.exit(1)
-    age = snapshot["age_seconds"]
-    if age > max_age:
+    elif not healthy:
         click.echo(f"unhealthy: the main loop last ticked {age:.0f}s ago (limit {max_age:g}s)", err=True)
-        sys.exit(1)
-    click.echo(f"healthy: last tick {age:.1f}s ago")
+    else:
+        click.echo(f"healthy: last tick {age:.1f}s ago")
+    sys.exit(0 if healthy else 1)
 
 
 @main.command()
@@ -331,8 +230,8 @@ def doctor(as_json: bool) -> None:
     sys.exit(1 if failed else 0)
 
 
-main.add_command(review)
-main.add_command(session)
+for command in (review, session, show, jobs, log_cmd, cancel):
+    main.add_command(command)
 
 
 if __name__ == "__main__":

@@ -509,3 +509,37 @@ def test_submit_wait_and_log_follow_track_a_job_to_its_end(world, tmp_path, serv
         followed = executor(world, "log", "-f", bad_id, timeout=240)
     text = followed.stdout.decode()
     assert followed.returncode == 1 and "tests" in text and "rolled_back (tests_failed)" in text, text
+
+
+def test_jobs_table_filters_json_version_cancel_and_completion(world):
+    from executor.clock import utcnow
+
+    store = world.store()
+    for job_id, runner in (("alpha-1", "scripted"), ("alpha-2", "other"), ("beta-1", "scripted")):
+        store.add_job(Job(id=job_id, session_id="s-" + job_id[:5], runner=runner, model_requested="m",
+                          workspace="/w", prompt="p", policy_name="default"))
+    store.transition("alpha-1", Status.queued, Status.running, started_at=utcnow())
+    store.transition("alpha-1", Status.running, Status.rolled_back, reason="agent_error")
+    store.close()
+
+    table = executor(world, "jobs").stdout.decode().splitlines()
+    assert table[0].split()[:6] == ["ID", "STATUS", "RUNNER", "AGE", "RAN", "REASON"]
+    assert [line.split()[0] for line in table[1:]] == ["beta-1", "alpha-2", "alpha-1"]  # newest first
+    assert "agent_error" in table[3] and "\x1b[" not in "\n".join(table)  # no colour when not a terminal
+    assert [line.split()[0] for line in executor(world, "jobs", "--limit", "1").stdout.decode().splitlines()[1:]] \
+        == ["beta-1"]
+    assert [j["id"] for j in json.loads(executor(world, "jobs", "--runner", "other", "--json").stdout)] == ["alpha-2"]
+    assert [j["id"] for j in json.loads(executor(world, "jobs", "--status", "rolled_back", "--json").stdout)] \
+        == ["alpha-1"]
+
+    version = executor(world, "--version")
+    assert version.returncode == 0 and version.stdout.decode().startswith("executor, version ")
+
+    finished = executor(world, "cancel", "alpha-1")
+    assert finished.returncode == 1 and "already ended (rolled_back)" in finished.stderr.decode()
+    queued = executor(world, "cancel", "beta-1", "--json")
+    assert queued.returncode == 0 and json.loads(queued.stdout)["cancelled"] is True
+
+    env = {**world.env(), "_EXECUTOR_COMPLETE": "bash_complete", "COMP_WORDS": "executor show alp", "COMP_CWORD": "2"}
+    completed = subprocess.run([str(EXECUTOR)], env=env, capture_output=True, text=True, timeout=60)
+    assert sorted(line.split(",")[-1] for line in completed.stdout.split()) == ["alpha-1", "alpha-2"]
