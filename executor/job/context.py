@@ -36,10 +36,10 @@ class Context:
     #: why the serving loop wants a running job stopped (e.g. "disk_reserve"), by job id
     stop_requests: dict[str, str] = field(default_factory=dict)
     redactor: Redactor | None = None
-    #: told about every job that settled (the notifier picks the kinds it was asked for); must never block or raise
-    notify: Callable[[Job], None] | None = None
+    #: told about every job that settled (the notifier, the metrics); each must never block or raise
+    listeners: list[Callable[[Job], None]] = field(default_factory=list)
 
     def settled(self, job: Job) -> None:
         """A job settled: tell whoever wants to know."""
-        if self.notify is not None:
-            self.notify(job)
+        for listener in self.listeners:
+            listener(job)

@@ -119,10 +119,12 @@ class Executor:
 
         self.metrics = serve_metrics(self.settings, self.store)
         self.web = serve_web(self.settings, self.store)
+        if self.metrics is not None:
+            self.ctx.listeners.append(self.metrics.job_settled)
         if self.settings.notify_url is not None:
             self.notifier = Notifier(self.settings.notify_url.get_secret_value(), ui_url=web_url(self.settings),
                                      kinds=self.settings.notify_on)
-            self.ctx.notify = self.notifier.job_event
+            self.ctx.listeners.append(self.notifier.job_event)
 
     def side_threads(self) -> dict[str, threading.Thread]:
         """The threads the executor needs besides its job threads, by name."""
@@ -148,6 +150,8 @@ class Executor:
         for job_id in taken.rejected_ids:  # a refused job file is an ending too (status rejected)
             if (job := self.store.get(job_id)) is not None:
                 self.ctx.settled(job)
+        if self.metrics is not None and taken.rejected:
+            self.metrics.rejected.inc(len(taken.rejected))
         self.reap()
         self.keep_disk_reserve()
         self.admit()
