@@ -28,6 +28,7 @@ from ..scheduling import snapshot as status_file
 from ..store import Status
 from .cli_common import load_settings, open_store, state_root
 from .cli_jobs import cancel, follow_events, jobs, log_cmd, show
+from .cli_ops import backup, prune
 from .cli_review import review
 from .cli_session import session
 
@@ -230,7 +231,7 @@ def doctor(as_json: bool) -> None:
     sys.exit(1 if failed else 0)
 
 
-for command in (review, session, show, jobs, log_cmd, cancel):
+for command in (review, session, show, jobs, log_cmd, cancel, backup, prune):
     main.add_command(command)
 
 

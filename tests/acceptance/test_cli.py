@@ -543,3 +543,39 @@ def test_jobs_table_filters_json_version_cancel_and_completion(world):
     env = {**world.env(), "_EXECUTOR_COMPLETE": "bash_complete", "COMP_WORDS": "executor show alp", "COMP_CWORD": "2"}
     completed = subprocess.run([str(EXECUTOR)], env=env, capture_output=True, text=True, timeout=60)
     assert sorted(line.split(",")[-1] for line in completed.stdout.split()) == ["alpha-1", "alpha-2"]
+
+
+def test_backup_while_serving_and_prune_what_is_old(world, serving, tmp_path):
+    import os
+    import sqlite3
+    from datetime import timedelta
+
+    from executor.clock import utcnow
+
+    old = utcnow() - timedelta(days=40)
+    for job_id, finished in (("old-done", old), ("new-done", utcnow())):
+        serving.add_job(Job(id=job_id, session_id=f"s-{job_id}", runner="scripted", model_requested="m",
+                            workspace="/w", prompt="p", policy_name="default", status=Status.failed,
+                            reason="conflict", finished_at=finished))
+        (world.home / "jobs" / job_id / "upper").mkdir(parents=True)
+        (world.home / "sessions" / f"s-{job_id}" / "home").mkdir(parents=True)
+    spool = world.home / "spool" / "accepted"
+    (spool / "ancient.json").write_text("{}")
+    os.utime(spool / "ancient.json", (time.time() - 40 * 86400,) * 2)
+    (spool / "fresh.json").write_text("{}")
+
+    target = tmp_path / "backup.db"
+    done = executor(world, "backup", str(target), "--json")
+    assert done.returncode == 0, done.stderr.decode()
+    assert json.loads(done.stdout)["integrity"] == "ok"
+    ids = {row[0] for row in sqlite3.connect(target).execute("SELECT id FROM job")}
+    assert {"old-done", "new-done"} <= ids
+    assert executor(world, "backup", str(target)).returncode != 0  # never over an existing file
+
+    dry = json.loads(executor(world, "prune", "--older-than", "30d", "--dry-run", "--json").stdout)
+    assert dry["jobs"] == ["old-done"] and dry["sessions"] == ["s-old-done"] and dry["spool"] == ["accepted/ancient.json"]
+    assert (world.home / "jobs" / "old-done").exists()
+    assert executor(world, "prune", "--older-than", "30d").returncode == 0
+    assert not (world.home / "jobs" / "old-done").exists() and (world.home / "jobs" / "new-done").exists()
+    assert not (world.home / "sessions" / "s-old-done").exists() and (world.home / "sessions" / "s-new-done").exists()
+    assert not (spool / "ancient.json").exists() and (spool / "fresh.json").exists()
