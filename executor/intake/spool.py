@@ -19,6 +19,7 @@ import secrets
 import socket
 import stat
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -163,19 +164,20 @@ BATCH = 100
 
 
 def intake(spool: Spool, store: Store, settings: Settings, runners: dict[str, Runner] | None = None,
-           budget: float | None = None) -> IntakeResult:
+           budget: float | None = None, translate: Callable[[str], str] | None = None) -> IntakeResult:
     """Take the files in ``incoming/``: commit them as jobs, then accept them; or reject each with a reason.
 
     Works in batches (validated, committed in one transaction, then moved, with one fsync of each spool
     directory per batch) and stops after ``budget`` seconds, so a flood of files never holds up the serving
-    loop: ``IntakeResult.more`` says files are left for the next tick.
+    loop: ``IntakeResult.more`` says files are left for the next tick. ``translate`` maps a workspace written
+    as a host path to the path this executor sees (when it runs in a container).
     """
     started = time.monotonic()
     result = IntakeResult(accepted=[], rejected=[])
     pending = spool.pending()
     while pending:
         batch, pending = pending[:BATCH], pending[BATCH:]
-        _take(spool, store, settings, runners, batch, result)
+        _take(spool, store, settings, runners, batch, result, translate)
         if budget is not None and pending and time.monotonic() - started > budget:
             result.more = True
             break
@@ -183,7 +185,7 @@ def intake(spool: Spool, store: Store, settings: Settings, runners: dict[str, Ru
 
 
 def _take(spool: Spool, store: Store, settings: Settings, runners: dict[str, Runner] | None, names: list[str],
-          result: IntakeResult) -> None:
+          result: IntakeResult, translate: Callable[[str], str] | None = None) -> None:
     valid: list[tuple[str, ValidJob]] = []
     for name in names:
         name = _fresh_name(spool, store, name)
@@ -192,7 +194,10 @@ def _take(spool: Spool, store: Store, settings: Settings, runners: dict[str, Run
         raw = None
         try:
             raw = spool.read(name)
-            valid.append((name, validate(parse_spec(raw), settings, runners)))
+            spec = parse_spec(raw)
+            if translate is not None:
+                spec = spec.model_copy(update={"workspace": translate(spec.workspace)})
+            valid.append((name, validate(spec, settings, runners)))
         except InvalidJob as exc:
             _reject(spool, name, exc, result, store, raw)
     refused = store.add_jobs([job_from(v, name) for name, v in valid])

@@ -26,6 +26,7 @@ from docker.models.containers import Container
 from docker.types import Mount
 
 from ..errors import SandboxError
+from .hostpaths import HostPaths
 
 log = logging.getLogger(__name__)
 
@@ -94,10 +95,12 @@ class Deployment(Protocol):
 class Sandbox:
     """``Deployment`` on the Docker engine."""
 
-    def __init__(self, client: docker.DockerClient, image: str, instance: str = "default") -> None:
+    def __init__(self, client: docker.DockerClient, image: str, instance: str = "default",
+                 paths: HostPaths | None = None) -> None:
         self.client = client
         self.image = image
         self.instance = instance
+        self.paths = paths or HostPaths()  # the engine resolves paths on the host, not in our container
         self._own = {LABEL: "1", LABEL_INSTANCE: instance}
 
     def check_image(self) -> None:
@@ -168,6 +171,7 @@ class Sandbox:
     def create_overlay_volume(self, name: str, lower: list[str], upper: str, work: str,
                               labels: dict[str, str]) -> None:
         """A local-driver volume of type overlay; mounting it copies nothing."""
+        lower, upper, work = [self.paths.to_host(p) for p in lower], self.paths.to_host(upper), self.paths.to_host(work)
         options = ",".join([f"lowerdir={':'.join(lower)}", f"upperdir={upper}", f"workdir={work}",
                             # userxattr keeps overlay metadata in user.* xattrs and redirect_dir off, so
                             # the upper dir describes itself; metacopy/index off for the same reason.

@@ -32,6 +32,7 @@ from ..policy import Runner, load_runners
 from ..redact import RedactingFilter, Redactor
 from ..sandbox.deployment import Deployment, Sandbox, connect, instance_id
 from ..sandbox.disk import free_bytes
+from ..sandbox.hostpaths import HostPaths
 from ..settings import Settings
 from ..store import Job, Status, Store
 from ..transaction.commit import Ending, Phase, settle
@@ -62,7 +63,13 @@ class Executor:
         self.redactor = Redactor()
         self.store = Store(settings.db_path, redact=self.redactor)
         self.spool = Spool(settings.spool_dir)
-        self.sandbox = deployment or Sandbox(client or connect(), settings.sandbox_image, instance_id(settings.home))
+        if deployment is None:
+            client = client or connect()
+            self.paths = HostPaths.discover(client)  # in a container, the engine needs host paths
+            deployment = Sandbox(client, settings.sandbox_image, instance_id(settings.home), self.paths)
+        else:
+            self.paths = HostPaths()
+        self.sandbox = deployment
         self.governor = Governor.from_settings(settings)
         self.ctx = Context(settings=settings, store=self.store, sandbox=self.sandbox,
                            runners=self._load_runners(), secrets=secrets, redactor=self.redactor)
@@ -146,7 +153,8 @@ class Executor:
         """One round of the loop; True when spool files are left for the next round (a flood is taken in
         slices of ``INTAKE_BUDGET`` seconds, so the status and admission keep up)."""
         self.ctx.runners = self._load_runners()
-        taken = intake(self.spool, self.store, self.settings, self.ctx.runners, budget=INTAKE_BUDGET)
+        taken = intake(self.spool, self.store, self.settings, self.ctx.runners, budget=INTAKE_BUDGET,
+                       translate=self.paths.to_container)
         for job_id in taken.rejected_ids:  # a refused job file is an ending too (status rejected)
             if (job := self.store.get(job_id)) is not None:
                 self.ctx.settled(job)
@@ -202,6 +210,8 @@ class Executor:
             "ts": time.time(),
             "pid": self._process.pid,
             "poll_interval": self.settings.poll_interval,  # how fresh a snapshot must be to say "running"
+            # Where the engine finds what this executor sees (its container's bind mounts), for `submit` on the host.
+            "host_paths": [list(pair) for pair in self.paths.binds],
             # What `executor submit` judges a job file by: this executor's own settings, not the submitter's.
             "settings": {"home": str(self.settings.home), "policies": str(self.settings.policies),
                          "workspace_roots": [str(r) for r in self.settings.workspace_roots],

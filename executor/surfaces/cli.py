@@ -74,7 +74,7 @@ def submit(file: Any, wait: bool, as_json: bool) -> None:
             f"no executor serves the state root {home} (no fresh {home / 'status.json'}): start `executor serve` "
             "(or `docker compose up -d`, then submit with `docker compose exec -T executor executor submit -`), "
             "or set EXECUTOR_HOME to the state root it serves")
-    daemon = Settings(**snapshot["settings"])  # judged as the executor that will run it would judge it
+    daemon = Settings(**_as_seen_here(snapshot, home))  # judged as the executor that will run it would judge it
     raw = file.read()
     try:
         valid = validate(parse_spec(raw), daemon)
@@ -103,6 +103,21 @@ def status(as_json: bool) -> None:
         click.echo(json.dumps(view, indent=2))
         return
     _print_status(view)
+
+
+def _as_seen_here(snapshot: dict, home: Path) -> dict:
+    """The serving executor's settings, with its paths as this process sees them: the same ones when it runs
+    beside us, the host paths of its container's mounts when we are on the host and it in a container."""
+    from ..sandbox.hostpaths import HostPaths
+
+    settings = dict(snapshot["settings"])
+    if Path(settings["home"]) == home:
+        return settings
+    paths = HostPaths(tuple(tuple(pair) for pair in snapshot.get("host_paths") or []))
+    settings["home"] = str(home)
+    settings["policies"] = paths.to_host(settings["policies"])
+    settings["workspace_roots"] = [paths.to_host(r) for r in settings["workspace_roots"]]
+    return settings
 
 
 def _fresh(snapshot: dict | None) -> bool:
