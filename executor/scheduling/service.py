@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from pathlib import Path
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -66,7 +67,9 @@ class Executor:
         if deployment is None:
             client = client or connect()
             self.paths = HostPaths.discover(client)  # in a container, the engine needs host paths
-            deployment = Sandbox(client, settings.sandbox_image, instance_id(settings.home), self.paths)
+            # Named by the state root's host path: two executors in containers never sweep each other.
+            instance = instance_id(Path(self.paths.to_host(str(settings.home))))
+            deployment = Sandbox(client, settings.sandbox_image, instance, self.paths)
         else:
             self.paths = HostPaths()
         self.sandbox = deployment

@@ -166,8 +166,9 @@ class Doctor:
     def check_overlay(self) -> Check:
         """Build the smallest job workspace there is and run the sandbox image on it."""
         name = "overlay (userxattr)"
-        sandbox = Sandbox(self.client, self.settings.sandbox_image, instance_id(self.settings.home),
-                          HostPaths.discover(self.client))
+        paths = HostPaths.discover(self.client)
+        sandbox = Sandbox(self.client, self.settings.sandbox_image,
+                          instance_id(Path(paths.to_host(str(self.settings.home)))), paths)
         tag = secrets.token_hex(4)
         root = self.settings.home / f".doctor-{tag}"
         volume = f"executor-doctor-{tag}"
