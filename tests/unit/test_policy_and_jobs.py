@@ -4,6 +4,7 @@ and executor.settings (EXECUTOR_* environment variables)."""
 from __future__ import annotations
 
 import json
+import re
 import os
 from pathlib import Path
 
@@ -550,3 +551,12 @@ def test_settings_read_a_json_list_of_workspace_roots_and_refuse_relative_ones(m
     monkeypatch.setenv("EXECUTOR_WORKSPACE_ROOTS", '["/srv/repos",')
     with pytest.raises(ValidationError, match="JSON list"):
         Settings()
+
+
+def test_env_example_lists_every_setting():
+    """.env.example is what a person reads to configure the executor: it must name every setting."""
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[2] / ".env.example").read_text()
+    listed = set(re.findall(r"^# (EXECUTOR_[A-Z_]+)=", text, re.M))
+    assert {f"EXECUTOR_{name.upper()}" for name in Settings.model_fields} <= listed
