@@ -42,6 +42,7 @@ from ..transaction.workspace import Workspace
 from . import admission, snapshot
 from .governor import Governor, Permit
 from .recovery import ACTIVE, recover
+from .wakeup import Wakeup
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +65,7 @@ class Executor:
         self.redactor = Redactor()
         self.store = Store(settings.db_path, redact=self.redactor)
         self.spool = Spool(settings.spool_dir)
+        self.wakeup = Wakeup(self.spool.incoming)  # a job file arriving, or a slot freed, wakes the loop at once
         if deployment is None:
             client = client or connect()
             self.paths = HostPaths.discover(client)  # in a container, the engine needs host paths
@@ -118,7 +120,8 @@ class Executor:
             while not stop.is_set():
                 busy = self.tick()
                 self.check_side_threads()
-                stop.wait(0 if busy else self.settings.poll_interval)
+                if not busy and not stop.is_set():
+                    self.wakeup.wait(self.settings.poll_interval)
         finally:
             self.shutdown()
 
@@ -191,6 +194,7 @@ class Executor:
             if closing is not None:
                 closing.close()
         self.store.close()
+        self.wakeup.close()
         log.info("executor stopped", extra={"action": "stopped"})
 
     def _join_jobs(self, deadline: float | None) -> None:
@@ -322,6 +326,8 @@ class Executor:
         except Exception:  # the job thread's boundary: a bug must fail the job loudly, not hang it
             log.exception("job thread failed", extra={"action": "job_crashed", "job": job_id})
             self._fail_after_crash(job_id)
+        finally:
+            self.wakeup.wake()  # its slot is free: the loop admits the next job now, not at its next tick
 
     def _fail_after_crash(self, job_id: str) -> None:
         job = self.store.get(job_id)

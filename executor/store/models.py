@@ -32,7 +32,7 @@ class Job(SQLModel, table=True):
     reason: str | None = None
     error: str | None = None
     spool_name: str | None = Field(default=None, unique=True)
-    created_at: datetime = Field(default_factory=utcnow)
+    created_at: datetime = Field(default_factory=utcnow, index=True)  # `executor jobs` lists the newest first
     started_at: datetime | None = None
     finished_at: datetime | None = None
     start_ns: int | None = None  # time.time_ns() before the attempt's overlay was mounted (conflict check)

@@ -51,9 +51,12 @@ class Store:
         self._add_missing_columns()
 
     def _add_missing_columns(self) -> None:
-        """A database made by an older version gains the nullable columns added since (create_all only
-        makes missing tables)."""
+        """A database made by an older version gains the nullable columns and the indexes added since
+        (create_all only makes missing tables)."""
         with self.engine.begin() as conn:
+            for table in SQLModel.metadata.sorted_tables:
+                for index in table.indexes:
+                    index.create(conn, checkfirst=True)
             for table in SQLModel.metadata.sorted_tables:
                 have = {row[1] for row in conn.exec_driver_sql(f'PRAGMA table_info("{table.name}")')}
                 for column in table.columns:
@@ -146,20 +149,6 @@ class Store:
             if statuses is not None:
                 query = query.where(col(Job.status).in_([st.value for st in statuses]))
             query = query.order_by(col(Job.priority).desc(), col(Job.created_at), col(Job.id))
-            return list(s.exec(query))
-
-    def recent_jobs(self, statuses: Iterable[Status] | None = None, runner: str | None = None,
-                    session_id: str | None = None, limit: int = 50) -> list[Job]:
-        """The newest jobs first (what a person lists), filtered, at most ``limit`` (read in one query)."""
-        with self.session() as s:
-            query = select(Job)
-            if statuses is not None:
-                query = query.where(col(Job.status).in_([st.value for st in statuses]))
-            if runner is not None:
-                query = query.where(Job.runner == runner)
-            if session_id is not None:
-                query = query.where(Job.session_id == session_id)
-            query = query.order_by(col(Job.created_at).desc(), col(Job.id).desc()).limit(limit)
             return list(s.exec(query))
 
     def transition(self, job_id: str, expected: Status | Iterable[Status], new: Status, **fields: Any) -> Job:

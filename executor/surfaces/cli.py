@@ -27,7 +27,7 @@ import click
 from ..errors import ExecutorError, InvalidJob
 from ..scheduling import snapshot as status_file
 from ..store import Status
-from .cli_common import load_settings, open_store, state_root
+from .cli_common import load_settings, open_store, read_only, state_root
 from .cli_jobs import cancel, follow_events, jobs, log_cmd, show
 from .cli_ops import backup, prune
 from .cli_review import review
@@ -128,14 +128,11 @@ def _fresh(snapshot: dict | None) -> bool:
 
 
 def _status_view() -> dict[str, Any]:
-    """From the serving loop's snapshot alone while it runs; from the settings and the store when it does not."""
+    """From the serving loop's snapshot alone while it runs; from the database (read-only) when it does not."""
     home = state_root()
     snapshot = status_file.read(home / "status.json")
     if not _fresh(snapshot):
-        settings = load_settings()
-        snapshot = status_file.read(settings.status_path)
-        if not _fresh(snapshot):
-            return _idle_view(settings, snapshot)
+        return _idle_view(home, snapshot)
     disk = snapshot["measured"].get("disk") or {}
     counts = snapshot.get("counts") or {}
     return {
@@ -148,18 +145,26 @@ def _status_view() -> dict[str, Any]:
     }
 
 
-def _idle_view(settings, snapshot: dict | None) -> dict[str, Any]:
+def _idle_view(home: Path, snapshot: dict | None) -> dict[str, Any]:
+    """No executor serves the state root: the counts from the database, the budget from its last snapshot (or,
+    when it never ran here, from the settings)."""
     from ..sandbox.disk import free_bytes
+    from ..store import reads
 
-    counts = {st.value: n for st, n in open_store(settings).counts().items()}
+    with read_only() as conn:
+        counts = reads.counts(conn)
+    if snapshot is not None:
+        budget, reserve = snapshot["budget"], (snapshot["measured"].get("disk") or {}).get("reserve")
+    else:
+        settings = load_settings()
+        budget = {"cpus": settings.budget_cpus, "memory": settings.budget_memory,
+                  "reserve_memory": settings.reserve_memory}
+        reserve = settings.disk_reserve
     return {
         "executor": "not running", "status_age_seconds": snapshot["age_seconds"] if snapshot else None,
-        "budget": {"cpus": settings.budget_cpus, "memory": settings.budget_memory,
-                   "reserve_memory": settings.reserve_memory},
-        "reserved": None, "measured": None, "running": [], "queue_length": counts.get(Status.queued.value, 0),
-        "waiting": None, "runners": [], "counts": counts,
-        "disk": {"state_root": str(settings.home), "free": free_bytes(settings.home),
-                 "reserve": settings.disk_reserve, "jobs": 0},
+        "budget": budget, "reserved": None, "measured": None, "running": [],
+        "queue_length": counts.get(Status.queued.value, 0), "waiting": None, "runners": [], "counts": counts,
+        "disk": {"state_root": str(home), "free": free_bytes(home), "reserve": reserve, "jobs": 0},
     }
 
 

@@ -58,8 +58,19 @@ def get_job(store: Store, job_id: str) -> Job:
     return job
 
 
-def job_view(store: Store, job: Job) -> dict[str, Any]:
-    """What ``show --json`` prints: the whole story of a job."""
+def read_only():
+    """The database opened read-only through plain sqlite3 (``store/reads.py``), for ``show`` and ``jobs``:
+    like ``state_root``, without loading pydantic-settings or SQLAlchemy."""
+    from ..store import reads
+
+    path = state_root() / "executor.db"
+    if not path.exists():
+        raise click.ClickException(f"no database at {path}: is EXECUTOR_HOME right?")
+    return reads.connect(path)
+
+
+def job_view(job: Job, attempts: list) -> dict[str, Any]:
+    """What ``show --json`` prints: the whole story of a job (``attempts``: its attempt rows, in order)."""
     return {
         "id": job.id,
         "session_id": job.session_id,
@@ -82,7 +93,7 @@ def job_view(store: Store, job: Job) -> dict[str, Any]:
              "cost_usd": a.cost_usd, "input_tokens": a.input_tokens, "output_tokens": a.output_tokens,
              "started_at": a.started_at.isoformat(),
              "finished_at": a.finished_at.isoformat() if a.finished_at else None}
-            for a in store.attempts(job.id)
+            for a in attempts
         ],
         "changed_files": job.changed_files,
         "tests": {"command": job.test_command, "exit_code": job.test_exit_code, "output_tail": job.test_output},

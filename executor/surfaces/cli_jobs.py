@@ -21,7 +21,7 @@ from click.shell_completion import CompletionItem
 from ..clock import aware, span, utcnow
 from ..errors import InvalidJob
 from ..store import TERMINAL, Status
-from .cli_common import get_job, job_view, load_settings, open_store
+from .cli_common import get_job, job_view, load_settings, open_store, read_only
 
 COLOURS = {"succeeded": "green", "failed": "red", "rolled_back": "yellow", "stalled": "magenta",
            "cancelled": "bright_black", "rejected": "red", "awaiting_review": "cyan", "running": "blue",
@@ -30,12 +30,14 @@ COLOURS = {"succeeded": "green", "failed": "red", "rolled_back": "yellow", "stal
 
 def complete_job_id(ctx: click.Context, param: click.Parameter, incomplete: str) -> list[CompletionItem]:
     """The shell's completion of a job id: the most recent jobs whose id starts with what was typed."""
+    from ..store import reads
+
     try:
-        store = open_store(load_settings())
+        with read_only() as conn:
+            rows = reads.recent_jobs(conn, limit=200)
     except click.ClickException:
         return []
-    return [CompletionItem(j.id, help=j.status.value) for j in store.recent_jobs(limit=200)
-            if j.id.startswith(incomplete)]
+    return [CompletionItem(j.id, help=j.status.value) for j in rows if j.id.startswith(incomplete)]
 
 
 def _ago(moment: datetime | None, now: datetime) -> str:
@@ -54,8 +56,13 @@ def _duration(job, now: datetime) -> float | None:
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def show(job_id: str, as_json: bool) -> None:
     """One job: status, why, models, attempts, changed files, tests."""
-    store = open_store(load_settings())
-    view = job_view(store, get_job(store, job_id))
+    from ..store import reads
+
+    with read_only() as conn:
+        job = reads.job(conn, job_id)
+        if job is None:
+            raise click.ClickException(f"no job {job_id!r}")
+        view = job_view(job, reads.attempts(conn, job_id))
     if as_json:
         click.echo(json.dumps(view, indent=2))
         return
@@ -85,9 +92,11 @@ def show(job_id: str, as_json: bool) -> None:
 @click.option("--json", "as_json", is_flag=True)
 def jobs(statuses: tuple[str, ...], runner: str | None, session_id: str | None, limit: int, as_json: bool) -> None:
     """The most recent jobs, newest first: status, runner, age, how long they ran, why they ended."""
-    store = open_store(load_settings())
-    rows = store.recent_jobs([Status(s) for s in statuses] or None, runner=runner, session_id=session_id,
-                             limit=limit)
+    from ..store import reads
+
+    with read_only() as conn:
+        rows = reads.recent_jobs(conn, [Status(s) for s in statuses] or None, runner=runner, session_id=session_id,
+                                 limit=limit)
     now = utcnow()
     if as_json:
         click.echo(json.dumps([{"id": j.id, "status": j.status.value, "runner": j.runner, "session_id": j.session_id,

@@ -39,7 +39,7 @@ def session(session_id: str, as_json: bool, context: bool, full: bool, skills: t
         return
     jobs.sort(key=lambda j: j.created_at)
     if as_json:
-        click.echo(json.dumps([{**job_view(store, j), "events": [
+        click.echo(json.dumps([{**job_view(j, store.attempts(j.id)), "events": [
             {"ts": e.ts.isoformat(), "attempt": e.attempt, "kind": e.kind, "data": e.data}
             for e in store.events(job_id=j.id)]} for j in jobs], indent=2))
         return

@@ -399,3 +399,23 @@ def test_shutdown_removes_what_outlives_the_grace_and_waits_for_it_before_closin
     executor.shutdown(grace=0.2)
     assert ("remove_job_objects", "stuck") in deployment.calls
     assert finished == ["stuck"] and not executor.slots
+
+
+def test_the_loop_wakes_when_a_job_file_lands_or_a_slot_frees(tmp_path):
+    import time as clock
+
+    from executor.intake.spool import Spool
+    from executor.scheduling.wakeup import Wakeup
+
+    spool = Spool(tmp_path / "spool")
+    wakeup = Wakeup(spool.incoming)
+    try:
+        assert wakeup.wait(0.05) is False  # nothing happened: the poll interval passes
+        spool.write(b"{}")  # written in tmp/, renamed into incoming/
+        started = clock.monotonic()
+        assert wakeup.wait(5) is True and clock.monotonic() - started < 1
+        assert wakeup.wait(0.05) is False  # drained: one landing wakes the loop once
+        wakeup.wake()  # a job thread freed its slot
+        assert wakeup.wait(5) is True
+    finally:
+        wakeup.close()
