@@ -403,7 +403,7 @@ def test_the_command_lines_plain_reads_know_every_json_and_time_column():
     for table, model in (("job", Job), ("attempt", Attempt)):
         columns = model.__table__.columns
         assert JSON_COLUMNS[table] == {c.name for c in columns if isinstance(c.type, JSON)}
-        assert TIME_COLUMNS[table] == {c.name for c in columns if isinstance(c.type, DateTime)}
+        assert TIME_COLUMNS[table] == {c.name for c in columns if isinstance(getattr(c.type, "impl", c.type), DateTime)}
 
 
 def test_plain_reads_give_what_the_store_wrote(tmp_path):
