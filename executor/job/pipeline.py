@@ -151,7 +151,7 @@ def _supervise(ctx: Context, job: Job, ws: Workspace, phase: Phase, runner: Runn
     try:
         run = watch_agent(
             ctx.sandbox, container, policy,
-            on_events=lambda events, line: record_events(ctx, job, ws.attempt, events, line),
+            on_events=lambda batch: record_events(ctx, job, ws.attempt, batch),
             should_stop=stop, result_grace=ctx.settings.result_grace, watchdog=watchdog,
             skip_lines=skip_lines,
         )

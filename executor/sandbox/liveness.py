@@ -69,7 +69,8 @@ def _exhausted(text: str) -> bool:
     return "resource temporarily unavailable" in text or "cannot fork" in text
 
 
-def sample(container: Container) -> Sample:
+def sample(container: Container, pids_events: bool = True) -> Sample:
+    """One look at the container; ``pids_events``: also read its pids cgroup (an exec in the container)."""
     try:
         stats = container.stats(stream=False, one_shot=True)
     except (APIError, NotFound, requests.RequestException):
@@ -77,7 +78,8 @@ def sample(container: Container) -> Sample:
     cpu = (stats.get("cpu_stats") or {}).get("cpu_usage") or {}
     memory = stats.get("memory_stats") or {}
     pids = stats.get("pids_stats") or {}
-    return Sample(cpu.get("total_usage"), memory.get("usage"), pids.get("current"), pids_limit_hits(container))
+    return Sample(cpu.get("total_usage"), memory.get("usage"), pids.get("current"),
+                  pids_limit_hits(container) if pids_events else None)
 
 
 @dataclass(frozen=True)
@@ -156,8 +158,8 @@ class Watchdog:
         self.last_progress_wall = time.time()
 
     def start(self, container: Container) -> None:
-        """Take the CPU baseline the first beat measures against."""
-        stats = sample(container)
+        """Take the CPU baseline the first beat measures against (no exec: nothing has forked yet)."""
+        stats = sample(container, pids_events=False)
         self._cpu_at_beat = stats.cpu_ns
 
     @property

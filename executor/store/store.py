@@ -307,12 +307,16 @@ class Store:
 
     def add_events(self, job: Job, attempt: int, items: list[tuple[str, dict]], line: int | None = None) -> None:
         """Events of one moment, in one transaction (all of a stream line's events or none)."""
-        if not items:
-            return
+        if items:
+            self.add_stream_events(job, attempt, [(line, items)])
+
+    def add_stream_events(self, job: Job, attempt: int, lines: list[tuple[int | None, list[tuple[str, dict]]]]) -> None:
+        """The events of consecutive stream lines (line number, its events), in one transaction."""
         with self.session() as s:
-            for kind, data in items:
-                s.add(Event(job_id=job.id, session_id=job.session_id, attempt=attempt, kind=kind, line=line,
-                            data=self.redact(json.loads(json.dumps(data, default=str)))))
+            for line, items in lines:
+                for kind, data in items:
+                    s.add(Event(job_id=job.id, session_id=job.session_id, attempt=attempt, kind=kind, line=line,
+                                data=self.redact(json.loads(json.dumps(data, default=str)))))
             s.commit()
 
     def last_stream_line(self, job_id: str, attempt: int) -> int:
