@@ -16,10 +16,10 @@ from __future__ import annotations
 
 import logging
 import threading
-from pathlib import Path
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 
 import psutil
 from docker.errors import DockerException

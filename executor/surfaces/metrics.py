@@ -22,14 +22,19 @@ from collections.abc import Iterator
 from typing import Any
 
 from prometheus_client import (
-    CollectorRegistry, Counter, Histogram, Info, PlatformCollector, ProcessCollector,
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    Info,
+    PlatformCollector,
+    ProcessCollector,
     start_http_server,
 )
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from sqlalchemy import text
 
-from ..errors import ConfigError
 from ..clock import aware
+from ..errors import ConfigError
 from ..store import TERMINAL, Status, Store
 
 log = logging.getLogger(__name__)

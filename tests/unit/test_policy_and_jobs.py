@@ -4,8 +4,8 @@ and executor.settings (EXECUTOR_* environment variables)."""
 from __future__ import annotations
 
 import json
-import re
 import os
+import re
 from pathlib import Path
 
 import pytest

@@ -238,7 +238,7 @@ def pending_job(tmp_path: Path):
     time.sleep(0.05)  # the conflict check allows for a coarse clock (commit.CLOCK_SLACK_NS)
     start_ns = time.time_ns()
     store = Store(settings.db_path)
-    job = store.add_job(Job(id="rj", session_id="rj", runner="r", model_requested="m", workspace=str(repo),
+    store.add_job(Job(id="rj", session_id="rj", runner="r", model_requested="m", workspace=str(repo),
                             prompt="p", policy_name="default", repo_uid=UID, repo_gid=GID))
     store.transition("rj", Status.queued, Status.running, attempts=1, start_ns=start_ns, started_at=utcnow())
     store.transition("rj", Status.running, Status.testing)
