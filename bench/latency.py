@@ -25,6 +25,7 @@ import sys
 import tempfile
 import threading
 import time
+from datetime import datetime, timedelta
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -45,8 +46,11 @@ def fill(db: Path, n: int) -> None:
 
     Store(db).close()
     conn = sqlite3.connect(db)
+    start = datetime(2026, 11, 1, 10, 0, 0)
+    # Distinct creation times, a second apart, as a real history has: the jobs table sorts on them.
     rows = [(f"job-{i:06d}", f"s{i % 1000}", "sonnet", "m", "/w", "p" * 200, "default", "{}", 0,
-             "succeeded" if i % 3 else "failed", "committed", "2026-11-01 10:00:00.000000", 1, 0, 0)
+             "succeeded" if i % 3 else "failed", "committed",
+             (start + timedelta(seconds=i)).strftime("%Y-%m-%d %H:%M:%S.%f"), 1, 0, 0)
             for i in range(n)]
     conn.executemany("INSERT INTO job (id, session_id, runner, model_requested, workspace, prompt, policy_name, "
                      "policy, priority, status, reason, created_at, attempts, cancel_requested, limited_attempts) "
