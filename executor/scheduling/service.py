@@ -76,6 +76,8 @@ class Executor:
             self.paths = HostPaths()
         self.sandbox = deployment
         self.governor = Governor.from_settings(settings)
+        self.problems: dict[str, str] = {}  # configuration the loop could not take, shown by `status`
+        self._runners_seen: tuple | None = None
         self.ctx = Context(settings=settings, store=self.store, sandbox=self.sandbox,
                            runners=self._load_runners(), secrets=secrets, redactor=self.redactor)
         self.slots: dict[str, Slot] = {}
@@ -93,16 +95,26 @@ class Executor:
                 self.redactor.update({f"EXECUTOR_{name.upper()}": value.get_secret_value()})
 
     def _load_runners(self) -> dict[str, Runner]:
+        """The runners, re-read only when ``runners.toml`` changed. A broken file at start is fatal; a file
+        broken while serving keeps the previous runners, is logged once per change (not every tick) and
+        is shown by ``status`` as a problem until it is fixed."""
+        path = self.settings.policies / "runners.toml"
+        seen = _file_signature(path)
+        if hasattr(self, "ctx") and seen == self._runners_seen:
+            return self.ctx.runners
+        self._runners_seen = seen
         try:
             runners = load_runners(self.settings.policies)
-            # Whatever a runner's credential is, it is scrubbed from everything stored or logged.
-            self.redactor.update({r.auth_env: self.secrets.get(r.auth_env, "") for r in runners.values()})
-            return runners
         except ConfigError as exc:
-            if hasattr(self, "ctx"):
-                log.error("runners.toml unreadable; keeping the previous runners", extra={"error": str(exc)})
-                return self.ctx.runners
-            raise
+            if not hasattr(self, "ctx"):
+                raise
+            self.problems["runners"] = f"{exc}; the previous runners stay in use until the file is fixed"
+            log.error("runners.toml unreadable; keeping the previous runners", extra={"error": str(exc)})
+            return self.ctx.runners
+        self.problems.pop("runners", None)
+        # Whatever a runner's credential is, it is scrubbed from everything stored or logged.
+        self.redactor.update({r.auth_env: self.secrets.get(r.auth_env, "") for r in runners.values()})
+        return runners
 
     # -- life -----------------------------------------------------------------------------------------
 
@@ -237,6 +249,7 @@ class Executor:
             "counts": {st.value: n for st, n in counts.items()},
             "waiting": self.waiting,
             "runners": self.runner_view(),
+            "problems": sorted(self.problems.values()),
         }
 
     def _running_view(self, job_id: str, slot: Slot) -> dict:
@@ -339,3 +352,12 @@ class Executor:
                    Phase(job.status), self.sandbox, self.ctx.settled)
         except (ExecutorError, OSError, DockerException):
             log.exception("cannot settle crashed job", extra={"job": job_id})
+
+
+def _file_signature(path: Path) -> tuple | None:
+    """What tells a changed file from the one read last (an editor's rename makes a new inode)."""
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return (st.st_ino, st.st_size, st.st_mtime_ns)

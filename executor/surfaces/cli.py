@@ -140,6 +140,7 @@ def _status_view() -> dict[str, Any]:
         "reserved": snapshot.get("reserved"), "measured": snapshot.get("measured"),
         "running": snapshot.get("running", []), "queue_length": counts.get(Status.queued.value, 0),
         "waiting": snapshot.get("waiting"), "runners": snapshot.get("runners", []), "counts": counts,
+        "problems": snapshot.get("problems", []),
         "disk": {"state_root": str(home), "free": disk.get("state_root_free"), "reserve": disk.get("reserve"),
                  "jobs": disk.get("jobs", 0)},
     }
@@ -171,7 +172,10 @@ def _idle_view(home: Path, snapshot: dict | None) -> dict[str, Any]:
 def _print_status(view: dict[str, Any]) -> None:
     mib = lambda n: f"{(n or 0) / 2**20:.0f} MiB"  # noqa: E731
     budget = view["budget"]
-    click.echo(f"executor   {view['executor']}")
+    problems = view.get("problems") or []
+    click.echo(f"executor   {view['executor']}" + (" with problems" if problems else ""))
+    for problem in problems:
+        click.echo(f"problem    {problem}")
     click.echo(f"budget     {budget['cpus']:g} cpus, {mib(budget['memory'])} (reserve {mib(budget['reserve_memory'])})")
     if view["reserved"]:
         click.echo(f"reserved   {view['reserved']['cpus']:g} cpus, {mib(view['reserved']['memory'])}")

@@ -197,6 +197,26 @@ def test_submit_of_an_existing_id_is_refused(world, tmp_path, serving):
     assert spool_files(world) == []
 
 
+def test_a_runners_file_broken_while_serving_is_a_problem_in_status_logged_once(world, serving, caplog):
+    before = executor(world, "status", "--json")
+    assert json.loads(before.stdout)["problems"] == []
+    runners = world.policies / "runners.toml"
+    good = runners.read_text()
+    runners.write_text(good + "\n[broken\n")
+    wait_for(lambda: json.loads(executor(world, "status", "--json").stdout)["problems"], 30,
+             "the broken runners file shown by status")
+    shown = executor(world, "status")
+    assert "executor   running with problems" in shown.stdout.decode()
+    assert "runners.toml" in shown.stdout.decode() and "previous runners stay in use" in shown.stdout.decode()
+    ticks = json.loads((world.home / "status.json").read_text())["ts"]
+    wait_for(lambda: json.loads((world.home / "status.json").read_text())["ts"] > ticks + 2, 30, "more ticks")
+    logged = [r for r in caplog.records if "runners.toml unreadable" in r.getMessage()]
+    assert len(logged) == 1, f"logged {len(logged)} times; once per change is enough"
+    runners.write_text(good)  # fixed: the problem goes away
+    wait_for(lambda: json.loads(executor(world, "status", "--json").stdout)["problems"] == [], 30,
+             "the problem cleared")
+
+
 def test_show_of_an_unknown_job(world):
     world.store().close()  # an empty database
     done = executor(world, "show", "ghost", "--json")
