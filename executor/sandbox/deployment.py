@@ -7,8 +7,8 @@ and the labels by which the executor finds its own objects again after a restart
 ``Deployment`` is the small interface the rest of the executor uses; ``Sandbox`` implements it on the Docker
 engine, and unit tests of scheduling use a fake.
 
-Must never: talk to the agent (that is ``runtime.py``), run a container as root, or use a default
-network other than the one the policy names.
+Must never: talk to the agent (that is ``runtime.py``), run a container as root, use a default
+network other than the one the policy names, or mount a sealed job's sockets writable.
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ LABEL_ROLE = "io.executor.role"  # agent | tests | workspace | testview
 LABEL_ATTEMPT = "io.executor.attempt"
 WORKSPACE_MOUNT = "/workspace"
 AGENT_HOME = "/home/agent"
+SOCKETS_MOUNT = "/run/executor"  # a sealed job's socket directory, read-only (sandbox/seal.py)
 
 
 @dataclass(frozen=True)
@@ -59,6 +60,7 @@ class ContainerSpec:
     environment: dict[str, str] = field(default_factory=dict)
     tmpfs_size: str = "512m"
     home: str | None = None  # host directory bind-mounted as the agent's home (its sessions survive)
+    sockets: str | None = None  # host directory of a sealed job's sockets, bind-mounted read-only
 
 
 def connect() -> docker.DockerClient:
@@ -142,6 +144,8 @@ class Sandbox:
         mounts = [Mount(target=WORKSPACE_MOUNT, source=spec.volume, type="volume", no_copy=True)]
         if spec.home:
             mounts.append(Mount(target=AGENT_HOME, source=spec.home, type="bind"))
+        if spec.sockets:
+            mounts.append(Mount(target=SOCKETS_MOUNT, source=spec.sockets, type="bind", read_only=True))
         return mounts
 
     @staticmethod
