@@ -13,7 +13,7 @@ import re
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)i?b?\s*$", re.IGNORECASE)
@@ -51,6 +51,10 @@ def format_size(n: int) -> str:
     return str(n)
 
 
+#: The small model's pinned id: a dated id names one model for good, where an alias moves with releases.
+COMPACTION_MODEL = "claude-haiku-4-5-20251001"
+
+
 class Settings(BaseSettings):
     """Settings of one executor. Each field is ``EXECUTOR_<NAME>`` in the environment."""
 
@@ -77,10 +81,11 @@ class Settings(BaseSettings):
         description="Seconds a kept upper dir (conflict, review) stays before it is removed (default 7 days).",
     )
     compaction_model: str = Field(
-        default="claude-haiku-4-5", description="Exact model id of the small model that writes session briefs.")
-    compaction_auth_env: str = Field(
-        default="ANTHROPIC_API_KEY", description="Name of the variable that holds the small model's API key.")
-    compaction_base_url: str | None = Field(default=None, description="Base URL of the small model's API.")
+        default=COMPACTION_MODEL, min_length=1,
+        description="Pinned model id (a dated id, not an alias) of the small model that writes session briefs; "
+                    "it is called through the job's runner (its base_url and credential).")
+    compaction_auth_env: str | None = Field(default=None, description="Removed: set, it is an error (see below).")
+    compaction_base_url: str | None = Field(default=None, description="Removed: set, it is an error (see below).")
     compaction_attempts: int = Field(default=4, ge=1, description="Calls per summary on 429/529 before giving up.")
     compaction_backoff: float = Field(default=2.0, gt=0, description="First wait (s) after a 429/529; doubles.")
     log_format: Literal["text", "json"] = "text"
@@ -105,6 +110,14 @@ class Settings(BaseSettings):
         if isinstance(value, str):
             return [p for p in re.split(r"[:,]", value) if p.strip()]
         return value
+
+    @field_validator("compaction_auth_env", "compaction_base_url")
+    @classmethod
+    def _removed(cls, value: str | None, info: ValidationInfo) -> None:
+        if value is not None:
+            raise ValueError(f"EXECUTOR_{info.field_name.upper()} is no longer read: the compaction model is called "
+                             "through each job's runner (its base_url and credential); remove the variable")
+        return None
 
     @field_validator("retention", mode="before")
     @classmethod

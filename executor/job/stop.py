@@ -1,7 +1,9 @@
-"""Why a running attempt must stop now: the executor is shutting down, or a person asked to cancel it.
+"""Why a running attempt must stop now: the executor is shutting down, a person asked to cancel it, or the
+job's API gateway refused a model other than the runner's.
 
-Owns the cheap check the runtime calls between stream lines: the shutdown flag every time, the store's
-``cancel_requested`` at most once a second (a cancel is a person's action; a second is quick enough).
+Owns the cheap check the runtime calls between stream lines: the shutdown flag every time, the gateway's
+refusal flag every time, the store's ``cancel_requested`` at most once a second (a cancel is a person's
+action; a second is quick enough).
 
 Must never: stop anything itself; it only answers.
 """
@@ -9,19 +11,22 @@ Must never: stop anything itself; it only answers.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 from .context import Context
 
 
 class StopCheck:
-    def __init__(self, ctx: Context, job_id: str) -> None:
-        self.ctx, self.job_id = ctx, job_id
+    def __init__(self, ctx: Context, job_id: str, refused: Callable[[], bool] | None = None) -> None:
+        self.ctx, self.job_id, self.refused = ctx, job_id, refused
         self._next_poll = 0.0
         self._cancelled = False
 
     def __call__(self) -> str | None:
         if self.ctx.shutdown.is_set():
             return "shutdown"
+        if self.refused is not None and self.refused():
+            return "model_mismatch"
         now = time.monotonic()
         if not self._cancelled and now >= self._next_poll:
             self._next_poll = now + 1.0
