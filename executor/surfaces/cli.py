@@ -29,6 +29,7 @@ from ..store import Status, Store
 from .cli_common import get_job, job_view, load_settings, open_store
 from .cli_review import review
 from .cli_session import session
+from .seal_view import denial_line
 
 
 @click.group()
@@ -86,6 +87,7 @@ def show(job_id: str, as_json: bool) -> None:
         if view[key] not in (None, [], ""):
             click.echo(f"{key:16} {view[key]}")
     click.echo(f"{'attempts':16} {len(view['attempts'])}")
+    _show_seal(view)
     if view["changed_files"]:
         click.echo("changed files:")
         for path in view["changed_files"]:
@@ -95,6 +97,25 @@ def show(job_id: str, as_json: bool) -> None:
         click.echo(f"tests: {tests['command']} -> exit {tests['exit_code']}")
         for line in (tests["output_tail"] or "").splitlines()[-15:]:
             click.echo(f"  | {line}")
+
+
+def _show_seal(view: dict) -> None:
+    network, api = view["network"], view["api"]
+    if network["unsealed"]:
+        click.echo(f"{'network':16} {network['warning']}")
+    else:
+        allowed = f"; egress {', '.join(network.get('egress') or []) or 'none'}" if network["sealed"] else ""
+        click.echo(f"{'network':16} {network['network']}{allowed}")
+    if api["requests"]:
+        statuses = ", ".join(f"{n}x {status}" for status, n in api["statuses"].items())
+        click.echo(f"{'api requests':16} {api['requests']} ({statuses}); {api['input_tokens']} input, "
+                   f"{api['output_tokens']} output, {api['cache_read_input_tokens']} cache-read tokens (from the API)")
+    for refused in api["refused"]:
+        click.echo(f"{'api refused':16} {refused.get('method')} {refused.get('path')}: {refused.get('reason')}")
+    if view["egress_denied"]:
+        click.echo(f"egress denied ({len(view['egress_denied'])}):")
+        for denial in view["egress_denied"]:
+            click.echo(f"  {denial_line(denial)}")
 
 
 @main.command()

@@ -14,6 +14,7 @@ from pydantic import ValidationError
 
 from ..settings import Settings
 from ..store import Job, Store
+from .seal_view import api_view, egress_denials, network_view
 
 
 def load_settings() -> Settings:
@@ -71,6 +72,9 @@ def job_view(store: Store, job: Job) -> dict[str, Any]:
         "skills": job.skills,
         "context": job.context,
         "compaction": job.compaction,
+        "network": network_view(job),
+        "egress_denied": egress_denials(store, job.id),
+        "api": api_view(store, job.id),
     }
 
 

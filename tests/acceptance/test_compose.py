@@ -4,8 +4,10 @@ The stack (the executor's image and the sandbox image, both built by compose wit
 runs against a throwaway world: EXECUTOR_HOME, EXECUTOR_WORKSPACE_ROOTS and EXECUTOR_POLICIES are tmp
 directories, mounted at their host paths. tests/compose.test.yaml passes the test's runner token and
 makes the health check quick. The runners point at a scripted API on 127.0.0.1 in this process; the
-executor and (through the test's policy) the job containers use the host network. Jobs arrive the way
-any tool on the host submits them: a file written into the spool.
+executor uses the host network, and the jobs (sealed, the test's default policy) reach that API through
+their gateways' sockets, which the executor makes under the state root inside its container and the engine
+mounts into theirs by the same host path. Jobs arrive the way any tool on the host submits them: a file
+written into the spool.
 """
 
 from __future__ import annotations
