@@ -252,8 +252,9 @@ def end_to_end(args) -> None:
     print(f"  sealed - unsealed: {statistics.median(runs['sealed']) - statistics.median(runs['open']):+.2f} s")
     client = docker.from_env(timeout=120)
     starts = {mode: statistics.median(container_start(client, mode) for _ in range(5)) for mode in ("none", "host")}
+    extra = starts["none"] - starts["host"]
     print(f"  of which the network namespace: `docker run true` with network none {starts['none']:.3f} s, host "
-          f"{starts['host']:.3f} s ({starts['none'] - starts['host']:+.3f} s; any isolated network pays it, bridge too)")
+          f"{starts['host']:.3f} s ({extra:+.3f} s; any isolated network pays it, bridge too)")
 
 
 def container_start(client, network: str) -> float:

@@ -25,8 +25,8 @@ models with its turn, before anything else (a second model on the same endpoint,
 small model called through a runner's ``base_url``; such requests count as side requests); a list script
 answers requests in order; a dict script is keyed by a substring of the first user message's text (the
 first key found wins, in insertion order), so jobs with different prompts can share one server. An
-exhausted (or unmatched) script answers ``default``, or ``Turn.text("Done.")`` if none was given. A list script is the fallback for requests no dict key
-matches (keys added later with ``add()``).
+exhausted (or unmatched) script answers ``default``, or ``Turn.text("Done.")`` if none was given. A list
+script is the fallback for requests no dict key matches (keys added later with ``add()``).
 
 Side requests never consume the script and are answered with the text ``"OK"``: a request asking for
 ``max_tokens`` <= 1 (quota / model probes) always is one; otherwise a request whose first user text

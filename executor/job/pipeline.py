@@ -6,10 +6,10 @@ Owns the order of a job's steps and the phase it is in (``store/status.py`` draw
                  |-> waiting_retry (rate limited: slot freed, upper kept) -> running (same runner, resumed)
                  |-> rolled_back / failed / stalled / cancelled / queued again (the executor is stopping)
 
-A sealed attempt's gateway and egress proxy (``sealed.py``) listen from before its container starts until its
-agent ends. Only an agent that reported success *and* a passing test run lead to a commit (``transaction/commit.py``);
-anything else removes the job's overlay and leaves the repository as it was. Every ending is an error of
-the tree (``errors.py``) or one of its two non-error reasons.
+A sealed attempt's gateway and egress proxy (``sealed.py``) listen from before its container starts until
+its agent ends. Only an agent that reported success *and* a passing test run lead to a commit
+(``transaction/commit.py``); anything else removes the job's overlay and leaves the repository as it was.
+Every ending is an error of the tree (``errors.py``) or one of its two non-error reasons.
 
 Must never: commit without a passing test run, run a job it did not move to ``running`` itself, or
 hide why a job ended.

@@ -1,6 +1,7 @@
 """The egress rules (what a policy's ``egress`` entry means, and a bad one's error; a policy naming one is
-rejected at intake: tests/unit/test_policy_and_jobs.py) and the egress proxy on the host, without a container: a client on the job's Unix socket, a plain origin server on 127.0.0.1 as
-the destination. The integration tier runs the same requests from inside a sealed container."""
+rejected at intake: tests/unit/test_policy_and_jobs.py) and the egress proxy on the host, without a
+container: a client on the job's Unix socket, a plain origin server on 127.0.0.1 as the destination. The
+integration tier runs the same requests from inside a sealed container."""
 
 from __future__ import annotations
 
