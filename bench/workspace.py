@@ -37,7 +37,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from executor.commit import CLOCK_SLACK_NS, apply_change, check_conflicts, remove_tree, scan_upper  # noqa: E402
+from executor.transaction.apply import apply_change  # noqa: E402
+from executor.transaction.conflicts import CLOCK_SLACK_NS, check_conflicts  # noqa: E402
+from executor.transaction.safefs import remove_tree  # noqa: E402
+from executor.transaction.upper import scan_upper  # noqa: E402
 
 from executor.sandbox.deployment import AGENT_HOME, LABEL, LABEL_JOB, ContainerSpec, Limits, Sandbox, connect  # noqa: E402
 from executor.transaction import workspace  # noqa: E402
@@ -263,10 +266,14 @@ def measure_commit(b: Bench, repo: Path, n: int, reps: int) -> dict[str, float]:
         t0 = time.perf_counter()
         change = scan_upper(ws.upper)
         t1 = time.perf_counter()
-        conflicts = check_conflicts(change, ws.repo, since_ns)
-        t2 = time.perf_counter()
-        apply_change(change, ws.upper, ws.repo, ws.uid, ws.gid)
-        t3 = time.perf_counter()
+        repo_fd = ws.open_repo()
+        try:
+            conflicts = check_conflicts(change, repo_fd, since_ns)
+            t2 = time.perf_counter()
+            apply_change(change, ws.upper, repo_fd, ws.uid, ws.gid, journal=ws.journal)
+            t3 = time.perf_counter()
+        finally:
+            os.close(repo_fd)
         files = sorted(e.path for e in change.entries if e.kind == "file")
         workspace.discard(b.sandbox, ws)
         if files != sorted(modified + new) or conflicts or change.refused:
@@ -337,7 +344,14 @@ def main() -> int:
     ap.add_argument("--image", default="executor-sandbox:latest")
     ap.add_argument("--reps", type=int, default=5, help="repetitions of the cheap measurements")
     ap.add_argument("--keep", action="store_true", help="keep the generated repositories and state")
+    ap.add_argument("--large-commit", type=int, default=0, metavar="N",
+                    help="only the large-commit benchmark (bench/large_commit.py) with N new files, e.g. 200000")
     args = ap.parse_args()
+    if args.large_commit:
+        import large_commit
+
+        large_commit.run(args.large_commit, args.dir)
+        return 0
     if os.geteuid() != 0:
         print("run as root: the executor chowns upper dirs and the repository to 1000:1000", file=sys.stderr)
         return 2

@@ -18,6 +18,7 @@ Must never: grow a second base class, or hold secrets (tokens, keys) in a messag
     ├── Cancelled                a person cancelled the job
     ├── WorkspaceError           overlay set-up or teardown failed
     │   ├── UnsafePath           the upper dir holds something that must never be applied
+    │   ├── WorkspaceChanged     the repository is no longer the directory the job was accepted with
     │   └── CommitFailed         the change could not be written into the repository
     ├── Conflict                 the repository changed under the job at paths the job touched
     ├── ReviewError              a review action cannot be done (not awaiting review, unknown paths, ...)
@@ -32,6 +33,8 @@ Must never: grow a second base class, or hold secrets (tokens, keys) in a messag
     │   ├── Stalled              no progress within the stall window
     │   ├── TimedOut             the wall-clock timeout elapsed
     │   ├── OutOfMemory          the kernel killed the container at its memory limit
+    │   ├── DiskLimit            the job wrote more than its policy's disk cap
+    │   │   └── DiskReserve      the state root's free space fell below the reserve: the largest writer stops
     │   └── ModelMismatch        a model other than the runner's answered, or was asked for (sealed)
     └── TestsFailed              the test command failed (rolled back)
         ├── TestsTimedOut        the tests ran longer than test_timeout
@@ -98,6 +101,10 @@ class WorkspaceError(ExecutorError):
 
 class UnsafePath(WorkspaceError):
     reason = "unsafe_path"
+
+
+class WorkspaceChanged(WorkspaceError):
+    reason = "workspace_changed"
 
 
 class CommitFailed(WorkspaceError):
@@ -180,6 +187,15 @@ class TimedOut(AgentFailed):
 class OutOfMemory(AgentFailed):
     reason = "out_of_memory"
     ends_as = "failed"
+
+
+class DiskLimit(AgentFailed):
+    reason = "disk_limit"
+    ends_as = "failed"
+
+
+class DiskReserve(DiskLimit):
+    reason = "disk_reserve"
 
 
 class ModelMismatch(AgentFailed):

@@ -42,6 +42,10 @@ class Policy(BaseModel):
     cpus: float = Field(default=1.0, gt=0, description="Hard CPU limit of each job container (cores).")
     memory: int = Field(default=parse_size("2g"), description="Hard memory limit (no swap beyond it).")
     pids: int = Field(default=512, ge=16, description="Process limit: a fork bomb stops here.")
+    disk: int = Field(
+        default=parse_size("10g"), gt=0,
+        description="What a job may write (its upper dir, its home layer and its tmpfs): measured while it runs, "
+                    "the job is stopped at the cap (disk_limit).")
     timeout: Duration = Field(default=1800.0, description="Wall-clock limit of the agent's run.")
     network: Literal["sealed", "none", "bridge", "host"] = Field(
         default="sealed",
@@ -108,6 +112,12 @@ class Policy(BaseModel):
                     "starting it with the structural brief.",
     )
 
+    session_carry: tuple[str, ...] = Field(
+        default=(".claude/projects/**/*.jsonl",),
+        description="Globs of the agent's home that a committed job hands on to the next job of its session. "
+                    "By default only Claude Code's transcripts; hooks, settings.json, shell rc files and shell "
+                    "snapshots run code in the next job: name them here only if you want exactly that.")
+
     @field_validator("egress")
     @classmethod
     def _egress(cls, value: list[str]) -> list[str]:
@@ -130,7 +140,7 @@ class Policy(BaseModel):
         """An explicit opt-in to an open route out with the real credential in the container."""
         return self.network in ("bridge", "host")
 
-    @field_validator("memory", mode="before")
+    @field_validator("memory", "disk", mode="before")
     @classmethod
     def _size(cls, value: object) -> object:
         return parse_size(value) if isinstance(value, (str, int, float)) else value

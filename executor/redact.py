@@ -11,10 +11,13 @@ from __future__ import annotations
 
 import logging
 import os
+import secrets
 import stat
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
+
+from .transaction.safefs import DIR_FLAGS, as_owner, walk
 
 MIN_SECRET = 8  # shorter values would scrub ordinary words
 
@@ -53,32 +56,56 @@ class Redactor:
         return value
 
 
-def scrub_tree(root: Path, redactor: Redactor, max_size: int = 64 * 2**20) -> list[Path]:
-    """Rewrite the files under ``root`` (the agent's session home) that hold a secret value.
+def scrub_tree(root: Path, redactor: Redactor, uid: int, gid: int, max_size: int = 64 * 2**20) -> list[str]:
+    """Rewrite the files under ``root`` (an attempt's home layer) that hold a secret value.
 
     The CLI writes what its tools printed into its session transcript; a transcript that says
-    ``[REDACTED:VAR]`` still resumes. Symlinks are never followed. Returns the files rewritten.
+    ``[REDACTED:VAR]`` still resumes. The tree is the agent's: it is walked from pinned directory fds
+    without following a link, and rewritten with the owner's rights (a link planted to a host file is
+    never written through, and nothing is written as root). Returns the rewritten paths, relative.
     """
-    rewritten = []
-    for dirpath, _dirs, files in os.walk(root):
-        for name in files:
-            path = Path(dirpath, name)
-            try:
-                st = path.lstat()
-                if not stat.S_ISREG(st.st_mode) or st.st_size > max_size:
-                    continue
-                data = path.read_bytes()
-            except OSError:
-                continue
-            clean = redactor.bytes(data)
-            if clean != data:
-                tmp = path.with_name(f".{name}.redact")
-                tmp.write_bytes(clean)
-                os.chown(tmp, st.st_uid, st.st_gid)
-                os.chmod(tmp, stat.S_IMODE(st.st_mode))
-                os.replace(tmp, path)
-                rewritten.append(path)
+    try:
+        top = os.open(root, DIR_FLAGS)
+    except OSError:
+        return []
+    rewritten: list[str] = []
+    try:
+        with as_owner(uid, gid):
+            for dir_fd, name, st in walk(top):
+                if stat.S_ISREG(st.st_mode) and st.st_size <= max_size and _scrub_file(dir_fd, name, redactor):
+                    rewritten.append(name)
+    finally:
+        os.close(top)
     return rewritten
+
+
+def _scrub_file(dir_fd: int, name: str, redactor: Redactor) -> bool:
+    try:
+        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dir_fd)
+    except OSError:
+        return False
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            return False
+        data = b"".join(iter(lambda: os.read(fd, 1 << 20), b""))
+    finally:
+        os.close(fd)
+    clean = redactor.bytes(data)
+    if clean == data:
+        return False
+    tmp = f".{name}.redact-{secrets.token_hex(4)}"
+    # O_EXCL|O_NOFOLLOW: a fresh inode of our own, never a name the agent prepared.
+    out = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                  stat.S_IMODE(st.st_mode) & 0o777, dir_fd=dir_fd)
+    try:
+        view = memoryview(clean)
+        while view:
+            view = view[os.write(out, view):]
+    finally:
+        os.close(out)
+    os.rename(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+    return True
 
 
 class RedactingFilter(logging.Filter):

@@ -45,10 +45,19 @@ def parse_duration(value: str | int | float) -> float:
 
 
 def format_size(n: int) -> str:
+    """A size as a person would write it in a policy (``2g``), exact."""
     for unit in ("g", "m", "k"):
         if n >= _UNITS[unit] and n % _UNITS[unit] == 0:
             return f"{n // _UNITS[unit]}{unit}"
     return str(n)
+
+
+def human_size(n: int) -> str:
+    """A measured size, rounded for reading (``1.3 GiB``)."""
+    for unit, name in (("t", "TiB"), ("g", "GiB"), ("m", "MiB"), ("k", "KiB")):
+        if n >= _UNITS[unit]:
+            return f"{n / _UNITS[unit]:.1f} {name}"
+    return f"{n} B"
 
 
 #: The small model's pinned id: a dated id names one model for good, where an alias moves with releases.
@@ -72,6 +81,10 @@ class Settings(BaseSettings):
     reserve_memory: Annotated[int, NoDecode] = Field(
         default=parse_size("256m"), description="Part of the memory budget kept for the executor itself."
     )
+    disk_reserve: Annotated[int, NoDecode] = Field(
+        default=parse_size("5g"),
+        description="Free space under the state root that jobs may not take: none starts below it, and when "
+                    "running jobs push it below, the one that wrote the most is stopped (disk_reserve).")
     poll_interval: float = Field(default=0.5, gt=0, description="Seconds between spool scans and scheduling.")
     result_grace: float = Field(
         default=10.0, ge=0, description="Seconds the CLI may linger after its result line before it is stopped."
@@ -124,7 +137,7 @@ class Settings(BaseSettings):
     def _duration(cls, value: object) -> object:
         return parse_duration(value) if isinstance(value, str) else value
 
-    @field_validator("budget_memory", "reserve_memory", mode="before")
+    @field_validator("budget_memory", "reserve_memory", "disk_reserve", mode="before")
     @classmethod
     def _size(cls, value: object) -> object:
         if isinstance(value, (str, int, float)):

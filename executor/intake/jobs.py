@@ -8,9 +8,9 @@ Must never: touch the spool, the database or Docker; it only judges.
 
 from __future__ import annotations
 
+import errno
 import os
 import re
-import stat
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +21,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from ..errors import ConfigError, InvalidJob
 from ..policy import Policy, Runner, load_policy, load_runners
 from ..settings import Settings, format_size
+from ..transaction.safefs import Identity
+from ..transaction.workspace import open_identity, root_of
 
 # First character alphanumeric: "." and ".." would name the jobs directory or the state root itself as a
 # job's directory (removed on rollback), and a leading "-" reads as an option on the command line.
@@ -56,8 +58,15 @@ class ValidJob:
     runner: Runner
     policy: Policy
     workspace: Path
-    owner_uid: int
-    owner_gid: int
+    identity: Identity  # the repository directory as intake found it: device, inode, owner
+
+    @property
+    def owner_uid(self) -> int:
+        return self.identity.uid
+
+    @property
+    def owner_gid(self) -> int:
+        return self.identity.gid
 
     @property
     def session_id(self) -> str:
@@ -118,9 +127,9 @@ def validate(spec: JobSpec, settings: Settings, runners: dict[str, Runner] | Non
         raise InvalidJob(f"policy {spec.policy!r}: {exc}") from None
     _check_budget(policy, settings)
     _check_skills(spec.skills or [], settings)
-    workspace, uid, gid = _check_workspace(spec.workspace, settings)
+    workspace, identity = _check_workspace(spec.workspace, settings)
     return ValidJob(spec=spec, id=spec.id or new_job_id(), runner=runner, policy=policy,
-                    workspace=workspace, owner_uid=uid, owner_gid=gid)
+                    workspace=workspace, identity=identity)
 
 
 def _runners(settings: Settings) -> dict[str, Runner]:
@@ -157,32 +166,37 @@ def _check_budget(policy: Policy, settings: Settings) -> None:
         )
 
 
-def _check_workspace(raw: str, settings: Settings) -> tuple[Path, int, int]:
+def _check_workspace(raw: str, settings: Settings) -> tuple[Path, Identity]:
     path = Path(raw)
     if not path.is_absolute():
         raise InvalidJob(f"workspace {raw!r} is not an absolute path")
     if _UNSAFE_PATH_CHARS & set(raw):
         raise InvalidJob(f"workspace {raw!r} contains one of , : \\ or a newline, which overlay options cannot carry")
-    resolved = path.resolve()
-    if _UNSAFE_PATH_CHARS & set(str(resolved)):
-        # the overlay is built on the resolved path: a symlink must not smuggle the characters in
-        raise InvalidJob(f"workspace {raw!r} resolves to {str(resolved)!r}, which contains one of , : \\ or a "
-                         "newline, which overlay options cannot carry")
-    if not any(resolved == root or root in resolved.parents for root in settings.workspace_roots):
+    path = Path(os.path.normpath(raw))
+    root = root_of(settings.workspace_roots, path)
+    if root is None:
         roots = ", ".join(str(r) for r in settings.workspace_roots) or "none configured"
+        real = path.resolve()
+        if root_of(settings.workspace_roots, real) is not None:
+            raise InvalidJob(f"workspace {raw!r} reaches its workspace root through a symlink; give its real path "
+                             f"{str(real)!r}")
         raise InvalidJob(
             f"workspace {raw!r} is not under a workspace root ({roots}); "
             "add its parent to EXECUTOR_WORKSPACE_ROOTS or move the repository"
         )
     try:
-        st = os.stat(resolved)
+        identity = open_identity(root, path)
     except FileNotFoundError:
         raise InvalidJob(f"workspace {raw!r} does not exist") from None
-    if not stat.S_ISDIR(st.st_mode):
-        raise InvalidJob(f"workspace {raw!r} is not a directory")
-    if st.st_uid == 0:
+    except OSError as exc:
+        if exc.errno in (errno.ELOOP, errno.ENOTDIR):
+            raise InvalidJob(f"workspace {raw!r} is not a directory reached without symlinks from its workspace "
+                             f"root {str(root)!r} (a symlink or a file on the path): give the repository's real "
+                             "path") from None
+        raise InvalidJob(f"workspace {raw!r} cannot be opened: {exc.strerror}") from None
+    if identity.uid == 0:
         raise InvalidJob(
             f"workspace {raw!r} is owned by root; the agent runs as the repository's owner and never as "
             "root: chown the repository to a regular user"
         )
-    return resolved, st.st_uid, st.st_gid
+    return path, identity

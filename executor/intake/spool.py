@@ -50,6 +50,7 @@ def _unique_name(suffix: str = ".json") -> str:
 class IntakeResult:
     accepted: list[str]
     rejected: list[str]
+    more: bool = False  # files are left in incoming/ for the next tick
 
 
 class Spool:
@@ -106,8 +107,14 @@ class Spool:
         finally:
             os.close(fd)
 
-    def accept(self, name: str) -> None:
+    def accept(self, name: str, sync: bool = True) -> None:
+        """Move a committed job's file to ``accepted/`` (``sync=False``: the caller syncs once per batch)."""
         os.rename(self.incoming / name, self.accepted / name)
+        if sync:
+            self.sync()
+
+    def sync(self) -> None:
+        """Make the renames in the spool durable."""
         _fsync_dir(self.accepted)
         _fsync_dir(self.incoming)
 
@@ -143,36 +150,77 @@ def job_from(valid: ValidJob, spool_name: str | None) -> Job:
         skills=valid.spec.skills,
         context=valid.spec.context,
         spool_name=spool_name,
-        repo_uid=valid.owner_uid,
-        repo_gid=valid.owner_gid,
+        repo_uid=valid.identity.uid,
+        repo_gid=valid.identity.gid,
+        workspace_dev=valid.identity.dev,
+        workspace_ino=valid.identity.ino,
     )
 
 
-def intake(spool: Spool, store: Store, settings: Settings, runners: dict[str, Runner] | None = None) -> IntakeResult:
-    """Take every file in ``incoming/``: commit it as a job, then accept it; or reject it with a reason."""
+#: Files validated and committed to the store in one transaction (one fsync for the lot).
+BATCH = 100
+
+
+def intake(spool: Spool, store: Store, settings: Settings, runners: dict[str, Runner] | None = None,
+           budget: float | None = None) -> IntakeResult:
+    """Take the files in ``incoming/``: commit them as jobs, then accept them; or reject each with a reason.
+
+    Works in batches (validated, committed in one transaction, then moved, with one fsync of each spool
+    directory per batch) and stops after ``budget`` seconds, so a flood of files never holds up the serving
+    loop: ``IntakeResult.more`` says files are left for the next tick.
+    """
+    started = time.monotonic()
     result = IntakeResult(accepted=[], rejected=[])
-    for name in spool.pending():
-        known = store.find_by_spool_name(name)
-        if known is not None:
-            if not (spool.accepted / name).exists():
-                # Crash after the job was committed but before the file moved: finish the move only.
-                spool.accept(name)
-                continue
-            # A writer reused a name that an earlier job already had: take it as a new file.
-            name = spool.rename_incoming(name)
-        elif os.path.lexists(spool.accepted / name) or os.path.lexists(spool.rejected / name):
-            # The name was used by an earlier file (rejected, or accepted by a store since replaced):
-            # moving this one there would overwrite, and so delete, that earlier file.
-            name = spool.rename_incoming(name)
-        try:
-            valid = validate(parse_spec(spool.read(name)), settings, runners)
-            store.add_job(job_from(valid, name))
-        except InvalidJob as exc:
-            log.warning("job file rejected", extra={"action": "rejected", "file": name, "error": str(exc)})
-            spool.reject(name, str(exc))
-            result.rejected.append(name)
-            continue
-        spool.accept(name)
-        log.info("job accepted", extra={"action": "accepted", "job": valid.id, "file": name})
-        result.accepted.append(valid.id)
+    pending = spool.pending()
+    while pending:
+        batch, pending = pending[:BATCH], pending[BATCH:]
+        _take(spool, store, settings, runners, batch, result)
+        if budget is not None and pending and time.monotonic() - started > budget:
+            result.more = True
+            break
     return result
+
+
+def _take(spool: Spool, store: Store, settings: Settings, runners: dict[str, Runner] | None, names: list[str],
+          result: IntakeResult) -> None:
+    valid: list[tuple[str, ValidJob]] = []
+    for name in names:
+        name = _fresh_name(spool, store, name)
+        if name is None:
+            continue
+        try:
+            valid.append((name, validate(parse_spec(spool.read(name)), settings, runners)))
+        except InvalidJob as exc:
+            _reject(spool, name, exc, result)
+    refused = store.add_jobs([job_from(v, name) for name, v in valid])
+    for index, (name, v) in enumerate(valid):
+        if index in refused:
+            _reject(spool, name, refused[index], result)
+            continue
+        spool.accept(name, sync=False)
+        log.info("job accepted", extra={"action": "accepted", "job": v.id, "file": name})
+        result.accepted.append(v.id)
+    spool.sync()
+
+
+def _fresh_name(spool: Spool, store: Store, name: str) -> str | None:
+    """The name to take the file under, or None when it was taken already (only its move was left)."""
+    known = store.find_by_spool_name(name)
+    if known is not None:
+        if not (spool.accepted / name).exists():
+            # Crash after the job was committed but before the file moved: finish the move only.
+            spool.accept(name)
+            return None
+        # A writer reused a name that an earlier job already had: take it as a new file.
+        return spool.rename_incoming(name)
+    if os.path.lexists(spool.accepted / name) or os.path.lexists(spool.rejected / name):
+        # The name was used by an earlier file (rejected, or accepted by a store since replaced):
+        # moving this one there would overwrite, and so delete, that earlier file.
+        return spool.rename_incoming(name)
+    return name
+
+
+def _reject(spool: Spool, name: str, exc: InvalidJob, result: IntakeResult) -> None:
+    log.warning("job file rejected", extra={"action": "rejected", "file": name, "error": str(exc)})
+    spool.reject(name, str(exc))
+    result.rejected.append(name)

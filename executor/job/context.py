@@ -34,6 +34,8 @@ class Context:
     #: the watchdog of each job whose agent runs now (status reads their last samples)
     watchdogs: dict[str, Watchdog] = field(default_factory=dict)
     pids_reported: dict[str, int] = field(default_factory=dict)  # refused forks already in the log
+    #: why the serving loop wants a running job stopped (e.g. "disk_reserve"), by job id
+    stop_requests: dict[str, str] = field(default_factory=dict)
     redactor: Redactor | None = None
     #: told about a job that entered review or failed (EXECUTOR_NOTIFY_URL); must never block or raise
     notify: Callable[[Job], None] | None = None

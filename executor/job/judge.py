@@ -15,6 +15,8 @@ from ..agent.events import SYNTHETIC_MODEL
 from ..errors import (
     AgentFailed,
     Cancelled,
+    DiskLimit,
+    DiskReserve,
     Interrupted,
     ModelMismatch,
     OutOfMemory,
@@ -26,7 +28,7 @@ from ..errors import (
 )
 from ..policy import Policy, Runner
 from ..sandbox.runtime import AgentRun, TestRun
-from ..settings import format_size
+from ..settings import format_size, human_size
 
 
 def judge_agent(runner: Runner, policy: Policy, run: AgentRun, refused: list[str] | None = None) -> None:
@@ -37,6 +39,8 @@ def judge_agent(runner: Runner, policy: Policy, run: AgentRun, refused: list[str
         raise ModelMismatch(runner.name, runner.model, refused, refused_at_gateway=True)
     if run.stopped == "stalled":
         raise _stalled(policy, run)
+    if run.stopped in ("disk_limit", "disk_reserve"):
+        raise _disk(run.stopped, policy, run.disk_used, "the agent")
     if run.stopped == "timeout":
         raise TimedOut(f"the agent ran longer than the policy's timeout ({policy.timeout:g}s); its changes "
                        "were rolled back")
@@ -79,9 +83,21 @@ def _stalled(policy: Policy, run: AgentRun) -> Stalled:
     return error
 
 
-def judge_tests(tests: TestRun) -> None:
+def _disk(why: str, policy: Policy, used: int | None, who: str) -> DiskLimit:
+    wrote = human_size(used) if used else "more"
+    if why == "disk_reserve":
+        return DiskReserve(f"free space under the state root fell below EXECUTOR_DISK_RESERVE while {who} ran; this "
+                           f"job had written the most ({wrote}) and was stopped; its changes were discarded")
+    return DiskLimit(f"{who} wrote {wrote} (workspace upper dir and home layer) over the policy's disk limit of "
+                     f"{format_size(policy.disk)}; it was stopped and its changes discarded; raise the policy's "
+                     "disk if the work needs more")
+
+
+def judge_tests(tests: TestRun, policy: Policy | None = None) -> None:
     """Raise why the test run does not let the change through; return when it passed."""
     _stopped(tests.stopped, "the tests")
+    if tests.stopped == "disk_limit":
+        raise _disk("disk_limit", policy or Policy(), tests.disk_used, "the tests")
     if tests.timed_out:
         raise TestsTimedOut("the tests ran longer than the policy's test_timeout")
     if tests.oom_killed:

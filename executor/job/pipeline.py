@@ -28,14 +28,14 @@ from ..policy import Policy, Runner
 from ..redact import scrub_tree
 from ..review.diff import changed_lines, diff_change
 from ..review.triggers import REVIEW_INSTRUCTION, reason_text, review_reasons
+from ..sandbox.disk import DiskMeter
 from ..sandbox.liveness import Watchdog
 from ..sandbox.runtime import AgentRun, agent_spec, run_tests, watch_agent
 from ..session import compaction
-from ..session.home import session_home, transcript_readable
 from ..store import Job, RateLimitEvent, Status
 from ..transaction import workspace
-from ..transaction.commit import Ending, Phase, commit, settle
-from ..transaction.conflicts import check_conflicts
+from ..transaction.commit import Ending, Phase, commit, has_conflicts, settle
+from ..transaction.home import transcript_readable
 from ..transaction.upper import scan_upper
 from ..transaction.workspace import Workspace
 from . import retry
@@ -118,8 +118,8 @@ def _runner_of(ctx: Context, job: Job) -> Runner:
 def _attempt(ctx: Context, job: Job, ws: Workspace, phase: Phase, resume: str | None) -> Ending:
     runner = _runner_of(ctx, job)
     policy = Policy(**job.policy)
-    home = session_home(ctx.settings.sessions_dir, job.session_id, ws.uid, ws.gid)
-    if resume and not (transcript_readable(home, resume) and ws.upper.is_dir()):
+    homes = [ws.home_upper, ws.home]  # the attempt's own layer (a resumed one keeps it), then the committed home
+    if resume and not (transcript_readable(homes, resume) and ws.upper.is_dir()):
         ctx.store.add_event(job, ws.attempt, "resume_unavailable", {
             "claude_session_id": resume,
             "why": "the session transcript or the kept workspace cannot be read: starting fresh from the "
@@ -128,7 +128,7 @@ def _attempt(ctx: Context, job: Job, ws: Workspace, phase: Phase, resume: str | 
     workspace.create(ctx.sandbox, ws, keep_upper=resume is not None)
     # A follow-up job of a session starts from the session brief (or continues the previous conversation).
     start = compaction.start(ctx.store, ctx.settings, ctx.secrets, job, policy, ws.attempt, runner,
-                             transcript_ok=lambda sid: transcript_readable(home, sid), resuming=resume is not None)
+                             transcript_ok=lambda sid: transcript_readable(homes, sid), resuming=resume is not None)
     prompt = RESUME_PROMPT.format(prompt=job.prompt) if resume else job.prompt
     if start.prompt_note:
         prompt = f"{start.prompt_note}\n\n{prompt}"
@@ -138,7 +138,7 @@ def _attempt(ctx: Context, job: Job, ws: Workspace, phase: Phase, resume: str | 
     try:
         environment = agent_environment(runner, ctx.secrets, max_retries=policy.cli_max_retries,
                                         sealed=seal is not None)
-        spec = agent_spec(ws, runner, policy, prompt, environment, home=str(home), resume=resume or start.resume,
+        spec = agent_spec(ws, runner, policy, prompt, environment, resume=resume or start.resume,
                           append_system_prompt=system, sockets=str(seal.directory) if seal else None)
         container = ctx.sandbox.start(spec)
     except BaseException:
@@ -161,7 +161,8 @@ def system_prompt_parts(policy: Policy, brief: str | None = None) -> list[str]:
 def _supervise(ctx: Context, job: Job, ws: Workspace, phase: Phase, runner: Runner, policy: Policy, container,
                skip_lines: int = 0, seal: SealedAttempt | None = None) -> Ending:
     stop = StopCheck(ctx, job.id, refused=seal.refused if seal else None)
-    watchdog = Watchdog(policy, on_beat=lambda beat: record_beat(ctx, job, ws.attempt, beat))
+    watchdog = Watchdog(policy, on_beat=lambda beat: record_beat(ctx, job, ws.attempt, beat),
+                        disk=DiskMeter([ws.upper, ws.home_upper], policy.disk))
     ctx.watchdogs[job.id] = watchdog
     if seal is not None:
         seal.watchdog = watchdog
@@ -177,7 +178,7 @@ def _supervise(ctx: Context, job: Job, ws: Workspace, phase: Phase, runner: Runn
         if seal is not None:
             seal.close()  # its requests, refusals and egress decisions are in the store from here on
         if ctx.redactor is not None:
-            scrub_tree(ctx.settings.sessions_dir / job.session_id, ctx.redactor)
+            scrub_tree(ws.home_upper, ctx.redactor, ws.uid, ws.gid)
     record_attempt(ctx, job, ws.attempt, run)
     try:
         judge_agent(runner, policy, run, refused=seal.refused_models if seal else None)
@@ -193,11 +194,12 @@ def _test_and_commit(ctx: Context, job: Job, ws: Workspace, phase: Phase, policy
                      stop: StopCheck) -> Ending:
     workspace.create_test_view(ctx.sandbox, ws)
     try:
-        tests = run_tests(ctx.sandbox, ws, job.test_command or "true", policy, should_stop=stop)
+        tests = run_tests(ctx.sandbox, ws, job.test_command or "true", policy, should_stop=stop,
+                          disk=DiskMeter([ws.test_upper], policy.disk))
     finally:
         workspace.discard_test_view(ctx.sandbox, ws)
     record_tests(ctx, job, ws.attempt, tests)
-    judge_tests(tests)
+    judge_tests(tests, policy)
     ending = _review_gate(ctx, job, ws, policy)
     if ending is not None:
         return ending
@@ -210,11 +212,12 @@ def _review_gate(ctx: Context, job: Job, ws: Workspace, policy: Policy) -> Endin
     if policy.review == "never":
         return None
     change = scan_upper(ws.upper)
-    if change.refused or check_conflicts(change, ws.repo, job.start_ns or 0):
+    if change.refused or has_conflicts(ws, change, job.start_ns or 0):
         return None  # the commit fails it, as it would without review
     lines = None
     if policy.review_max_changed_lines is not None:
-        lines = changed_lines(diff_change(change, ws.upper, ws.repo))
+        with ws.trees() as (upper, repo):
+            lines = changed_lines(diff_change(change, upper, repo))
     current = ctx.store.get(job.id)
     reasons = review_reasons(policy, change, current.final_text if current else None, lines)
     if not reasons:

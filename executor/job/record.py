@@ -23,7 +23,7 @@ def record_events(ctx: Context, job: Job, attempt: int, events: list[Event], lin
 def record_beat(ctx: Context, job: Job, attempt: int, beat: Beat) -> None:
     ctx.store.add_heartbeat(Heartbeat(job_id=job.id, attempt=attempt, state=beat.state, new_lines=beat.new_lines,
                                       cpu_cores=beat.cpu_cores, memory=beat.memory, pids=beat.pids,
-                                      idle_for=beat.idle_for, last_activity=beat.last_activity))
+                                      idle_for=beat.idle_for, last_activity=beat.last_activity, disk=beat.disk))
     if beat.pids_limit_hits:
         report_pids_limit(ctx, job, attempt, beat.pids_limit_hits, pids=beat.pids)
 

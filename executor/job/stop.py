@@ -1,9 +1,10 @@
-"""Why a running attempt must stop now: the executor is shutting down, a person asked to cancel it, or the
-job's API gateway refused a model other than the runner's.
+"""Why a running attempt must stop now: the executor is shutting down, the serving loop asked for it (the
+state root's disk ran low), the job's API gateway refused a model other than the runner's, or a person
+asked to cancel it.
 
-Owns the cheap check the runtime calls between stream lines: the shutdown flag every time, the gateway's
-refusal flag every time, the store's ``cancel_requested`` at most once a second (a cancel is a person's
-action; a second is quick enough).
+Owns the cheap check the runtime calls between stream lines: the shutdown flag, the loop's requests and the
+gateway's refusal flag every time, the store's ``cancel_requested`` at most once a second (a cancel is a
+person's action; a second is quick enough).
 
 Must never: stop anything itself; it only answers.
 """
@@ -25,6 +26,8 @@ class StopCheck:
     def __call__(self) -> str | None:
         if self.ctx.shutdown.is_set():
             return "shutdown"
+        if (why := self.ctx.stop_requests.get(self.job_id)) is not None:
+            return why
         if self.refused is not None and self.refused():
             return "model_mismatch"
         now = time.monotonic()

@@ -1,25 +1,11 @@
 """Review: jobs whose tests passed and that wait for a person; what the person sees, and the decisions."""
 
+from ..globs import matching
 from ..transaction.upper import select
-from .decisions import (
-           Pending,
-           approve,
-           pending,
-           queue,
-           reject,
-           review_stats,
-           reviewer,
-           since,
-)
+from .decisions import Pending, approve, pending, queue, reject, review_stats, since
 from .diff import MAX_DIFF_BYTES, FileDiff, changed_lines, diff_change, render_unified
-from .triggers import (
-           REVIEW_INSTRUCTION,
-           matching,
-           model_review_line,
-           reason_text,
-           review_reasons,
-)
+from .triggers import REVIEW_INSTRUCTION, model_review_line, reason_text, review_reasons
 
 __all__ = ["MAX_DIFF_BYTES", "REVIEW_INSTRUCTION", "FileDiff", "Pending", "approve", "changed_lines", "diff_change",
            "matching", "model_review_line", "pending", "queue", "reason_text", "reject", "render_unified",
-           "review_reasons", "review_stats", "reviewer", "select", "since"]
+           "review_reasons", "review_stats", "select", "since"]

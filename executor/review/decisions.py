@@ -12,15 +12,13 @@ ones approved, or touch the repository on reject.
 
 from __future__ import annotations
 
-import getpass
 import logging
-import os
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime
 
 from ..clock import aware, utcnow
-from ..errors import COMMITTED, Conflict, IllegalTransition, Rejected, ReviewError
+from ..errors import COMMITTED, Conflict, IllegalTransition, Rejected, ReviewError, WorkspaceChanged
 from ..settings import Settings
 from ..store import Job, Status, Store
 from ..transaction.commit import Ending, Phase, commit, settle
@@ -54,8 +52,12 @@ def pending(store: Store, settings: Settings, job_id: str) -> Pending:
     if not ws.upper.is_dir():
         return Pending(job, job.review_reasons or [], [], [], True)
     change = scan_upper(ws.upper)
-    return Pending(job, job.review_reasons or [], diff_change(change, ws.upper, ws.repo),
-                   [f"{r.path} ({r.reason})" for r in change.refused], False)
+    try:
+        with ws.trees() as (upper, repo):
+            diffs = diff_change(change, upper, repo)
+    except WorkspaceChanged as exc:
+        raise ReviewError(f"{exc}; reject the job") from None
+    return Pending(job, job.review_reasons or [], diffs, [f"{r.path} ({r.reason})" for r in change.refused], False)
 
 
 def queue(store: Store) -> list[Job]:
@@ -66,17 +68,6 @@ def queue(store: Store) -> list[Job]:
 
 # --------------------------------------------------------------------------------------------
 # decisions
-
-
-def reviewer() -> str:
-    """Who runs this process (the person behind sudo when there is one)."""
-    name = os.environ.get("SUDO_USER")
-    if name:
-        return name
-    try:
-        return getpass.getuser()
-    except (KeyError, OSError):
-        return f"uid {os.getuid()}"
 
 
 def _awaiting(store: Store, job_id: str) -> Job:
@@ -90,14 +81,13 @@ def _awaiting(store: Store, job_id: str) -> Job:
 
 
 def approve(store: Store, settings: Settings, job_id: str, files: Iterable[str] | None = None,
-            note: str | None = None, by: str | None = None) -> Job:
+            note: str | None = None, *, by: str) -> Job:
     """Apply the job's tested change (or the part at ``files``) through the one commit sequence.
 
     Raises ``Conflict`` (the job fails, nothing applied, the change kept for inspection) when a path it
     would apply changed in the repository since the job started; ``ReviewError`` when it cannot be done.
     """
     job = _awaiting(store, job_id)
-    by = by or reviewer()
     ws = Workspace.of(settings, job)
     if not ws.upper.is_dir():
         raise ReviewError(f"the kept change of job {job.id} is gone ({ws.upper}); reject the job")
@@ -126,11 +116,9 @@ def approve(store: Store, settings: Settings, job_id: str, files: Iterable[str] 
     return job
 
 
-def reject(store: Store, settings: Settings, job_id: str, note: str | None = None,
-           by: str | None = None) -> Job:
+def reject(store: Store, settings: Settings, job_id: str, note: str | None = None, *, by: str) -> Job:
     """Roll the job back: its kept change is removed, the repository is not touched."""
     job = _awaiting(store, job_id)
-    by = by or reviewer()
     now = utcnow()
     error = Rejected(f"rejected in review by {by}" + (f": {note}" if note else ""))
     ending = Ending.of(error, reviewed_by=by, reviewed_at=now, review_note=note)

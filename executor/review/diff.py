@@ -10,11 +10,10 @@ Must never: write anything, or follow a symlink the job or the person planted wh
 from __future__ import annotations
 
 import difflib
-import os
 import stat
 from dataclasses import dataclass, field
-from pathlib import Path
 
+from ..transaction.tree import Tree
 from ..transaction.upper import Change
 
 #: A file larger than this is summarised (size and line count), not diffed line by line.
@@ -73,41 +72,6 @@ class FileDiff:
         return out
 
 
-def _lstat_in(root: Path, rel: str) -> os.stat_result | None:
-    """``lstat`` of ``root/rel``, or None when it, or a parent that is not a real directory, is missing."""
-    parts = rel.split("/")
-    current = root
-    for depth, name in enumerate(parts):
-        current = current / name
-        try:
-            st = os.lstat(current)
-        except (FileNotFoundError, NotADirectoryError):
-            return None
-        if depth < len(parts) - 1 and not stat.S_ISDIR(st.st_mode):
-            return None  # a symlink or file where a directory would be: not that path
-    return st
-
-
-def _read(path: Path, limit: int = MAX_DIFF_BYTES) -> bytes | None:
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-    except OSError:
-        return None
-    try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            return None
-        chunks, size = [], 0
-        while size < limit:
-            chunk = os.read(fd, min(1 << 20, limit - size))
-            if not chunk:
-                break
-            chunks.append(chunk)
-            size += len(chunk)
-        return b"".join(chunks)
-    finally:
-        os.close(fd)
-
-
 def _text(data: bytes | None) -> str | None:
     if data is None or b"\0" in data[:8192]:
         return None
@@ -115,23 +79,6 @@ def _text(data: bytes | None) -> str | None:
         return data.decode("utf-8")
     except UnicodeDecodeError:
         return None
-
-
-def _count_lines(path: Path) -> int:
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-    except OSError:
-        return 0
-    try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            return 0
-        count, last = 0, b"\n"
-        while chunk := os.read(fd, 1 << 20):
-            count += chunk.count(b"\n")
-            last = chunk[-1:]
-        return count + (last != b"\n")
-    finally:
-        os.close(fd)
 
 
 def _plural(n: int, word: str) -> str:
@@ -142,50 +89,37 @@ def _lines(text: str | None) -> int:
     return len(text.splitlines()) if text else 0
 
 
-def _walk_files(root: Path, rel: str) -> list[str]:
-    """Relative paths of every non-directory entry below ``root/rel`` (never following symlinks)."""
-    found: list[str] = []
-    for dirpath, dirnames, filenames in os.walk(root / rel):
-        dirnames.sort()
-        for name in sorted(filenames) + [d for d in dirnames if os.path.islink(os.path.join(dirpath, d))]:
-            found.append(str(Path(dirpath, name).relative_to(root)))
-            if len(found) >= MAX_WALK:
-                return found
-    return found
-
-
-def _removed_lines(root: Path, paths: list[str]) -> int:
+def _removed_lines(root: Tree, paths: list[str]) -> int:
     total = 0
     for rel in paths:
-        st = _lstat_in(root, rel)
+        st = root.lstat(rel)
         if st is not None and stat.S_ISREG(st.st_mode):
-            total += _count_lines(root / rel)
+            total += root.count_lines(rel)
     return total
 
 
-def _file_diff(path: str, upper: Path, repo: Path, mode: int) -> FileDiff:
-    old_st = _lstat_in(repo, path)
-    new_path = upper / path
-    new_size = os.lstat(new_path).st_size
+def _file_diff(path: str, upper: Tree, repo: Tree, mode: int) -> FileDiff:
+    old_st = repo.lstat(path)
+    new_size = upper.lstat(path).st_size
     if old_st is not None and stat.S_ISDIR(old_st.st_mode):
-        gone = _walk_files(repo, path)
-        new = _text(_read(new_path))
+        gone = repo.files_below(path, MAX_WALK)
+        new = _text(upper.read(path, MAX_DIFF_BYTES))
         return FileDiff(path, "type_changed", f"directory replaced by a file (removes {len(gone)} entries)",
                         None, new, _lines(new) if new is not None else 1, _removed_lines(repo, gone), gone)
     if old_st is not None and stat.S_ISLNK(old_st.st_mode):
-        new = _text(_read(new_path))
-        return FileDiff(path, "type_changed", f"symlink (-> {os.readlink(repo / path)}) replaced by a file",
+        new = _text(upper.read(path, MAX_DIFF_BYTES))
+        return FileDiff(path, "type_changed", f"symlink (-> {repo.readlink(path)}) replaced by a file",
                         None, new, _lines(new) if new is not None else 1, 1)
     old_regular = old_st is not None and stat.S_ISREG(old_st.st_mode)
     if new_size > MAX_DIFF_BYTES or (old_regular and old_st.st_size > MAX_DIFF_BYTES):
-        new_lines = _count_lines(new_path)
-        old_lines = _count_lines(repo / path) if old_regular else 0
+        new_lines = upper.count_lines(path)
+        old_lines = repo.count_lines(path) if old_regular else 0
         before = f"{old_st.st_size} -> " if old_regular else ""
         return FileDiff(path, "modified" if old_regular else "added",
                         f"large file ({before}{new_size} bytes): not shown line by line",
                         added=new_lines, removed=old_lines)
-    new_data = _read(new_path)
-    old_data = _read(repo / path) if old_regular else None
+    new_data = upper.read(path, MAX_DIFF_BYTES)
+    old_data = repo.read(path, MAX_DIFF_BYTES) if old_regular else None
     new, old = _text(new_data), _text(old_data)
     old_mode = stat.S_IMODE(old_st.st_mode) if old_regular else None
     mode_note = f"mode {old_mode:o} -> {mode & 0o777:o}" if old_mode is not None and old_mode != mode & 0o777 else ""
@@ -211,7 +145,7 @@ def _file_diff(path: str, upper: Path, repo: Path, mode: int) -> FileDiff:
     return FileDiff(path, "modified", note, old, new, added, removed)
 
 
-def diff_change(change: Change, upper: Path, repo: Path) -> list[FileDiff]:
+def diff_change(change: Change, upper: Tree, repo: Tree) -> list[FileDiff]:
     """Every changed path of ``change`` (read from ``upper``) against ``repo`` as it is now."""
     upper_paths = {e.path for e in change.entries}
     diffs: list[FileDiff] = []
@@ -222,42 +156,42 @@ def diff_change(change: Change, upper: Path, repo: Path) -> list[FileDiff]:
         if entry.kind == "file":
             diffs.append(_file_diff(path, upper, repo, entry.mode))
         elif entry.kind == "symlink":
-            target = os.readlink(upper / path)
-            old_st = _lstat_in(repo, path)
+            target = upper.readlink(path)
+            old_st = repo.lstat(path)
             if old_st is not None and stat.S_ISLNK(old_st.st_mode):
-                before = os.readlink(repo / path)
+                before = repo.readlink(path)
                 note = f"symlink -> {target} (was -> {before})" if before != target else f"symlink -> {target}"
                 diffs.append(FileDiff(path, "symlink", note, added=int(before != target), removed=int(before != target)))
             elif old_st is not None and stat.S_ISREG(old_st.st_mode):
-                old = _text(_read(repo / path))
+                old = _text(repo.read(path, MAX_DIFF_BYTES))
                 diffs.append(FileDiff(path, "type_changed", f"file replaced by a symlink -> {target}", old, None,
                                       1, _lines(old) if old is not None else 1))
             else:
                 diffs.append(FileDiff(path, "symlink", f"new symlink -> {target}", added=1))
         elif entry.kind == "delete":
-            old_st = _lstat_in(repo, path)
+            old_st = repo.lstat(path)
             if old_st is None:
                 diffs.append(FileDiff(path, "deleted", "deleted (already absent from the repository)"))
             elif stat.S_ISDIR(old_st.st_mode):
-                gone = _walk_files(repo, path)
+                gone = repo.files_below(path, MAX_WALK)
                 diffs.append(FileDiff(path, "dir_deleted", f"directory deleted with its {len(gone)} entries",
                                       removed=_removed_lines(repo, gone), removed_paths=gone))
             elif stat.S_ISLNK(old_st.st_mode):
-                diffs.append(FileDiff(path, "deleted", f"symlink deleted (was -> {os.readlink(repo / path)})",
+                diffs.append(FileDiff(path, "deleted", f"symlink deleted (was -> {repo.readlink(path)})",
                                       removed=1))
             else:
-                old = _text(_read(repo / path)) if old_st.st_size <= MAX_DIFF_BYTES else None
+                old = _text(repo.read(path, MAX_DIFF_BYTES)) if old_st.st_size <= MAX_DIFF_BYTES else None
                 if old is None:
                     diffs.append(FileDiff(path, "deleted", f"deleted ({old_st.st_size} bytes, not shown)",
-                                          removed=_count_lines(repo / path) or 1))
+                                          removed=repo.count_lines(path) or 1))
                 else:
                     diffs.append(FileDiff(path, "deleted", f"deleted, {_plural(_lines(old), 'line')}", old, None, 0,
                                           _lines(old)))
         elif entry.kind == "opaque_dir":
-            old_st = _lstat_in(repo, path)
+            old_st = repo.lstat(path)
             if old_st is None or not stat.S_ISDIR(old_st.st_mode):
                 continue  # a new directory: its contents are listed as their own entries
-            gone = [p for p in _walk_files(repo, path) if p not in upper_paths]
+            gone = [p for p in repo.files_below(path, MAX_WALK) if p not in upper_paths]
             note = (f"directory replaced: {len(gone)} entries of the old one are removed" if gone
                     else "directory replaced (every old entry is rewritten)")
             diffs.append(FileDiff(path, "dir_replaced", note, removed=_removed_lines(repo, gone), removed_paths=gone))

@@ -1,9 +1,7 @@
 """Review triggers: which tested changes wait for a person before they are committed.
 
-Owns the policy's ``review`` mode, the ``review_paths`` and ``protected_paths`` globs (gitignore
-semantics, by pathspec: ``*`` and ``?`` stay within a path segment, ``**`` crosses
-segments, a pattern without ``/`` matches at any depth, one with ``/`` from the repository root, and a
-pattern covers what lies below a matching directory), ``review_max_changed_lines``, and the model's own
+Owns the policy's ``review`` mode, the ``review_paths`` and ``protected_paths`` globs (``globs.py``),
+``review_max_changed_lines``, and the model's own
 ``REVIEW: <reason>`` line, with the instruction that asks the model for it.
 
 Must never: read the repository or the upper dir; it judges a ``Change`` and the agent's final text.
@@ -12,11 +10,8 @@ Must never: read the repository or the upper dir; it judges a ``Change`` and the
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
-from functools import lru_cache
 
-import pathspec
-
+from ..globs import matching
 from ..policy import Policy
 from ..transaction.upper import Change, listed
 
@@ -40,18 +35,6 @@ def model_review_line(final_text: str | None) -> str | None:
         if match:
             found = match.group("reason").strip() or "the model asked for a review without saying why"
     return found
-
-
-@lru_cache(maxsize=1024)
-def _spec(pattern: str) -> pathspec.PathSpec:
-    return pathspec.PathSpec.from_lines("gitignore", [pattern])
-
-
-def matching(path: str, patterns: Iterable[str]) -> list[str]:
-    """The patterns that match ``path`` (a file, or a directory the job deleted: ``tests/**`` covers
-    ``tests`` itself)."""
-    return [p for p in patterns
-            if p.strip() and (_spec(p.strip()).match_file(path) or _spec(p.strip()).match_file(path + "/"))]
 
 
 def review_reasons(policy: Policy, change: Change, final_text: str | None,

@@ -58,8 +58,8 @@ class ContainerSpec:
     network: str
     labels: dict[str, str]
     environment: dict[str, str] = field(default_factory=dict)
-    tmpfs_size: str = "512m"
-    home: str | None = None  # host directory bind-mounted as the agent's home (its sessions survive)
+    tmpfs_size: int = 512 * 2**20  # bytes of each tmpfs (counted against the job's disk limit)
+    home_volume: str | None = None  # the agent's home: an overlay volume over the session's committed home
     sockets: str | None = None  # host directory of a sealed job's sockets, bind-mounted read-only
 
 
@@ -142,8 +142,8 @@ class Sandbox:
     @staticmethod
     def _mounts(spec: ContainerSpec) -> list[Mount]:
         mounts = [Mount(target=WORKSPACE_MOUNT, source=spec.volume, type="volume", no_copy=True)]
-        if spec.home:
-            mounts.append(Mount(target=AGENT_HOME, source=spec.home, type="bind"))
+        if spec.home_volume:
+            mounts.append(Mount(target=AGENT_HOME, source=spec.home_volume, type="volume", no_copy=True))
         if spec.sockets:
             mounts.append(Mount(target=SOCKETS_MOUNT, source=spec.sockets, type="bind", read_only=True))
         return mounts
@@ -153,7 +153,7 @@ class Sandbox:
         # Home and /tmp are the only writable places besides the workspace; mode 1777 because the
         # agent's uid is the repository owner's and has no entry in the image.
         tmpfs = {"/tmp": f"rw,nosuid,nodev,size={spec.tmpfs_size},mode=1777"}
-        if not spec.home:
+        if not spec.home_volume:
             tmpfs[AGENT_HOME] = f"rw,nosuid,nodev,size={spec.tmpfs_size},mode=1777"
         return tmpfs
 

@@ -29,6 +29,7 @@ from docker.models.containers import Container
 from ..agent.describe import clipped
 from ..agent.events import Event
 from ..policy import Policy
+from .disk import DiskMeter
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +95,7 @@ class Beat:
     state: str  # progress | api_streaming | waiting_api | idle
     idle_for: float
     last_activity: str
+    disk: int | None = None  # bytes the job's writable layers use (the last measurement)
 
 
 HeartbeatSink = Callable[[Beat], None]
@@ -102,7 +104,9 @@ HeartbeatSink = Callable[[Beat], None]
 class Watchdog:
     """Tracks one agent attempt's progress; ``check`` returns "stalled" once it has none for too long."""
 
-    def __init__(self, policy: Policy, on_beat: HeartbeatSink, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, policy: Policy, on_beat: HeartbeatSink, clock: Callable[[], float] = time.monotonic,
+                 disk: DiskMeter | None = None) -> None:
+        self.disk = disk
         self.interval = policy.heartbeat_interval
         self.stall_after = policy.stall_after
         self.cpu_threshold = policy.stall_cpu_threshold
@@ -186,8 +190,11 @@ class Watchdog:
         return self.clock() < self._waiting_until
 
     def check(self, container: Container) -> str | None:
-        """Beat when an interval has passed; return "stalled" when progress has been absent too long."""
+        """Beat when an interval has passed; return "disk_limit" when the job wrote more than its cap,
+        "stalled" when progress has been absent too long."""
         now = self.clock()
+        if self.disk is not None and self.disk.measure() is not None and self.disk.over:
+            return "disk_limit"
         if self._take_activity():
             self._api_active = True
         if now - self._last_beat >= self.interval:
@@ -223,7 +230,8 @@ class Watchdog:
             self._cpu_at_beat = current.cpu_ns
         beat = Beat(new_lines=new_lines, cpu_cores=None if cores is None else round(cores, 4),
                     memory=current.memory, pids=current.pids, pids_limit_hits=current.pids_limit_hits, state=state,
-                    idle_for=round(now - self.last_progress, 1), last_activity=self.last_activity)
+                    idle_for=round(now - self.last_progress, 1), last_activity=self.last_activity,
+                    disk=self.disk.bytes if self.disk is not None else None)
         self.last_beat = beat
         try:
             self.on_beat(beat)

@@ -28,6 +28,7 @@ from ..agent.stream import StreamState
 from ..policy import Policy, Runner
 from ..transaction.workspace import Workspace
 from .deployment import AGENT_HOME, ContainerSpec, Deployment, Limits
+from .disk import DiskMeter
 from .liveness import Watchdog
 
 log = logging.getLogger(__name__)
@@ -54,6 +55,7 @@ class AgentRun:
     refused_forks: int = 0
     last_activity: str = ""
     last_alive: float | None = None  # wall-clock time of the last progress
+    disk_used: int | None = None  # bytes of the job's writable layers at the last measurement
 
 
 @dataclass
@@ -66,6 +68,7 @@ class TestRun:
     oom_killed: bool = False
     stopped: str | None = None
     duration: float = 0.0
+    disk_used: int | None = None
 
     @property
     def passed(self) -> bool:
@@ -113,7 +116,7 @@ def _stderr_tail(container: Container) -> str:
 
 
 def agent_spec(ws: Workspace, runner: Runner, policy: Policy, prompt: str,
-               environment: dict[str, str], home: str | None = None, resume: str | None = None,
+               environment: dict[str, str], resume: str | None = None,
                append_system_prompt: str | None = None, sockets: str | None = None) -> ContainerSpec:
     """The agent's container. ``sockets``: a sealed job's socket directory (its network is then none and its
     command starts with the forwarder)."""
@@ -123,7 +126,8 @@ def agent_spec(ws: Workspace, runner: Runner, policy: Policy, prompt: str,
         name=f"executor-{ws.job_id}-a{ws.attempt}-agent",
         command=agent_command(prompt, runner.model, resume, append_system_prompt, policy.disallowed_tools,
                               sealed=policy.sealed),
-        home=home,
+        home_volume=ws.home_volume if ws.home is not None else None,
+        tmpfs_size=tmpfs_size(policy),
         user=f"{ws.uid}:{ws.gid}",
         volume=ws.volume,
         limits=Limits(policy.cpus, policy.memory, policy.pids),
@@ -132,6 +136,12 @@ def agent_spec(ws: Workspace, runner: Runner, policy: Policy, prompt: str,
         environment=environment,
         sockets=sockets,
     )
+
+
+def tmpfs_size(policy: Policy) -> int:
+    """Each tmpfs of a job container: 512 MiB, never more than the job's disk limit (tmpfs is written disk
+    the watchdog cannot see, so its size is the cap)."""
+    return min(512 * 2**20, policy.disk)
 
 
 def watch_agent(sandbox: Deployment, container: Container, policy: Policy, *, on_events: EventSink,
@@ -190,14 +200,16 @@ def watch_agent(sandbox: Deployment, container: Container, policy: Policy, *, on
                    exit_code=exit_code, oom_killed=oom, stopped=stopped, lingered=lingered,
                    stderr_tail=PIDS_LINE.sub("", stderr).strip(), refused_forks=refused_forks(stderr),
                    container_id=container.id, lines=seen,
-                   last_activity=watchdog.last_activity, last_alive=watchdog.last_progress_wall)
+                   last_activity=watchdog.last_activity, last_alive=watchdog.last_progress_wall,
+                   disk_used=watchdog.disk.bytes if watchdog.disk is not None else None)
     sandbox.remove(container)
     return run
 
 
 def run_tests(sandbox: Deployment, ws: Workspace, command: str, policy: Policy, *,
-              should_stop: StopCheck) -> TestRun:
-    """The test command in a fresh container on the test view, network none, same limits."""
+              should_stop: StopCheck, disk: DiskMeter | None = None) -> TestRun:
+    """The test command in a fresh container on the test view, network none, same limits; ``disk`` measures
+    what the tests write (their throwaway layer) against the job's disk cap."""
     spec = ContainerSpec(
         name=f"executor-{ws.job_id}-a{ws.attempt}-tests",
         command=["sh", "-c", command],
@@ -206,6 +218,7 @@ def run_tests(sandbox: Deployment, ws: Workspace, command: str, policy: Policy, 
         limits=Limits(policy.cpus, policy.memory, policy.pids),
         network="none",
         labels=ws.labels("tests"),
+        tmpfs_size=tmpfs_size(policy),
         environment={"HOME": AGENT_HOME, "CI": "true"},
     )
     started = time.monotonic()
@@ -223,6 +236,8 @@ def run_tests(sandbox: Deployment, ws: Workspace, command: str, policy: Policy, 
             timed_out = True
         elif (why := should_stop()) is not None:
             stopped = why
+        elif disk is not None and disk.measure() is not None and disk.over:
+            stopped = "disk_limit"
         if timed_out or stopped:
             _kill(container)
             exit_code, oom = _wait_exit(container)
@@ -234,4 +249,4 @@ def run_tests(sandbox: Deployment, ws: Workspace, command: str, policy: Policy, 
     sandbox.remove(container)
     return TestRun(command=command, exit_code=exit_code, output_tail=output[-OUTPUT_TAIL:],
                    timed_out=timed_out, oom_killed=oom, stopped=stopped,
-                   duration=time.monotonic() - started)
+                   duration=time.monotonic() - started, disk_used=disk.bytes if disk is not None else None)

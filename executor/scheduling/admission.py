@@ -4,7 +4,8 @@ Owns the order rule. Queued jobs (and waiting ones whose retry time has come) ar
 then arrival order. Admission is strict head-of-line: when the first job that could run does not fit the
 budget (or the host's available memory), nothing behind it starts ahead of it, so a big job is never
 starved by a stream of small ones. A job held back by its runner's cooldown, its runner's
-``max_concurrent`` or its busy workspace does not block the others.
+``max_concurrent``, its busy workspace or its busy session does not block the others (one job of a session
+runs at a time: its home's committed state is the lower dir of the running job's home).
 
 Must never: start anything (it returns the plan and the permits it took), or read the environment.
 """
@@ -35,6 +36,7 @@ class Running:
 
     runner: str
     workspace: str
+    session: str = ""
 
 
 def plan(candidates: Iterable[Job], running: Mapping[str, Running], runners: Mapping[str, Runner],
@@ -43,11 +45,14 @@ def plan(candidates: Iterable[Job], running: Mapping[str, Running], runners: Map
     candidates = list(candidates)
     cooling = set(cooling)
     result = Plan()
-    # One job per workspace: running jobs hold theirs, and so do jobs waiting to resume on a kept upper.
+    # One job per workspace and per session: running jobs hold theirs, and so do jobs waiting to resume
+    # on a kept upper dir and home layer.
     holders = {r.workspace: job_id for job_id, r in running.items()}
+    holders.update({("session", r.session): job_id for job_id, r in running.items() if r.session})
     for job in candidates:
         if job.status == Status.waiting_retry:
             holders.setdefault(job.workspace, job.id)
+            holders.setdefault(("session", job.session_id), job.id)
     per_runner: dict[str, int] = {}
     for r in running.values():
         per_runner[r.runner] = per_runner.get(r.runner, 0) + 1
@@ -62,19 +67,19 @@ def plan(candidates: Iterable[Job], running: Mapping[str, Running], runners: Map
             result.waiting = f"job {job.id} waits: {host or governor.why_not(policy)}"
             break
         result.starts.append((job, permit))
-        holders[job.workspace] = job.id
+        holders[job.workspace] = holders[("session", job.session_id)] = job.id
         per_runner[job.runner] = per_runner.get(job.runner, 0) + 1
     return result
 
 
-def _may_run(job: Job, now: datetime, cooling: set[str], holders: dict[str, str], runners: Mapping[str, Runner],
+def _may_run(job: Job, now: datetime, cooling: set[str], holders: dict, runners: Mapping[str, Runner],
              per_runner: dict[str, int]) -> bool:
     """Whether anything but the budget holds the job back (those never block the jobs behind it)."""
     if job.status == Status.waiting_retry and job.retry_at and aware(job.retry_at) > now:
         return False
     if job.runner in cooling:
         return False  # a rate limit is account-wide: the runner rests until its cooldown ends
-    if holders.get(job.workspace, job.id) != job.id:
+    if holders.get(job.workspace, job.id) != job.id or holders.get(("session", job.session_id), job.id) != job.id:
         return False  # a lower dir must not change under a mounted overlay
     runner = runners.get(job.runner)
     return not (runner and runner.max_concurrent and per_runner.get(job.runner, 0) >= runner.max_concurrent)

@@ -13,11 +13,13 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass
+from pathlib import Path
 
 import psutil
 
 from ..policy import Policy
-from ..settings import Settings
+from ..sandbox.disk import free_bytes
+from ..settings import Settings, human_size
 
 
 @dataclass(frozen=True)
@@ -29,16 +31,19 @@ class Permit:
 
 
 class Governor:
-    def __init__(self, budget_cpus: float, budget_memory: int, reserve_memory: int) -> None:
+    def __init__(self, budget_cpus: float, budget_memory: int, reserve_memory: int,
+                 disk_root: Path | None = None, disk_reserve: int = 0) -> None:
         self.budget_cpus = budget_cpus
         self.budget_memory = budget_memory
         self.reserve_memory = reserve_memory
+        self.disk_root, self.disk_reserve = disk_root, disk_reserve
         self._held: dict[str, Permit] = {}
         self._lock = threading.Lock()
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Governor:
-        return cls(settings.budget_cpus, settings.budget_memory, settings.reserve_memory)
+        return cls(settings.budget_cpus, settings.budget_memory, settings.reserve_memory, settings.home,
+                   settings.disk_reserve)
 
     @property
     def reserved_cpus(self) -> float:
@@ -60,12 +65,26 @@ class Governor:
         return None
 
     def host_allows(self, policy: Policy) -> str | None:
-        """Why the host cannot take the job now (its available memory is below the reservation)."""
+        """Why the host cannot take the job now: its available memory is below the job's reservation, or the
+        free space under the state root is below the disk reserve."""
         available = psutil.virtual_memory().available
         if available < policy.memory:
             return (f"host memory available {available // 2**20} MiB is below the job's reservation "
                     f"{policy.memory // 2**20} MiB")
+        short = self.disk_short()
+        if short:
+            return short
         return None
+
+    def disk_short(self) -> str | None:
+        """Why the state root's disk is too full for more writers (below ``EXECUTOR_DISK_RESERVE``), or None."""
+        if self.disk_root is None or not self.disk_reserve:
+            return None
+        free = free_bytes(self.disk_root)
+        if free >= self.disk_reserve:
+            return None
+        return (f"free disk under the state root is {human_size(free)}, below EXECUTOR_DISK_RESERVE "
+                f"{human_size(self.disk_reserve)}")
 
     def snapshot(self) -> dict:
         with self._lock:

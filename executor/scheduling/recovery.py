@@ -87,7 +87,7 @@ def _testing(ex: Executor, job: Job) -> None:
 def _committing(ex: Executor, job: Job) -> None:
     ws = Workspace.of(ex.settings, job)
     # The upper dir is removed only after a complete apply: without it, the commit had finished.
-    ending = finish(job, ws) if ws.upper.exists() else Ending(Status.succeeded, COMMITTED)
+    ending = finish(ex.store, job, ws) if ws.upper.exists() else Ending(Status.succeeded, COMMITTED)
     settle(ex.store, job, ws, ending, Phase(Status.committing), ex.sandbox, ex.ctx.settled)
 
 

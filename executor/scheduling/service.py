@@ -34,6 +34,7 @@ from ..job.pipeline import run_job
 from ..policy import Runner, load_runners
 from ..redact import RedactingFilter, Redactor
 from ..sandbox.deployment import Deployment, Sandbox, connect, instance_id
+from ..sandbox.disk import free_bytes
 from ..sandbox.seal import Sealer
 from ..settings import Settings
 from ..store import Job, Status, Store
@@ -47,6 +48,7 @@ from .recovery import ACTIVE, recover
 log = logging.getLogger(__name__)
 
 RETENTION_EVERY = 3600.0  # seconds between sweeps of expired job dirs
+INTAKE_BUDGET = 0.25  # seconds of intake per round of the loop
 
 
 @dataclass
@@ -111,9 +113,9 @@ class Executor:
         log.info("executor serving", extra={"action": "serve", "home": str(self.settings.home)})
         try:
             while not stop.is_set():
-                self.tick()
+                busy = self.tick()
                 self.check_side_threads()
-                stop.wait(self.settings.poll_interval)
+                stop.wait(0 if busy else self.settings.poll_interval)
         finally:
             self.shutdown()
 
@@ -144,16 +146,20 @@ class Executor:
             raise InternalError(f"the executor's {', '.join(dead)} thread stopped unexpectedly; the executor "
                                 "stops (its supervisor restarts it); see the log above for why")
 
-    def tick(self) -> None:
+    def tick(self) -> bool:
+        """One round of the loop; True when spool files are left for the next round (a flood is taken in
+        slices of ``INTAKE_BUDGET`` seconds, so the status and admission keep up)."""
         self.ctx.runners = self._load_runners()
-        intake(self.spool, self.store, self.settings, self.ctx.runners)
+        taken = intake(self.spool, self.store, self.settings, self.ctx.runners, budget=INTAKE_BUDGET)
         self.reap()
+        self.keep_disk_reserve()
         self.admit()
         self.last_tick = time.time()
         if self.last_tick - self._last_retention > RETENTION_EVERY:
             self._last_retention = self.last_tick
             remove_expired(self.settings, self.store)
         self._write_status()
+        return taken.more
 
     def shutdown(self, grace: float = 60.0) -> None:
         """Phases: no new work or decisions; running jobs told to stop and given ``grace`` to roll back and
@@ -200,6 +206,8 @@ class Executor:
                 "jobs": {"cpu_cores": round(sum(r["cpu_cores"] or 0 for r in running), 4),
                          "memory": sum(r["memory_used"] or 0 for r in running)},
                 "host": {"memory_available": psutil.virtual_memory().available},
+                "disk": {"state_root_free": free_bytes(self.settings.home), "reserve": self.settings.disk_reserve,
+                         "jobs": sum(r["disk_used"] or 0 for r in running)},
             },
             "running": running,
             "queue_length": counts.get(Status.queued, 0),
@@ -217,6 +225,8 @@ class Executor:
             "cpu_cores": beat.cpu_cores if beat else None, "memory_used": beat.memory if beat else None,
             "state": beat.state if beat else None, "idle_for": beat.idle_for if beat else None,
             "last_activity": watchdog.last_activity if watchdog else None,
+            "disk_used": watchdog.disk.bytes if watchdog and watchdog.disk else None,
+            "disk_limit": slot.job.policy.get("disk"),
         }
 
     def _write_status(self) -> None:
@@ -251,13 +261,27 @@ class Executor:
             if not slot.thread.is_alive():
                 self.governor.release(slot.permit)
                 del self.slots[job_id]
+                self.ctx.stop_requests.pop(job_id, None)
+
+    def keep_disk_reserve(self) -> None:
+        """When running jobs push the state root's free space below the reserve, stop the largest writer."""
+        short = self.governor.disk_short()
+        if short is None or any(why == "disk_reserve" for why in self.ctx.stop_requests.values()):
+            return
+        measured = {job_id: dog.disk.bytes for job_id, dog in self.ctx.watchdogs.items() if dog.disk is not None}
+        if not measured:
+            return
+        largest = max(measured, key=measured.get)
+        self.ctx.stop_requests[largest] = "disk_reserve"
+        log.warning("disk reserve crossed: stopping the largest writer", extra={
+            "action": "disk_reserve", "job": largest, "bytes": measured[largest], "why": short})
 
     def admit(self) -> None:
         """Start the queued jobs that ``admission.plan`` lets start now."""
         if self.ctx.shutdown.is_set():
             return
         now = utcnow()
-        running = {job_id: admission.Running(slot.job.runner, slot.job.workspace)
+        running = {job_id: admission.Running(slot.job.runner, slot.job.workspace, slot.job.session_id)
                    for job_id, slot in self.slots.items()}
         cooling = [name for name, st in self.store.runner_states().items()
                    if st.cooldown_until and st.cooldown_until > now]

@@ -1,8 +1,23 @@
-"""Durable state: the status machine, the tables, and the ``Store`` that is the only way to them."""
+"""Durable state: the status machine, the tables, and the ``Store`` that is the only way to them.
 
-from .models import ApiRequest, Attempt, Compaction, Event, Heartbeat, Job, RateLimitEvent, RunnerState
+The tables and the ``Store`` load on first use (SQLAlchemy takes a fifth of a second to import): a command
+that only reads the serving loop's snapshot never pays for it.
+"""
+
+from importlib import import_module
+
 from .status import TERMINAL, TRANSITIONS, Status
-from .store import Store
 
-__all__ = ["ApiRequest", "Attempt", "Compaction", "Event", "Heartbeat", "Job", "RateLimitEvent", "RunnerState",
-           "Status", "Store", "TERMINAL", "TRANSITIONS"]
+_LAZY = {"ApiRequest": "models", "Attempt": "models", "Compaction": "models", "Event": "models",
+         "Heartbeat": "models", "Job": "models", "RateLimitEvent": "models", "RunnerState": "models",
+         "Store": "store"}
+
+__all__ = ["Status", "TERMINAL", "TRANSITIONS", *_LAZY]
+
+
+def __getattr__(name: str):
+    if name not in _LAZY:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(import_module(f".{_LAZY[name]}", __name__), name)
+    globals()[name] = value
+    return value

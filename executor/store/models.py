@@ -38,6 +38,8 @@ class Job(SQLModel, table=True):
     start_ns: int | None = None  # time.time_ns() before the attempt's overlay was mounted (conflict check)
     repo_uid: int | None = None
     repo_gid: int | None = None
+    workspace_dev: int | None = None  # the repository's device and inode at intake: a swapped one is refused
+    workspace_ino: int | None = None
     attempts: int = 0
     cancel_requested: bool = False
     models_seen: list = Field(default_factory=list, sa_column=Column(JSON))
@@ -157,6 +159,7 @@ class Heartbeat(SQLModel, table=True):
     pids: int | None = None
     idle_for: float = 0.0
     last_activity: str = ""
+    disk: int | None = None  # bytes the job's writable layers used
 
 
 class Event(SQLModel, table=True):

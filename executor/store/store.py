@@ -103,6 +103,26 @@ class Store:
                 raise
         return job
 
+    def add_jobs(self, jobs: list[Job]) -> dict[int, InvalidJob]:
+        """Insert new jobs in one transaction; returns the refused ones (an id already taken) by their index in
+        ``jobs``. A batch with a refused job is inserted job by job, so the others still get in."""
+        if not jobs:
+            return {}
+        with self.session() as s:
+            s.add_all(jobs)
+            try:
+                s.commit()
+                return {}
+            except IntegrityError:
+                s.rollback()
+        refused = {}
+        for index, job in enumerate(jobs):
+            try:
+                self.add_job(Job(**job.model_dump()))  # a fresh row: the failed session's objects are spent
+            except InvalidJob as exc:
+                refused[index] = exc
+        return refused
+
     def get(self, job_id: str) -> Job | None:
         with self.session() as s:
             return s.get(Job, job_id)

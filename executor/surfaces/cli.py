@@ -19,13 +19,11 @@ from typing import Any
 
 import click
 
-from .. import logs
-from ..agent.describe import clipped
+# Each command imports what it needs when it runs: `executor status` must answer in a blink, without
+# loading the database layer, the Docker client or the web stack.
 from ..errors import ExecutorError, InvalidJob
-from ..intake.jobs import parse_spec, validate
-from ..intake.spool import Spool
 from ..scheduling import snapshot as status_file
-from ..store import Status, Store
+from ..store import Status
 from .cli_common import get_job, job_view, load_settings, open_store
 from .cli_review import review
 from .cli_session import session
@@ -40,6 +38,7 @@ def main() -> None:
 @main.command()
 def serve() -> None:
     """Run the executor until SIGTERM or SIGINT, then stop cleanly (running jobs are re-queued)."""
+    from .. import logs
     from ..scheduling.service import Executor
 
     settings = load_settings()
@@ -57,6 +56,10 @@ def serve() -> None:
 @click.argument("file", type=click.File("rb"))
 def submit(file: Any) -> None:
     """Validate a job file (or - for stdin) and put it into the spool; prints the job id."""
+    from ..intake.jobs import parse_spec, validate
+    from ..intake.spool import Spool
+    from ..store import Store
+
     settings = load_settings()
     raw = file.read()
     try:
@@ -139,6 +142,8 @@ def jobs(statuses: tuple[str, ...], as_json: bool) -> None:
 @click.option("--json", "as_json", is_flag=True)
 def log_cmd(job_id: str, as_json: bool) -> None:
     """The job's event log: turns, tool calls, file edits, shell commands, results, state changes."""
+    from ..agent.describe import clipped
+
     store = open_store(load_settings())
     get_job(store, job_id)
     for e in store.events(job_id=job_id):
@@ -152,25 +157,31 @@ def log_cmd(job_id: str, as_json: bool) -> None:
 @click.option("--json", "as_json", is_flag=True)
 def status(as_json: bool) -> None:
     """Budget, reservations, measured use, running jobs, the queue and why its head waits."""
-    settings = load_settings()
-    from ..transaction.workspace import disk_usage
+    from ..sandbox.disk import free_bytes
 
+    settings = load_settings()
     snapshot = status_file.read(settings.status_path) or {}
     age = snapshot.get("age_seconds")
-    store = open_store(settings)
+    fresh = age is not None and age < max(10.0, 5 * settings.poll_interval)
+    # A live executor's snapshot already holds the counts: the database is read only when it does not run.
+    counts = snapshot.get("counts") if fresh else None
+    if counts is None:
+        counts = {st.value: n for st, n in open_store(settings).counts().items()}
+    measured_disk = (snapshot.get("measured") or {}).get("disk") or {}
     view = {
-        "executor": "running" if age is not None and age < max(10.0, 5 * settings.poll_interval) else "not running",
+        "executor": "running" if fresh else "not running",
         "status_age_seconds": age,
         "budget": snapshot.get("budget") or {"cpus": settings.budget_cpus, "memory": settings.budget_memory,
                                              "reserve_memory": settings.reserve_memory},
         "reserved": snapshot.get("reserved"),
         "measured": snapshot.get("measured"),
         "running": snapshot.get("running", []),
-        "queue_length": len(store.jobs([Status.queued])),
+        "queue_length": counts.get(Status.queued.value, 0),
         "waiting": snapshot.get("waiting"),
         "runners": snapshot.get("runners", []),
-        "counts": {st.value: n for st, n in store.counts().items()},
-        "disk": {"state_root": str(settings.home), "bytes": disk_usage(settings.home)},
+        "counts": counts,
+        "disk": {"state_root": str(settings.home), "free": measured_disk.get("state_root_free") or free_bytes(settings.home),
+                 "reserve": settings.disk_reserve, "jobs": measured_disk.get("jobs", 0)},
     }
     if as_json:
         click.echo(json.dumps(view, indent=2))
@@ -187,9 +198,12 @@ def status(as_json: bool) -> None:
                    f"executor {measured['executor']['cpu_percent']:.1f}% cpu, {mib(measured['executor']['rss'])} rss; "
                    f"host available {mib(measured['host']['memory_available'])}")
     click.echo(f"queue      {view['queue_length']} queued" + (f"; {view['waiting']}" if view["waiting"] else ""))
-    click.echo(f"disk       {mib(view['disk']['bytes'])} under {view['disk']['state_root']}")
+    disk = view["disk"]
+    click.echo(f"disk       jobs wrote {mib(disk['jobs'])}; {mib(disk['free'])} free under {disk['state_root']} "
+               f"(reserve {mib(disk['reserve'])})")
     for r in view["running"]:
         click.echo(f"  {r['job']:20} {r['runner']:12} {r['cpus']:g} cpus {mib(r['memory'])}  "
+                   f"disk {mib(r.get('disk_used'))} of {mib(r.get('disk_limit'))}  "
                    f"state={r['state']} idle={r['idle_for']} {r['last_activity'] or ''}")
     for r in view["runners"]:
         click.echo(f"runner     {r['runner']:12} {r['state']}; {r['running']} running, {r['waiting']} waiting")

@@ -7,14 +7,16 @@ Must never: write to the store.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 from pydantic import ValidationError
 
 from ..settings import Settings
-from ..store import Job, Store
 from .seal_view import api_view, egress_denials, network_view
+
+if TYPE_CHECKING:  # loaded only when a command opens the store (SQLAlchemy is slow to import)
+    from ..store import Job, Store
 
 
 def load_settings() -> Settings:
@@ -27,6 +29,8 @@ def load_settings() -> Settings:
 def open_store(settings: Settings) -> Store:
     if not settings.db_path.exists():
         raise click.ClickException(f"no database at {settings.db_path}: is EXECUTOR_HOME right?")
+    from ..store import Store
+
     return Store(settings.db_path)
 
 

@@ -7,11 +7,12 @@ Must never: decide anything itself.
 
 from __future__ import annotations
 
+import getpass
 import json
+import os
 
 import click
 
-from .. import review as rv
 from ..errors import Conflict, ReviewError
 from ..store import Status
 from .cli_common import get_job, load_settings, open_store
@@ -34,10 +35,36 @@ def _review_call(fn, *args, **kwargs):
         raise click.ClickException(str(exc)) from None
 
 
+def reviewer() -> str:
+    """Who decides from the command line, and with what credential: the person (behind sudo when there is
+    one) and the local account this process runs as (access to the state root is the credential)."""
+    name = os.environ.get("SUDO_USER")
+    if not name:
+        try:
+            name = getpass.getuser()
+        except (KeyError, OSError):
+            name = f"uid {os.getuid()}"
+    return f"{name} with the command line (uid {os.getuid()})"
+
+
+@review.command(name="url")
+def review_url() -> None:
+    """The review page's address with its token (open it once in a browser: a cookie keeps the token)."""
+    from .web import page_token, web_url
+
+    settings = load_settings()
+    base = web_url(settings)
+    if base is None:
+        raise click.ClickException("the review page is off: set EXECUTOR_UI_PORT (and restart `executor serve`)")
+    click.echo(f"{base}/?token={page_token(settings)}")
+
+
 @review.command(name="list")
 @click.option("--json", "as_json", is_flag=True)
 def review_list(as_json: bool) -> None:
     """The review queue, the longest waiting first."""
+    from .. import review as rv
+
     store = open_store(load_settings())
     rows = [{"id": j.id, "session_id": j.session_id, "runner": j.runner, "workspace": j.workspace,
              "since": j.review_since.isoformat() if j.review_since else None,
@@ -58,6 +85,8 @@ def review_list(as_json: bool) -> None:
 def review_show(job_id: str) -> None:
     """Everything a reviewer needs: reasons, the agent's final message, tests, and a diff of every changed
     file against the repository as it is now."""
+    from .. import review as rv
+
     settings = load_settings()
     store = open_store(settings)
     current = get_job(store, job_id)
@@ -96,11 +125,13 @@ def review_show(job_id: str) -> None:
 @click.option("--note", default=None, help="Recorded with the decision.")
 def review_approve(job_id: str, more: tuple[str, ...], files: tuple[str, ...], note: str | None) -> None:
     """Apply the job's change exactly as tested (or only --files PATH...), with the pipeline's conflict check."""
+    from .. import review as rv
+
     if more and not files:
         raise click.UsageError(f"unexpected arguments {' '.join(more)}: paths go after --files")
     settings = load_settings()
     store = open_store(settings)
-    job = _review_call(rv.approve, store, settings, job_id, [*files, *more] or None, note)
+    job = _review_call(rv.approve, store, settings, job_id, [*files, *more] or None, note, by=reviewer())
     click.echo(f"{job.id} {job.status.value}: applied {len(job.changed_files)} paths")
     for path in job.changed_files:
         click.echo(f"  {path}")
@@ -111,9 +142,11 @@ def review_approve(job_id: str, more: tuple[str, ...], files: tuple[str, ...], n
 @click.option("--note", default=None, help="Recorded with the decision.")
 def review_reject(job_id: str, note: str | None) -> None:
     """Discard the job's change; the repository is not touched."""
+    from .. import review as rv
+
     settings = load_settings()
     store = open_store(settings)
-    job = _review_call(rv.reject, store, settings, job_id, note)
+    job = _review_call(rv.reject, store, settings, job_id, note, by=reviewer())
     click.echo(f"{job.id} {job.status.value}: {job.error}")
 
 

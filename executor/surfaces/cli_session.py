@@ -8,15 +8,14 @@ Must never: call a model (``--context`` shows the summaries the store already ho
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
-from ..agent.describe import clipped
-from ..session import brief as brief_mod
-from ..session import history
 from ..settings import Settings
-from ..store import Store
+
+if TYPE_CHECKING:
+    from ..store import Store
 from .cli_common import job_view, load_settings, open_store
 
 
@@ -29,6 +28,8 @@ from .cli_common import job_view, load_settings, open_store
 @click.option("--skill", "skills", multiple=True, help="With --context: a skill the next job names (in full).")
 def session(session_id: str, as_json: bool, context: bool, full: bool, skills: tuple[str, ...]) -> None:
     """The arc of a session: every job of it, in order, with its attempts and what happened."""
+    from ..agent.describe import clipped
+
     settings = load_settings()
     store = open_store(settings)
     jobs = [j for j in store.jobs() if j.session_id == session_id]
@@ -58,6 +59,9 @@ def _session_context(settings: Settings, store: Store, session_id: str, context:
                      skills: list[str], as_json: bool) -> None:
     """``session --context`` / ``--full``: read-only. The brief uses the summaries the store already holds
     (the small model is not called); an item without one is shown as the structural line, marked so."""
+    from ..session import brief as brief_mod
+    from ..session import history
+
     earlier = history.earlier_jobs(store, None, session_id)
     out: dict[str, Any] = {"session_id": session_id, "earlier_jobs": [j.id for j in earlier]}
     if context:

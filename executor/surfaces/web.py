@@ -7,10 +7,13 @@ egress requests its proxy denied, with approve (all files or a subset) and rejec
 ``review.approve``/``review.reject`` as the CLI; and a read-only view of running and recent jobs with their
 status and event log.
 
-Access: bound to 127.0.0.1 unless ``EXECUTOR_UI_HOST`` says otherwise. With ``EXECUTOR_UI_TOKEN`` set every
-request needs it (``Authorization: Bearer``, or ``?token=`` once: a browser then keeps it in a cookie);
-bound to a non-loopback address without a token, the page refuses every request. On loopback only
-loopback ``Host`` names are served (no DNS rebinding); every form carries a per-process CSRF token.
+Access: decisions belong to people, and a job can reach loopback (a ``host``-network job shares it), so
+every request needs the page's token, on loopback too: ``EXECUTOR_UI_TOKEN``, or else a random token made
+at first start in ``$EXECUTOR_HOME/ui-token`` (mode 0600, never inside any container; ``executor review url``
+prints the address with it). It goes in ``Authorization: Bearer`` or ``?token=`` once (a browser then keeps
+it in a strict same-site cookie). Bound to 127.0.0.1 unless ``EXECUTOR_UI_HOST`` says otherwise; on loopback
+only loopback ``Host`` names are served (no DNS rebinding); every form carries a CSRF token. A decision
+records who made it and with which credential (the token's fingerprint).
 
 Must never: listen anywhere but the configured address, change a job other than through ``review.py``, or
 raise into the serving loop.
@@ -18,9 +21,11 @@ raise into the serving loop.
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import html
 import logging
+import os
 import secrets
 import threading
 import time
@@ -72,10 +77,42 @@ def web_url(settings: Settings) -> str | None:
 # --------------------------------------------------------------------------------------------- access
 
 
+TOKEN_FILE = "ui-token"
+
+
+def page_token(settings: Settings) -> str:
+    """The token every request needs: ``EXECUTOR_UI_TOKEN``, or the state root's own, made once at random."""
+    if settings.ui_token is not None:
+        return settings.ui_token.get_secret_value()
+    path = settings.home / TOKEN_FILE
+    settings.home.mkdir(parents=True, exist_ok=True)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    except FileExistsError:
+        return _read_token(path)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(secrets.token_urlsafe(32) + "\n")
+    return _read_token(path)
+
+
+def _read_token(path: Path) -> str:
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    with os.fdopen(fd) as fh:
+        token = fh.read().strip()
+    if len(token) < 16:
+        raise ConfigError(f"{path} holds no usable token (remove it: the executor makes a new one)")
+    return token
+
+
+def fingerprint(token: str) -> str:
+    """How a decision names the credential it was made with, without revealing it."""
+    return "token sha256:" + hashlib.sha256(token.encode()).hexdigest()[:12]
+
+
 class Guard:
     """ASGI middleware: token, Host and refusal rules in front of every route."""
 
-    def __init__(self, app: ASGIApp, host: str, token: str | None) -> None:
+    def __init__(self, app: ASGIApp, host: str, token: str) -> None:
         self.app, self.host, self.token = app, host, token
         self.loopback = is_loopback(host)
 
@@ -89,7 +126,7 @@ class Guard:
             await PlainTextResponse(refusal, status_code=403)(scope, receive, send)
             return
         given = request.query_params.get("token")
-        if self.token is not None and given is not None:
+        if given is not None:
             # A token in the URL: keep it in a cookie and drop it from the address bar (and history).
             query = urlencode([(k, v) for k, v in parse_qsl(request.url.query) if k != "token"])
             response = RedirectResponse(request.url.path + (f"?{query}" if query else ""), status_code=303)
@@ -100,20 +137,17 @@ class Guard:
         await self.app(scope, receive, send)
 
     def _refusal(self, request: Request) -> str | None:
-        if not self.loopback and self.token is None:
-            return (f"refused: this page listens on {self.host}, which is not a loopback address, and no "
-                    "EXECUTOR_UI_TOKEN is set. Set a token, or bind to 127.0.0.1.\n")
         if self.loopback:
             name = (request.url.hostname or "").strip("[]")
             if not (is_loopback(name) or name == self.host):
                 return "refused: this page answers only to loopback host names\n"
-        if self.token is not None:
-            given = request.query_params.get("token") or request.cookies.get(COOKIE) or ""
-            auth = request.headers.get("authorization", "")
-            if auth.lower().startswith("bearer "):
-                given = auth[7:].strip()
-            if not hmac.compare_digest(given.encode(), self.token.encode()):
-                return "refused: a valid token is required (Authorization: Bearer TOKEN, or ?token=TOKEN)\n"
+        given = request.query_params.get("token") or request.cookies.get(COOKIE) or ""
+        auth = request.headers.get("authorization", "")
+        if auth.lower().startswith("bearer "):
+            given = auth[7:].strip()
+        if not hmac.compare_digest(given.encode(), self.token.encode()):
+            return ("refused: a valid token is required (Authorization: Bearer TOKEN, or ?token=TOKEN once; "
+                    "`executor review url` prints the address with it)\n")
         return None
 
 
@@ -187,7 +221,8 @@ def create_app(settings: Settings, store: Store) -> ASGIApp:
     templates = Jinja2Templates(directory=str(TEMPLATES))
     templates.env.globals.update(when=_when, ago=_ago, pygments_css=PYGMENTS_CSS)
     csrf = secrets.token_urlsafe(24)
-    token = settings.ui_token.get_secret_value() if settings.ui_token is not None else None
+    token = page_token(settings)
+    credential = fingerprint(token)
 
     def page(request: Request, name: str, status_code: int = 200, **context) -> Response:
         return templates.TemplateResponse(request, name, {"csrf": csrf, **context}, status_code=status_code)
@@ -230,7 +265,7 @@ def create_app(settings: Settings, store: Store) -> ASGIApp:
             return PlainTextResponse("refused: the form is stale or foreign (CSRF); reload the page\n",
                                      status_code=403)
         note = str(form.get("note", "")).strip() or None
-        by = f"web ({request.client.host if request.client else '?'})"
+        by = f"web ({request.client.host if request.client else '?'}) with {credential}"
         try:
             if action == "approve":
                 files = [str(f) for f in form.getlist("files")]
@@ -238,10 +273,10 @@ def create_app(settings: Settings, store: Store) -> ASGIApp:
                 if listed and not files:
                     raise ReviewError("choose at least one file to approve, or reject the job")
                 chosen = files if listed and set(files) != set(listed) else None
-                await run_in_threadpool(review.approve, store, settings, job_id, chosen, note, by)
+                await run_in_threadpool(lambda: review.approve(store, settings, job_id, chosen, note, by=by))
                 done = "approved"
             elif action == "reject":
-                await run_in_threadpool(review.reject, store, settings, job_id, note, by)
+                await run_in_threadpool(lambda: review.reject(store, settings, job_id, note, by=by))
                 done = "rejected"
             else:
                 return PlainTextResponse("unknown action\n", status_code=404)
@@ -300,11 +335,7 @@ class WebServer:
 
 
 def serve_web(settings: Settings, store: Store) -> WebServer | None:
-    """Start the page when ``ui_port`` is set (refusing a non-loopback bind without a token is the page's
-    job: it then answers every request with 403 and says why)."""
+    """Start the page when ``ui_port`` is set."""
     if settings.ui_port is None:
         return None
-    if not is_loopback(settings.ui_host) and settings.ui_token is None:
-        log.error("the review web page listens on a non-loopback address without EXECUTOR_UI_TOKEN: it refuses "
-                  "every request", extra={"action": "web", "host": settings.ui_host})
     return WebServer(create_app(settings, store), settings.ui_host, settings.ui_port).start()

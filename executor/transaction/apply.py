@@ -1,18 +1,29 @@
 """Writing a job's ``Change`` (read from its upper dir) into the repository.
 
-Owns ``apply_change``: file by file atomically and idempotently, so a crash mid-commit is repaired by
-running it again. Every path is walked component by component with directory fds and ``O_NOFOLLOW`` on
-both sides.
+Owns ``apply_change``, done with the repository owner's file-system identity (``safefs.as_owner``), so
+nothing is ever written with root's rights. Two phases, each idempotent: first directories, deletions,
+replaced directories and symlinks, then files. When the upper dir and the repository share a filesystem
+and a journal is given, a file is *moved* into place (renamed: no copy, whatever its size) after its
+owner and mode are set on the upper inode; otherwise it is copied into a fresh temp file and renamed over
+the target. The journal (``jobs/<id>/commit-journal.json``, written before anything is touched) records
+the plan, each file's upper inode and which phase is done, so a crash mid-commit is repaired by running it
+again: a file no longer in the upper dir is done when the repository holds its inode. One ``syncfs`` of
+the upper's filesystem before moving and one of the repository's at the end make it durable, instead of
+an fsync per file.
+
+Every path is walked component by component with directory fds and ``O_NOFOLLOW`` on both sides.
 
 Must never: follow a symlink out of the repository, create a device file, fifo or socket, keep
-setuid/setgid/sticky bits, write through an existing hard link or symlink, or touch anything under a
-``.git`` directory. A change holding something unsafe is refused whole (``UnsafePath``): a partial commit
-would not be what the tests ran against.
+setuid/setgid/sticky bits, write through an existing hard link or symlink, move an inode that has other
+links, or touch anything under a ``.git`` directory. A change holding something unsafe is refused whole
+(``UnsafePath``): a partial commit would not be what the tests ran against.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
+import json
 import os
 import shutil
 import stat
@@ -21,18 +32,44 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import UnsafePath, WorkspaceError
-from .safefs import DIR_FLAGS, lstat_at, remove_at
+from .safefs import DIR_FLAGS, as_owner, lstat_at, remove_at, syncfs
 from .upper import KINDS, Change, Entry, is_git_path, split_path
 
 _COPY_CHUNK = 1 << 20
 
 
-def apply_change(change: Change, upper: Path, repo: Path, uid: int, gid: int) -> None:
-    """Write ``change`` (read from ``upper``) into ``repo``, files owned by ``uid``:``gid``.
+def apply_change(change: Change, upper: Path, repo_fd: int, uid: int, gid: int, journal: Path | None = None) -> None:
+    """Write ``change`` (read from ``upper``) into the repository open at ``repo_fd``, as ``uid``:``gid``.
 
-    Idempotent: every step makes the repo entry equal to the upper's whatever it was before,
-    so running it again after a crash finishes the job and a second full run changes nothing.
+    With ``journal`` (a file in a directory only root can write), the plan is journaled and files may be
+    moved; when the journal already exists, its plan is the one carried out (``change`` is ignored: the
+    upper dir is no longer complete after an interrupted move).
     """
+    plan = _load(journal)
+    if plan is None:
+        _check(change)
+        plan = _Plan([e for e in change.entries if not is_git_path(e.path.split("/"))])
+        _save(journal, plan)
+    # Opened with root's rights (the state root may be closed to the owner); below it, only the owner's.
+    upper_fd = os.open(upper, DIR_FLAGS)
+    try:
+        same_fs = journal is not None and os.fstat(upper_fd).st_dev == os.fstat(repo_fd).st_dev
+        with as_owner(uid, gid):
+            if same_fs:
+                syncfs(repo_fd)  # what the agent wrote is on disk before its inodes change names
+            if not plan.structure_done:
+                _run(plan.entries, upper_fd, repo_fd, uid, gid, files=False, move=False)
+        if not plan.structure_done:
+            plan.structure_done = True
+            _save(journal, plan)
+        with as_owner(uid, gid):
+            _run(plan.entries, upper_fd, repo_fd, uid, gid, files=True, move=same_fs)
+            syncfs(repo_fd)
+    finally:
+        os.close(upper_fd)
+
+
+def _check(change: Change) -> None:
     if change.refused:
         listed = "; ".join(f"{r.path}: {r.reason}" for r in change.refused[:20])
         more = " ..." if len(change.refused) > 20 else ""
@@ -42,15 +79,50 @@ def apply_change(change: Change, upper: Path, repo: Path, uid: int, gid: int) ->
             paths=[r.path for r in change.refused],
         )
     # Validate every path before writing anything, so a bad entry cannot leave half a commit.
-    plan = [(e, split_path(e.path)) for e in change.entries if not is_git_path(e.path.split("/"))]
-    for entry, _ in plan:
+    for entry in change.entries:
+        split_path(entry.path)
         if entry.kind not in KINDS:
             raise UnsafePath(f"refusing entry {entry.path!r}: unknown kind {entry.kind!r}")
-    walker = _Walker(upper, repo, uid, gid)
+
+
+@dataclass
+class _Plan:
+    entries: list[Entry]
+    structure_done: bool = False
+
+
+def _load(journal: Path | None) -> _Plan | None:
+    if journal is None or not journal.exists():
+        return None
+    data = json.loads(journal.read_text())
+    return _Plan([Entry(*e) for e in data["entries"]], data["structure_done"])
+
+
+def _save(journal: Path | None, plan: _Plan) -> None:
+    if journal is None:
+        return
+    tmp = journal.with_name(journal.name + ".tmp")
+    with open(tmp, "w") as fh:
+        json.dump({"entries": [list(e) for e in plan.entries], "structure_done": plan.structure_done}, fh)
+        fh.flush()
+        os.fsync(fh.fileno())
+    tmp.replace(journal)
+
+
+def _run(entries: list[Entry], upper_fd: int, repo_fd: int, uid: int, gid: int, *, files: bool, move: bool) -> None:
+    """One phase: the file entries (``files``) or all the others, parents before children."""
+    walker = _Walker(upper_fd, repo_fd, uid, gid)
+    moves = _Moves(move)
     try:
-        for entry, parts in plan:
+        for entry in entries:
+            if (entry.kind == "file") != files:
+                continue
+            parts = split_path(entry.path)
             walker.enter(parts[:-1])
-            _apply_entry(walker.top, entry, parts[-1], uid, gid)
+            if files:
+                _apply_file(walker.top, entry, parts[-1], uid, gid, moves)
+            else:
+                _apply_entry(walker.top, entry, parts[-1], uid, gid)
     finally:
         walker.close()
 
@@ -72,12 +144,12 @@ class _Walker:
     fds stays bounded by the depth of the tree, not its size.
     """
 
-    def __init__(self, upper: Path, repo: Path, uid: int, gid: int) -> None:
+    def __init__(self, upper_fd: int, repo_fd: int, uid: int, gid: int) -> None:
         self.uid, self.gid = uid, gid
         self.stack: list[_Frame] = []
-        upper_fd = os.open(upper, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        upper_fd = os.dup(upper_fd)
         try:
-            repo_fd = os.open(repo, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            repo_fd = os.dup(repo_fd)
         except BaseException:
             os.close(upper_fd)
             raise
@@ -110,12 +182,8 @@ class _Walker:
 
 
 def _close_frame(frame: _Frame) -> None:
-    try:
-        # Make the renames and unlinks in this dir durable before the job is marked committed.
-        os.fsync(frame.repo_fd)
-    finally:
-        os.close(frame.repo_fd)
-        os.close(frame.upper_fd)
+    os.close(frame.repo_fd)
+    os.close(frame.upper_fd)
 
 
 def _open_upper_dir(parent_fd: int, name: str) -> int:
@@ -187,8 +255,6 @@ def _apply_entry(frame: _Frame, entry: Entry, name: str, uid: int, gid: int) -> 
         _apply_opaque_dir(frame.repo_fd, name, _dir_mode(entry.mode), uid, gid)
     elif entry.kind == "delete":
         remove_at(frame.repo_fd, name)
-    elif entry.kind == "file":
-        _apply_file(frame, name, _file_mode(entry.mode), uid, gid)
     elif entry.kind == "symlink":
         _apply_symlink(frame, name, uid, gid)
 
@@ -230,22 +296,28 @@ def _replace(dir_fd: int, tmp: str, name: str) -> None:
     os.rename(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
 
 
-def _apply_file(frame: _Frame, name: str, mode: int, uid: int, gid: int) -> None:
+def _apply_file(frame: _Frame, entry: Entry, name: str, uid: int, gid: int, move: _Moves) -> None:
     # O_NONBLOCK: if the upper entry became a fifo since the scan, open must not hang.
     src_flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
     try:
         src = os.open(name, src_flags, dir_fd=frame.upper_fd)
+    except FileNotFoundError:
+        _check_moved(frame, entry, name)
+        return
     except OSError as exc:
         raise UnsafePath(f"upper file {name!r} changed since it was scanned ({exc})") from exc
     try:
-        if not stat.S_ISREG(os.fstat(src).st_mode):
-            raise UnsafePath(f"upper entry {name!r} is no longer a regular file")
+        st = os.fstat(src)
+        if not stat.S_ISREG(st.st_mode) or (entry.ino and st.st_ino != entry.ino):
+            raise UnsafePath(f"upper entry {name!r} is no longer the file the job wrote")
+        # A file with other links stays a copy: moving it would share an inode with the upper dir.
+        if move.enabled and st.st_nlink == 1 and _move(frame, src, name, _file_mode(entry.mode), uid, gid, move):
+            return
         tmp, dst = _make_temp(frame.repo_fd, name, 0o600)
         try:
             _copy_fd(src, dst)
             os.fchown(dst, uid, gid)
-            os.fchmod(dst, mode)
-            os.fsync(dst)  # content on disk before the rename makes it visible
+            os.fchmod(dst, _file_mode(entry.mode))
         except BaseException:
             os.close(dst)
             remove_at(frame.repo_fd, tmp)
@@ -254,6 +326,44 @@ def _apply_file(frame: _Frame, name: str, mode: int, uid: int, gid: int) -> None
     finally:
         os.close(src)
     _replace(frame.repo_fd, tmp, name)
+
+
+@dataclass
+class _Moves:
+    """Whether files are moved; the first rename across mount points (same filesystem, but bind-mounted
+    twice, as under compose) turns moving off for the rest of the apply."""
+
+    enabled: bool
+
+
+def _move(frame: _Frame, src: int, name: str, mode: int, uid: int, gid: int, moves: _Moves) -> bool:
+    """Rename the upper inode into the repository; False when it cannot be (then it is copied)."""
+    target = lstat_at(frame.repo_fd, name)
+    try:
+        os.fchown(src, uid, gid)  # on the inode held open: the name cannot be swapped under these
+        os.fchmod(src, mode)
+        if target is not None and stat.S_ISDIR(target.st_mode):
+            shutil.rmtree(name, dir_fd=frame.repo_fd)
+        os.rename(name, name, src_dir_fd=frame.upper_fd, dst_dir_fd=frame.repo_fd)
+    except PermissionError:
+        return False  # another user's file (kept by copy-up), or an upper dir made read-only: copy instead
+    except OSError as exc:
+        if exc.errno != errno.EXDEV:
+            raise
+        moves.enabled = False
+        return False
+    moved = lstat_at(frame.repo_fd, name)
+    if moved is None or moved.st_ino != os.fstat(src).st_ino:
+        raise UnsafePath(f"upper entry {name!r} was replaced while it was moved into the repository")
+    return True
+
+
+def _check_moved(frame: _Frame, entry: Entry, name: str) -> None:
+    """An upper file already gone: an interrupted commit moved it, so the repository holds its inode."""
+    here = lstat_at(frame.repo_fd, name)
+    if not (entry.ino and here is not None and here.st_ino == entry.ino):
+        raise UnsafePath(f"upper file {name!r} is gone and the repository does not hold it: the change cannot "
+                         "be completed")
 
 
 def _copy_fd(src: int, dst: int) -> None:

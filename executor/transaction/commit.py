@@ -14,6 +14,7 @@ with the change, apply other paths than the ones chosen, or record an ending bef
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
@@ -24,11 +25,13 @@ from ..errors import (
     ExecutorError,
     IllegalTransition,
     UnsafePath,
+    WorkspaceChanged,
 )
 from ..logs import log_state
+from ..policy import Policy
 from ..sandbox.deployment import Deployment
 from ..store import Job, Status, Store
-from . import workspace
+from . import home, workspace
 from .apply import apply_change
 from .conflicts import check_conflicts
 from .upper import Change, scan_upper, select
@@ -73,34 +76,80 @@ def commit(store: Store, job: Job, ws: Workspace, phase: Phase, files: Iterable[
     """Commit the job's tested change (or the part at ``files``): the job moves from its phase (testing,
     or awaiting_review for an approval) to ``committing``, then the change is applied.
 
-    Returns the ending to settle with (``failed`` for an unsafe change or a conflict, nothing applied).
-    ``fields`` are set on the job with the move to ``committing`` (a review's decision).
+    Returns the ending to settle with (``failed`` for an unsafe change, a conflict or a workspace that is no
+    longer the one the job started on: nothing applied). ``fields`` are set on the job with the move to
+    ``committing`` (a review's decision).
     """
     chosen = sorted({p.strip().strip("/") for p in files or [] if p.strip().strip("/")}) or None
     change = select(scan_upper(ws.upper), chosen)
     if change.refused:
         return Ending.of(UnsafePath("the change holds entries that are never applied: " +
                                     ", ".join(f"{r.path} ({r.reason})" for r in change.refused)))
-    conflicts = check_conflicts(change, ws.repo, job.start_ns or 0)
-    if conflicts:
-        return Ending.of(Conflict(conflicts))
-    job = phase.move(store, job, Status.committing, changed_files=change.changed_files, review_files=chosen,
-                     **fields)
-    store.add_event(job, ws.attempt, "state", {"status": "committing", "changed_files": change.changed_files,
-                                              "ignored_git": change.ignored_git})
-    log_state(job, Status.committing, ws.attempt, changed=len(change.changed_files))
-    return finish(job, ws, change)
-
-
-def finish(job: Job, ws: Workspace, change: Change | None = None) -> Ending:
-    """Apply the kept upper dir (again, after a crash: the apply is idempotent)."""
-    # A partial approval applies only the approved paths, also when redone after a crash.
-    change = change or select(scan_upper(ws.upper), job.review_files)
     try:
-        apply_change(change, ws.upper, ws.repo, ws.uid, ws.gid)
+        repo_fd = ws.open_repo()
+    except WorkspaceChanged as exc:
+        return Ending.of(exc)
+    try:
+        conflicts = check_conflicts(change, repo_fd, job.start_ns or 0)
+        if conflicts:
+            return Ending.of(Conflict(conflicts))
+        job = phase.move(store, job, Status.committing, changed_files=change.changed_files, review_files=chosen,
+                         **fields)
+        store.add_event(job, ws.attempt, "state", {"status": "committing", "changed_files": change.changed_files,
+                                                  "ignored_git": change.ignored_git})
+        log_state(job, Status.committing, ws.attempt, changed=len(change.changed_files))
+        return _apply(store, job, ws, change, repo_fd)
+    finally:
+        os.close(repo_fd)
+
+
+def has_conflicts(ws: Workspace, change: Change, since_ns: int) -> bool:
+    """Whether ``commit`` would refuse ``change`` for a conflict (or a changed workspace) right now."""
+    try:
+        repo_fd = ws.open_repo()
+    except WorkspaceChanged:
+        return True
+    try:
+        return bool(check_conflicts(change, repo_fd, since_ns))
+    finally:
+        os.close(repo_fd)
+
+
+def finish(store: Store, job: Job, ws: Workspace) -> Ending:
+    """Apply the kept upper dir again after a crash: the journal says what was planned and done."""
+    # A partial approval applies only the approved paths, also when redone after a crash.
+    change = select(scan_upper(ws.upper), job.review_files)
+    try:
+        repo_fd = ws.open_repo()
+    except WorkspaceChanged as exc:
+        return Ending.of(exc)
+    try:
+        return _apply(store, job, ws, change, repo_fd)
+    finally:
+        os.close(repo_fd)
+
+
+def _apply(store: Store, job: Job, ws: Workspace, change: Change, repo_fd: int) -> Ending:
+    try:
+        apply_change(change, ws.upper, repo_fd, ws.uid, ws.gid, journal=ws.journal)
     except (UnsafePath, OSError) as exc:
         return Ending.of(CommitFailed(f"the change could not be applied: {exc}"))
+    _carry_home(store, job, ws)
     return Ending(Status.succeeded, COMMITTED)
+
+
+def _carry_home(store: Store, job: Job, ws: Workspace) -> None:
+    """The committed job hands on what its policy allows of its home layer to the next job of its session."""
+    if ws.home is None:
+        return
+    patterns = Policy(**job.policy).session_carry
+    try:
+        carried = home.carry(ws.home_upper, ws.home, patterns, ws.uid, ws.gid)
+    except (ExecutorError, OSError) as exc:  # the repository is committed; the home is only the next job's help
+        store.add_event(job, ws.attempt, "session_home", {"carried": [], "error": str(exc)})
+        log.warning("session home not carried", extra={"action": "session_home", "job": job.id, "error": str(exc)})
+        return
+    store.add_event(job, ws.attempt, "session_home", {"carried": carried[:200], "count": len(carried)})
 
 
 #: Called with a job that just settled (a notification, for example); must never raise.

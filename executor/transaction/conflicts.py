@@ -11,9 +11,8 @@ from __future__ import annotations
 
 import os
 import stat
-from pathlib import Path
 
-from .safefs import DIR_FLAGS
+from .safefs import DIR_FLAGS, walk
 from .upper import Change, Entry, is_git_path, split_path
 
 # Kernels before multigrain timestamps stamp inodes from a coarse clock that can lag
@@ -23,14 +22,15 @@ from .upper import Change, Entry, is_git_path, split_path
 CLOCK_SLACK_NS = 20_000_000
 
 
-def check_conflicts(change: Change, repo: Path, since_ns: int) -> list[str]:
-    """Paths the job changed that also changed in ``repo`` after ``since_ns``; sorted.
+def check_conflicts(change: Change, repo_fd: int, since_ns: int) -> list[str]:
+    """Paths the job changed that also changed in the repository open at ``repo_fd`` after ``since_ns``;
+    sorted.
 
     Only the paths in the change (and the repo subtrees the job deletes or replaces) are looked
     at, so the cost follows the size of the change, not of the repository.
     """
     limit = since_ns - CLOCK_SLACK_NS
-    root_fd = os.open(repo, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    root_fd = os.dup(repo_fd)
     try:
         found = set()
         for entry in change.entries:
@@ -92,24 +92,7 @@ def _leaf_conflicts(dir_fd: int, name: str, st: os.stat_result, kind: str, limit
 
 def _subtree_changed(top_fd: int, limit: int) -> bool:
     """Whether any entry below the dir ``top_fd`` has a ctime after ``limit``."""
-    stack = [os.dup(top_fd)]
     try:
-        while stack:
-            fd = stack.pop()
-            try:
-                for name in os.listdir(fd):
-                    st = os.stat(name, dir_fd=fd, follow_symlinks=False)
-                    if st.st_ctime_ns > limit:
-                        return True
-                    if stat.S_ISDIR(st.st_mode):
-                        stack.append(os.open(name, DIR_FLAGS, dir_fd=fd))
-            except OSError:
-                return True  # vanished or swapped while we looked: it is changing right now
-            finally:
-                os.close(fd)
-        return False
-    finally:
-        for fd in stack:
-            os.close(fd)
-
-
+        return any(st.st_ctime_ns > limit for _fd, _name, st in walk(top_fd, strict=True))
+    except OSError:
+        return True  # vanished or swapped while we looked: it is changing right now

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from ..errors import ReviewError, UnsafePath
-from .safefs import open_dir_path
+from .safefs import DIR_FLAGS, open_dir_path
 
 KINDS = ("file", "dir", "opaque_dir", "symlink", "delete")
 
@@ -39,6 +39,7 @@ class Entry(NamedTuple):
     kind: str  # one of KINDS
     mode: int = 0  # permission bits as found in the upper dir (unsafe bits stripped on apply)
     size: int | None = None  # files only
+    ino: int = 0  # files only: the upper inode (a commit that moves it checks it is still that one)
 
 
 class Refused(NamedTuple):
@@ -125,7 +126,7 @@ def _classify(dir_fd: int, name: str, st: os.stat_result) -> tuple[str | None, s
 def scan_upper(upper: Path) -> Change:
     """Walk ``upper`` (never following symlinks) and describe it as a ``Change``."""
     change = Change()
-    root_fd = os.open(upper, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    root_fd = os.open(upper, DIR_FLAGS)
     try:
         # Explicit stack instead of recursion: a deep tree must not hit the recursion limit.
         # Popping a dir emits it, then its non-dir children, then pushes its subdirs, so every
@@ -177,7 +178,7 @@ def _scan_dir_children(change: Change, fd: int, parts: list[str]) -> list[str]:
         if reason is not None:
             change.refused.append(Refused(path, reason))
         elif kind == "file":
-            change.entries.append(Entry(path, kind, stat.S_IMODE(st.st_mode), st.st_size))
+            change.entries.append(Entry(path, kind, stat.S_IMODE(st.st_mode), st.st_size, st.st_ino))
         elif kind == "symlink":
             change.entries.append(Entry(path, kind, stat.S_IMODE(st.st_mode)))
         else:

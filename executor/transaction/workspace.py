@@ -5,20 +5,55 @@ view (lower = the repository, upper = ``upper/``) and the test view (lower = the
 repository, upper = a throwaway ``test-upper/``), so tests see exactly what would be committed and
 cannot change it. Setting up copies nothing; its cost does not grow with the repository.
 
-Must never: write into the repository (committing is ``commit.py``), or leave a volume behind on
-discard.
+The repository is reached only beneath its workspace root with no symlink on the way, and must still be
+the directory intake accepted (device, inode, owner): a workspace swapped while a job ran fails the job
+(``WorkspaceChanged``) before anything is mounted or written.
+
+Must never: write into the repository (committing is ``commit.py``), follow a symlink to the repository,
+or leave a volume behind on discard.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..errors import WorkspaceChanged
 from ..sandbox.deployment import LABEL_ATTEMPT, LABEL_JOB, LABEL_ROLE, Deployment
 from ..settings import Settings
 from ..store import Job
-from .safefs import remove_tree
+from .home import prepare_committed
+from .safefs import DIR_FLAGS, Identity, open_beneath, remove_tree
+from .tree import Tree
+
+
+def root_of(roots: list[Path], path: Path) -> Path | None:
+    """The workspace root ``path`` lies under (lexically: ``path`` is normalized, the roots resolved)."""
+    for root in roots:
+        if path == root or root in path.parents:
+            return root
+    return None
+
+
+def open_identity(root: Path, path: Path) -> Identity:
+    """The identity of the directory ``path`` reached beneath ``root`` without symlinks (OSError if not)."""
+    fd = _open_beneath_root(root, path)
+    try:
+        return Identity.of(fd)
+    finally:
+        os.close(fd)
+
+
+def _open_beneath_root(root: Path, path: Path) -> int:
+    # The root is the person's configuration (trusted, opened by name); below it no link is followed.
+    root_fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        return open_beneath(root_fd, str(path.relative_to(root)))
+    finally:
+        os.close(root_fd)
 
 
 @dataclass(frozen=True)
@@ -29,6 +64,26 @@ class Workspace:
     root: Path  # $EXECUTOR_HOME/jobs/<id>
     uid: int
     gid: int
+    roots: tuple[Path, ...] = ()  # EXECUTOR_WORKSPACE_ROOTS
+    identity: Identity | None = None  # the repository as intake accepted it
+    home: Path | None = None  # the session's committed home (the lower dir of the agent's home)
+
+    def open_repo(self) -> int:
+        """The repository's directory fd, reached beneath its root with no symlink on the way, and still the
+        directory intake accepted. Raises ``WorkspaceChanged`` otherwise; nothing has been touched then."""
+        root = root_of(list(self.roots), self.repo) if self.roots else None
+        try:
+            fd = _open_beneath_root(root, self.repo) if root is not None else os.open(self.repo, DIR_FLAGS)
+        except OSError as exc:
+            raise WorkspaceChanged(f"the workspace {self.repo} cannot be reached as it was when the job was accepted "
+                                   f"({exc.strerror}: a symlink, a file or nothing on its path); nothing was "
+                                   "written") from None
+        found = Identity.of(fd)
+        if self.identity is not None and found != self.identity:
+            os.close(fd)
+            raise WorkspaceChanged(f"the workspace {self.repo} is no longer the directory the job was accepted with "
+                                   f"(was {self.identity}, now {found}); nothing was written")
+        return fd
 
     @property
     def upper(self) -> Path:
@@ -45,6 +100,40 @@ class Workspace:
     @property
     def test_work(self) -> Path:
         return self.root / "test-work"
+
+    @contextmanager
+    def trees(self) -> Iterator[tuple[Tree, Tree]]:
+        """Read-only views of the upper dir and of the repository (``WorkspaceChanged`` if it is not the one
+        the job started on), for as long as the block runs."""
+        repo_fd = self.open_repo()
+        try:
+            upper_fd = os.open(self.upper, DIR_FLAGS)
+        except BaseException:
+            os.close(repo_fd)
+            raise
+        try:
+            yield Tree(upper_fd), Tree(repo_fd)
+        finally:
+            os.close(upper_fd)
+            os.close(repo_fd)
+
+    @property
+    def home_upper(self) -> Path:
+        """The attempt's layer of the agent's home: kept only if the job commits (``home.py``)."""
+        return self.root / "home" / "upper"
+
+    @property
+    def home_work(self) -> Path:
+        return self.root / "home" / "work"
+
+    @property
+    def home_volume(self) -> str:
+        return f"executor-{self.job_id}-a{self.attempt}-home"
+
+    @property
+    def journal(self) -> Path:
+        """The commit's journal (in the job dir, which only root can write)."""
+        return self.root / "commit-journal.json"
 
     @property
     def sockets(self) -> Path:
@@ -65,8 +154,13 @@ class Workspace:
     @classmethod
     def of(cls, settings: Settings, job: Job, attempt: int | None = None) -> Workspace:
         """The workspace of ``job``'s attempt (its latest by default)."""
+        identity = None
+        if job.workspace_ino is not None:
+            identity = Identity(job.workspace_dev, job.workspace_ino, job.repo_uid, job.repo_gid)
         return cls(job_id=job.id, attempt=job.attempts if attempt is None else attempt, repo=Path(job.workspace),
-                   root=settings.job_dir(job.id), uid=job.repo_uid or 1000, gid=job.repo_gid or 1000)
+                   root=settings.job_dir(job.id), uid=job.repo_uid or 1000, gid=job.repo_gid or 1000,
+                   roots=tuple(settings.workspace_roots), identity=identity,
+                   home=settings.sessions_dir / job.session_id / "home")
 
 
 def _fresh_dir(path: Path, uid: int, gid: int, mode: int) -> None:
@@ -83,18 +177,42 @@ def create(sandbox: Deployment, ws: Workspace, keep_upper: bool = False) -> None
     ``keep_upper``: continue on the upper dir an earlier attempt left (a retry after a rate limit resumes
     the conversation that knows that state); otherwise start from the clean repository.
     """
+    repo_mode = _repo_mode(ws)
     ws.root.mkdir(parents=True, exist_ok=True)
     os.chmod(ws.root, 0o711)
     # The merged root takes owner and mode from upper: give it the repository root's.
-    repo_mode = os.stat(ws.repo).st_mode & 0o777
     if not (keep_upper and ws.upper.is_dir()):
         _fresh_dir(ws.upper, ws.uid, ws.gid, repo_mode)
     _fresh_dir(ws.work, ws.uid, ws.gid, 0o700)  # overlay needs an empty work dir for every mount
     sandbox.create_overlay_volume(ws.volume, [str(ws.repo)], str(ws.upper), str(ws.work), ws.labels("workspace"))
+    if ws.home is not None:
+        _create_home(sandbox, ws, keep_upper)
+
+
+def _create_home(sandbox: Deployment, ws: Workspace, keep_upper: bool) -> None:
+    """The agent's home: the session's committed home below the attempt's own layer."""
+    prepare_committed(ws.home, ws.uid, ws.gid)
+    (ws.root / "home").mkdir(exist_ok=True)
+    os.chmod(ws.root / "home", 0o711)
+    if not (keep_upper and ws.home_upper.is_dir()):
+        _fresh_dir(ws.home_upper, ws.uid, ws.gid, 0o700)
+    _fresh_dir(ws.home_work, ws.uid, ws.gid, 0o700)
+    sandbox.create_overlay_volume(ws.home_volume, [str(ws.home)], str(ws.home_upper), str(ws.home_work),
+                                  ws.labels("home"))
+
+
+def _repo_mode(ws: Workspace) -> int:
+    """The repository root's mode, from the directory intake accepted (``WorkspaceChanged`` if it is not)."""
+    fd = ws.open_repo()
+    try:
+        return os.fstat(fd).st_mode & 0o777
+    finally:
+        os.close(fd)
 
 
 def create_test_view(sandbox: Deployment, ws: Workspace) -> None:
     """A throwaway layer above the job's changes: what the tests write is never committed."""
+    _repo_mode(ws)  # the repository must still be the one the job started on
     repo_mode = os.stat(ws.upper).st_mode & 0o777
     _fresh_dir(ws.test_upper, ws.uid, ws.gid, repo_mode)
     _fresh_dir(ws.test_work, ws.uid, ws.gid, 0o700)
@@ -121,15 +239,3 @@ def discard(sandbox: Deployment | None, ws: Workspace) -> None:
     release(sandbox, ws)
     if ws.root.exists():
         remove_tree(ws.root)
-
-
-def disk_usage(path: Path) -> int:
-    """Bytes used under ``path`` (for status); never follows symlinks."""
-    total = 0
-    for dirpath, dirnames, filenames in os.walk(path):
-        for name in filenames + dirnames:
-            try:
-                total += os.lstat(os.path.join(dirpath, name)).st_blocks * 512
-            except FileNotFoundError:
-                continue
-    return total

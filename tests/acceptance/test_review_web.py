@@ -20,6 +20,7 @@ from selenium.webdriver.common.by import By
 
 from executor.intake.spool import Spool
 from executor.store import Status
+from executor.surfaces.web import page_token
 from tests.conftest import tree_digest, wait_for, wait_status
 from tests.scripted_api import ScriptedAPI, Turn
 
@@ -116,8 +117,9 @@ def test_review_in_the_browser_approve_and_reject(world, run_executor, browser):
                 job = wait_status(store, job_id, SETTLED, timeout=180)
                 assert job.status == status, (job_id, job.reason, job.error)
 
-            # the queue lists both waiting jobs; the failed one is among the recent jobs
-            browser.get(base + "/")
+            # the queue lists both waiting jobs; the failed one is among the recent jobs (the address with
+            # the page's token, as `executor review url` prints it, opened once: a cookie keeps it)
+            browser.get(base + f"/?token={page_token(runner.executor.settings)}")
             queue = browser.find_element(By.ID, "queue").text
             assert "web-ok" in queue and "web-no" in queue
             assert "the policy reviews every change" in queue and "the answer is load-bearing" in queue
@@ -143,7 +145,7 @@ def test_review_in_the_browser_approve_and_reject(world, run_executor, browser):
             assert browser.find_element(By.ID, "status").text == "succeeded"
             assert (repo / "app.py").read_text() == app.replace("return 1", "return 42")
             assert store.get("web-ok").status == Status.succeeded
-            assert store.get("web-ok").reviewed_by.startswith("web")
+            assert store.get("web-ok").reviewed_by.startswith("web (127.0.0.1) with token sha256:")
 
             browser.get(base + "/jobs/web-no")
             browser.find_element(By.CSS_SELECTOR, "#reject-form textarea").send_keys("no, keep 1")
@@ -175,14 +177,24 @@ def _status(url: str) -> int:
         return exc.code
 
 
-def test_bound_beyond_loopback_without_a_token_the_page_refuses(world, run_executor, browser):
-    runner = run_executor(world.settings(ui_port=0, ui_host="0.0.0.0"))
+def test_without_its_token_the_page_refuses_and_review_url_gives_it(world, run_executor, browser):
+    import subprocess
+    import sys
+
+    runner = run_executor(world.settings(ui_port=0))
     base = page_url(runner)
+    browser.delete_all_cookies()
     browser.get(base + "/")
     text = browser.find_element(By.TAG_NAME, "body").text
-    assert "refused" in text and "EXECUTOR_UI_TOKEN" in text
+    assert "refused" in text and "executor review url" in text
     assert "Review queue" not in browser.page_source
     assert _status(base + "/") == 403 and _status(base + "/jobs/anything") == 403
+    env = {**world.env(), "EXECUTOR_UI_PORT": base.rsplit(":", 1)[1]}
+    url = subprocess.run([str(Path(sys.executable).parent / "executor"), "review", "url"], env=env,
+                         capture_output=True, text=True, timeout=60)
+    assert url.returncode == 0, url.stderr
+    browser.get(url.stdout.strip())
+    assert "Review queue" in browser.find_element(By.TAG_NAME, "h1").text
 
 
 def test_bound_beyond_loopback_with_a_token_the_page_needs_it(world, run_executor, browser):

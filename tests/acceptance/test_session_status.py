@@ -65,6 +65,8 @@ def test_status_shows_budget_running_jobs_and_disk(world, run_executor):
     assert view["budget"]["cpus"] == 3.0 and view["budget"]["memory"] == 4 * 2**30
     assert view["reserved"]["cpus"] == 1.5 and view["reserved"]["memory"] == 768 * 2**20 + 256 * 2**20
     assert view["measured"]["executor"]["rss"] > 10 * 2**20
-    assert view["disk"]["bytes"] > 0
+    busy = next(r for r in view["running"] if r["job"] == "busy")
+    assert busy["disk_used"] > 0 and busy["disk_limit"] > 0  # the job's writable layers, measured
+    assert view["disk"]["jobs"] >= busy["disk_used"] and view["disk"]["free"] > 0
     assert [r["runner"] for r in view["runners"]] == ["scripted"] and view["runners"][0]["state"] == "ok"
     assert text.returncode == 0 and "busy" in text.stdout and "budget     3 cpus" in text.stdout

@@ -16,11 +16,12 @@ from pathlib import Path
 import pytest
 
 from executor.errors import UnsafePath
-from executor.transaction.apply import apply_change
-from executor.transaction.conflicts import check_conflicts
+from executor.transaction import apply as apply_mod
+from executor.transaction import conflicts as conflicts_mod
 from executor.transaction.safefs import remove_tree
 from executor.transaction.upper import Change, Entry, scan_upper
-from tests.unit.upper_tree import opaque, require_root, require_user_xattrs, whiteout, write
+from tests.conftest import chown_tree
+from tests.unit.upper_tree import own_dirs, opaque, require_root, require_user_xattrs, whiteout, write
 
 
 @pytest.fixture(autouse=True)
@@ -51,6 +52,7 @@ def repo(base: Path) -> Path:
     write(r / "docs/guide.md", "guide\n")
     write(r / ".git/config", "[core]\n")
     write(r / ".git/HEAD", "ref: refs/heads/main\n")
+    chown_tree(r, UID)  # a repository belongs to its owner (intake refuses a root-owned one)
     return r
 
 
@@ -85,6 +87,24 @@ def snapshot(root: Path) -> dict[str, tuple]:
 
 def tree_hash(root: Path) -> str:
     return hashlib.sha256(repr(sorted(snapshot(root).items())).encode()).hexdigest()
+
+
+def apply_change(change: Change, upper: Path, repo: Path, uid: int, gid: int, journal: Path | None = None) -> None:
+    """``apply_change`` on the repository's directory fd, as the pipeline calls it."""
+    own_dirs(upper)
+    fd = os.open(repo, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        apply_mod.apply_change(change, upper, fd, uid, gid, journal)
+    finally:
+        os.close(fd)
+
+
+def check_conflicts(change: Change, repo: Path, since: int) -> list[str]:
+    fd = os.open(repo, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        return conflicts_mod.check_conflicts(change, fd, since)
+    finally:
+        os.close(fd)
 
 
 def commit(upper: Path, repo: Path) -> Change:
@@ -559,16 +579,18 @@ def test_apply_reproduces_a_real_overlay_merged_view(base: Path) -> None:
             p.unlink()
         (merged / "e").rmdir()
         (merged / "e").mkdir()  # dir over a whiteout: opaque
+        os.chown(merged / "e", UID, GID)  # as the agent (the repository's owner) would have made it
         write(merged / "e/new.txt", "new")
         with open(merged / "d/a.txt", "a") as fh:  # copy-up
             fh.write("+")
         os.symlink("/etc", merged / "etclink")
+        os.lchown(merged / "etclink", UID, GID)
         expected = snapshot(merged)
     finally:
         subprocess.run(["umount", str(merged)], check=True)
 
     change = scan_upper(up)
     assert {e.path: e.kind for e in change.entries}["e"] == "opaque_dir"
-    apply_change(change, up, lower, 0, 0)
+    apply_change(change, up, lower, UID, GID)
 
     assert snapshot(lower) == expected

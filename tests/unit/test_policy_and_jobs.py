@@ -414,7 +414,7 @@ def test_validate_workspace_symlink_out_of_roots(world, tmp_path):
     os.chown(outside, 1000, 1000)
     (world.repos / "link").symlink_to(outside)
     message = invalid(spec(workspace=str(world.repos / "link")), world.settings())
-    assert "not under a workspace root" in message
+    assert "without symlinks" in message and "real path" in message
 
 
 def test_validate_workspace_no_roots_configured(world):
@@ -440,11 +440,11 @@ def test_validate_workspace_with_overlay_separators(world, name):
 
 @pytest.mark.parametrize("name", ["x,y", "x:y"])
 def test_validate_workspace_symlink_to_path_with_overlay_separators(world, name):
-    """The overlay is built on the *resolved* path, so the check must hold for it as well."""
+    """A symlink cannot smuggle the overlay's separators in: a workspace reached through one is refused."""
     target = world.repo(name)
     (world.repos / "plain").symlink_to(target)
     message = invalid(spec(workspace=str(world.repos / "plain")), world.settings())
-    assert "contains one of , :" in message
+    assert "without symlinks" in message
 
 
 # ---------------------------------------------------------------------------------------------

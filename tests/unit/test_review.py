@@ -6,6 +6,7 @@ from __future__ import annotations
 import http.server
 import json
 import os
+import stat
 import threading
 import time
 import urllib.error
@@ -158,9 +159,21 @@ def tree(tmp_path: Path):
     return repo, upper
 
 
+def diff_change(upper: Path, repo: Path) -> list:
+    """``review.diff_change`` through read-only trees on pinned fds, as the review path calls it."""
+    from executor.transaction.tree import Tree
+
+    ufd, rfd = os.open(upper, os.O_RDONLY | os.O_DIRECTORY), os.open(repo, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        return review.diff_change(scan_upper(upper), Tree(ufd), Tree(rfd))
+    finally:
+        os.close(ufd)
+        os.close(rfd)
+
+
 def test_diff_states_every_kind_of_change(tree):
     repo, upper = tree
-    diffs = {d.path: d for d in review.diff_change(scan_upper(upper), upper, repo)}
+    diffs = {d.path: d for d in diff_change(upper, repo)}
     assert set(diffs) == {"src/app.py", "new.md", "old.txt", "gone", "lib", "lib/keep.py", "run.sh", "img.png", "link"}
     app = diffs["src/app.py"]
     assert app.kind == "modified" and (app.added, app.removed) == (1, 1)
@@ -192,7 +205,7 @@ def test_diff_marks_a_missing_final_newline(tmp_path):
     repo, upper = tmp_path / "r", tmp_path / "u"
     write(repo / "a.txt", "x\n")
     write(upper / "a.txt", "x")
-    [d] = review.diff_change(scan_upper(upper), upper, repo)
+    [d] = diff_change(upper, repo)
     assert "\\ No newline at end of file" in d.unified() and d.added + d.removed >= 1
 
 
@@ -252,7 +265,7 @@ def test_approve_applies_everything_and_records_who(pending_job):
     assert event["action"] == "approve" and event["by"] == "alice" and event["note"] == "looks right"
     assert event["outcome"] == "approved" and event["at"]
     with pytest.raises(ReviewError, match="not awaiting review"):
-        review.approve(store, settings, "rj")
+        review.approve(store, settings, "rj", by="eve")
     stats = review.review_stats(store.jobs())
     assert stats["reviewed"] == 1 and stats["review_share"] == 1.0 and stats["mean_review_wait_seconds"] is not None
 
@@ -283,7 +296,7 @@ def test_approve_after_a_conflicting_edit_applies_nothing_and_names_the_paths(pe
 def test_partial_approve_beside_a_conflict_elsewhere_applies(pending_job):
     store, settings, repo = pending_job
     (repo / "b.txt").write_text("edited\n")
-    job = review.approve(store, settings, "rj", files=["a.txt"])
+    job = review.approve(store, settings, "rj", files=["a.txt"], by="erin")
     assert job.status == Status.succeeded and (repo / "a.txt").read_text() == "A\n"
     assert (repo / "b.txt").read_text() == "edited\n"
 
@@ -298,7 +311,7 @@ def test_reject_discards_and_leaves_the_repository_alone(pending_job):
     [event] = [e.data for e in store.events(job_id="rj") if e.kind == "review"]
     assert (event["action"], event["by"], event["note"]) == ("reject", "dave", "wrong approach")
     with pytest.raises(ReviewError):
-        review.reject(store, settings, "rj")
+        review.reject(store, settings, "rj", by="frank")
 
 
 def test_two_reviewers_cannot_both_win(pending_job):
@@ -309,7 +322,7 @@ def test_two_reviewers_cannot_both_win(pending_job):
     def act(fn):
         barrier.wait()
         try:
-            results.append(fn(store, settings, "rj").status.value)
+            results.append(fn(store, settings, "rj", by="racer").status.value)
         except ReviewError as exc:
             results.append(f"refused: {exc}")
 
@@ -342,7 +355,7 @@ def test_finish_commit_redoes_only_the_approved_part(pending_job):
     store, settings, repo = pending_job
     store.transition("rj", Status.awaiting_review, Status.committing, review_files=["a.txt"], changed_files=["a.txt"])
     job = store.get("rj")
-    ending = finish(job, Workspace.of(settings, job))
+    ending = finish(store, job, Workspace.of(settings, job))
     assert ending.status == Status.succeeded
     assert (repo / "a.txt").read_text() == "A\n" and (repo / "b.txt").read_text() == "b\n"
     assert (repo / "c.txt").exists()
@@ -446,25 +459,37 @@ def _web(tmp_path: Path, **settings):
 
 
 def test_web_on_loopback_serves_and_checks_host_and_csrf(tmp_path):
+    from executor.surfaces.web import page_token
+
     server, store, base = _web(tmp_path)
+    auth = {"Authorization": f"Bearer {page_token(Settings(home=tmp_path / 'home'))}"}
     try:
-        status, body = _get(base + "/")
+        status, body = _get(base + "/", headers=auth)
         assert status == 200 and "Review queue" in body
-        status, _ = _get(base + "/", headers={"Host": "evil.example:80"})
+        status, _ = _get(base + "/", headers={"Host": "evil.example:80", **auth})
         assert status == 403  # DNS rebinding
-        status, body = _get(base + "/jobs/x/approve", data=b"csrf=wrong")
+        status, body = _get(base + "/jobs/x/approve", data=b"csrf=wrong", headers=auth)
         assert status == 403 and "CSRF" in body
     finally:
         server.close()
         store.close()
 
 
-def test_web_bound_elsewhere_without_a_token_refuses_everything(tmp_path):
-    server, store, base = _web(tmp_path, ui_host="0.0.0.0")
+def test_web_needs_its_token_on_loopback_too_and_makes_one_at_first_start(tmp_path):
+    """A job sharing the host's loopback must not reach a decision: no request passes without the token, and
+    the token the executor made for itself is a root-only file in the state root."""
+    server, store, base = _web(tmp_path)
     try:
         for path in ("/", "/healthz", "/jobs/x"):
             status, body = _get(base + path)
-            assert status == 403 and "EXECUTOR_UI_TOKEN" in body
+            assert status == 403 and "token is required" in body and "executor review url" in body
+        status, _ = _get(base + "/jobs/x/approve", data=b"csrf=anything")
+        assert status == 403
+        token_file = tmp_path / "home" / "ui-token"
+        assert stat.S_IMODE(token_file.stat().st_mode) == 0o600 and token_file.stat().st_uid == 0
+        token = token_file.read_text().strip()
+        assert len(token) >= 32
+        assert _get(base + "/", headers={"Authorization": f"Bearer {token}"})[0] == 200
     finally:
         server.close()
         store.close()

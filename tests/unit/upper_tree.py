@@ -29,12 +29,33 @@ def require_user_xattrs(where: Path) -> None:
         probe.rmdir()
 
 
+#: Who owns what these helpers make: the agent wrote the upper dir, the owner owns the repository, and they
+#: are the same uid (the agent runs as the repository's owner).
+OWNER = 1000
+
+
 def write(path: Path, text: str | bytes, mode: int | None = None) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
+    _mkdirs(path.parent)
     path.write_bytes(text if isinstance(text, bytes) else text.encode())
+    os.chown(path, OWNER, OWNER)  # before chmod: a chown by root would clear a setuid bit set first
     if mode is not None:
         os.chmod(path, mode)
     return path
+
+
+def _mkdirs(path: Path) -> None:
+    if path.is_dir():
+        return
+    _mkdirs(path.parent)
+    path.mkdir()
+    os.chown(path, OWNER, OWNER)
+
+
+def own_dirs(root: Path) -> None:
+    """Give every directory under ``root`` to the owner (a test that made some with plain mkdir); files keep
+    their owner (a chown would clear their setuid bits)."""
+    for dirpath, _dirs, _files in os.walk(root):
+        os.lchown(dirpath, OWNER, OWNER)
 
 
 def whiteout(path: Path) -> None:
@@ -43,5 +64,5 @@ def whiteout(path: Path) -> None:
 
 
 def opaque(path: Path) -> None:
-    path.mkdir(parents=True, exist_ok=True)
+    _mkdirs(path)
     os.setxattr(path, "user.overlay.opaque", b"y")

@@ -1,0 +1,130 @@
+"""The session home as part of the transaction: what a job writes into ``$HOME`` is kept only if it commits.
+
+Owns the session's *committed* home (``$EXECUTOR_HOME/sessions/<session>/home``: never mounted writable)
+and each attempt's home layer (``jobs/<id>/home/upper``): the agent's home is an overlay whose lower dir
+is the committed home, so Claude Code's transcripts, settings and dotfiles land in the attempt's layer.
+When the job commits, the paths its policy's ``session_carry`` allows (by default only Claude Code's
+conversation transcripts, which ``--resume`` needs) are merged into the committed home; everything else,
+and everything of a job that does not commit, goes with the job's directory. A rate-limited attempt keeps
+its layer until it resumes. So hooks, ``settings.json``, shell rc files and shell snapshots never reach the
+next job unless a policy names them.
+
+Must never: carry a symlink, a device or anything the policy does not name into the committed home, follow
+a link the agent planted, or write the committed home with root's rights.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+from pathlib import Path
+
+from ..globs import matching
+from .apply import apply_change
+from .safefs import DIR_FLAGS, lstat_at, open_dir_path
+from .upper import Change, Entry, scan_upper
+
+#: What a job's home may hand on to the next job of its session unless its policy says otherwise.
+DEFAULT_CARRY = (".claude/projects/**/*.jsonl",)
+
+
+def prepare_committed(home: Path, uid: int, gid: int) -> None:
+    """The committed home exists, belongs to the agent's uid and is private (the overlay's lower dir)."""
+    home.parent.mkdir(parents=True, exist_ok=True)
+    os.chmod(home.parent, 0o711)
+    try:
+        os.mkdir(home, 0o700)
+    except FileExistsError:
+        pass
+    fd = os.open(home, DIR_FLAGS)
+    try:
+        os.fchown(fd, uid, gid)
+        os.fchmod(fd, 0o700)
+    finally:
+        os.close(fd)
+
+
+def carry(home_upper: Path, committed: Path, patterns: tuple[str, ...] | list[str], uid: int, gid: int) -> list[str]:
+    """Merge what ``patterns`` allow of an attempt's home layer into the committed home; the paths carried."""
+    if not home_upper.is_dir():
+        return []
+    change = _allowed(scan_upper(home_upper), patterns)
+    if not change.entries:
+        return []
+    fd = os.open(committed, DIR_FLAGS)
+    try:
+        apply_change(change, home_upper, fd, uid, gid)  # copies, as the owner
+    finally:
+        os.close(fd)
+    return change.changed_files
+
+
+def _allowed(change: Change, patterns) -> Change:
+    """Files and deletions the patterns name, with the plain directories above them; never symlinks,
+    replaced directories or anything the scan refused."""
+    picked = [e for e in change.entries if e.kind in ("file", "delete") and matching(e.path, patterns)]
+    parents = {"/".join(e.path.split("/")[:n]) for e in picked for n in range(1, e.path.count("/") + 1)}
+    dirs = [Entry(e.path, "dir", e.mode & 0o700 or 0o700) for e in change.entries
+            if e.kind in ("dir", "opaque_dir") and e.path in parents]
+    order = {e.path: i for i, e in enumerate(change.entries)}
+    return Change(entries=sorted(dirs + picked, key=lambda e: order[e.path]))
+
+
+def transcript_readable(tops: list[Path], claude_session_id: str) -> bool:
+    """Whether Claude Code's transcript of a conversation is in one of ``tops`` (an attempt's home layer, the
+    committed home) and parses; else a resume starts fresh. Read through pinned fds, never following a link."""
+    name = f"{claude_session_id}.jsonl"
+    for top in tops:
+        try:
+            top_fd = os.open(top, DIR_FLAGS)
+        except OSError:
+            continue
+        try:
+            found = _read_transcript(top_fd, name)
+        finally:
+            os.close(top_fd)
+        if found is not None:
+            return found
+    return False
+
+
+def _read_transcript(top_fd: int, name: str) -> bool | None:
+    try:
+        projects = open_dir_path(top_fd, [".claude", "projects"])
+    except OSError:
+        return None
+    try:
+        for project in os.listdir(projects):
+            st = lstat_at(projects, project)
+            if st is None or not stat.S_ISDIR(st.st_mode):
+                continue
+            text = _read_at(projects, [project, name])
+            if text is not None:
+                lines = text.splitlines()
+                try:
+                    return bool(lines) and all(json.loads(line) is not None for line in lines if line.strip())
+                except json.JSONDecodeError:
+                    return False
+        return None
+    finally:
+        os.close(projects)
+
+
+def _read_at(dir_fd: int, parts: list[str], limit: int = 256 * 2**20) -> str | None:
+    try:
+        parent = open_dir_path(dir_fd, parts[:-1])
+    except OSError:
+        return None
+    try:
+        fd = os.open(parts[-1], os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=parent)
+    except OSError:
+        return None
+    finally:
+        os.close(parent)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return None
+        return os.read(fd, limit).decode("utf-8", "replace")
+    finally:
+        os.close(fd)

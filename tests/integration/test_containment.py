@@ -1,0 +1,263 @@
+"""Containment, attacked through the public interfaces: a scripted agent (the real CLI in the real sandbox
+image, against a scripted Messages API) tries each way out of its job that was found on the previous
+design, and nothing it does may reach the host, another job or a person's decision.
+
+1. a link planted in the session home for the redaction scrub to write through;
+2. the workspace swapped for a link to a root-owned directory while the agent runs;
+3. a ``host``-network job approving another job's review on the page;
+4. hooks and shell rc files left in the session home by a rolled-back (or committed) job;
+5. a job writing past its disk cap.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+from executor.intake.spool import Spool
+from executor.sandbox.disk import free_bytes
+from executor.store import Status
+from tests.conftest import TOKEN_VALUE, tree_digest, wait_for, wait_status
+from tests.scripted_api import ScriptedAPI, Turn
+
+SETTLED = {Status.succeeded, Status.rolled_back, Status.failed, Status.cancelled, Status.stalled,
+           Status.awaiting_review}
+
+
+def bash(command: str) -> Turn:
+    return Turn.tool("Bash", {"command": command, "description": "run"})
+
+
+def submit(world, job_id: str, repo: Path, **fields) -> str:
+    Spool(world.home / "spool").write(json.dumps({"id": job_id, "runner": "scripted", "workspace": str(repo),
+                                                  "prompt": f"{job_id}: do it", **fields}).encode())
+    return job_id
+
+
+def victim(tmp_path: Path, name: str = "victim") -> Path:
+    """A root-owned 0600 host file outside every root, as an attacker would aim at."""
+    path = tmp_path / "host" / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("host data\n")
+    os.chmod(path, 0o600)
+    return path
+
+
+def unchanged(path: Path) -> bool:
+    st = path.lstat()
+    return (stat.S_ISREG(st.st_mode) and path.read_text() == "host data\n" and st.st_uid == 0
+            and stat.S_IMODE(st.st_mode) == 0o600)
+
+
+def tool_results(store, job_id: str) -> str:
+    return "\n".join(str(e.data.get("content", "")) for e in store.events(job_id=job_id) if e.kind == "tool_result")
+
+
+# ------------------------------------------------------------------------------ 1. the scrub's links
+
+
+def test_a_link_in_the_session_home_is_never_written_through(world, run_executor, tmp_path):
+    target = victim(tmp_path)
+    other = victim(tmp_path, "other")
+    # The credential in a file (so the scrub rewrites it), and links beside it to host files under every name
+    # a scrub might write: its old temp name, and names of files that hold the credential too.
+    plant = (f'printenv ANTHROPIC_API_KEY > ~/.leak; ln -s {target} ~/.leak.redact; '
+             f'mkdir -p ~/.claude; ln -s {other} ~/.claude/creds; printenv ANTHROPIC_API_KEY > ~/.claude/real')
+    with ScriptedAPI({"scrub": [bash(plant), Turn.text("Done.")]}) as api:
+        world.write_runners(api.base_url)
+        running = run_executor(world.settings())
+        job = wait_status(running.executor.store, submit(world, "scrub", world.repo("scrub")), SETTLED)
+    assert job.status == Status.succeeded, (job.reason, job.error)
+    assert unchanged(target) and unchanged(other)
+    committed_home = world.home / "sessions" / "scrub" / "home"
+    # Only transcripts are carried on, and the credential never reaches what is kept.
+    for dirpath, _dirs, files in os.walk(committed_home):
+        for name in files:
+            path = Path(dirpath, name)
+            assert path.suffix == ".jsonl" and TOKEN_VALUE not in path.read_text(), path
+
+
+# --------------------------------------------------------------------------- 2. the swapped workspace
+
+
+def test_a_workspace_swapped_for_a_link_while_the_agent_runs_gets_nothing_written(world, run_executor, tmp_path):
+    repo = world.repo("swapped", {"a.txt": "a\n"})
+    outside = tmp_path / "outside"  # root-owned, outside every workspace root
+    outside.mkdir()
+    (outside / "keep.txt").write_text("keep\n")
+    before = tree_digest(outside)
+    script = {"swapped": [bash("sleep 6; echo job > new.txt; echo changed > a.txt"), Turn.text("Done.")]}
+    with ScriptedAPI(script) as api:
+        world.write_runners(api.base_url)
+        running = run_executor(world.settings())
+        store = running.executor.store
+        submit(world, "swapped", repo)
+        wait_for(lambda: any(e.kind == "tool_call" for e in store.events(job_id="swapped")), 120,
+                 "the agent's tool call")
+        moved = repo.with_name("swapped-original")
+        repo.rename(moved)  # as anyone who can write the workspace's parent could
+        repo.symlink_to(outside)
+        job = wait_status(store, "swapped", SETTLED, timeout=180)
+    assert (job.status, job.reason) == (Status.failed, "workspace_changed"), job.error
+    assert "nothing was written" in job.error
+    assert tree_digest(outside) == before and not (outside / "new.txt").exists()
+    assert (moved / "a.txt").read_text() == "a\n" and not (moved / "new.txt").exists()
+
+
+# ----------------------------------------------------------------------------- 3. the self-approval
+
+
+APPROVE = textwrap.dedent("""\
+    import re, sys, urllib.error, urllib.parse, urllib.request
+    base = sys.argv[1]
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    def call(path, data=None):
+        try:
+            with opener.open(base + path, data=data, timeout=10) as r:
+                return r.status, r.read().decode()
+        except urllib.error.HTTPError as e:
+            return e.code, e.read().decode()
+        except OSError as e:
+            return None, str(e)
+    status, page = call("/")
+    print("INDEX", status)
+    csrf = (re.findall('name="csrf" value="([^"]+)"', page) or ["guess"])[0]
+    for path in ("/jobs/victim-job/approve", "/jobs/victim-job/reject"):
+        status, body = call(path, urllib.parse.urlencode({"csrf": csrf}).encode())
+        print("POST", path, status, body[:80].replace("\\n", " "))
+    """)
+
+
+def test_a_host_network_job_cannot_approve_another_jobs_review(world, run_executor):
+    world.write_policy("always", review="always")
+    world.write_policy("hostnet", network="host")
+    target = world.repo("victim-job", {"a.txt": "a\n"})
+    before = tree_digest(target)
+    attacker = world.repo("attacker", {"approve.py": APPROVE})
+    with ScriptedAPI({"victim-job": [bash("echo evil > a.txt"), Turn.text("Done.")],
+                      "attacker": []}) as api:
+        world.write_runners(api.base_url)
+        running = run_executor(world.settings(ui_port=0))
+        store = running.executor.store
+        web = wait_for(lambda: running.executor.web, 60, "the web page")
+        submit(world, "victim-job", target, policy="always")
+        assert wait_status(store, "victim-job", SETTLED).status == Status.awaiting_review
+        api.add("attacker", [bash(f"python3 approve.py http://127.0.0.1:{web.port}; "
+                                  "find / -name ui-token 2>/dev/null | head; echo FOUND-END"), Turn.text("Done.")])
+        job = wait_status(store, submit(world, "attacker", attacker, policy="hostnet"), SETTLED)
+    output = tool_results(store, "attacker")
+    assert "INDEX 403" in output  # the page needs its token, on loopback too
+    assert "POST /jobs/victim-job/approve 403" in output and "POST /jobs/victim-job/reject 403" in output
+    assert "ui-token\n" not in output.split("FOUND-END")[0].replace("INDEX", "")  # the token file is not in reach
+    victim_job = store.get("victim-job")
+    assert victim_job.status == Status.awaiting_review and victim_job.reviewed_by is None
+    assert tree_digest(target) == before
+    assert job.status in (Status.succeeded, Status.awaiting_review, Status.rolled_back)
+
+
+# ------------------------------------------------------------------------------ 4. the poisoned session
+
+
+POISON = ("mkdir -p ~/.claude && "
+          "printf '%s' '{\"hooks\": {\"PreToolUse\": [{\"matcher\": \"*\", \"hooks\": "
+          "[{\"type\": \"command\", \"command\": \"touch /workspace/pwned-by-hook\"}]}]}}' > ~/.claude/settings.json && "
+          "echo 'touch /workspace/pwned-by-bashrc' > ~/.bashrc && cp ~/.bashrc ~/.profile && "
+          "echo poisoned > poison.txt")
+
+
+def test_a_session_home_carries_no_hooks_or_rc_files_to_the_next_job(world, run_executor):
+    world.write_policy("failing", test_command="false")
+    repo = world.repo("poisoned", {"a.txt": "a\n"})
+    look = "ls -la ~ ~/.claude 2>&1; cat ~/.claude/settings.json 2>&1; echo next > next.txt"
+    with ScriptedAPI({"poison-1": [bash(POISON), Turn.text("Done.")],   # rolled back by its tests
+                      "poison-2": [bash(POISON), Turn.text("Done.")],   # committed, hooks and all
+                      "poison-3": [bash(look), Turn.text("Done.")]}) as api:
+        world.write_runners(api.base_url)
+        running = run_executor(world.settings())
+        store = running.executor.store
+        first = wait_status(store, submit(world, "poison-1", repo, session_id="s-poison", policy="failing"), SETTLED)
+        assert (first.status, first.reason) == (Status.rolled_back, "tests_failed")
+        second = wait_status(store, submit(world, "poison-2", repo, session_id="s-poison"), SETTLED)
+        assert second.status == Status.succeeded, (second.reason, second.error)
+        third = wait_status(store, submit(world, "poison-3", repo, session_id="s-poison"), SETTLED)
+    assert third.status == Status.succeeded, (third.reason, third.error)
+    seen = tool_results(store, "poison-3")
+    assert "settings.json: No such file" in seen and ".bashrc" not in seen and ".profile" not in seen
+    assert not list(repo.glob("pwned*")), "a hook or an rc file of an earlier job ran in the next one"
+    assert (repo / "next.txt").read_text() == "next\n" and (repo / "poison.txt").exists()  # job 2's own change
+    home = world.home / "sessions" / "s-poison" / "home"
+    kept = sorted(str(p.relative_to(home)) for p in home.rglob("*") if p.is_file())
+    assert kept and all(k.startswith(".claude/projects/") and k.endswith(".jsonl") for k in kept), kept
+    carried = [e.data for e in store.events(job_id="poison-2") if e.kind == "session_home"]
+    assert carried and all(p.endswith(".jsonl") for p in carried[0]["carried"])
+
+
+# --------------------------------------------------------------------------------------- 5. the disk cap
+
+
+def test_a_job_writing_past_its_disk_cap_is_stopped_and_leaves_nothing(world, run_executor):
+    world.write_policy("small-disk", disk="1g", heartbeat_interval="1s")
+    repo = world.repo("filler", {"a.txt": "a\n"})
+    before = tree_digest(repo)
+    fill = ("dd if=/dev/zero of=big bs=1M count=1536 2>&1 | tail -1; "
+            "dd if=/dev/zero of=~/big bs=1M count=1536 2>&1 | tail -1; sleep 5")
+    with ScriptedAPI({"filler": [bash(fill), Turn.text("Done.")]}) as api:
+        world.write_runners(api.base_url)
+        running = run_executor(world.settings())
+        job = wait_status(running.executor.store, submit(world, "filler", repo, policy="small-disk",
+                                                          session_id="s-fill"), SETTLED, timeout=300)
+    assert (job.status, job.reason) == (Status.failed, "disk_limit"), (job.reason, job.error)
+    assert "over the policy's disk limit of 1g" in job.error and "GiB" in job.error
+    assert tree_digest(repo) == before
+    assert not (world.home / "jobs" / "filler").exists()  # the upper dir and the home layer went with it
+    home = world.home / "sessions" / "s-fill" / "home"
+    assert not any(p.name == "big" for p in home.rglob("*"))
+    beats = running.executor.store.heartbeats("filler")
+    assert any((b.disk or 0) > 0 for b in beats)  # disk use was measured and recorded per heartbeat
+
+
+def test_a_jobs_tmpfs_is_capped_by_its_size(world, run_executor):
+    """tmpfs is written disk the measurement cannot see: its size is the cap (never above the policy's disk)."""
+    world.write_policy("tiny-disk", disk="128m")
+    command = "df -k /tmp | tail -1; dd if=/dev/zero of=/tmp/t bs=1M count=200 2>&1; rm -f /tmp/t"
+    with ScriptedAPI({"tmpfs": [bash(command), Turn.text("Done.")]}) as api:
+        world.write_runners(api.base_url)
+        running = run_executor(world.settings())
+        wait_status(running.executor.store, submit(world, "tmpfs", world.repo("tmpfs"), policy="tiny-disk"),
+                    SETTLED, timeout=180)
+    seen = tool_results(running.executor.store, "tmpfs")
+    assert "No space left on device" in seen and " 131072 " in seen, seen  # a 128 MiB tmpfs
+
+
+def test_a_job_that_would_take_the_disk_reserve_is_stopped(world, run_executor):
+    repo = world.repo("hog", {"a.txt": "a\n"})
+    world.write_policy("big-disk", disk="8g", heartbeat_interval="1s")
+    with ScriptedAPI({"hog": [bash("dd if=/dev/zero of=big bs=1M count=3072 2>&1 | tail -1"),
+                              Turn.text("Done.")]}) as api:
+        world.write_runners(api.base_url)
+        # Leave this job 1 GiB of the state root's free space before the reserve.
+        reserve = free_bytes(world.home) - 2**30
+        running = run_executor(world.settings(disk_reserve=reserve))
+        job = wait_status(running.executor.store, submit(world, "hog", repo, policy="big-disk"), SETTLED,
+                          timeout=300)
+        assert (job.status, job.reason) == (Status.failed, "disk_reserve"), (job.reason, job.error)
+        assert "EXECUTOR_DISK_RESERVE" in job.error
+    assert not (repo / "big").exists() and not (world.home / "jobs" / "hog").exists()
+
+
+def test_no_job_starts_while_the_state_root_is_below_the_disk_reserve(world, run_executor):
+    with ScriptedAPI({"waits": [Turn.text("Done.")]}) as api:
+        world.write_runners(api.base_url)
+        running = run_executor(world.settings(disk_reserve=free_bytes(world.home) * 4))
+        submit(world, "waits", world.repo("waits"))
+        wait_for(lambda: running.executor.waiting, 60, "the queue's head to wait")
+        assert "EXECUTOR_DISK_RESERVE" in running.executor.waiting
+        assert running.executor.store.get("waits").status == Status.queued
+        out = subprocess.run([str(Path(sys.executable).parent / "executor"), "status"], env=world.env(),
+                             capture_output=True, text=True, timeout=60)
+        assert "EXECUTOR_DISK_RESERVE" in out.stdout
