@@ -9,9 +9,10 @@ Must never: write to the store, or show more of an egress event than where it we
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from ..store import Job, Store
+if TYPE_CHECKING:  # the store loads when a command opens it (SQLAlchemy is slow to import)
+    from ..store import Job, Store
 
 #: Policies that leave the sandbox open: the container holds the real credential and has a route out.
 UNSEALED = ("bridge", "host")
