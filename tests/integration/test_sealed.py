@@ -22,6 +22,7 @@ from tests.sealing import Origin
 SETTLED = {Status.succeeded, Status.rolled_back, Status.failed, Status.stalled, Status.cancelled}
 EXECUTOR = Path(__file__).resolve().parents[2] / ".venv" / "bin" / "executor"
 PLACEHOLDER = "sk-ant-sealed-placeholder-not-a-credential"
+UI_TOKEN = "ui-token-for-the-sealed-tests-0b9e"  # the review page's token (sent as a bearer token)
 
 # Searches everything the agent can read for the credential: its environment, every process's environ, and
 # every file of the container (but the kernel's /proc, /sys and /dev trees). The value travels hex-encoded,
@@ -177,7 +178,7 @@ def test_inside_a_sealed_job_only_the_egress_list_is_reachable(world, run_execut
             world.write_policy(egress=[f"127.0.0.1:{origin.port}", f"localhost:{origin.port}"],
                                test_command="test -s probe.json")
             repo = world.repo("probe", {"probe.py": PROBE})
-            running = run_executor(world.settings(ui_port=0))
+            running = run_executor(world.settings(ui_port=0, ui_token=UI_TOKEN))
             store = running.executor.store
             world.submit(id="egress-probe", workspace=str(repo), prompt="egress-probe: look around")
             job = wait_status(store, "egress-probe", SETTLED, timeout=180)
@@ -217,7 +218,8 @@ def test_inside_a_sealed_job_only_the_egress_list_is_reachable(world, run_execut
 def _fetch(url: str) -> str:
     import urllib.request
 
-    with urllib.request.urlopen(url, timeout=10) as response:
+    request = urllib.request.Request(url, headers={"authorization": f"Bearer {UI_TOKEN}"})
+    with urllib.request.urlopen(request, timeout=10) as response:
         return response.read().decode()
 
 
@@ -339,7 +341,7 @@ def test_an_unsealed_opt_in_runs_as_before_and_is_flagged_everywhere(world, run_
     with ScriptedAPI({"open": [Turn.text("Done.")]}) as api:
         world.write_runners(api.base_url)
         world.write_policy("open", network="host")
-        running = run_executor(world.settings(ui_port=0))
+        running = run_executor(world.settings(ui_port=0, ui_token=UI_TOKEN))
         store = running.executor.store
         world.submit(id="open", policy="open", workspace=str(world.repo("open")), prompt="open: go")
         job = wait_status(store, "open", SETTLED, timeout=120)
