@@ -21,7 +21,7 @@ from datetime import timedelta
 from ..agent.command import runner_credential
 from ..clock import utcnow
 from ..egress_rules import parse_egress
-from ..errors import ConfigError
+from ..errors import ConfigError, SandboxError
 from ..policy import Policy, Runner
 from ..sandbox.egress import EgressEvent
 from ..sandbox.gateway import DEFAULT_BASE_URL, Refusal, RequestRecord, Upstream
@@ -59,8 +59,11 @@ class SealedAttempt:
                             auth_type=runner.auth_type, base_url=runner.base_url or DEFAULT_BASE_URL)
         hooks = Hooks(request=attempt._request, refusal=attempt._refusal, egress=attempt._egress,
                       activity=attempt._activity)
-        attempt.sealed = ctx.sealer.open(job.id, attempt.directory, upstream, parse_egress(policy.egress),
-                                         ws.uid, ws.gid, hooks)
+        try:
+            attempt.sealed = ctx.sealer.open(job.id, attempt.directory, upstream, parse_egress(policy.egress),
+                                             ws.uid, ws.gid, hooks)
+        except OSError as exc:
+            raise SandboxError(f"cannot serve the job's sockets in {attempt.directory}: {exc}") from None
         return attempt
 
     def close(self) -> None:

@@ -195,3 +195,33 @@ def test_the_meter_reads_usage_from_sse_and_json_bodies_without_keeping_them():
     plain = ResponseMeter("application/json")
     plain.feed(json.dumps({"type": "error", "error": {"type": "overloaded_error", "message": "busy"}}).encode())
     assert plain.finish() == {} and plain.error == "busy"
+
+
+def test_a_socket_directory_that_cannot_be_made_is_a_sandbox_error_and_leaves_nothing_served(tmp_path):
+    from executor.errors import SandboxError
+    from executor.job.context import Context
+    from executor.job.sealed import SealedAttempt
+    from executor.policy import Policy, Runner
+    from executor.sandbox.seal import Sealer
+    from executor.settings import Settings
+    from executor.store import Job, Store
+    from executor.transaction.workspace import Workspace
+    from tests.unit.fakes import FakeDeployment
+
+    settings = Settings(home=tmp_path / "home", policies=tmp_path)
+    job = Job(id="j", session_id="j", runner="r", model_requested=MODEL, workspace=str(tmp_path), prompt="p",
+              policy_name="default", attempts=1)
+    ws = Workspace.of(settings, job)
+    ws.root.mkdir(parents=True)
+    ws.sockets.write_text("a file where the socket directory goes\n")
+    sealer = Sealer().start()
+    store = Store(settings.db_path)
+    ctx = Context(settings=settings, store=store, sandbox=FakeDeployment(),
+                  runners={}, secrets={"T": REAL_KEY}, sealer=sealer)
+    try:
+        with pytest.raises(SandboxError, match=f"cannot serve the job's sockets in {ws.sockets}"):
+            SealedAttempt.open(ctx, job, ws, Runner(name="r", model=MODEL, auth_env="T"), Policy())
+        assert sealer.gateways.job_ids() == []
+    finally:
+        sealer.stop()
+        store.close()
