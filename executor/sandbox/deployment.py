@@ -26,6 +26,7 @@ from docker.models.containers import Container
 from docker.types import Mount
 
 from ..errors import SandboxError
+from .hostpaths import HostPaths
 
 log = logging.getLogger(__name__)
 
@@ -96,10 +97,12 @@ class Deployment(Protocol):
 class Sandbox:
     """``Deployment`` on the Docker engine."""
 
-    def __init__(self, client: docker.DockerClient, image: str, instance: str = "default") -> None:
+    def __init__(self, client: docker.DockerClient, image: str, instance: str = "default",
+                 paths: HostPaths | None = None) -> None:
         self.client = client
         self.image = image
         self.instance = instance
+        self.paths = paths or HostPaths()  # the engine resolves paths on the host, not in our container
         self._own = {LABEL: "1", LABEL_INSTANCE: instance}
 
     def check_image(self) -> None:
@@ -139,13 +142,13 @@ class Sandbox:
         except (APIError, DockerException) as exc:
             raise SandboxError(f"cannot start container {spec.name}: {exc}") from None
 
-    @staticmethod
-    def _mounts(spec: ContainerSpec) -> list[Mount]:
+    def _mounts(self, spec: ContainerSpec) -> list[Mount]:
         mounts = [Mount(target=WORKSPACE_MOUNT, source=spec.volume, type="volume", no_copy=True)]
         if spec.home_volume:
             mounts.append(Mount(target=AGENT_HOME, source=spec.home_volume, type="volume", no_copy=True))
-        if spec.sockets:
-            mounts.append(Mount(target=SOCKETS_MOUNT, source=spec.sockets, type="bind", read_only=True))
+        if spec.sockets:  # made in the executor's view of the state root; the engine needs the host's path
+            mounts.append(Mount(target=SOCKETS_MOUNT, source=self.paths.to_host(spec.sockets), type="bind",
+                                read_only=True))
         return mounts
 
     @staticmethod
@@ -172,6 +175,7 @@ class Sandbox:
     def create_overlay_volume(self, name: str, lower: list[str], upper: str, work: str,
                               labels: dict[str, str]) -> None:
         """A local-driver volume of type overlay; mounting it copies nothing."""
+        lower, upper, work = [self.paths.to_host(p) for p in lower], self.paths.to_host(upper), self.paths.to_host(work)
         options = ",".join([f"lowerdir={':'.join(lower)}", f"upperdir={upper}", f"workdir={work}",
                             # userxattr keeps overlay metadata in user.* xattrs and redirect_dir off, so
                             # the upper dir describes itself; metacopy/index off for the same reason.

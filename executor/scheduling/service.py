@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from pathlib import Path
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -35,6 +36,7 @@ from ..policy import Runner, load_runners
 from ..redact import RedactingFilter, Redactor
 from ..sandbox.deployment import Deployment, Sandbox, connect, instance_id
 from ..sandbox.disk import free_bytes
+from ..sandbox.hostpaths import HostPaths
 from ..sandbox.seal import Sealer
 from ..settings import Settings
 from ..store import Job, Status, Store
@@ -66,7 +68,15 @@ class Executor:
         self.redactor = Redactor()
         self.store = Store(settings.db_path, redact=self.redactor)
         self.spool = Spool(settings.spool_dir)
-        self.sandbox = deployment or Sandbox(client or connect(), settings.sandbox_image, instance_id(settings.home))
+        if deployment is None:
+            client = client or connect()
+            self.paths = HostPaths.discover(client)  # in a container, the engine needs host paths
+            # Named by the state root's host path: two executors in containers never sweep each other.
+            instance = instance_id(Path(self.paths.to_host(str(settings.home))))
+            deployment = Sandbox(client, settings.sandbox_image, instance, self.paths)
+        else:
+            self.paths = HostPaths()
+        self.sandbox = deployment
         self.governor = Governor.from_settings(settings)
         self.sealer = Sealer()  # its threads start with serve()
         self.ctx = Context(settings=settings, store=self.store, sandbox=self.sandbox,
@@ -126,9 +136,12 @@ class Executor:
 
         self.metrics = serve_metrics(self.settings, self.store)
         self.web = serve_web(self.settings, self.store)
+        if self.metrics is not None:
+            self.ctx.listeners.append(self.metrics.job_settled)
         if self.settings.notify_url is not None:
-            self.notifier = Notifier(self.settings.notify_url.get_secret_value(), ui_url=web_url(self.settings))
-            self.ctx.notify = self.notifier.job_event
+            self.notifier = Notifier(self.settings.notify_url.get_secret_value(), ui_url=web_url(self.settings),
+                                     kinds=self.settings.notify_on)
+            self.ctx.listeners.append(self.notifier.job_event)
 
     def side_threads(self) -> dict[str, threading.Thread]:
         """The threads the executor needs besides its job threads, by name."""
@@ -150,7 +163,13 @@ class Executor:
         """One round of the loop; True when spool files are left for the next round (a flood is taken in
         slices of ``INTAKE_BUDGET`` seconds, so the status and admission keep up)."""
         self.ctx.runners = self._load_runners()
-        taken = intake(self.spool, self.store, self.settings, self.ctx.runners, budget=INTAKE_BUDGET)
+        taken = intake(self.spool, self.store, self.settings, self.ctx.runners, budget=INTAKE_BUDGET,
+                       translate=self.paths.to_container)
+        for job_id in taken.rejected_ids:  # a refused job file is an ending too (status rejected)
+            if (job := self.store.get(job_id)) is not None:
+                self.ctx.settled(job)
+        if self.metrics is not None and taken.rejected:
+            self.metrics.rejected.inc(len(taken.rejected))
         self.reap()
         self.keep_disk_reserve()
         self.admit()
@@ -201,6 +220,14 @@ class Executor:
             **self.governor.snapshot(),
             "ts": time.time(),
             "pid": self._process.pid,
+            "poll_interval": self.settings.poll_interval,  # how fresh a snapshot must be to say "running"
+            # Where the engine finds what this executor sees (its container's bind mounts), for `submit` on the host.
+            "host_paths": [list(pair) for pair in self.paths.binds],
+            # What `executor submit` judges a job file by: this executor's own settings, not the submitter's.
+            "settings": {"home": str(self.settings.home), "policies": str(self.settings.policies),
+                         "workspace_roots": [str(r) for r in self.settings.workspace_roots],
+                         "budget_cpus": self.settings.budget_cpus, "budget_memory": self.settings.budget_memory,
+                         "reserve_memory": self.settings.reserve_memory},
             "measured": {
                 "executor": executor_use,
                 "jobs": {"cpu_cores": round(sum(r["cpu_cores"] or 0 for r in running), 4),

@@ -123,6 +123,14 @@ class Store:
                 refused[index] = exc
         return refused
 
+    def add_rejected(self, job: Job) -> None:
+        """Record a job file refused at intake (status ``rejected``); an id taken meanwhile keeps its job."""
+        job.finished_at = job.finished_at or utcnow()
+        try:
+            self.add_job(job)
+        except InvalidJob:
+            pass
+
     def get(self, job_id: str) -> Job | None:
         with self.session() as s:
             return s.get(Job, job_id)
@@ -138,6 +146,20 @@ class Store:
             if statuses is not None:
                 query = query.where(col(Job.status).in_([st.value for st in statuses]))
             query = query.order_by(col(Job.priority).desc(), col(Job.created_at), col(Job.id))
+            return list(s.exec(query))
+
+    def recent_jobs(self, statuses: Iterable[Status] | None = None, runner: str | None = None,
+                    session_id: str | None = None, limit: int = 50) -> list[Job]:
+        """The newest jobs first (what a person lists), filtered, at most ``limit`` (read in one query)."""
+        with self.session() as s:
+            query = select(Job)
+            if statuses is not None:
+                query = query.where(col(Job.status).in_([st.value for st in statuses]))
+            if runner is not None:
+                query = query.where(Job.runner == runner)
+            if session_id is not None:
+                query = query.where(Job.session_id == session_id)
+            query = query.order_by(col(Job.created_at).desc(), col(Job.id).desc()).limit(limit)
             return list(s.exec(query))
 
     def transition(self, job_id: str, expected: Status | Iterable[Status], new: Status, **fields: Any) -> Job:
@@ -336,5 +358,14 @@ class Store:
             value = s.exec(select(func.max(Event.line)).where(Event.job_id == job_id, Event.attempt == attempt)).first()
             return int(value or 0)
 
-    def events(self, job_id: str | None = None, session_id: str | None = None) -> list[Event]:
-        return self._rows(Event, Event.id, job_id=job_id, session_id=session_id)
+    def events(self, job_id: str | None = None, session_id: str | None = None, after: int = 0) -> list[Event]:
+        """Events in order; ``after``: only those with a larger id (to follow a log as it grows)."""
+        if not after:
+            return self._rows(Event, Event.id, job_id=job_id, session_id=session_id)
+        with self.session() as s:
+            query = select(Event).where(col(Event.id) > after)
+            if job_id is not None:
+                query = query.where(Event.job_id == job_id)
+            if session_id is not None:
+                query = query.where(Event.session_id == session_id)
+            return list(s.exec(query.order_by(col(Event.id))))

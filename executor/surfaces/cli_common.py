@@ -7,23 +7,42 @@ Must never: write to the store.
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import click
-from pydantic import ValidationError
 
-from ..settings import Settings
 from .seal_view import api_view, egress_denials, network_view
 
-if TYPE_CHECKING:  # loaded only when a command opens the store (SQLAlchemy is slow to import)
+if TYPE_CHECKING:  # loaded when a command needs them: pydantic-settings and SQLAlchemy are slow to import
+    from ..settings import Settings
     from ..store import Job, Store
 
 
 def load_settings() -> Settings:
+    from pydantic import ValidationError
+
+    from ..settings import Settings, UnknownSetting
+
     try:
         return Settings()
+    except UnknownSetting as exc:
+        raise click.ClickException(str(exc)) from None
     except ValidationError as exc:
-        raise click.ClickException(f"bad EXECUTOR_* setting: {exc}") from None
+        problems = []
+        for err in exc.errors():
+            name = "EXECUTOR_" + "_".join(str(p) for p in err["loc"][:1]).upper()
+            problems.append(f"{name}={os.environ.get(name, '')!r}: {err['msg'].removeprefix('Value error, ')}")
+        raise click.ClickException("bad setting: " + "; ".join(problems)) from None
+
+
+def state_root() -> Path:
+    """Where the state root is, for the commands that only read the serving loop's snapshot (``status``,
+    ``health``): ``EXECUTOR_HOME`` as ``Settings`` reads it, without loading pydantic-settings, so that they
+    answer in a blink. Every other setting they need is in the snapshot; without a fresh one they build the
+    full ``Settings``."""
+    return Path(os.environ.get("EXECUTOR_HOME") or "store").expanduser().absolute()
 
 
 def open_store(settings: Settings) -> Store:

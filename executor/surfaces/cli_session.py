@@ -12,9 +12,8 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from ..settings import Settings
-
 if TYPE_CHECKING:
+    from ..settings import Settings
     from ..store import Store
 from .cli_common import job_view, load_settings, open_store
 

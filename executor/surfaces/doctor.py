@@ -25,11 +25,12 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 import docker
-from docker.errors import DockerException, ImageNotFound, NotFound
+from docker.errors import DockerException, ImageNotFound
 
 from ..errors import ConfigError, SandboxError
 from ..policy import load_policy, load_runners
 from ..sandbox.deployment import LABEL, LABEL_INSTANCE, LABEL_ROLE, Sandbox, instance_id
+from ..sandbox.hostpaths import HostPaths
 from ..settings import COMPACTION_MODEL, Settings
 from ..transaction.safefs import remove_tree
 
@@ -69,56 +70,17 @@ def _skipped(name: str, needs: str) -> Check:
 # -- running in a container --------------------------------------------------------------------------
 
 
-def own_container_id(proc: Path = Path("/proc/self")) -> str | None:
-    """The id of the container this process runs in, or None on the host.
-
-    The engine bind-mounts ``/var/lib/docker/containers/<id>/{hostname,hosts,resolv.conf}`` into every
-    container, so mountinfo names the id whatever the cgroup version or network mode (with network host
-    the hostname is the host's, so it cannot tell). cgroup v1 paths (``/docker/<id>``) are the fallback.
-    """
-    try:
-        for line in (proc / "mountinfo").read_text().splitlines():
-            fields = line.split()
-            if len(fields) > 4 and "/containers/" in fields[3]:
-                match = _CONTAINER_ID.search(fields[3])
-                if match:
-                    return match.group(0)
-    except OSError:
-        pass
-    try:
-        for line in (proc / "cgroup").read_text().splitlines():
-            match = re.search(r"(?:docker[-/])([0-9a-f]{64})", line)
-            if match:
-                return match.group(1)
-    except OSError:
-        pass
-    return None
-
-
-def path_mismatches(mounts: list[Mapping[str, Any]], paths: list[tuple[str, Path]]) -> list[str]:
-    """For each named path, why the engine would not find it at the same path on the host (or nothing).
-
-    ``mounts`` is ``docker inspect``'s ``Mounts`` list of our own container; ``paths`` are (what, path). A path is covered by the
-    mount whose destination is the path itself or its nearest ancestor; it is right when that mount is a
-    bind whose source equals its destination (then every path below it is the same on both sides).
-    """
+def unmounted(paths: HostPaths, mounts: list[Mapping[str, Any]], wanted: list[tuple[str, Path]]) -> list[str]:
+    """The named paths that live only inside this container (not under a bind mount): the engine, which
+    resolves overlay paths on the host, cannot reach them."""
     problems = []
-    for what, path in paths:
+    for what, path in wanted:
         target = PurePosixPath(str(path))
-        best: Mapping[str, Any] | None = None
-        for mount in mounts:
-            dest = PurePosixPath(mount.get("Destination", ""))
-            if (dest == target or dest in target.parents) and (
-                    best is None or len(str(dest)) > len(best.get("Destination", ""))):
-                best = mount
-        if best is None:
+        covering = [m for m in mounts if m.get("Type") == "bind" and (
+            PurePosixPath(m.get("Destination", "")) == target or PurePosixPath(m.get("Destination", "")) in
+            target.parents)]
+        if not covering:
             problems.append(f"{what} {path} is not mounted from the host (it lives only inside this container)")
-        elif best.get("Type") != "bind":
-            problems.append(f"{what} {path} is on a {best.get('Type')} mount ({best.get('Name') or best.get('Source')}), "
-                            f"not a bind mount of the same host path")
-        elif best.get("Source") != best.get("Destination"):
-            problems.append(f"{what} {path} is mounted from host path {best.get('Source')} at "
-                            f"{best.get('Destination')}: the paths differ")
     return problems
 
 
@@ -196,34 +158,27 @@ class Doctor:
         return _ok(name, f"{home} writable")
 
     def check_paths(self) -> Check:
-        name = "host path == container path"
-        roots = [("EXECUTOR_HOME", self.settings.home)]
-        roots += [("workspace root", root) for root in self.settings.workspace_roots]
-        container_id = own_container_id()
-        if container_id is None:
-            where = "in a container of another runtime, beside the engine" if Path("/.dockerenv").exists() else "on the host"
-            return _ok(name, f"not in a container of this engine ({where}): the engine sees the same paths")
-        try:
-            mounts = self.client.api.inspect_container(container_id).get("Mounts") or []
-        except NotFound:
-            return _ok(name, f"this process's container {container_id[:12]} is not one of this engine's: "
-                             f"the engine runs beside it and sees the same paths")
-        except DockerException as exc:
-            return _problem(name, f"cannot inspect this container ({container_id[:12]}): {exc}",
-                            "check the engine's log")
-        problems = path_mismatches(mounts, roots)
+        name = "host paths"
+        wanted = [("EXECUTOR_HOME", self.settings.home)]
+        wanted += [("workspace root", root) for root in self.settings.workspace_roots]
+        paths = HostPaths.discover(self.client)
+        if paths.container is None:
+            return _ok(name, "; ".join(paths.describe()))
+        mounts = [{"Type": "bind", "Destination": inside, "Source": host} for inside, host in paths.binds]
+        problems = unmounted(paths, mounts, wanted)
         if problems:
             return _problem(name, "; ".join(problems),
-                            "the engine mounts each job's overlay by host path: mount the state root and every "
-                            "workspace root at the same absolute path inside and outside (compose.yaml does: "
-                            "`${EXECUTOR_HOME}:${EXECUTOR_HOME}`), and give the executor those paths")
-        return _ok(name, f"in container {container_id[:12]}: {', '.join(str(p) for _, p in roots)} "
-                         f"mounted at their host paths")
+                            "the engine mounts each job's overlay from the host: bind-mount the state root and "
+                            "every workspace root from the host (compose.yaml does)")
+        found = [f"{what} {p} is host path {paths.to_host(str(p))}" for what, p in wanted]
+        return _ok(name, f"in container {paths.container[:12]}: " + "; ".join(found))
 
     def check_overlay(self) -> Check:
         """Build the smallest job workspace there is and run the sandbox image on it."""
         name = "overlay (userxattr)"
-        sandbox = Sandbox(self.client, self.settings.sandbox_image, instance_id(self.settings.home))
+        paths = HostPaths.discover(self.client)
+        sandbox = Sandbox(self.client, self.settings.sandbox_image,
+                          instance_id(Path(paths.to_host(str(self.settings.home)))), paths)
         tag = secrets.token_hex(4)
         root = self.settings.home / f".doctor-{tag}"
         volume = f"executor-doctor-{tag}"

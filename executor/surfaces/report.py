@@ -8,7 +8,8 @@ budget (from the ``status.json`` the serving loop writes every tick).
 
 Definitions:
   * finished: a job in a terminal status (succeeded, rolled_back, failed, cancelled, stalled) whose
-    ``finished_at`` lies in the window; completion rate = succeeded / finished.
+    ``finished_at`` lies in the window; completion rate = succeeded / finished. Job files rejected at
+    intake never ran: they are counted apart (``rejected_at_intake``).
   * duration = finished_at - started_at; queue wait = started_at - created_at (the first start).
   * rollbacks: ``tests_failed`` counts every rollback by the test gate (tests failed, timed out or ran out
     of memory), ``agent_error`` those where the agent did not succeed; ``by_reason`` has the exact reasons.
@@ -46,6 +47,8 @@ from ..store import TERMINAL, ApiRequest, Attempt, Event, Job, RateLimitEvent, S
 from .seal_view import UNSEALED
 
 DAY = timedelta(days=1)
+#: The endings of jobs that ran (a job file rejected at intake never did: it is counted apart).
+RAN = TERMINAL - {Status.rejected}
 BUSY_WINDOW_JOBS = 50  # a 24 h window with more finished jobs than this is "busy"
 TEST_GATE_REASONS = frozenset({"tests_failed", "tests_timeout", "tests_out_of_memory"})
 TIMEOUT_REASONS = frozenset({"timeout", "tests_timeout"})
@@ -128,8 +131,10 @@ def build_report(store: Store, since: timedelta, now: datetime | None = None,
 
     with store.session() as s:
         finished = list(s.exec(select(Job).where(
-            col(Job.status).in_([st.value for st in TERMINAL]),
+            col(Job.status).in_([st.value for st in RAN]),
             col(Job.finished_at) >= lo, col(Job.finished_at) <= hi)))
+        refused = s.exec(select(func.count()).select_from(Job).where(
+            col(Job.status) == Status.rejected.value, col(Job.finished_at) >= lo, col(Job.finished_at) <= hi)).one()
         active = dict(s.exec(select(Job.status, func.count()).where(
             col(Job.status).not_in([st.value for st in TERMINAL])).group_by(Job.status)).all())
         limits = list(s.exec(select(RateLimitEvent).where(
@@ -203,7 +208,8 @@ def build_report(store: Store, since: timedelta, now: datetime | None = None,
         "window": {"since": start.isoformat(), "until": now.isoformat(), "days": round(days, 4)},
         "jobs": {
             "finished": n_finished,
-            "by_status": {st.value: by_status.get(st.value, 0) for st in Status if st in TERMINAL},
+            "by_status": {st.value: by_status.get(st.value, 0) for st in Status if st in RAN},
+            "rejected_at_intake": refused,
             "by_reason": dict(sorted(reasons.items())),
             "active": {Status(st).value: n for st, n in sorted(active.items())},
         },

@@ -48,7 +48,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from .. import review
 from ..addresses import is_loopback
 from ..agent.describe import describe
-from ..clock import aware
+from ..clock import aware, span
 from ..errors import ConfigError, Conflict, ReviewError
 from ..settings import Settings
 from ..store import TERMINAL, Status, Store
@@ -204,22 +204,9 @@ def _when(moment) -> str:
     return aware(moment).strftime("%Y-%m-%d %H:%M:%S UTC") if moment else ""
 
 
-def _ago(seconds: float | None) -> str:
-    if seconds is None:
-        return ""
-    s = max(0, int(seconds))
-    if s >= 86400:
-        return f"{s // 86400}d {s % 86400 // 3600}h"
-    if s >= 3600:
-        return f"{s // 3600}h {s % 3600 // 60}m"
-    if s >= 60:
-        return f"{s // 60}m {s % 60}s"
-    return f"{s}s"
-
-
 def create_app(settings: Settings, store: Store) -> ASGIApp:
     templates = Jinja2Templates(directory=str(TEMPLATES))
-    templates.env.globals.update(when=_when, ago=_ago, pygments_css=PYGMENTS_CSS)
+    templates.env.globals.update(when=_when, ago=span, pygments_css=PYGMENTS_CSS)
     csrf = secrets.token_urlsafe(24)
     token = page_token(settings)
     credential = fingerprint(token)

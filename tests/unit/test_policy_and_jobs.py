@@ -4,6 +4,7 @@ and executor.settings (EXECUTOR_* environment variables)."""
 from __future__ import annotations
 
 import json
+import re
 import os
 from pathlib import Path
 
@@ -546,10 +547,47 @@ def test_a_policy_with_a_bad_egress_entry_is_rejected_at_intake_with_the_fix(tmp
     assert valid.policy.sealed and valid.policy.egress == ["pypi.org:443", "*.npmjs.org:443"]
 
 
-def test_compaction_settings_that_were_removed_are_an_error_naming_what_replaced_them(tmp_path):
-    with pytest.raises(ValueError, match="EXECUTOR_COMPACTION_BASE_URL is no longer read: .* each job's runner"):
-        Settings(home=tmp_path, compaction_base_url="https://example.invalid")
-    with pytest.raises(ValueError, match="EXECUTOR_COMPACTION_AUTH_ENV is no longer read"):
-        Settings(home=tmp_path, compaction_auth_env="KEY")
-    assert Settings(home=tmp_path).compaction_model == "claude-haiku-4-5-20251001"
+def test_compaction_settings_that_were_removed_are_unknown_settings(monkeypatch):
+    from executor.settings import UnknownSetting
 
+    _clear_env(monkeypatch)
+    monkeypatch.setenv("EXECUTOR_COMPACTION_BASE_URL", "https://example.invalid")  # the runner's base_url now
+    with pytest.raises(UnknownSetting, match="EXECUTOR_COMPACTION_BASE_URL"):
+        Settings()
+    monkeypatch.delenv("EXECUTOR_COMPACTION_BASE_URL")
+    assert Settings().compaction_model == "claude-haiku-4-5-20251001"
+
+
+def test_settings_refuse_an_unknown_executor_variable_and_name_the_close_one(monkeypatch):
+    from executor.settings import UnknownSetting
+
+    _clear_env(monkeypatch)
+    monkeypatch.setenv("EXECUTOR_BUDGET_CPU", "3")
+    with pytest.raises(UnknownSetting, match="EXECUTOR_BUDGET_CPU .did you mean EXECUTOR_BUDGET_CPUS"):
+        Settings()
+    monkeypatch.delenv("EXECUTOR_BUDGET_CPU")
+    monkeypatch.setenv("EXECUTOR_IMAGE", "executor:latest")  # compose's own: not a setting, not an error
+    assert Settings().budget_cpus == 4.0
+
+
+def test_settings_read_a_json_list_of_workspace_roots_and_refuse_relative_ones(monkeypatch, tmp_path):
+    from pydantic import ValidationError
+
+    _clear_env(monkeypatch)
+    monkeypatch.setenv("EXECUTOR_WORKSPACE_ROOTS", json.dumps([str(tmp_path / "a"), str(tmp_path / "b")]))
+    assert Settings().workspace_roots == [tmp_path / "a", tmp_path / "b"]
+    monkeypatch.setenv("EXECUTOR_WORKSPACE_ROOTS", "srv/repos")
+    with pytest.raises(ValidationError, match="absolute"):
+        Settings()
+    monkeypatch.setenv("EXECUTOR_WORKSPACE_ROOTS", '["/srv/repos",')
+    with pytest.raises(ValidationError, match="JSON list"):
+        Settings()
+
+
+def test_env_example_lists_every_setting():
+    """.env.example is what a person reads to configure the executor: it must name every setting."""
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[2] / ".env.example").read_text()
+    listed = set(re.findall(r"^# (EXECUTOR_[A-Z_]+)=", text, re.M))
+    assert {f"EXECUTOR_{name.upper()}" for name in Settings.model_fields} <= listed

@@ -266,7 +266,9 @@ def test_metrics_mirror_the_store_in_one_query(store):
     assert m[("executor_rate_limit_wait_seconds_total", (("runner", "scripted"),))] == 3.0
     assert m[("executor_tokens_total", (("direction", "input"),))] == 150
     assert m[("executor_cost_usd_total", ())] == 0.75
-    assert m[("executor_budget_cpus", ())] == 4.0 and m[("executor_rss_bytes", ())] == 64 * 2**20
+    assert m[("executor_budget_cpus", ())] == 4.0
+    assert m[("process_resident_memory_bytes", ())] > 0  # the standard process collector
+    assert m[("executor_build_info", (("version", "0.1.0"),))] == 1.0
     assert m[("executor_running_jobs", ())] == 1 and m[("executor_queue_length", ())] == 2
     from prometheus_client import REGISTRY
 
@@ -312,6 +314,25 @@ def test_sealed_jobs_api_usage_egress_and_unsealed_jobs_are_counted(store):
     assert m[("executor_api_tokens_total", (("kind", "cache_read"),))] == 110
     assert m[("executor_egress_decisions_total", (("decision", "denied"),))] == 2
     assert m[("executor_egress_decisions_total", (("decision", "allowed"),))] == 1
+
+
+def test_metrics_follow_prometheus_conventions(store):
+    """Durations and waits are histograms in seconds, shares are ratios, refused files a counter."""
+    metrics = ExecutorMetrics()
+    t = NOW - timedelta(hours=1)
+    job = add(store, "h1", Status.succeeded, finished=t, reason="committed")
+    job.started_at, job.created_at, job.finished_at = t - timedelta(seconds=90), t - timedelta(seconds=100), t
+    metrics.job_settled(job)
+    metrics.rejected.inc(3)
+    metrics.refresh(store, _snapshot(time.time()))
+    m = scrape(metrics)
+    assert m[("executor_job_duration_seconds_bucket", (("le", "60.0"), ("status", "succeeded")))] == 0
+    assert m[("executor_job_duration_seconds_bucket", (("le", "120.0"), ("status", "succeeded")))] == 1
+    assert m[("executor_job_duration_seconds_sum", (("status", "succeeded"),))] == 90
+    assert m[("executor_job_queue_wait_seconds_sum", ())] == 10
+    assert m[("executor_spool_rejected_files_total", ())] == 3
+    assert 0 < m[("executor_reserved_cpus_ratio", ())] <= 1
+    assert not any(name.endswith("_percent") for name, _ in m)
 
 
 def test_metrics_refresh_never_raises(store):
