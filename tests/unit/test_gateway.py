@@ -225,3 +225,16 @@ def test_a_socket_directory_that_cannot_be_made_is_a_sandbox_error_and_leaves_no
     finally:
         sealer.stop()
         store.close()
+
+
+def test_the_socket_directory_is_given_to_the_engine_by_its_host_path():
+    """Under compose the state root may be mounted from another host path: the engine binds the host's."""
+    from executor.sandbox.deployment import SOCKETS_MOUNT, ContainerSpec, Limits, Sandbox
+    from executor.sandbox.hostpaths import HostPaths
+
+    paths = HostPaths(binds=(("/srv/executor/state", "/home/me/executor/state"),))
+    sandbox = Sandbox(client=None, image="unused", paths=paths)
+    spec = ContainerSpec(name="n", command=["true"], user="1000:1000", volume="v", limits=Limits(1.0, 2**30, 64),
+                         network="none", labels={}, sockets="/srv/executor/state/jobs/j/sock")
+    sockets = next(m for m in sandbox._mounts(spec) if m["Target"] == SOCKETS_MOUNT)
+    assert sockets["Source"] == "/home/me/executor/state/jobs/j/sock" and sockets["ReadOnly"] is True
