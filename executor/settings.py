@@ -62,6 +62,9 @@ def human_size(n: int) -> str:
     return f"{n} B"
 
 
+#: The small model's pinned id: a dated id names one model for good, where an alias moves with releases.
+COMPACTION_MODEL = "claude-haiku-4-5-20251001"
+
 #: Every kind of notification (``notify.kind_of``), and those sent unless ``EXECUTOR_NOTIFY_ON`` says otherwise:
 #: every unsuccessful end, and every review.
 NOTIFY_KINDS = ("review", "failed", "timeout", "rolled_back", "tests_failed", "stalled", "rejected", "cancelled",
@@ -131,10 +134,9 @@ class Settings(BaseSettings):
         description="Seconds a kept upper dir (conflict, review) stays before it is removed (default 7 days).",
     )
     compaction_model: str = Field(
-        default="claude-haiku-4-5", description="Exact model id of the small model that writes session briefs.")
-    compaction_auth_env: str = Field(
-        default="ANTHROPIC_API_KEY", description="Name of the variable that holds the small model's API key.")
-    compaction_base_url: str | None = Field(default=None, description="Base URL of the small model's API.")
+        default=COMPACTION_MODEL, min_length=1,
+        description="Pinned model id (a dated id, not an alias) of the small model that writes session briefs; "
+                    "it is called through the job's runner (its base_url and credential).")
     compaction_attempts: int = Field(default=4, ge=1, description="Calls per summary on 429/529 before giving up.")
     compaction_backoff: float = Field(default=2.0, gt=0, description="First wait (s) after a 429/529; doubles.")
     log_format: Literal["text", "json"] = "text"

@@ -1,8 +1,8 @@
 """What every job thread needs from the executor, passed down explicitly (no globals).
 
 Owns ``Context``: the settings, the store, the deployment, the runners and their credentials, the shutdown
-signal, the watchdogs of running agents (``executor status`` reads their last samples) and the hooks a
-settled job fires (notifications).
+signal, the watchdogs of running agents (``executor status`` reads their last samples), the sealed
+sandbox's sealer and the hooks a settled job fires (notifications).
 
 Must never: hold mutable state beyond those registries, or be built anywhere but the serving loop and
 tests.
@@ -18,6 +18,7 @@ from ..policy import Runner
 from ..redact import Redactor
 from ..sandbox.deployment import Deployment
 from ..sandbox.liveness import Watchdog
+from ..sandbox.seal import Sealer
 from ..settings import Settings
 from ..store import Job, Store
 
@@ -38,6 +39,8 @@ class Context:
     redactor: Redactor | None = None
     #: told about every job that settled (the notifier, the metrics); each must never block or raise
     listeners: list[Callable[[Job], None]] = field(default_factory=list)
+    #: the sealed sandbox's gateways and egress proxies (started by the serving loop)
+    sealer: Sealer | None = None
 
     def settled(self, job: Job) -> None:
         """A job settled: tell whoever wants to know."""

@@ -7,8 +7,8 @@ and the labels by which the executor finds its own objects again after a restart
 ``Deployment`` is the small interface the rest of the executor uses; ``Sandbox`` implements it on the Docker
 engine, and unit tests of scheduling use a fake.
 
-Must never: talk to the agent (that is ``runtime.py``), run a container as root, or use a default
-network other than the one the policy names.
+Must never: talk to the agent (that is ``runtime.py``), run a container as root, use a default
+network other than the one the policy names, or mount a sealed job's sockets writable.
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ LABEL_ROLE = "io.executor.role"  # agent | tests | workspace | testview
 LABEL_ATTEMPT = "io.executor.attempt"
 WORKSPACE_MOUNT = "/workspace"
 AGENT_HOME = "/home/agent"
+SOCKETS_MOUNT = "/run/executor"  # a sealed job's socket directory, read-only (sandbox/seal.py)
 
 
 @dataclass(frozen=True)
@@ -60,6 +61,7 @@ class ContainerSpec:
     environment: dict[str, str] = field(default_factory=dict)
     tmpfs_size: int = 512 * 2**20  # bytes of each tmpfs (counted against the job's disk limit)
     home_volume: str | None = None  # the agent's home: an overlay volume over the session's committed home
+    sockets: str | None = None  # host directory of a sealed job's sockets, bind-mounted read-only
 
 
 def connect() -> docker.DockerClient:
@@ -140,11 +142,13 @@ class Sandbox:
         except (APIError, DockerException) as exc:
             raise SandboxError(f"cannot start container {spec.name}: {exc}") from None
 
-    @staticmethod
-    def _mounts(spec: ContainerSpec) -> list[Mount]:
+    def _mounts(self, spec: ContainerSpec) -> list[Mount]:
         mounts = [Mount(target=WORKSPACE_MOUNT, source=spec.volume, type="volume", no_copy=True)]
         if spec.home_volume:
             mounts.append(Mount(target=AGENT_HOME, source=spec.home_volume, type="volume", no_copy=True))
+        if spec.sockets:  # made in the executor's view of the state root; the engine needs the host's path
+            mounts.append(Mount(target=SOCKETS_MOUNT, source=self.paths.to_host(spec.sockets), type="bind",
+                                read_only=True))
         return mounts
 
     @staticmethod

@@ -120,18 +120,24 @@ def _stderr_tail(container: Container) -> str:
 
 def agent_spec(ws: Workspace, runner: Runner, policy: Policy, prompt: str,
                environment: dict[str, str], resume: str | None = None,
-               append_system_prompt: str | None = None) -> ContainerSpec:
+               append_system_prompt: str | None = None, sockets: str | None = None) -> ContainerSpec:
+    """The agent's container. ``sockets``: a sealed job's socket directory (its network is then none and its
+    command starts with the forwarder)."""
+    if policy.sealed != (sockets is not None):
+        raise ValueError("a sealed policy needs the job's socket directory, and only a sealed one gets it")
     return ContainerSpec(
         name=f"executor-{ws.job_id}-a{ws.attempt}-agent",
-        command=agent_command(prompt, runner.model, resume, append_system_prompt, policy.disallowed_tools),
+        command=agent_command(prompt, runner.model, resume, append_system_prompt, policy.disallowed_tools,
+                              sealed=policy.sealed),
         home_volume=ws.home_volume if ws.home is not None else None,
         tmpfs_size=tmpfs_size(policy),
         user=f"{ws.uid}:{ws.gid}",
         volume=ws.volume,
         limits=Limits(policy.cpus, policy.memory, policy.pids),
-        network=policy.network,
+        network="none" if policy.sealed else policy.network,
         labels=ws.labels("agent"),
         environment=environment,
+        sockets=sockets,
     )
 
 

@@ -2,11 +2,14 @@
 
 Owns the executor's process-level life. Each tick it takes new job files from the spool, starts the
 queued jobs that fit the budget (one thread per job, each holding a governor permit), reaps finished
-threads, checks that its side threads (web page, metrics, notifier) are alive, and writes its snapshot.
-At start-up it resolves what a crash left behind (``recovery.py``). Shutdown has phases: stop intake and
+threads, checks that its side threads (the sealed sandbox's event loop and recorder, web page, metrics,
+notifier) are alive, and writes its snapshot. At start-up it starts the sealed sandbox's threads (adopted
+sealed jobs need their sockets again) and then resolves what a crash left behind (``recovery.py``).
+Shutdown has phases: stop intake and
 admission and close the web page (no decision may start), tell running jobs to stop and wait a grace
 period for them to roll back and re-queue, then remove what still runs and wait for every thread that
-may still touch a repository before the store closes.
+may still touch a repository, stop the sealed sandbox's threads (their last records written), and only then
+close the store.
 
 Must never: start a job without a permit, run two jobs on one workspace, limp on with a dead side
 thread, or close the store while a job thread may still touch a repository.
@@ -34,6 +37,7 @@ from ..redact import RedactingFilter, Redactor
 from ..sandbox.deployment import Deployment, Sandbox, connect, instance_id
 from ..sandbox.disk import free_bytes
 from ..sandbox.hostpaths import HostPaths
+from ..sandbox.seal import Sealer
 from ..settings import Settings
 from ..store import Job, Status, Store
 from ..transaction.commit import Ending, Phase, settle
@@ -78,8 +82,10 @@ class Executor:
         self.governor = Governor.from_settings(settings)
         self.problems: dict[str, str] = {}  # configuration the loop could not take, shown by `status`
         self._runners_seen: tuple | None = None
+        self.sealer = Sealer()  # its threads start with serve()
         self.ctx = Context(settings=settings, store=self.store, sandbox=self.sandbox,
-                           runners=self._load_runners(), secrets=secrets, redactor=self.redactor)
+                           runners=self._load_runners(), secrets=secrets, redactor=self.redactor,
+                           sealer=self.sealer)
         self.slots: dict[str, Slot] = {}
         self.waiting: str | None = None  # why the head of the queue is not running
         self.last_tick = 0.0
@@ -125,6 +131,7 @@ class Executor:
         for handler in logging.getLogger().handlers:
             handler.addFilter(log_filter)
         self.sandbox.check_image()
+        self.sealer.start()
         recover(self)
         self._start_side_threads()
         log.info("executor serving", extra={"action": "serve", "home": str(self.settings.home)})
@@ -153,7 +160,7 @@ class Executor:
 
     def side_threads(self) -> dict[str, threading.Thread]:
         """The threads the executor needs besides its job threads, by name."""
-        threads = {}
+        threads = dict(self.sealer.threads())
         for name, owner in (("web page", self.web), ("metrics endpoint", self.metrics), ("notifier", self.notifier)):
             if owner is not None:
                 threads[name] = owner.thread
@@ -205,6 +212,7 @@ class Executor:
         for closing in (self.metrics, self.notifier):
             if closing is not None:
                 closing.close()
+        self.sealer.stop()  # every job thread is done: no socket is open, the recorder writes its last rows
         self.store.close()
         self.wakeup.close()
         log.info("executor stopped", extra={"action": "stopped"})

@@ -21,9 +21,9 @@ from .status import Status
 
 #: Columns the ORM stores as JSON and as datetimes (tests/unit/test_store.py checks these against the models).
 JSON_COLUMNS = {"job": {"policy", "models_seen", "changed_files", "review_reasons", "review_files", "skills"},
-                "attempt": {"models_seen"}}
+                "attempt": {"models_seen"}, "event": {"data"}, "apirequest": {"rate_limits"}}
 TIME_COLUMNS = {"job": {"created_at", "started_at", "finished_at", "retry_at", "review_since", "reviewed_at"},
-                "attempt": {"started_at", "finished_at"}}
+                "attempt": {"started_at", "finished_at"}, "event": {"ts"}, "apirequest": {"ts"}}
 
 
 def connect(db_path: Path) -> sqlite3.Connection:
@@ -53,6 +53,20 @@ def job(conn: sqlite3.Connection, job_id: str) -> SimpleNamespace | None:
 def attempts(conn: sqlite3.Connection, job_id: str) -> list[SimpleNamespace]:
     rows = conn.execute("SELECT * FROM attempt WHERE job_id = ? ORDER BY number", (job_id,))
     return [_record("attempt", row) for row in rows]
+
+
+def events(conn: sqlite3.Connection, job_id: str, kinds: Iterable[str]) -> list[SimpleNamespace]:
+    """A job's events of these kinds, oldest first."""
+    kinds = list(kinds)
+    marks = ", ".join("?" * len(kinds))
+    rows = conn.execute(f"SELECT * FROM event WHERE job_id = ? AND kind IN ({marks}) ORDER BY id", (job_id, *kinds))
+    return [_record("event", row) for row in rows]
+
+
+def api_requests(conn: sqlite3.Connection, job_id: str) -> list[SimpleNamespace]:
+    """The requests a sealed job's gateway forwarded, oldest first."""
+    rows = conn.execute("SELECT * FROM apirequest WHERE job_id = ? ORDER BY id", (job_id,))
+    return [_record("apirequest", row) for row in rows]
 
 
 def recent_jobs(conn: sqlite3.Connection, statuses: Iterable[Status] | None = None, runner: str | None = None,

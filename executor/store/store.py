@@ -22,7 +22,7 @@ from sqlmodel import Session, SQLModel, col, create_engine, select
 
 from ..clock import aware, utcnow
 from ..errors import IllegalTransition, InvalidJob
-from .models import Attempt, Compaction, Event, Heartbeat, Job, RateLimitEvent, RunnerState
+from .models import ApiRequest, Attempt, Compaction, Event, Heartbeat, Job, RateLimitEvent, RunnerState
 from .status import TRANSITIONS, Status
 
 
@@ -248,6 +248,21 @@ class Store:
             s.add(event)
             s.commit()
 
+    def settle_rate_limit(self, job_id: str, attempt: int, **fields: Any) -> bool:
+        """Complete the last rate-limit row the gateway wrote for an attempt (the wait decided, the kind it
+        turned out to be); False when there is none (an unsealed attempt: add one instead)."""
+        with self.session() as s:
+            row = s.exec(select(RateLimitEvent)
+                         .where(RateLimitEvent.job_id == job_id, RateLimitEvent.attempt == attempt)
+                         .order_by(col(RateLimitEvent.id).desc())).first()
+            if row is None:
+                return False
+            for name, value in self.redact(fields).items():
+                setattr(row, name, value)
+            s.add(row)
+            s.commit()
+            return True
+
     def rate_limits(self, runner: str | None = None, job_id: str | None = None) -> list[RateLimitEvent]:
         return self._rows(RateLimitEvent, RateLimitEvent.id, runner=runner, job_id=job_id)
 
@@ -270,6 +285,17 @@ class Store:
                     state.cooldown_until = aware(state.cooldown_until)
                 states[state.name] = state
             return states
+
+    # -- API requests of sealed jobs -------------------------------------------------------------------
+
+    def add_api_request(self, row: ApiRequest) -> None:
+        row.error = self.redact(row.error)
+        with self.session() as s:
+            s.add(row)
+            s.commit()
+
+    def api_requests(self, job_id: str | None = None, runner: str | None = None) -> list[ApiRequest]:
+        return self._rows(ApiRequest, ApiRequest.id, job_id=job_id, runner=runner)
 
     # -- session compaction ---------------------------------------------------------------------------
 

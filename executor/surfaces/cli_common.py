@@ -13,6 +13,8 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
+from .seal_view import api_view, egress_denials, network_view
+
 if TYPE_CHECKING:  # loaded when a command needs them: pydantic-settings and SQLAlchemy are slow to import
     from ..settings import Settings
     from ..store import Job, Store
@@ -69,8 +71,10 @@ def read_only():
     return reads.connect(path)
 
 
-def job_view(job: Job, attempts: list) -> dict[str, Any]:
-    """What ``show --json`` prints: the whole story of a job (``attempts``: its attempt rows, in order)."""
+def job_view(job: Job, attempts: list, events: list, api_requests: list) -> dict[str, Any]:
+    """What ``show --json`` prints: the whole story of a job (``attempts``: its attempt rows, in order;
+    ``events``: at least its events of the kinds in ``seal_view.SEAL_EVENTS``; ``api_requests``: its gateway's
+    rows)."""
     return {
         "id": job.id,
         "session_id": job.session_id,
@@ -104,6 +108,9 @@ def job_view(job: Job, attempts: list) -> dict[str, Any]:
         "skills": job.skills,
         "context": job.context,
         "compaction": job.compaction,
+        "network": network_view(job),
+        "egress_denied": egress_denials(events),
+        "api": api_view(api_requests, events),
     }
 
 

@@ -22,6 +22,7 @@ from ..clock import aware, span, utcnow
 from ..errors import InvalidJob
 from ..store import TERMINAL, Status
 from .cli_common import get_job, job_view, load_settings, open_store, read_only
+from .seal_view import SEAL_EVENTS, denial_line
 
 COLOURS = {"succeeded": "green", "failed": "red", "rolled_back": "yellow", "stalled": "magenta",
            "cancelled": "bright_black", "rejected": "red", "awaiting_review": "cyan", "running": "blue",
@@ -55,14 +56,15 @@ def _duration(job, now: datetime) -> float | None:
 @click.argument("job_id", shell_complete=complete_job_id)
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def show(job_id: str, as_json: bool) -> None:
-    """One job: status, why, models, attempts, changed files, tests."""
+    """One job: status, why, models, attempts, network and egress denials, API requests, changed files, tests."""
     from ..store import reads
 
     with read_only() as conn:
         job = reads.job(conn, job_id)
         if job is None:
             raise click.ClickException(f"no job {job_id!r}")
-        view = job_view(job, reads.attempts(conn, job_id))
+        view = job_view(job, reads.attempts(conn, job_id), reads.events(conn, job_id, SEAL_EVENTS),
+                        reads.api_requests(conn, job_id))
     if as_json:
         click.echo(json.dumps(view, indent=2))
         return
@@ -72,6 +74,7 @@ def show(job_id: str, as_json: bool) -> None:
             value = click.style(view[key], fg=COLOURS.get(view[key])) if key == "status" else view[key]
             click.echo(f"{key:16} {value}")
     click.echo(f"{'attempts':16} {len(view['attempts'])}")
+    _show_seal(view)
     if view["changed_files"]:
         click.echo("changed files:")
         for path in view["changed_files"]:
@@ -81,6 +84,25 @@ def show(job_id: str, as_json: bool) -> None:
         click.echo(f"tests: {tests['command']} -> exit {tests['exit_code']}")
         for line in (tests["output_tail"] or "").splitlines()[-15:]:
             click.echo(f"  | {line}")
+
+
+def _show_seal(view: dict) -> None:
+    network, api = view["network"], view["api"]
+    if network["unsealed"]:
+        click.echo(f"{'network':16} {click.style(network['warning'], fg='red')}")
+    else:
+        allowed = f"; egress {', '.join(network.get('egress') or []) or 'none'}" if network["sealed"] else ""
+        click.echo(f"{'network':16} {network['network']}{allowed}")
+    if api["requests"]:
+        statuses = ", ".join(f"{n}x {status}" for status, n in api["statuses"].items())
+        click.echo(f"{'api requests':16} {api['requests']} ({statuses}); {api['input_tokens']} input, "
+                   f"{api['output_tokens']} output, {api['cache_read_input_tokens']} cache-read tokens (from the API)")
+    for refused in api["refused"]:
+        click.echo(f"{'api refused':16} {refused.get('method')} {refused.get('path')}: {refused.get('reason')}")
+    if view["egress_denied"]:
+        click.echo(f"egress denied ({len(view['egress_denied'])}):")
+        for denial in view["egress_denied"]:
+            click.echo(f"  {denial_line(denial)}")
 
 
 @click.command()

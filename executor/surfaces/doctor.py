@@ -3,8 +3,11 @@
 Owns the read-mostly probes a person runs before (or instead of) reading a stack trace: the engine is
 reachable, the sandbox image exists, an overlay volume with ``userxattr`` mounts, the state root is
 writable, host paths equal container paths (when the executor runs in a container: the engine mounts the
-overlays by *host* path), the runners' token variables are set, and the workspace roots exist and belong
-to a regular user. Every check returns a ``Check``: ok or a problem, what was found, and how to fix it.
+overlays by *host* path), the runners' token variables are set (the sealed jobs' gateways and compaction
+use them), the compaction model is a pinned id, every policy loads (one that leaves the sandbox unsealed,
+``network`` bridge or host, is flagged), and the workspace roots exist and belong to a regular user. Every
+check returns a ``Check``: ok, a warning (an explicit opt-in worth knowing about) or a problem, what was
+found, and how to fix it.
 
 Must never: change anything outside ``$EXECUTOR_HOME/.doctor-*`` and its own labelled probe container and
 volume (all removed before it returns), or print a credential's value (only the variable's name).
@@ -25,20 +28,21 @@ import docker
 from docker.errors import DockerException, ImageNotFound
 
 from ..errors import ConfigError, SandboxError
-from ..policy import load_runners
+from ..policy import load_policy, load_runners
 from ..sandbox.deployment import LABEL, LABEL_INSTANCE, LABEL_ROLE, Sandbox, instance_id
 from ..sandbox.hostpaths import HostPaths
-from ..settings import Settings
+from ..settings import COMPACTION_MODEL, Settings
 from ..transaction.safefs import remove_tree
 
 PROBE_UID = 1000  # the probe's files belong to a regular user, like a repository's
 _CONTAINER_ID = re.compile(r"[0-9a-f]{64}")
+PINNED_MODEL = re.compile(r"^[a-z0-9][a-z0-9.-]*-\d{8}$")  # e.g. claude-haiku-4-5-20251001
 
 
 @dataclass
 class Check:
     name: str
-    status: str  # "ok" | "problem" | "skipped" (skipped: an earlier check it needs failed)
+    status: str  # "ok" | "warning" | "problem" | "skipped" (skipped: an earlier check it needs failed)
     detail: str
     fix: str | None = None
 
@@ -53,6 +57,10 @@ def _ok(name: str, detail: str) -> Check:
 
 def _problem(name: str, detail: str, fix: str) -> Check:
     return Check(name, "problem", detail, fix)
+
+
+def _warning(name: str, detail: str, fix: str) -> Check:
+    return Check(name, "warning", detail, fix)
 
 
 def _skipped(name: str, needs: str) -> Check:
@@ -102,6 +110,8 @@ class Doctor:
         failed = [c.name for c in (engine, image, state, paths) if c.failed]
         yield _skipped("overlay (userxattr)", failed[0]) if failed else self.check_overlay()
         yield self.check_tokens()
+        yield self.check_compaction_model()
+        yield from self.check_policies()
         yield from self.check_workspace_roots()
 
     def check_engine(self) -> Check:
@@ -238,8 +248,38 @@ class Doctor:
             users = {var: sorted(n for n, r in runners.items() if r.auth_env == var) for var in missing}
             return _problem(name, "not set: " + ", ".join(f"{var} (runner {', '.join(users[var])})" for var in missing),
                             f"set {', '.join(missing)} in the executor's environment (with compose: in .env, "
-                            f"which compose.yaml passes to the container)")
+                            f"which compose.yaml passes to the container); the jobs' API gateways and the "
+                            f"compaction model use them")
         return _ok(name, ", ".join(sorted({r.auth_env for r in runners.values()})) + " set")
+
+    def check_compaction_model(self) -> Check:
+        name = "compaction model"
+        model = self.settings.compaction_model
+        if not PINNED_MODEL.match(model):
+            return _problem(name, f"EXECUTOR_COMPACTION_MODEL is {model!r}, not a pinned (dated) model id: an alias "
+                                  "moves to another model with a release, and no model but the one named may answer",
+                            f"set EXECUTOR_COMPACTION_MODEL to a dated id, e.g. {COMPACTION_MODEL}")
+        return _ok(name, f"{model}, called through each job's runner (its base_url and credential)")
+
+    def check_policies(self) -> Iterator[Check]:
+        """Every policy file loads; one that leaves the sandbox unsealed is flagged."""
+        for path in sorted(self.settings.policies.glob("*.toml")):
+            if path.stem == "runners":
+                continue
+            name = f"policy {path.stem}"
+            try:
+                policy = load_policy(self.settings.policies, path.stem)
+            except ConfigError as exc:
+                yield _problem(name, str(exc), "fix the file: jobs naming this policy are rejected at intake")
+                continue
+            if policy.unsealed:
+                yield _warning(name, f"UNSEALED: network = {policy.network!r}: its jobs' containers hold the runner's "
+                                     "real credential and have an open route out, unchecked and unrecorded",
+                               'set network = "sealed" (and list what the jobs may reach in egress) unless the '
+                               "opt-in is intended")
+            else:
+                egress = ", ".join(policy.egress) or "nothing"
+                yield _ok(name, f"network {policy.network}" + (f"; egress: {egress}" if policy.sealed else ""))
 
     def check_workspace_roots(self) -> Iterator[Check]:
         name = "workspace roots"
@@ -280,12 +320,14 @@ def render(checks: list[Check]) -> str:
     lines = []
     width = max(len(c.name) for c in checks)
     for check in checks:
-        mark = {"ok": "ok", "problem": "PROBLEM", "skipped": "skipped"}[check.status]
+        mark = {"ok": "ok", "warning": "WARNING", "problem": "PROBLEM", "skipped": "skipped"}[check.status]
         lines.append(f"{mark:8} {check.name:{width}}  {check.detail}")
         if check.fix:
             lines.append(f"{'':8} {'':{width}}  fix: {check.fix}")
     bad = [c for c in checks if c.status == "problem"]
-    lines.append(f"{len(bad)} problem(s)" if bad else f"all {len(checks)} checks passed on {socket.gethostname()}")
+    warned = sum(1 for c in checks if c.status == "warning")
+    lines.append(f"{len(bad)} problem(s)" if bad else f"all {len(checks)} checks passed on {socket.gethostname()}"
+                 + (f" ({warned} warning(s))" if warned else ""))
     return "\n".join(lines)
 
 

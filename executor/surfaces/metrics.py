@@ -2,10 +2,11 @@
 
 Owns one private ``prometheus_client`` registry (never the process-wide default one) holding a collector
 whose values are a snapshot the serving loop refreshes each tick: one aggregate SQL query over the store
-(jobs by status/reason/runner, rate-limit events by runner/kind, token and cost sums) plus the status
-snapshot the loop already computed (budget, reservations, measured use, queue, each running job's disk).
-A scrape only reads that snapshot, so it never touches the database. Durations and waits are histograms in
-seconds observed as jobs settle; the process collector gives the executor's own CPU seconds and memory.
+(jobs by status/reason/runner, rate-limit events by runner/kind, token and cost sums, sealed jobs' API
+requests by runner/status with the API's token counts, egress decisions) plus the status snapshot the loop
+already computed (budget, reservations, measured use, queue, each running job's disk). A scrape only reads
+that snapshot, so it never touches the database. Durations and waits are histograms in seconds observed as
+jobs settle; the process collector gives the executor's own CPU seconds and memory.
 
 Must never: listen anywhere but the configured address (loopback by default), be started when
 ``EXECUTOR_METRICS_PORT`` is unset, expose a prompt, a path's content or a credential (labels are
@@ -39,18 +40,26 @@ from ..store import TERMINAL, Status, Store
 
 log = logging.getLogger(__name__)
 
-#: One statement, three aggregates (a scan of each table, no per-job work in Python).
+#: One statement, five aggregates (a scan of each table, no per-job work in Python).
 AGGREGATE = text("""
     SELECT 'job' AS kind, status AS a, COALESCE(reason, '') AS b, runner AS c, COUNT(*) AS n,
-           NULL AS x, NULL AS y, NULL AS z
+           NULL AS x, NULL AS y, NULL AS z, NULL AS w
       FROM job GROUP BY status, reason, runner
     UNION ALL
-    SELECT 'rate_limit', runner, kind, NULL, COUNT(*), SUM(COALESCE(retry_delay, 0)), NULL, NULL
+    SELECT 'rate_limit', runner, kind, NULL, COUNT(*), SUM(COALESCE(retry_delay, 0)), NULL, NULL, NULL
       FROM ratelimitevent GROUP BY runner, kind
     UNION ALL
     SELECT 'usage', NULL, NULL, NULL, COUNT(*), SUM(COALESCE(input_tokens, 0)),
-           SUM(COALESCE(output_tokens, 0)), SUM(COALESCE(cost_usd, 0))
+           SUM(COALESCE(output_tokens, 0)), SUM(COALESCE(cost_usd, 0)), NULL
       FROM attempt
+    UNION ALL
+    SELECT 'api', runner, CAST(status AS TEXT), NULL, COUNT(*), SUM(COALESCE(input_tokens, 0)),
+           SUM(COALESCE(output_tokens, 0)), SUM(COALESCE(cache_read_input_tokens, 0)),
+           SUM(COALESCE(cache_creation_input_tokens, 0))
+      FROM apirequest GROUP BY runner, status
+    UNION ALL
+    SELECT 'egress', json_extract(data, '$.decision'), NULL, NULL, COUNT(*), NULL, NULL, NULL, NULL
+      FROM event WHERE kind = 'egress' GROUP BY json_extract(data, '$.decision')
 """)
 
 _TERMINAL = {st.value for st in TERMINAL}
@@ -61,17 +70,24 @@ def aggregate(store: Store) -> dict[str, Any]:
     jobs: list[tuple[str, str, str, int]] = []
     limits: list[tuple[str, str, int, float]] = []
     usage = {"attempts": 0, "input_tokens": 0, "output_tokens": 0, "cost_usd": 0.0}
+    api: list[tuple[str, str, int, dict[str, int]]] = []
+    egress: dict[str, int] = {}
     with store.engine.connect() as conn:
-        for kind, a, b, c, n, x, y, z in conn.execute(AGGREGATE):
+        for kind, a, b, c, n, x, y, z, w in conn.execute(AGGREGATE):
             if kind == "job":
                 # SQLAlchemy stores the enum by name, which is also its value
                 jobs.append((Status[a].value if a in Status.__members__ else str(a), b, c, int(n)))
             elif kind == "rate_limit":
                 limits.append((a, b, int(n), float(x or 0)))
+            elif kind == "api":
+                api.append((a, b, int(n), {"input": int(x or 0), "output": int(y or 0), "cache_read": int(z or 0),
+                                           "cache_creation": int(w or 0)}))
+            elif kind == "egress":
+                egress[str(a)] = int(n)
             else:
                 usage = {"attempts": int(n or 0), "input_tokens": int(x or 0), "output_tokens": int(y or 0),
                          "cost_usd": float(z or 0)}
-    return {"jobs": jobs, "rate_limits": limits, "usage": usage}
+    return {"jobs": jobs, "rate_limits": limits, "usage": usage, "api": api, "egress": egress}
 
 
 #: Seconds: a job runs from seconds (a rejected or trivial one) to hours; so does its wait in the queue.
@@ -86,7 +102,7 @@ class ExecutorMetrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=False)
         self._lock = threading.Lock()
-        self._data: dict[str, Any] = {"jobs": [], "rate_limits": [], "usage": {}}
+        self._data: dict[str, Any] = {"jobs": [], "rate_limits": [], "usage": {}, "api": [], "egress": {}}
         self._status: dict[str, Any] = {}
         self._server: Any = None
         self.registry.register(self)
@@ -162,6 +178,7 @@ class ExecutorMetrics:
         yield CounterMetricFamily("executor_cost_usd", "Cost in USD from the CLI's result lines.",
                                   value=usage.get("cost_usd", 0.0))
         yield CounterMetricFamily("executor_attempts", "Attempts started.", value=usage.get("attempts", 0))
+        yield from self._sealed(data)
 
         if not status:
             return
@@ -209,6 +226,29 @@ class ExecutorMetrics:
         for r in status.get("runners") or []:
             cooling.add_metric([r["runner"]], 0.0 if r.get("state") == "ok" else 1.0)
         yield cooling
+
+    @staticmethod
+    def _sealed(data: dict[str, Any]) -> Iterator[Any]:
+        """The sealed jobs' gateways and egress proxies: requests and usage as the API reported them, and egress
+        decisions."""
+        requests = CounterMetricFamily("executor_api_requests", "API requests sealed jobs' gateways forwarded.",
+                                       labels=["runner", "status"])
+        tokens = CounterMetricFamily("executor_api_tokens", "Tokens as the API reported them to the gateways.",
+                                     labels=["kind"])
+        sums: dict[str, int] = {"input": 0, "output": 0, "cache_read": 0, "cache_creation": 0}
+        for runner, status, n, counts in data.get("api", []):
+            requests.add_metric([runner, status], n)
+            for key, value in counts.items():
+                sums[key] += value
+        for key, value in sums.items():
+            tokens.add_metric([key], value)
+        egress = CounterMetricFamily("executor_egress_decisions", "Egress requests of sealed jobs, by decision.",
+                                     labels=["decision"])
+        for decision in ("allowed", "denied"):
+            egress.add_metric([decision], data.get("egress", {}).get(decision, 0))
+        yield requests
+        yield tokens
+        yield egress
 
     # -- serving ---------------------------------------------------------------------------------------
 

@@ -5,9 +5,11 @@ runs against a throwaway world: the state root, the workspaces and the policies 
 host (EXECUTOR_STATE_DIR, EXECUTOR_WORKSPACES_DIR, EXECUTOR_POLICIES_DIR), which the executor sees at its
 own fixed paths and translates by inspecting its own container. tests/compose.test.yaml passes the test's
 runner token and makes the health check quick. The runners point at a scripted API on 127.0.0.1 in this
-process; the executor and (through the test's policy) the job containers use the host network. Jobs arrive
-the way any tool on the host submits them: a file written into the spool, naming the repository by its host
-path. A second test starts compose in a fresh clone with no .env at all.
+process; the executor uses the host network, and the jobs (sealed, the test's default policy) reach that
+API through their gateways' sockets, which the executor makes under the state root inside its container and
+the engine mounts into theirs by the translated host path. Jobs arrive the way any tool on the host submits
+them: a file written into the spool, naming the repository by its host path. A second test starts compose
+in a fresh clone with no .env at all.
 """
 
 from __future__ import annotations

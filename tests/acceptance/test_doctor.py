@@ -42,15 +42,40 @@ def test_doctor_passes_a_healthy_setup(healthy, docker_client):
     code, report, stderr = doctor(healthy.env(), healthy.root)
     assert code == 0 and report["ok"], (report, stderr)
     checks = by_name(report)
-    assert {"engine", "sandbox image", "state root", "host paths", "overlay (userxattr)",
-            "runner tokens", f"workspace roots: {healthy.repos}"} == set(checks)
+    assert {"engine", "sandbox image", "state root", "host paths", "overlay (userxattr)", "runner tokens",
+            "compaction model", "policy default", f"workspace roots: {healthy.repos}"} == set(checks)
     assert all(c["status"] == "ok" and c["fix"] is None for c in checks.values()), checks
+    assert checks["policy default"]["detail"] == "network sealed; egress: nothing"
     assert TOKEN_VAR in checks["runner tokens"]["detail"]
     assert TOKEN_VALUE not in json.dumps(report)  # the variable's name, never its value
     # the probe cleaned up after itself: no probe dir, container or volume
     assert not list(healthy.home.glob(".doctor-*"))
     assert docker_client.containers.list(all=True, filters={"label": "io.executor.role=doctor"}) == []
     assert [v for v in docker_client.volumes.list() if v.name.startswith("executor-doctor-")] == []
+
+
+def test_doctor_flags_unsealed_policies_a_broken_one_and_an_unpinned_compaction_model(healthy, docker_client):
+    healthy.write_policy("open", network="host")
+    healthy.write_policy("bridged", network="bridge")
+    (healthy.policies / "broken.toml").write_text('egress = ["pypi.org"]\n')
+    env = {**healthy.env(), "EXECUTOR_COMPACTION_MODEL": "claude-haiku-4-5"}
+    code, report, stderr = doctor(env, healthy.root)
+    assert code == 1 and not report["ok"], (report, stderr)
+    checks = by_name(report)
+    for name, network in (("policy open", "host"), ("policy bridged", "bridge")):
+        assert checks[name]["status"] == "warning" and f"UNSEALED: network = '{network}'" in checks[name]["detail"]
+        assert 'network = "sealed"' in checks[name]["fix"]
+    broken = checks["policy broken"]
+    assert broken["status"] == "problem" and "'pypi.org' has no port" in broken["detail"]
+    model = checks["compaction model"]
+    assert model["status"] == "problem" and "'claude-haiku-4-5'" in model["detail"]
+    assert "claude-haiku-4-5-20251001" in model["fix"]
+    # warnings alone do not fail: with the model pinned and the broken policy gone, doctor passes and says so
+    (healthy.policies / "broken.toml").unlink()
+    done = subprocess.run([str(EXECUTOR), "doctor"], env=healthy.env(), capture_output=True, text=True, timeout=180,
+                          cwd=healthy.root)
+    assert done.returncode == 0, done.stdout
+    assert "(2 warning(s))" in done.stdout and "WARNING  policy open" in done.stdout
 
 
 def test_doctor_names_each_problem_of_a_broken_setup(world, tmp_path, docker_client):
