@@ -94,6 +94,30 @@ class Deployment(Protocol):
     def sweep(self, live_jobs: Iterable[str]) -> list[str]: ...
 
 
+#: The image's ``io.executor.sandbox-interface`` label this executor needs (sandbox/Dockerfile sets it).
+#: 2: the sealed sandbox's forwarder (``executor-forward``) is in the image.
+SANDBOX_INTERFACE = "2"
+INTERFACE_LABEL = "io.executor.sandbox-interface"
+
+
+def image_problem(client: docker.DockerClient, image: str) -> str | None:
+    """Why ``image`` cannot run this executor's jobs (missing, or built from another sandbox/Dockerfile)."""
+    try:
+        found = client.images.get(image)
+    except ImageNotFound:
+        return f"sandbox image {image!r} is missing"
+    have = (found.labels or {}).get(INTERFACE_LABEL)
+    if have != SANDBOX_INTERFACE:
+        return (f"sandbox image {image!r} was built from another sandbox/Dockerfile (interface "
+                f"{have or 'none'}; this executor needs {SANDBOX_INTERFACE})")
+    return None
+
+
+def rebuild_hint(image: str) -> str:
+    return (f"build it from this checkout: `docker compose build sandbox`, or `docker build --network host "
+            f"-t {image} sandbox/`")
+
+
 class Sandbox:
     """``Deployment`` on the Docker engine."""
 
@@ -106,13 +130,9 @@ class Sandbox:
         self._own = {LABEL: "1", LABEL_INSTANCE: instance}
 
     def check_image(self) -> None:
-        try:
-            self.client.images.get(self.image)
-        except ImageNotFound:
-            raise SandboxError(
-                f"sandbox image {self.image!r} is missing: build it with "
-                f"`docker build -t {self.image} sandbox/`"
-            ) from None
+        problem = image_problem(self.client, self.image)
+        if problem is not None:
+            raise SandboxError(f"{problem}: {rebuild_hint(self.image)}")
 
     def start(self, spec: ContainerSpec) -> Container:
         if spec.user.split(":")[0] in ("0", "root"):

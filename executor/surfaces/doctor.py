@@ -25,11 +25,20 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 import docker
-from docker.errors import DockerException, ImageNotFound
+from docker.errors import DockerException
 
 from ..errors import ConfigError, SandboxError
 from ..policy import load_policy, load_runners
-from ..sandbox.deployment import LABEL, LABEL_INSTANCE, LABEL_ROLE, Sandbox, instance_id
+from ..sandbox.deployment import (
+    LABEL,
+    LABEL_INSTANCE,
+    LABEL_ROLE,
+    SANDBOX_INTERFACE,
+    Sandbox,
+    image_problem,
+    instance_id,
+    rebuild_hint,
+)
 from ..sandbox.hostpaths import HostPaths
 from ..settings import COMPACTION_MODEL, Settings
 from ..transaction.safefs import remove_tree
@@ -132,14 +141,14 @@ class Doctor:
         name = "sandbox image"
         image = self.settings.sandbox_image
         try:
-            found = self.client.images.get(image)
-        except ImageNotFound:
-            return _problem(name, f"sandbox image {image!r} is missing",
-                            f"build it: `docker compose build sandbox`, or `docker build --network host "
-                            f"-t {image} sandbox/`; or set EXECUTOR_SANDBOX_IMAGE to an image that exists")
+            problem = image_problem(self.client, image)
+            found = None if problem else self.client.images.get(image)
         except DockerException as exc:
             return _problem(name, f"cannot look up {image!r}: {exc}", "check the engine's log")
-        return _ok(name, f"{image} present ({found.short_id})")
+        if problem is not None:
+            return _problem(name, problem, f"{rebuild_hint(image)}; or set EXECUTOR_SANDBOX_IMAGE to an image "
+                                           "built from this checkout")
+        return _ok(name, f"{image} present ({found.short_id}, interface {SANDBOX_INTERFACE})")
 
     def check_state_root(self) -> Check:
         name = "state root"

@@ -78,6 +78,28 @@ def test_doctor_flags_unsealed_policies_a_broken_one_and_an_unpinned_compaction_
     assert "(2 warning(s))" in done.stdout and "WARNING  policy open" in done.stdout
 
 
+def test_a_sandbox_image_built_from_another_dockerfile_is_named_by_doctor_and_refused_by_serve(healthy,
+                                                                                                docker_client):
+    """An image without this checkout's interface label (an old build) would fail every job obscurely
+    (exit 127: no forwarder); both doctor and serve say to rebuild it instead."""
+    from executor.errors import SandboxError
+    from executor.scheduling.service import Executor
+
+    stale = "executor-sandbox:stale-test"
+    docker_client.images.get("debian:bookworm-slim").tag(stale)
+    try:
+        code, report, stderr = doctor({**healthy.env(), "EXECUTOR_SANDBOX_IMAGE": stale}, healthy.root)
+        image = by_name(report)["sandbox image"]
+        assert code == 1 and image["status"] == "problem", (report, stderr)
+        assert "another sandbox/Dockerfile" in image["detail"] and "needs 2" in image["detail"]
+        assert "docker build" in image["fix"]
+        executor = Executor(healthy.settings(sandbox_image=stale), {}, docker_client)
+        with pytest.raises(SandboxError, match="interface none; this executor needs 2.*docker build"):
+            executor.sandbox.check_image()
+    finally:
+        docker_client.images.remove(stale)
+
+
 def test_doctor_names_each_problem_of_a_broken_setup(world, tmp_path, docker_client):
     blocker = tmp_path / "not-a-dir"
     blocker.write_text("a regular file where a directory is expected\n")  # root ignores modes; this stops it
