@@ -77,6 +77,7 @@ def apply_once(base: Path, n: int, move: bool) -> dict[str, float]:
     tag = "move" if move else "copy"
     repo, upper = base / f"repo-{tag}", base / f"upper-{tag}"
     make_repo(repo)
+    time.sleep(0.05)  # past the conflict check's clock slack (20 ms): the repository is older than the job
     since = time.time_ns()
     log(f"writing {n:,} files into an upper dir ({tag})")
     make_upper(upper, n)
@@ -216,6 +217,7 @@ def pct(values: list[float], q: float) -> float:
 
 def run(files: int, parent: str, spool_files: int = 2000) -> None:
     base = Path(tempfile.mkdtemp(prefix="bench-large-", dir=parent))
+    os.chmod(base, 0o755)  # the owner's uid writes below it
     try:
         log(f"a flood of {spool_files} spool files")
         flooded = flood(base / "flood", spool_files)

@@ -37,7 +37,6 @@ from .errors import (
     WeakTests,
     WorkspaceError,
 )
-from .settings import Settings
 from .store.status import Status
 
 __all__ = [
@@ -47,3 +46,13 @@ __all__ = [
     "Regression", "Rejected", "ReviewError", "SandboxError", "Settings", "Stalled", "Status", "TestsFailed",
     "TestsOutOfMemory", "TestsTimedOut", "TimedOut", "UnsafePath", "WeakTests", "WorkspaceError",
 ]
+
+
+def __getattr__(name: str):
+    # Settings loads pydantic-settings (a tenth of a second): only when asked for, so that `executor status`
+    # and `executor health`, which read a snapshot, answer without it.
+    if name == "Settings":
+        from .settings import Settings
+
+        return Settings
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

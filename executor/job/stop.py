@@ -1,9 +1,10 @@
 """Why a running attempt must stop now: the executor is shutting down, the serving loop asked for it (the
-state root's disk ran low), or a person asked to cancel it.
+state root's disk ran low), the job's API gateway refused a model other than the runner's, or a person
+asked to cancel it.
 
-Owns the cheap check the runtime calls between stream lines: the shutdown flag and the loop's requests
-every time, the store's ``cancel_requested`` at most once a second (a cancel is a person's action; a
-second is quick enough).
+Owns the cheap check the runtime calls between stream lines: the shutdown flag, the loop's requests and the
+gateway's refusal flag every time, the store's ``cancel_requested`` at most once a second (a cancel is a
+person's action; a second is quick enough).
 
 Must never: stop anything itself; it only answers.
 """
@@ -11,13 +12,14 @@ Must never: stop anything itself; it only answers.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 from .context import Context
 
 
 class StopCheck:
-    def __init__(self, ctx: Context, job_id: str) -> None:
-        self.ctx, self.job_id = ctx, job_id
+    def __init__(self, ctx: Context, job_id: str, refused: Callable[[], bool] | None = None) -> None:
+        self.ctx, self.job_id, self.refused = ctx, job_id, refused
         self._next_poll = 0.0
         self._cancelled = False
 
@@ -26,6 +28,8 @@ class StopCheck:
             return "shutdown"
         if (why := self.ctx.stop_requests.get(self.job_id)) is not None:
             return why
+        if self.refused is not None and self.refused():
+            return "model_mismatch"
         now = time.monotonic()
         if not self._cancelled and now >= self._next_poll:
             self._next_poll = now + 1.0

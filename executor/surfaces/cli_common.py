@@ -7,22 +7,42 @@ Must never: write to the store.
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import click
-from pydantic import ValidationError
 
-from ..settings import Settings
+from .seal_view import api_view, egress_denials, network_view
 
-if TYPE_CHECKING:  # loaded only when a command opens the store (SQLAlchemy is slow to import)
+if TYPE_CHECKING:  # loaded when a command needs them: pydantic-settings and SQLAlchemy are slow to import
+    from ..settings import Settings
     from ..store import Job, Store
 
 
 def load_settings() -> Settings:
+    from pydantic import ValidationError
+
+    from ..settings import Settings, UnknownSetting
+
     try:
         return Settings()
+    except UnknownSetting as exc:
+        raise click.ClickException(str(exc)) from None
     except ValidationError as exc:
-        raise click.ClickException(f"bad EXECUTOR_* setting: {exc}") from None
+        problems = []
+        for err in exc.errors():
+            name = "EXECUTOR_" + "_".join(str(p) for p in err["loc"][:1]).upper()
+            problems.append(f"{name}={os.environ.get(name, '')!r}: {err['msg'].removeprefix('Value error, ')}")
+        raise click.ClickException("bad setting: " + "; ".join(problems)) from None
+
+
+def state_root() -> Path:
+    """Where the state root is, for the commands that only read the serving loop's snapshot (``status``,
+    ``health``): ``EXECUTOR_HOME`` as ``Settings`` reads it, without loading pydantic-settings, so that they
+    answer in a blink. Every other setting they need is in the snapshot; without a fresh one they build the
+    full ``Settings``."""
+    return Path(os.environ.get("EXECUTOR_HOME") or "store").expanduser().absolute()
 
 
 def open_store(settings: Settings) -> Store:
@@ -40,8 +60,21 @@ def get_job(store: Store, job_id: str) -> Job:
     return job
 
 
-def job_view(store: Store, job: Job) -> dict[str, Any]:
-    """What ``show --json`` prints: the whole story of a job."""
+def read_only():
+    """The database opened read-only through plain sqlite3 (``store/reads.py``), for ``show`` and ``jobs``:
+    like ``state_root``, without loading pydantic-settings or SQLAlchemy."""
+    from ..store import reads
+
+    path = state_root() / "executor.db"
+    if not path.exists():
+        raise click.ClickException(f"no database at {path}: is EXECUTOR_HOME right?")
+    return reads.connect(path)
+
+
+def job_view(job: Job, attempts: list, events: list, api_requests: list) -> dict[str, Any]:
+    """What ``show --json`` prints: the whole story of a job (``attempts``: its attempt rows, in order;
+    ``events``: at least its events of the kinds in ``seal_view.SEAL_EVENTS``; ``api_requests``: its gateway's
+    rows)."""
     return {
         "id": job.id,
         "session_id": job.session_id,
@@ -64,7 +97,7 @@ def job_view(store: Store, job: Job) -> dict[str, Any]:
              "cost_usd": a.cost_usd, "input_tokens": a.input_tokens, "output_tokens": a.output_tokens,
              "started_at": a.started_at.isoformat(),
              "finished_at": a.finished_at.isoformat() if a.finished_at else None}
-            for a in store.attempts(job.id)
+            for a in attempts
         ],
         "changed_files": job.changed_files,
         "tests": {"command": job.test_command, "exit_code": job.test_exit_code, "output_tail": job.test_output},
@@ -76,6 +109,9 @@ def job_view(store: Store, job: Job) -> dict[str, Any]:
         "skills": job.skills,
         "context": job.context,
         "compaction": job.compaction,
+        "network": network_view(job),
+        "egress_denied": egress_denials(events),
+        "api": api_view(api_requests, events),
     }
 
 
