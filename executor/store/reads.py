@@ -20,7 +20,8 @@ from typing import Any
 from .status import Status
 
 #: Columns the ORM stores as JSON and as datetimes (tests/unit/test_store.py checks these against the models).
-JSON_COLUMNS = {"job": {"policy", "models_seen", "changed_files", "review_reasons", "review_files", "skills"},
+JSON_COLUMNS = {"job": {"policy", "models_seen", "changed_files", "review_reasons", "review_files", "skills",
+                         "evaluation"},
                 "attempt": {"models_seen"}, "event": {"data"}, "apirequest": {"rate_limits"}}
 TIME_COLUMNS = {"job": {"created_at", "started_at", "finished_at", "retry_at", "review_since", "reviewed_at"},
                 "attempt": {"started_at", "finished_at"}, "event": {"ts"}, "apirequest": {"ts"}}
@@ -40,7 +41,7 @@ def _record(table: str, row: sqlite3.Row) -> SimpleNamespace:
     for name in TIME_COLUMNS[table]:
         if data.get(name) is not None:
             data[name] = datetime.fromisoformat(data[name]).replace(tzinfo=timezone.utc)
-    if "status" in data:
+    if table == "job":  # an apirequest's status is the HTTP status the API answered
         data["status"] = Status(data["status"])
     return SimpleNamespace(**data)
 

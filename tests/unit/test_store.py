@@ -426,3 +426,9 @@ def test_plain_reads_give_what_the_store_wrote(tmp_path):
     (event,) = reads.events(conn, "r1", ["egress", "gateway_refused"])
     assert event.data == {"decision": "denied", "host": "example.org"} and event.ts.tzinfo is not None
     assert reads.events(conn, "r1", ["turn"]) == [] and reads.api_requests(conn, "r1") == []
+    from executor.store import ApiRequest
+
+    store.add_api_request(ApiRequest(job_id="r1", attempt=1, runner="r", path="/v1/messages", status=200,
+                                     latency=0.1, duration=0.2))
+    (row,) = reads.api_requests(conn, "r1")
+    assert row.status == 200  # an HTTP status, not a job's (show of a sealed job read it as one and crashed)
