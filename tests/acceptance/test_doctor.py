@@ -83,6 +83,7 @@ def test_a_sandbox_image_built_from_another_dockerfile_is_named_by_doctor_and_re
     """An image without this checkout's interface label (an old build) would fail every job obscurely
     (exit 127: no forwarder); both doctor and serve say to rebuild it instead."""
     from executor.errors import SandboxError
+    from executor.sandbox.deployment import SANDBOX_INTERFACE
     from executor.scheduling.service import Executor
 
     stale = "executor-sandbox:stale-test"
@@ -91,10 +92,10 @@ def test_a_sandbox_image_built_from_another_dockerfile_is_named_by_doctor_and_re
         code, report, stderr = doctor({**healthy.env(), "EXECUTOR_SANDBOX_IMAGE": stale}, healthy.root)
         image = by_name(report)["sandbox image"]
         assert code == 1 and image["status"] == "problem", (report, stderr)
-        assert "another sandbox/Dockerfile" in image["detail"] and "needs 2" in image["detail"]
+        assert "another sandbox/Dockerfile" in image["detail"] and f"needs {SANDBOX_INTERFACE}" in image["detail"]
         assert "docker build" in image["fix"]
         executor = Executor(healthy.settings(sandbox_image=stale), {}, docker_client)
-        with pytest.raises(SandboxError, match="interface none; this executor needs 2.*docker build"):
+        with pytest.raises(SandboxError, match=f"interface none; this executor needs {SANDBOX_INTERFACE}.*docker build"):
             executor.sandbox.check_image()
     finally:
         docker_client.images.remove(stale)
