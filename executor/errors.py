@@ -19,10 +19,12 @@ Must never: grow a second base class, or hold secrets (tokens, keys) in a messag
     ├── WorkspaceError           overlay set-up or teardown failed
     │   ├── UnsafePath           the upper dir holds something that must never be applied
     │   ├── WorkspaceChanged     the repository is no longer the directory the job was accepted with
-    │   └── CommitFailed         the change could not be written into the repository
+    │   ├── CommitFailed         the change could not be written into the repository
+    │   └── ChangeGone           the kept change a reviewer's follow-up was to revise is gone
     ├── Conflict                 the repository changed under the job at paths the job touched
     ├── ReviewError              a review action cannot be done (not awaiting review, unknown paths, ...)
     │   └── Rejected             a person rejected the change
+    │       └── ChangesRequested a person asked for changes: a follow-up job revises the kept change
     ├── SandboxError             the container could not be created or run
     ├── CompactionUnavailable    the small model could not write the brief and the policy requires it
     ├── EvaluationError          the graded gate could not grade the change (no or a broken report, no coverage)
@@ -131,6 +133,10 @@ class Conflict(ExecutorError):
         )
 
 
+class ChangeGone(WorkspaceError):
+    reason = "change_gone"
+
+
 class ReviewError(ExecutorError):
     reason = "review"
 
@@ -138,6 +144,13 @@ class ReviewError(ExecutorError):
 class Rejected(ReviewError):
     reason = "rejected"
     ends_as = "rolled_back"
+
+
+class ChangesRequested(Rejected):
+    """The job ends; its kept change is handed to the follow-up job that revises it (not removed here)."""
+
+    reason = "changes_requested"
+    keeps_change = True
 
 
 class SandboxError(ExecutorError):

@@ -47,6 +47,8 @@ class JobSpec(BaseModel):
     skills: list[str] | None = Field(default=None, description="Skills (policies/skills/NAME.md) that ride "
                                      "along in full in the session brief.")
     context: Literal["full"] | None = Field(default=None, description="'full': bypass compaction for this job.")
+    follows: str | None = Field(default=None, pattern=JOB_ID.pattern,
+                                description="The job this one retries (`executor retry` sets it; shown with both).")
 
 
 @dataclass(frozen=True)

@@ -151,6 +151,7 @@ def job_from(valid: ValidJob, spool_name: str | None) -> Job:
         priority=valid.spec.priority,
         skills=valid.spec.skills,
         context=valid.spec.context,
+        follows=valid.spec.follows,
         spool_name=spool_name,
         repo_uid=valid.identity.uid,
         repo_gid=valid.identity.gid,

@@ -23,7 +23,7 @@ from datetime import timedelta
 
 from ..agent.command import agent_environment
 from ..clock import utcnow
-from ..errors import AWAITING_REVIEW, ConfigError, ExecutorError, RateLimited
+from ..errors import AWAITING_REVIEW, ChangeGone, ConfigError, ExecutorError, RateLimited
 from ..logs import log_state
 from ..policy import Policy, Runner
 from ..redact import scrub_tree
@@ -50,6 +50,10 @@ from .stop import StopCheck
 #: What the agent is told when its conversation is resumed after a rate limit.
 RESUME_PROMPT = ("Your previous attempt at this task was interrupted by an API rate limit. The workspace is as "
                  "you left it. Continue where you stopped and finish the task:\n\n{prompt}")
+#: What a reviewer's follow-up is told: its prompt is the reviewer's note, the task is the reviewed job's.
+REVISE_PROMPT = ("A person reviewed the change made for the task below and asked for changes. That change is in "
+                 "the workspace as it was left; it has not been applied to the repository. Revise it as the "
+                 "reviewer asks.\n\nThe reviewer's note:\n\n{note}\n\nThe task:\n\n{task}")
 
 
 def run_job(ctx: Context, job_id: str) -> Job:
@@ -60,7 +64,9 @@ def run_job(ctx: Context, job_id: str) -> Job:
     resume = job.resume_session if job.status == Status.waiting_retry else None
     # A resumed attempt continues the earlier attempt's changes: the repository is judged against
     # the moment those started.
-    start_ns = job.start_ns if resume and job.start_ns else time.time_ns()
+    # A resumed attempt continues the earlier attempt's changes, and a revision the reviewed job's: the
+    # repository is judged against the moment those started.
+    start_ns = job.start_ns if (resume or job.builds_on) and job.start_ns else time.time_ns()
     phase = Phase(job.status)
     job = phase.move(ctx.store, job, Status.running, started_at=job.started_at or utcnow(), start_ns=start_ns,
                      attempts=number, retry_at=None, resume_session=None)
@@ -127,11 +133,22 @@ def _attempt(ctx: Context, job: Job, ws: Workspace, phase: Phase, resume: str | 
             "why": "the session transcript or the kept workspace cannot be read: starting fresh from the "
                    "clean repository"})
         resume = None
-    workspace.create(ctx.sandbox, ws, keep_upper=resume is not None)
+    keep = resume is not None
+    if job.builds_on:  # a revision continues the reviewed job's change (and its own, after a restart)
+        if not workspace.take_over(ctx.settings.job_dir(job.builds_on), ws):
+            raise ChangeGone(f"the change of job {job.builds_on} this job was to revise is gone (removed by "
+                             f"retention or by hand); submit the task again")
+        keep = True
+    workspace.create(ctx.sandbox, ws, keep_upper=keep)
     # A follow-up job of a session starts from the session brief (or continues the previous conversation).
     start = compaction.start(ctx.store, ctx.settings, ctx.secrets, job, policy, ws.attempt, runner,
                              transcript_ok=lambda sid: transcript_readable(homes, sid), resuming=resume is not None)
-    prompt = RESUME_PROMPT.format(prompt=job.prompt) if resume else job.prompt
+    prompt = job.prompt
+    if job.builds_on:
+        reviewed = ctx.store.get(job.builds_on)
+        prompt = REVISE_PROMPT.format(note=job.prompt, task=reviewed.prompt if reviewed else "(not recorded)")
+    if resume:
+        prompt = RESUME_PROMPT.format(prompt=prompt)
     if start.prompt_note:
         prompt = f"{start.prompt_note}\n\n{prompt}"
     system = "\n\n".join(system_prompt_parts(policy, brief=start.brief)) or None

@@ -1,10 +1,13 @@
-"""Review decisions: the queue of jobs waiting for a person, what each holds, and approve / reject.
+"""Review decisions: the queue of jobs waiting for a person, what each holds, approve / reject / request changes.
 
-Owns the two decisions. A job in ``awaiting_review`` holds nothing but its upper dir (no overlay mounted,
+Owns the three decisions. A job in ``awaiting_review`` holds nothing but its upper dir (no overlay mounted,
 no container): approving commits it through the one commit sequence (``transaction/commit.py``, the same
-conflict check and apply as the pipeline); rejecting settles it rolled back, which removes the change.
-Every decision moves the job from ``awaiting_review`` through the store first, so two reviewers (the CLI
-and the web page, two processes) cannot both win.
+conflict check and apply as the pipeline); rejecting settles it rolled back, which removes the change;
+requesting changes settles it rolled back *and* inserts, in the same transaction, a follow-up job of the
+same session whose prompt is the reviewer's note and which continues the kept change (its upper dir moves
+to the follow-up when that starts). Every decision moves the job from ``awaiting_review`` through the
+store first, so two reviewers (the CLI and the web page, two processes) cannot both win. The diff the
+reviewer saw is kept (``kept.py``) before the decision, so it can be shown after it.
 
 Must never: apply anything while the repository conflicts with the change, apply other paths than the
 ones approved, or touch the repository on reject.
@@ -18,12 +21,23 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from ..clock import aware, utcnow
-from ..errors import COMMITTED, Conflict, IllegalTransition, Rejected, ReviewError, WorkspaceChanged
+from ..errors import (
+    COMMITTED,
+    ChangesRequested,
+    Conflict,
+    IllegalTransition,
+    InvalidJob,
+    Rejected,
+    ReviewError,
+    WorkspaceChanged,
+)
+from ..intake.followup import revision
 from ..settings import Settings
 from ..store import Job, Status, Store
 from ..transaction.commit import Ending, Phase, commit, settle
 from ..transaction.upper import scan_upper
 from ..transaction.workspace import Workspace
+from . import kept
 from .diff import FileDiff, changed_lines, diff_change
 
 log = logging.getLogger(__name__)
@@ -91,6 +105,7 @@ def approve(store: Store, settings: Settings, job_id: str, files: Iterable[str] 
     ws = Workspace.of(settings, job)
     if not ws.upper.is_dir():
         raise ReviewError(f"the kept change of job {job.id} is gone ({ws.upper}); reject the job")
+    _keep_diff(store, settings, job)
     chosen = sorted({p.strip().strip("/") for p in files or [] if p.strip().strip("/")}) or None
     now = utcnow()
     phase = Phase(Status.awaiting_review)
@@ -119,6 +134,7 @@ def approve(store: Store, settings: Settings, job_id: str, files: Iterable[str] 
 def reject(store: Store, settings: Settings, job_id: str, note: str | None = None, *, by: str) -> Job:
     """Roll the job back: its kept change is removed, the repository is not touched."""
     job = _awaiting(store, job_id)
+    _keep_diff(store, settings, job)
     now = utcnow()
     error = Rejected(f"rejected in review by {by}" + (f": {note}" if note else ""))
     ending = Ending.of(error, reviewed_by=by, reviewed_at=now, review_note=note)
@@ -130,6 +146,43 @@ def reject(store: Store, settings: Settings, job_id: str, note: str | None = Non
                                                   "note": note, "outcome": "rejected"})
     log.info("review rejected", extra={"action": "review", "job": job.id, "by": by})
     return job
+
+
+def request_changes(store: Store, settings: Settings, job_id: str, note: str, *, by: str,
+                    runners: dict | None = None) -> tuple[Job, Job]:
+    """End the job (rolled back, ``changes_requested``) and queue its follow-up in one transaction: the same
+    session, the reviewer's note as prompt, the kept change as its starting point. Returns both jobs."""
+    job = _awaiting(store, job_id)
+    ws = Workspace.of(settings, job)
+    if not ws.upper.is_dir():
+        raise ReviewError(f"the kept change of job {job.id} is gone ({ws.upper}); reject the job")
+    try:
+        follow = revision(job, note, settings, runners)
+    except InvalidJob as exc:
+        raise ReviewError(str(exc)) from None
+    _keep_diff(store, settings, job)
+    now = utcnow()
+    note = note.strip()
+    error = ChangesRequested(f"changes requested in review by {by}: {note} (job {follow.id} revises the change)")
+    ending = Ending.of(error, reviewed_by=by, reviewed_at=now, review_note=note)
+    ending.follow_up = follow
+    try:
+        job = settle(store, job, ws, ending, Phase(Status.awaiting_review))
+    except IllegalTransition as exc:
+        raise _decided_meanwhile(store, job, exc) from None
+    store.add_event(job, job.attempts, "review", {"action": "request_changes", "by": by, "at": now.isoformat(),
+                                                  "note": note, "outcome": "changes_requested",
+                                                  "follow_up": follow.id})
+    log.info("review changes requested", extra={"action": "review", "job": job.id, "by": by, "follow_up": follow.id})
+    return job, store.get(follow.id) or follow
+
+
+def _keep_diff(store: Store, settings: Settings, job: Job) -> None:
+    """Keep what the reviewer is deciding on; a diff that cannot be made is no reason to refuse the decision."""
+    try:
+        kept.keep(settings, job.id, pending(store, settings, job.id).diffs)
+    except (ReviewError, OSError) as exc:
+        log.warning("review diff not kept", extra={"action": "review", "job": job.id, "error": str(exc)})
 
 
 def _decided_meanwhile(store: Store, job: Job, exc: IllegalTransition) -> ReviewError:

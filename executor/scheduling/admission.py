@@ -7,6 +7,8 @@ starved by a stream of small ones. A job held back by its runner's cooldown, its
 ``max_concurrent``, its busy workspace or its busy session does not block the others (one job of a session
 runs at a time: its home's committed state is the lower dir of the running job's home).
 
+Every job left waiting gets its reason in words (``Plan.held``), which ``status``, ``show`` and the page show.
+
 Must never: start anything (it returns the plan and the permits it took), or read the environment.
 """
 
@@ -24,10 +26,12 @@ from .governor import Governor, Permit
 
 @dataclass
 class Plan:
-    """What to start now (each with its permit, already reserved) and why the queue's head waits."""
+    """What to start now (each with its permit, already reserved), why the queue's head waits, and why each
+    job that does not start waits (by job id)."""
 
     starts: list[tuple[Job, Permit]] = field(default_factory=list)
     waiting: str | None = None
+    held: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -56,30 +60,46 @@ def plan(candidates: Iterable[Job], running: Mapping[str, Running], runners: Map
     per_runner: dict[str, int] = {}
     for r in running.values():
         per_runner[r.runner] = per_runner.get(r.runner, 0) + 1
+    blocked_by: str | None = None  # the head-of-line job that does not fit the budget
     for job in candidates:
-        if job.id in running or not _may_run(job, now, cooling, holders, runners, per_runner):
+        if job.id in running:
+            continue
+        if blocked_by is not None:
+            result.held[job.id] = f"behind job {blocked_by}, which waits for room in the budget"
+            continue
+        why = _held(job, now, cooling, holders, runners, per_runner)
+        if why is not None:
+            result.held[job.id] = why
             continue
         policy = Policy(**job.policy)
         host = governor.host_allows(policy)
         permit = None if host else governor.try_reserve(job.id, policy)
         if permit is None:
             # Strict head-of-line: nothing behind a job that does not fit may overtake it.
-            result.waiting = f"job {job.id} waits: {host or governor.why_not(policy)}"
-            break
+            reason = host or governor.why_not(policy)
+            result.waiting = f"job {job.id} waits: {reason}"
+            result.held[job.id] = reason
+            blocked_by = job.id
+            continue
         result.starts.append((job, permit))
         holders[job.workspace] = holders[("session", job.session_id)] = job.id
         per_runner[job.runner] = per_runner.get(job.runner, 0) + 1
     return result
 
 
-def _may_run(job: Job, now: datetime, cooling: set[str], holders: dict, runners: Mapping[str, Runner],
-             per_runner: dict[str, int]) -> bool:
-    """Whether anything but the budget holds the job back (those never block the jobs behind it)."""
+def _held(job: Job, now: datetime, cooling: set[str], holders: dict, runners: Mapping[str, Runner],
+          per_runner: dict[str, int]) -> str | None:
+    """What other than the budget holds the job back, in words (these never block the jobs behind it)."""
     if job.status == Status.waiting_retry and job.retry_at and aware(job.retry_at) > now:
-        return False
-    if job.runner in cooling:
-        return False  # a rate limit is account-wide: the runner rests until its cooldown ends
-    if holders.get(job.workspace, job.id) != job.id or holders.get(("session", job.session_id), job.id) != job.id:
-        return False  # a lower dir must not change under a mounted overlay
+        return f"retries after a rate limit at {aware(job.retry_at):%H:%M:%S} UTC"
+    if job.runner in cooling:  # a rate limit is account-wide: the runner rests until its cooldown ends
+        return f"runner {job.runner} is cooling down after a rate limit"
+    # A lower dir must not change under a mounted overlay: one job per workspace and per session.
+    if holders.get(job.workspace, job.id) != job.id:
+        return f"job {holders[job.workspace]} holds the workspace {job.workspace}"
+    if holders.get(("session", job.session_id), job.id) != job.id:
+        return f"job {holders[('session', job.session_id)]} of the same session {job.session_id} runs first"
     runner = runners.get(job.runner)
-    return not (runner and runner.max_concurrent and per_runner.get(job.runner, 0) >= runner.max_concurrent)
+    if runner and runner.max_concurrent and per_runner.get(job.runner, 0) >= runner.max_concurrent:
+        return f"runner {job.runner} already runs its max_concurrent = {runner.max_concurrent} jobs"
+    return None

@@ -50,6 +50,9 @@ from .wakeup import Wakeup
 
 log = logging.getLogger(__name__)
 
+#: How many waiting jobs' reasons the status snapshot carries (the queue's head, where reasons matter).
+HELD_SHOWN = 500
+
 RETENTION_EVERY = 3600.0  # seconds between sweeps of expired job dirs
 INTAKE_BUDGET = 0.25  # seconds of intake per round of the loop
 
@@ -88,6 +91,7 @@ class Executor:
                            sealer=self.sealer)
         self.slots: dict[str, Slot] = {}
         self.waiting: str | None = None  # why the head of the queue is not running
+        self.held: dict[str, str] = {}  # why each queued job that did not start waits (admission order)
         self.last_tick = 0.0
         self._last_retention = 0.0
         self._process = psutil.Process()
@@ -256,6 +260,8 @@ class Executor:
             "queue_length": counts.get(Status.queued, 0),
             "counts": {st.value: n for st, n in counts.items()},
             "waiting": self.waiting,
+            # Why queued jobs wait, for `show` and the page: the first HELD_SHOWN in admission order.
+            "held": dict(list(self.held.items())[:HELD_SHOWN]),
             "runners": self.runner_view(),
             "problems": sorted(self.problems.values()),
         }
@@ -331,7 +337,7 @@ class Executor:
                    if st.cooldown_until and st.cooldown_until > now]
         plan = admission.plan(self.store.jobs([Status.queued, Status.waiting_retry]), running, self.ctx.runners,
                               cooling, self.governor, now)
-        self.waiting = plan.waiting
+        self.waiting, self.held = plan.waiting, plan.held
         for job, permit in plan.starts:
             self.start(job, permit)
 

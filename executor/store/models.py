@@ -61,6 +61,8 @@ class Job(SQLModel, table=True):
     skills: list | None = Field(default=None, sa_column=Column(JSON))  # skills riding along in full
     context: str | None = None  # "full": the job bypasses compaction
     compaction: str | None = None  # how a follow-up started: model | structural | resume | full (+ why)
+    follows: str | None = Field(default=None, index=True)  # the job this one was made from (a retry, a revision)
+    builds_on: str | None = None  # the reviewed job whose kept change this one revises (its upper dir moves here)
 
 
 class RateLimitEvent(SQLModel, table=True):

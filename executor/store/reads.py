@@ -70,6 +70,11 @@ def api_requests(conn: sqlite3.Connection, job_id: str) -> list[SimpleNamespace]
     return [_record("apirequest", row) for row in rows]
 
 
+def followers(conn: sqlite3.Connection, job_id: str) -> list[str]:
+    """The ids of the jobs made from this one (retries, revisions), oldest first."""
+    return [row[0] for row in conn.execute("SELECT id FROM job WHERE follows = ? ORDER BY created_at", (job_id,))]
+
+
 def recent_jobs(conn: sqlite3.Connection, statuses: Iterable[Status] | None = None, runner: str | None = None,
                 session_id: str | None = None, limit: int = 50) -> list[SimpleNamespace]:
     """The newest jobs first, filtered, at most ``limit`` (an index on ``created_at`` keeps this quick)."""

@@ -151,8 +151,11 @@ class Store:
             query = query.order_by(col(Job.priority).desc(), col(Job.created_at), col(Job.id))
             return list(s.exec(query))
 
-    def transition(self, job_id: str, expected: Status | Iterable[Status], new: Status, **fields: Any) -> Job:
-        """Move a job from one of ``expected`` to ``new`` (and set ``fields``) or raise IllegalTransition."""
+    def transition(self, job_id: str, expected: Status | Iterable[Status], new: Status, *, add: Job | None = None,
+                   **fields: Any) -> Job:
+        """Move a job from one of ``expected`` to ``new`` (and set ``fields``) or raise IllegalTransition.
+        ``add``: a new job inserted in the same transaction (a reviewer's follow-up exists exactly when the
+        reviewed job ended for it)."""
         allowed = {expected} if isinstance(expected, Status) else set(expected)
         sources = [st for st in allowed if new in TRANSITIONS.get(st, frozenset())]
         if not sources:
@@ -165,6 +168,8 @@ class Store:
                 .where(col(Job.id) == job_id, col(Job.status).in_([st.value for st in sources]))
                 .values(status=new, **self.redact(fields))
             )
+            if result.rowcount == 1 and add is not None:
+                s.add(add)
             s.commit()
             if result.rowcount != 1:
                 current = s.get(Job, job_id)
@@ -178,6 +183,11 @@ class Store:
             job = s.get(Job, job_id)
             s.refresh(job)
             return job
+
+    def followers(self, job_id: str) -> list[Job]:
+        """The jobs made from this one (retries, revisions), oldest first."""
+        with self.session() as s:
+            return list(s.exec(select(Job).where(col(Job.follows) == job_id).order_by(col(Job.created_at))).all())
 
     def counts(self) -> dict[Status, int]:
         with self.session() as s:

@@ -27,8 +27,8 @@ import click
 from ..errors import ExecutorError, InvalidJob
 from ..scheduling import snapshot as status_file
 from ..store import Status
-from .cli_common import load_settings, open_store, read_only, state_root
-from .cli_jobs import cancel, follow_events, jobs, log_cmd, show
+from .cli_common import get_job, load_settings, open_store, read_only, state_root
+from .cli_jobs import cancel, complete_job_id, follow_events, jobs, log_cmd, show
 from .cli_ops import backup, prune
 from .cli_review import review
 from .cli_session import session
@@ -64,8 +64,30 @@ def serve() -> None:
 def submit(file: Any, wait: bool, as_json: bool) -> None:
     """Validate a job file (or - for stdin) against the serving executor's own settings and put it into its
     spool; prints the job id. Refuses when no executor serves the state root (EXECUTOR_HOME)."""
-    from ..intake.jobs import parse_spec, validate
-    from ..intake.spool import Spool
+    daemon = _serving_settings()
+    _spool(daemon, file.read(), wait, as_json)
+
+
+@main.command()
+@click.argument("job_id", shell_complete=complete_job_id)
+@click.option("--wait", is_flag=True, help="Follow the new job to its end; exit 0 only if it succeeded.")
+@click.option("--json", "as_json", is_flag=True, help="Print the new job's id (and with --wait its ending) as JSON.")
+def retry(job_id: str, wait: bool, as_json: bool) -> None:
+    """Run a failed, rolled back, stalled or cancelled job's task again: a new job of the same session (it
+    starts from the session's brief, which says how this one ended), submitted like a job file, so it is
+    judged by the runner, the policy and the workspace as they are now. Prints the new job's id."""
+    from ..intake.followup import retry_spec
+
+    daemon = _serving_settings()
+    try:
+        spec = retry_spec(get_job(open_store(daemon), job_id))
+    except InvalidJob as exc:
+        raise click.ClickException(str(exc)) from None
+    _spool(daemon, json.dumps(spec).encode(), wait, as_json)
+
+
+def _serving_settings():
+    """The serving executor's settings, its paths as this process sees them; refuses when none serves."""
     from ..settings import Settings
 
     home = state_root()
@@ -75,8 +97,14 @@ def submit(file: Any, wait: bool, as_json: bool) -> None:
             f"no executor serves the state root {home} (no fresh {home / 'status.json'}): start `executor serve` "
             "(or `docker compose up -d`, then submit with `docker compose exec -T executor executor submit -`), "
             "or set EXECUTOR_HOME to the state root it serves")
-    daemon = Settings(**_as_seen_here(snapshot, home))  # judged as the executor that will run it would judge it
-    raw = file.read()
+    return Settings(**_as_seen_here(snapshot, home))  # judged as the executor that will run it would judge it
+
+
+def _spool(daemon, raw: bytes, wait: bool, as_json: bool) -> None:
+    """Validate a job file as ``daemon`` would and put it into its spool; print the id (or follow the job)."""
+    from ..intake.jobs import parse_spec, validate
+    from ..intake.spool import Spool
+
     try:
         valid = validate(parse_spec(raw), daemon)
     except InvalidJob as exc:
@@ -256,7 +284,7 @@ def doctor(as_json: bool) -> None:
     sys.exit(1 if failed else 0)
 
 
-for command in (review, session, show, jobs, log_cmd, cancel, backup, prune):
+for command in (review, session, show, jobs, log_cmd, cancel, retry, backup, prune):
     main.add_command(command)
 
 

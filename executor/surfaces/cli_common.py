@@ -71,10 +71,11 @@ def read_only():
     return reads.connect(path)
 
 
-def job_view(job: Job, attempts: list, events: list, api_requests: list) -> dict[str, Any]:
+def job_view(job: Job, attempts: list, events: list, api_requests: list, followed_by: list[str] | None = None,
+             waiting: str | None = None) -> dict[str, Any]:
     """What ``show --json`` prints: the whole story of a job (``attempts``: its attempt rows, in order;
     ``events``: at least its events of the kinds in ``seal_view.SEAL_EVENTS``; ``api_requests``: its gateway's
-    rows)."""
+    rows; ``followed_by``: the ids of the jobs made from it; ``waiting``: why a queued job has not started)."""
     return {
         "id": job.id,
         "session_id": job.session_id,
@@ -88,6 +89,10 @@ def job_view(job: Job, attempts: list, events: list, api_requests: list) -> dict
         "policy": job.policy_name,
         "priority": job.priority,
         "prompt": job.prompt,
+        "follows": job.follows,
+        "builds_on": job.builds_on,
+        "followed_by": followed_by or [],
+        "waiting": waiting,
         "created_at": job.created_at.isoformat(),
         "started_at": job.started_at.isoformat() if job.started_at else None,
         "finished_at": job.finished_at.isoformat() if job.finished_at else None,

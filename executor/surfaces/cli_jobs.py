@@ -21,7 +21,7 @@ from click.shell_completion import CompletionItem
 from ..clock import aware, span, utcnow
 from ..errors import InvalidJob
 from ..store import TERMINAL, Status
-from .cli_common import evaluation_lines, get_job, job_view, load_settings, open_store, read_only
+from .cli_common import evaluation_lines, get_job, job_view, load_settings, open_store, read_only, state_root
 from .seal_view import SEAL_EVENTS, denial_line
 
 COLOURS = {"succeeded": "green", "failed": "red", "rolled_back": "yellow", "stalled": "magenta",
@@ -65,12 +65,13 @@ def show(job_id: str, as_json: bool) -> None:
         if job is None:
             raise click.ClickException(f"no job {job_id!r}")
         view = job_view(job, reads.attempts(conn, job_id), reads.events(conn, job_id, SEAL_EVENTS),
-                        reads.api_requests(conn, job_id))
+                        reads.api_requests(conn, job_id), reads.followers(conn, job_id), _why_waiting(job))
     if as_json:
         click.echo(json.dumps(view, indent=2))
         return
-    for key in ("id", "session_id", "status", "reason", "error", "runner", "model_requested", "models_seen",
-                "workspace", "policy", "created_at", "started_at", "finished_at", "skills", "context", "compaction"):
+    for key in ("id", "session_id", "status", "waiting", "reason", "error", "runner", "model_requested",
+                "models_seen", "workspace", "policy", "follows", "builds_on", "followed_by", "created_at", "started_at",
+                "finished_at", "skills", "context", "compaction"):
         if view[key] not in (None, [], ""):
             value = click.style(view[key], fg=COLOURS.get(view[key])) if key == "status" else view[key]
             click.echo(f"{key:16} {value}")
@@ -88,6 +89,17 @@ def show(job_id: str, as_json: bool) -> None:
     for line in evaluation_lines(view["evaluation"]):
         click.echo(line)
 
+
+
+def _why_waiting(job) -> str | None:
+    """Why a queued job has not started, as the serving loop said at its last tick (None when it runs or
+    ended, or no executor serves)."""
+    if job.status not in (Status.queued, Status.waiting_retry):
+        return None
+    from ..scheduling import snapshot
+
+    current = snapshot.read(state_root() / "status.json")
+    return (current or {}).get("held", {}).get(job.id)
 
 def _show_seal(view: dict) -> None:
     network, api = view["network"], view["api"]
@@ -205,3 +217,4 @@ def cancel(job_id: str, as_json: bool) -> None:
         click.echo(f"{job.id} cancelled")
     else:
         click.echo(f"{job.id} cancel requested ({job.status.value})")
+

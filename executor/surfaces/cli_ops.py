@@ -3,9 +3,11 @@
 Owns the consistent copy of the database while the executor serves (SQLite's online backup API: the copy
 is one transaction's view, whatever the writer does meanwhile) and the removal of what is old: accepted
 and rejected spool files, session homes (Claude Code's transcripts) of sessions with no recent job, and
-kept upper dirs of ended jobs (a conflict's, a failed apply's), every removal through pinned fds.
+kept upper dirs of ended jobs (a conflict's, a failed apply's) and decided reviews' diffs, every removal
+through pinned fds.
 
-Must never: remove anything of a job that has not ended or of a session with a recent job, follow a link,
+Must never: remove anything of a job that has not ended, a change a queued revision is to take, anything of
+a session with a recent job, follow a link,
 or write a backup over an existing file.
 """
 
@@ -58,8 +60,8 @@ def backup(path: Path, as_json: bool) -> None:
 @click.option("--dry-run", is_flag=True, help="Say what would go, remove nothing.")
 @click.option("--json", "as_json", is_flag=True)
 def prune(older_than: str, dry_run: bool, as_json: bool) -> None:
-    """Remove accepted and rejected spool files, session transcripts and kept upper dirs older than the age
-    given; jobs that have not ended and sessions with a recent job are left alone."""
+    """Remove accepted and rejected spool files, session transcripts, kept upper dirs and decided reviews'
+    diffs older than the age given; jobs that have not ended and sessions with a recent job are left alone."""
     from ..clock import aware, utcnow
     from ..settings import parse_duration
     from ..transaction.safefs import remove_tree
@@ -71,13 +73,18 @@ def prune(older_than: str, dry_run: bool, as_json: bool) -> None:
         raise click.ClickException(str(exc)) from None
     cutoff = utcnow() - timedelta(seconds=age)
     store = open_store(settings)
-    gone: dict[str, list[str]] = {"spool": [], "sessions": [], "jobs": []}
+    gone: dict[str, list[str]] = {"spool": [], "sessions": [], "jobs": [], "reviews": []}
     for sub in ("accepted", "rejected"):
         gone["spool"] += [f"{sub}/{name}" for name in _old_files(settings.spool_dir / sub, cutoff.timestamp())]
     for name in _entries(settings.jobs_dir):
         job = store.get(name)
-        if job is not None and job.status.terminal and job.finished_at and aware(job.finished_at) < cutoff:
+        if job is not None and job.status.terminal and job.finished_at and aware(job.finished_at) < cutoff \
+                and not any(not f.status.terminal for f in store.followers(name)):  # a revision still to take it
             gone["jobs"].append(name)
+    for name in _entries(settings.home / "reviews"):
+        job = store.get(name.removesuffix(".json"))
+        if job is None or (job.status.terminal and job.finished_at and aware(job.finished_at) < cutoff):
+            gone["reviews"].append(name)
     for name in _entries(settings.sessions_dir):
         jobs = store.session_jobs(name)
         if all(j.status.terminal and j.finished_at and aware(j.finished_at) < cutoff for j in jobs):
@@ -89,12 +96,15 @@ def prune(older_than: str, dry_run: bool, as_json: bool) -> None:
             remove_tree(settings.jobs_dir / name)
         for name in gone["sessions"]:
             remove_tree(settings.sessions_dir / name)
+        for name in gone["reviews"]:
+            os.unlink(settings.home / "reviews" / name)  # written by the executor alone, in a root-only dir
     if as_json:
         click.echo(json.dumps({"dry_run": dry_run, "older_than": older_than, **gone}))
         return
     verb = "would remove" if dry_run else "removed"
     click.echo(f"{verb} {len(gone['spool'])} spool files, {len(gone['jobs'])} job dirs, "
-               f"{len(gone['sessions'])} session homes older than {older_than}")
+               f"{len(gone['sessions'])} session homes, {len(gone['reviews'])} decided reviews' diffs older than "
+               f"{older_than}")
 
 
 def _entries(directory: Path) -> list[str]:

@@ -1,4 +1,4 @@
-"""``executor review``: the review queue from the command line (list, show, approve, reject).
+"""``executor review``: the review queue from the command line (list, show, approve, reject, request-changes).
 
 Owns the review commands' arguments and printing; the decisions are ``review/decisions.py``'s.
 
@@ -21,7 +21,7 @@ from .cli_jobs import complete_job_id
 
 @click.group()
 def review() -> None:
-    """Jobs whose tests passed and that wait for a person: list, show, approve, reject."""
+    """Jobs whose tests passed and that wait for a person: list, show, approve, reject, request-changes."""
 
 
 def _review_call(fn, *args, **kwargs):
@@ -52,7 +52,7 @@ def reviewer() -> str:
 @click.option("--json", "as_json", is_flag=True)
 def review_url(as_json: bool) -> None:
     """The review page's address with its token (open it once in a browser: a cookie keeps the token)."""
-    from .web import page_token, web_url
+    from .web.access import page_token, web_url
 
     settings = load_settings()
     base = web_url(settings)
@@ -88,14 +88,16 @@ def review_list(as_json: bool) -> None:
 @click.option("--json", "as_json", is_flag=True)
 def review_show(job_id: str, as_json: bool) -> None:
     """Everything a reviewer needs: reasons, the agent's final message, tests (the evaluation gate's by name),
-    and a diff of every changed file against the repository as it is now."""
+    and a diff of every changed file against the repository as it is now. For a decided job: the decision
+    and the diff as the reviewer saw it."""
     from .. import review as rv
 
     settings = load_settings()
     store = open_store(settings)
     current = get_job(store, job_id)
     if current.status != Status.awaiting_review:
-        raise click.ClickException(f"job {job_id} is {current.status.value}, not awaiting review")
+        _show_decided(settings, current, as_json)
+        return
     item = _review_call(rv.pending, store, settings, job_id)
     job = item.job
     if as_json:
@@ -132,6 +134,25 @@ def review_show(job_id: str, as_json: bool) -> None:
         click.echo(f"never applied: {', '.join(item.refused)}")
     click.echo(f"change: {len(item.diffs)} paths, {item.changed_lines} changed lines")
     click.echo(rv.render_unified(item.diffs), nl=False)
+
+
+def _show_decided(settings, job, as_json: bool) -> None:
+    from ..review import kept
+
+    files = kept.load(settings, job.id) if job.reviewed_at else None
+    if files is None:
+        raise click.ClickException(f"job {job.id} is {job.status.value}, not awaiting review"
+                                   + (" (no decided diff is kept for it)" if job.reviewed_at else ""))
+    decision = {"status": job.status.value, "reason": job.reason, "reviewed_by": job.reviewed_by,
+                "reviewed_at": job.reviewed_at.isoformat(), "note": job.review_note, "files": job.review_files}
+    if as_json:
+        click.echo(json.dumps({"id": job.id, "decision": decision, "diffs": files}, indent=2))
+        return
+    click.echo(f"job        {job.id} ({job.status.value}: {job.reason})")
+    click.echo(f"decided    {job.reviewed_at:%Y-%m-%d %H:%M:%S}Z by {job.reviewed_by}"
+               + (f": {job.review_note}" if job.review_note else ""))
+    click.echo(f"change as the reviewer saw it: {len(files)} paths")
+    click.echo(kept.render(files), nl=False)
 
 
 @review.command(name="approve")
@@ -176,5 +197,24 @@ def review_reject(job_id: str, note: str | None, as_json: bool) -> None:
                                "reviewed_by": job.reviewed_by}))
         return
     click.echo(f"{job.id} {job.status.value}: {job.error}")
+
+
+@review.command(name="request-changes")
+@click.argument("job_id", shell_complete=complete_job_id)
+@click.option("--note", required=True, help="What should change: the follow-up job's prompt.")
+@click.option("--json", "as_json", is_flag=True)
+def review_request_changes(job_id: str, note: str, as_json: bool) -> None:
+    """Send the change back: the job ends (rolled back, changes_requested) and a follow-up job of the same
+    session, whose prompt is the note, continues its kept change. Prints the follow-up's id."""
+    from .. import review as rv
+
+    settings = load_settings()
+    store = open_store(settings)
+    job, follow = _review_call(rv.request_changes, store, settings, job_id, note, by=reviewer())
+    if as_json:
+        click.echo(json.dumps({"id": job.id, "status": job.status.value, "reason": job.reason,
+                               "follow_up": follow.id, "reviewed_by": job.reviewed_by}))
+        return
+    click.echo(f"{job.id} {job.status.value} ({job.reason}); follow-up job {follow.id} queued")
 
 

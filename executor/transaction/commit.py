@@ -50,6 +50,7 @@ class Ending:
     keep_upper: bool = False
     fields: dict = field(default_factory=dict)  # more job fields to set with the status
     cause: ExecutorError | None = None  # the error it ended with, if any
+    follow_up: Job | None = None  # a job inserted with the ending, in one transaction (a reviewer's revision)
 
     @classmethod
     def of(cls, error: ExecutorError, **fields: object) -> Ending:
@@ -65,8 +66,8 @@ class Phase:
 
     status: Status
 
-    def move(self, store: Store, job: Job, new: Status, **fields: object) -> Job:
-        moved = store.transition(job.id, self.status, new, **fields)
+    def move(self, store: Store, job: Job, new: Status, add: Job | None = None, **fields: object) -> Job:
+        moved = store.transition(job.id, self.status, new, add=add, **fields)
         self.status = new
         return moved
 
@@ -170,7 +171,7 @@ def settle(store: Store, job: Job, ws: Workspace, ending: Ending, phase: Phase,
     fields = {} if ending.status == Status.queued else {"reason": ending.reason, "error": ending.error}
     fields.update(ending.fields)
     try:
-        settled = phase.move(store, job, ending.status, **fields)
+        settled = phase.move(store, job, ending.status, add=ending.follow_up, **fields)
     except IllegalTransition as exc:
         log.error("cannot settle job", extra={"action": "settle_refused", "job": job.id, "error": str(exc)})
         raise

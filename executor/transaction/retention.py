@@ -1,8 +1,9 @@
 """Retention: which job directories under the state root go, and when.
 
 Owns the rule: the directory of a settled job goes at once, unless the job kept its change for inspection
-(a conflict, a failed apply), which stays for ``EXECUTOR_RETENTION``; directories of jobs that are not
-settled stay. Removal never follows a link (``safefs.remove_tree``).
+(a conflict, a failed apply) or for the follow-up that revises it (changes requested in review), which
+stays for ``EXECUTOR_RETENTION``; directories of jobs that are not settled stay. (Decided reviews' diffs
+are small and stay until ``executor prune``.) Removal never follows a link (``safefs.remove_tree``).
 
 Must never: remove the directory of a job that is not settled.
 """
@@ -14,14 +15,14 @@ import os
 from datetime import timedelta
 
 from ..clock import aware, utcnow
-from ..errors import CommitFailed, Conflict
+from ..errors import ChangesRequested, CommitFailed, Conflict
 from ..settings import Settings
 from ..store import Store
 from .safefs import remove_tree
 
 log = logging.getLogger(__name__)
 
-KEPT_FOR_INSPECTION = frozenset({Conflict.reason, CommitFailed.reason})
+KEPT_FOR_INSPECTION = frozenset({Conflict.reason, CommitFailed.reason, ChangesRequested.reason})
 
 
 def remove_expired(settings: Settings, store: Store) -> list[str]:

@@ -205,6 +205,22 @@ def create(sandbox: Deployment, ws: Workspace, keep_upper: bool = False) -> None
         _create_home(sandbox, ws, keep_upper)
 
 
+def take_over(base: Path, ws: Workspace) -> bool:
+    """Move the kept change in the job directory ``base`` into ``ws`` as its upper dir: a reviewer's
+    follow-up continues the reviewed job's change (a rename on the state root's file system: nothing is
+    copied, whiteouts and owners stay as the agent made them). True when ``ws`` has its change (taken now,
+    or by an earlier attempt); False when there is none to take."""
+    if ws.upper.is_dir() and not ws.upper.is_symlink():
+        return True
+    source = base / "upper"
+    if not source.is_dir() or source.is_symlink():
+        return False
+    ws.root.mkdir(parents=True, exist_ok=True)
+    os.chmod(ws.root, 0o711)
+    os.rename(source, ws.upper)
+    return True
+
+
 def _create_home(sandbox: Deployment, ws: Workspace, keep_upper: bool) -> None:
     """The agent's home: the session's committed home below the attempt's own layer."""
     prepare_committed(ws.home, ws.uid, ws.gid)

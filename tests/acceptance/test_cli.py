@@ -217,6 +217,28 @@ def test_a_runners_file_broken_while_serving_is_a_problem_in_status_logged_once(
              "the problem cleared")
 
 
+def test_show_says_why_a_queued_job_waits_and_retry_runs_a_cancelled_one_again(world, tmp_path, serving):
+    repo = world.repo("app")
+    job_id = executor(world, "submit", str(job_file(tmp_path / "job.json", repo, session_id="sess-1"))).stdout.decode().strip()
+    accepted(serving, job_id)
+    waiting = wait_for(lambda: json.loads(executor(world, "show", job_id, "--json").stdout)["waiting"], 30,
+                       "the serving loop to say why the job waits")
+    assert "EXECUTOR_DISK_RESERVE" in waiting  # this executor's reserve is larger than any disk
+    assert f"waiting          {waiting}" in executor(world, "show", job_id).stdout.decode()
+
+    early = executor(world, "retry", job_id)
+    assert early.returncode == 1 and "only a failed, rolled back, stalled or cancelled job" in early.stderr.decode()
+    assert executor(world, "cancel", job_id).returncode == 0
+    again = executor(world, "retry", job_id, "--json")
+    assert again.returncode == 0, again.stderr.decode()
+    new_id = json.loads(again.stdout)["id"]
+    made = accepted(serving, new_id)
+    assert made.follows == job_id and made.session_id == "sess-1" and made.prompt == "write hello.txt"
+    assert made.status == Status.queued and new_id != job_id
+    assert json.loads(executor(world, "show", job_id, "--json").stdout)["followed_by"] == [new_id]
+    assert json.loads(executor(world, "show", new_id, "--json").stdout)["follows"] == job_id
+
+
 def test_show_of_an_unknown_job(world):
     world.store().close()  # an empty database
     done = executor(world, "show", "ghost", "--json")

@@ -19,6 +19,7 @@ from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 
 from executor.intake.spool import Spool
+from executor.settings import COMPACTION_MODEL
 from executor.store import Status
 from executor.surfaces.web import page_token
 from tests.conftest import tree_digest, wait_for, wait_status
@@ -87,6 +88,23 @@ def body_text(browser) -> str:
         return ""
 
 
+def decision_banner(browser, kind: str):
+    """The banner saying how the review ended, once the page shows it (None before)."""
+    found = browser.find_elements(By.CSS_SELECTOR, f"#decision.{kind}")
+    return found[0] if found else None
+
+
+def assert_diff(browser) -> None:
+    """web-ok's and web-no's change, coloured: ``return 1`` removed, ``return 42`` added, in app.py."""
+    added = [row.text for row in browser.find_elements(By.CSS_SELECTOR, "table.diff tr.add")]
+    removed = [row.text for row in browser.find_elements(By.CSS_SELECTOR, "table.diff tr.del")]
+    assert any("return 42" in row for row in added), added
+    assert any("return 1" in row for row in removed), removed
+    keyword = browser.find_elements(By.CSS_SELECTOR, "table.diff tr.add td.code span.k")
+    assert any(k.text == "return" for k in keyword)  # Python colouring, not plain text
+    assert "app.py" in browser.find_element(By.CSS_SELECTOR, ".file-head").text
+
+
 def page_url(runner) -> str:
     web = wait_for(lambda: runner.executor.web, 60, "the web page to start")
     return f"http://127.0.0.1:{web.port}"
@@ -126,33 +144,42 @@ def test_review_in_the_browser_approve_and_reject(world, run_executor, browser):
             recent = browser.find_element(By.ID, "recent").text
             assert "web-fail" in recent and "failed" in recent and "timeout" in recent
 
-            # the job's page: reasons, final message, tests, and the coloured diff with the changed line
+            # the job's page: the decision first (Approve, Reject, Request changes side by side), then the
+            # coloured diff, then the agent's final message, tests and the rest
             browser.find_element(By.LINK_TEXT, "web-ok").click()
             assert browser.current_url.endswith("/jobs/web-ok")
             assert "the answer is load-bearing" in browser.find_element(By.ID, "reasons").text
-            assert "Changed the answer." in browser.find_element(By.ID, "final").text
-            added = [row.text for row in browser.find_elements(By.CSS_SELECTOR, "table.diff tr.add")]
-            removed = [row.text for row in browser.find_elements(By.CSS_SELECTOR, "table.diff tr.del")]
-            assert any("return 42" in row for row in added), added
-            assert any("return 1" in row for row in removed), removed
-            keyword = browser.find_elements(By.CSS_SELECTOR, "table.diff tr.add td.code span.k")
-            assert any(k.text == "return" for k in keyword)  # Python colouring, not plain text
-            assert "app.py" in browser.find_element(By.CSS_SELECTOR, ".file-head").text
+            buttons = [browser.find_element(By.ID, name) for name in ("approve", "reject", "request-changes")]
+            assert len({b.location["y"] for b in buttons}) == 1, [b.location for b in buttons]  # one row
+            assert buttons[0].location["x"] < buttons[1].location["x"] < buttons[2].location["x"]
+            diff = browser.find_element(By.CSS_SELECTOR, "table.diff")
+            final = browser.find_element(By.ID, "final")
+            assert buttons[0].location["y"] < diff.location["y"] < final.location["y"]
+            assert "Changed the answer." in final.text
+            assert_diff(browser)
             assert browser.find_element(By.ID, "events").text  # the event log
 
             browser.find_element(By.ID, "approve").click()
-            wait_for(lambda: "The job was approved" in body_text(browser), 30, "the approve page")
+            banner = wait_for(lambda: decision_banner(browser, "approved"), 30, "the approval banner")
+            assert "Approved by web (127.0.0.1) with token sha256:" in banner.text
+            assert "The change is in the repository" in banner.text
             assert browser.find_element(By.ID, "status").text == "succeeded"
+            assert_diff(browser)  # the diff the decision was made on stays on the page
+            assert not browser.find_elements(By.ID, "approve")
             assert (repo / "app.py").read_text() == app.replace("return 1", "return 42")
             assert store.get("web-ok").status == Status.succeeded
             assert store.get("web-ok").reviewed_by.startswith("web (127.0.0.1) with token sha256:")
 
             browser.get(base + "/jobs/web-no")
-            browser.find_element(By.CSS_SELECTOR, "#reject-form textarea").send_keys("no, keep 1")
+            browser.find_element(By.ID, "note").send_keys("no, keep 1")
             browser.find_element(By.ID, "reject").click()
-            wait_for(lambda: "The job was rejected" in body_text(browser), 30, "the reject page")
+            banner = wait_for(lambda: decision_banner(browser, "rejected"), 30, "the rejection banner")
+            assert "Rejected by web (127.0.0.1)" in banner.text and "no, keep 1" in banner.text
+            assert "approved" not in banner.get_attribute("class")
+            assert browser.find_element(By.ID, "reason").text == "rejected"  # next to the status, in red
+            assert_diff(browser)
             job = store.get("web-no")
-            assert job.status == Status.rolled_back and job.review_note == "no, keep 1"
+            assert job.status == Status.rolled_back and job.reason == "rejected" and job.review_note == "no, keep 1"
             assert tree_digest(other) == other_before
 
             browser.get(base + "/")
@@ -210,3 +237,108 @@ def test_bound_beyond_loopback_with_a_token_the_page_needs_it(world, run_executo
     browser.get(base + "/")
     assert "Review queue" in browser.find_element(By.TAG_NAME, "h1").text
     assert _status(base + "/") == 403
+
+
+def test_request_changes_in_the_browser_queues_a_revision_of_the_kept_change(world, run_executor, browser):
+    world.write_policy("always", review="always")
+    app = "def answer():\n    return 1\n"
+    repo = world.repo("web-rc", {"app.py": app})
+    first = [Turn.tool("Bash", {"command": "sed -i 's/return 1/return 42/' app.py", "description": "edit"}),
+             Turn.text("Changed the answer.")]
+    revise = [Turn.tool("Bash", {"command": "grep -q 'return 42' app.py && sed -i 's/return 42/return 43/' app.py",
+                                 "description": "revise"}),
+              Turn.text("Made it 43.")]
+    with ScriptedAPI({"web-rc-note": revise, "web-rc": first}, models={COMPACTION_MODEL: Turn.text("summary")}) as api:
+        world.write_runners(api.base_url)
+        runner = run_executor(world.settings(ui_port=0))
+        store = runner.executor.store
+        base = page_url(runner)
+        submit(world, "web-rc", repo, "always")
+        assert wait_status(store, "web-rc", SETTLED, timeout=180).status == Status.awaiting_review
+        browser.get(base + f"/jobs/web-rc?token={page_token(runner.executor.settings)}")
+
+        browser.find_element(By.ID, "request-changes").click()  # without a note: refused, nothing changes
+        assert "say what should change" in wait_for(lambda: browser.find_elements(By.ID, "error"), 30,
+                                                    "the refusal")[0].text
+        assert store.get("web-rc").status == Status.awaiting_review
+        browser.find_element(By.ID, "note").send_keys("web-rc-note: 43, please")
+        browser.find_element(By.ID, "request-changes").click()
+        banner = wait_for(lambda: decision_banner(browser, "sent-back"), 30, "the changes-requested banner")
+        assert "Changes requested by web (127.0.0.1)" in banner.text and "43, please" in banner.text
+        [follow] = store.followers("web-rc")
+        assert follow.prompt == "web-rc-note: 43, please" and follow.builds_on == "web-rc"
+        assert follow.session_id == store.get("web-rc").session_id
+        assert (repo / "app.py").read_text() == app  # nothing applied
+
+        banner.find_element(By.CSS_SELECTOR, "a.follow-up").click()
+        assert browser.current_url.endswith(f"/jobs/{follow.id}")
+        assert "Revises the change of job web-rc" in browser.find_element(By.ID, "origin").text
+        again = wait_status(store, follow.id, SETTLED, timeout=180)
+        assert again.status == Status.awaiting_review, (again.reason, again.error)
+        browser.get(base + f"/jobs/{follow.id}")
+        added = [row.text for row in browser.find_elements(By.CSS_SELECTOR, "table.diff tr.add")]
+        assert any("return 43" in row for row in added), added  # the whole change, against the repository
+        browser.find_element(By.ID, "approve").click()
+        wait_for(lambda: decision_banner(browser, "approved"), 30, "the approval banner")
+    assert (repo / "app.py").read_text() == app.replace("return 1", "return 43")
+
+
+def test_the_job_page_follows_a_running_job_says_why_a_queued_one_waits_cancels_and_retries(world, run_executor,
+                                                                                           browser):
+    world.write_policy("slow", timeout="10m")
+    repo = world.repo("web-live", {"app.py": "x = 1\n"})
+    script = {"web-live": [Turn.tool("Bash", {"command": "sleep 2; echo one", "description": "first"}),
+                           Turn.tool("Bash", {"command": "sleep 2; echo two", "description": "second"}),
+                           Turn.hang()],
+              "web-next": [Turn.text("Done.")]}
+    # The retry is a follow-up of the session: its brief's small model must not take the agent's turns.
+    with ScriptedAPI(script, models={COMPACTION_MODEL: Turn.text("summary")}) as api:
+        world.write_runners(api.base_url)
+        runner = run_executor(world.settings(ui_port=0))
+        store = runner.executor.store
+        base = page_url(runner)
+        submit(world, "web-live", repo, "slow")
+        submit(world, "web-next", repo, "slow")  # the same workspace: it waits for web-live
+        wait_status(store, "web-live", {Status.running}, timeout=120)
+
+        browser.get(base + f"/jobs/web-next?token={page_token(runner.executor.settings)}")
+        waiting = wait_for(lambda: _reloaded_text(browser, base + "/jobs/web-next", "waiting", "holds the workspace"),
+                           60, "the queued job's reason")
+        assert "job web-live holds the workspace" in waiting
+
+        # the running job's log grows on the page without a reload; the stream's raw rows are collapsed
+        browser.get(base + "/jobs/web-live")
+        assert browser.find_element(By.ID, "live-flag").text == "live"
+        browser.execute_script("window.notReloaded = true;")
+        wait_for(lambda: "echo two" in browser.find_element(By.ID, "events").text, 120, "a live row")
+        assert browser.execute_script("return window.notReloaded === true;")
+        raw = browser.find_elements(By.CSS_SELECTOR, "#events tr.raw")
+        assert raw and not any(r.is_displayed() for r in raw)
+        browser.find_element(By.ID, "show-raw").click()
+        assert all(r.is_displayed() for r in raw)
+
+        # Cancel: the job stops, the page reloads by itself and offers Retry; the waiting job then runs
+        browser.find_element(By.ID, "cancel").click()
+        assert wait_status(store, "web-live", {Status.cancelled}, timeout=60).status == Status.cancelled
+        wait_for(lambda: browser.find_elements(By.ID, "retry"), 60, "the Retry button")
+        assert browser.find_element(By.ID, "status").text == "cancelled"
+        assert wait_status(store, "web-next", {Status.succeeded}, timeout=180).status == Status.succeeded
+
+        browser.find_element(By.ID, "retry").click()
+        origin = wait_for(lambda: browser.find_elements(By.ID, "origin"), 30, "the retry's page")[0]
+        assert "Retry of job web-live" in origin.text
+        new_id = browser.current_url.rsplit("/", 1)[1]
+        made = store.get(new_id)
+        assert made.follows == "web-live" and made.prompt == "web-live: do it"
+        assert made.session_id == store.get("web-live").session_id
+        store.request_cancel(new_id)  # its script is spent; it need not run
+        wait_status(store, new_id, {Status.cancelled, Status.succeeded, Status.rolled_back}, timeout=120)
+
+
+def _reloaded_text(browser, url: str, element_id: str, wanted: str) -> str | None:
+    """The element's text once it holds ``wanted`` (reloading the page until it does)."""
+    found = browser.find_elements(By.ID, element_id)
+    if found and wanted in found[0].text:
+        return found[0].text
+    browser.get(url)
+    return None

@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 from executor.intake.spool import Spool
+from executor.settings import COMPACTION_MODEL
 from executor.store import Status
 from executor.transaction.retention import remove_expired
 from tests.conftest import tree_digest, wait_status
@@ -230,6 +231,64 @@ def test_partial_approve_applies_only_the_chosen_files(world, run_executor):
     assert sorted(job.changed_files) == ["b.txt", "d/new.txt"]
     assert (repo / "a.txt").read_text() == "a\n" and (repo / "c.txt").read_text() == "c\n"
     assert (repo / "b.txt").read_text() == "B\n" and (repo / "d/new.txt").read_text() == "D\n"
+
+
+# ---------------------------------------------------------------------------------- request changes
+
+
+def test_request_changes_queues_a_follow_up_that_revises_the_kept_change(world, run_executor):
+    """The reviewer's note becomes the prompt of a follow-up job of the same session, which starts on the
+    reviewed job's kept change (edits, a deletion, a new directory) and is reviewed again as a whole."""
+    world.write_policy("always", review="always")
+    repo = world.repo("rv-rc", {"edit.py": "def f():\n    return 1\n", "old.txt": "old\n"})
+    first = [bash("sed -i 's/return 1/return 2/' edit.py && rm old.txt && mkdir new && echo fresh > new/file.txt"),
+             Turn.text("Changed f, removed old.txt, added new/file.txt.")]
+    # The follow-up checks it stands on the kept change before adding to it: a clean repository would fail.
+    revise = [bash("grep -q 'return 2' edit.py && test ! -e old.txt && test -f new/file.txt && echo note > NOTE.md"),
+              Turn.text("Added NOTE.md on top of the earlier change.")]
+    # The follow-up's session brief is written by the small model, whose request also names the note.
+    with ScriptedAPI({"rc-note": revise, "rv-rc": first}, models={COMPACTION_MODEL: Turn.text("summary")}) as api:
+        world.write_runners(api.base_url)
+        runner = run_executor(world.settings())
+        store = runner.executor.store
+        submit(world, "rv-rc", repo, "always")
+        reviewed = wait_status(store, "rv-rc", SETTLED, timeout=180)
+        assert reviewed.status == Status.awaiting_review, (reviewed.reason, reviewed.error)
+
+        empty = cli(world, "review", "request-changes", "rv-rc", "--note", "   ")
+        assert empty.returncode == 1 and "say what should change" in empty.stderr
+        asked = cli(world, "review", "request-changes", "rv-rc", "--note", "rc-note: also add NOTE.md", "--json")
+        assert asked.returncode == 0, asked.stderr
+        answer = json.loads(asked.stdout)
+        follow_id = answer["follow_up"]
+        assert answer["status"] == "rolled_back" and answer["reason"] == "changes_requested"
+
+        base = store.get("rv-rc")
+        assert base.review_note == "rc-note: also add NOTE.md" and follow_id in base.error
+        follow = store.get(follow_id)
+        assert follow.prompt == "rc-note: also add NOTE.md" and follow.session_id == base.session_id
+        assert follow.builds_on == "rv-rc" and follow.follows == "rv-rc" and follow.start_ns == base.start_ns
+        assert (repo / "edit.py").read_text() == "def f():\n    return 1\n" and (repo / "old.txt").exists()
+
+        # the decided diff is kept and shown once the change has moved on
+        shown = cli(world, "review", "show", "rv-rc")
+        assert shown.returncode == 0, shown.stderr
+        assert "changes_requested" in shown.stdout and "-    return 1" in shown.stdout and "+    return 2" in shown.stdout
+
+        again = wait_status(store, follow_id, SETTLED, timeout=180)
+        assert again.status == Status.awaiting_review, (again.reason, again.error)
+        asked_of_agent = [r.first_user_text for r in api.conversation
+                          if "rc-note" in r.first_user_text and r.body.get("tools")]
+        assert asked_of_agent and "has not been applied" in asked_of_agent[0] and "rv-rc: do it" in asked_of_agent[0]
+        assert not (world.home / "jobs" / "rv-rc" / "upper").exists()  # the change moved to the follow-up
+
+        approved = cli(world, "review", "approve", follow_id)
+        assert approved.returncode == 0, approved.stderr
+    assert (repo / "edit.py").read_text() == "def f():\n    return 2\n" and not (repo / "old.txt").exists()
+    assert (repo / "new/file.txt").read_text() == "fresh\n" and (repo / "NOTE.md").read_text() == "note\n"
+    assert store.get(follow_id).status == Status.succeeded
+    shown = json.loads(cli(world, "show", "rv-rc", "--json").stdout)
+    assert shown["followed_by"] == [follow_id]
 
 
 # -------------------------------------------------------------------------------------------- restart

@@ -45,7 +45,8 @@ RUNNER = Runner(name="r", model="claude-sonnet-4-5", auth_env="T")
 
 def job(job_id: str, *, cpus: float = 1.0, runner: str = "r", workspace: str | None = None,
         status: Status = Status.queued, **fields) -> Job:
-    return Job(id=job_id, session_id=job_id, runner=runner, model_requested="m",
+    fields.setdefault("session_id", job_id)
+    return Job(id=job_id, runner=runner, model_requested="m",
                workspace=workspace or f"/w/{job_id}", prompt="p", policy_name="default",
                policy=Policy(cpus=cpus, memory="512m").model_dump(), status=status, **fields)
 
@@ -73,6 +74,7 @@ def test_a_head_that_does_not_fit_is_never_overtaken():
     plan = admission.plan([job("big", cpus=2.0), job("small", cpus=1.0)], {}, {"r": RUNNER}, [], gov, NOW)
     assert started(plan) == []
     assert "job big waits" in plan.waiting
+    assert "cpus" in plan.held["big"] and plan.held["small"] == "behind job big, which waits for room in the budget"
 
 
 def test_cooldown_concurrency_and_busy_workspaces_do_not_block_the_line():
@@ -84,6 +86,9 @@ def test_cooldown_concurrency_and_busy_workspaces_do_not_block_the_line():
                           ["cooling"], governor(8.0), NOW)
     assert started(plan) == ["free"]
     assert plan.waiting is None
+    assert plan.held == {"cool": "runner cooling is cooling down after a rate limit",
+                         "busy": "job holder holds the workspace /w/shared",
+                         "limited2": "runner limited already runs its max_concurrent = 1 jobs"}
 
 
 def test_a_waiting_retry_job_holds_its_workspace_until_its_time():
@@ -91,8 +96,15 @@ def test_a_waiting_retry_job_holds_its_workspace_until_its_time():
     later = job("later", workspace="/w/x")
     plan = admission.plan([waiting, later], {}, {"r": RUNNER}, [], governor(), NOW)
     assert started(plan) == []  # not yet its time, and the newer job may not take its kept upper's workspace
+    assert plan.held == {"w": "retries after a rate limit at 12:05:00 UTC", "later": "job w holds the workspace /w/x"}
     plan = admission.plan([waiting, later], {}, {"r": RUNNER}, [], governor(), NOW + timedelta(minutes=6))
     assert started(plan) == ["w"]
+
+
+def test_one_job_of_a_session_runs_at_a_time_and_the_others_say_so():
+    running = {"first": admission.Running("r", "/w/a", "sess")}
+    plan = admission.plan([job("second", session_id="sess")], running, {"r": RUNNER}, [], governor(), NOW)
+    assert started(plan) == [] and plan.held == {"second": "job first of the same session sess runs first"}
 
 
 def test_permits_taken_by_a_plan_are_held_until_released():
