@@ -2,8 +2,9 @@
 # Builds with the classic builder and without a registry, as long as `debian:bookworm-slim` is present:
 #   docker build --network host -t executor:latest .
 FROM debian:bookworm-slim
+# git: the evaluation gate keys its cache of *before* runs on a clean repository's HEAD tree.
 RUN apt-get update \
- && apt-get install -y --no-install-recommends python3 python3-venv ca-certificates \
+ && apt-get install -y --no-install-recommends python3 python3-venv ca-certificates git \
  && rm -rf /var/lib/apt/lists/*
 # Where a proxy intercepts TLS, pip needs the same extra CAs the sandbox image trusts (sandbox/certs/).
 COPY sandbox/certs/ /usr/local/share/ca-certificates/

@@ -132,6 +132,14 @@ class Sandbox:
         self.paths = paths or HostPaths()  # the engine resolves paths on the host, not in our container
         self._own = {LABEL: "1", LABEL_INSTANCE: instance}
 
+    def named(self, name: str) -> str:
+        """The engine's name for one of our objects: the instance goes into it, so two executors (or two
+        test runs) on one engine never claim the same name for jobs that share an id."""
+        own = f"executor-{self.instance}-"
+        if name.startswith("executor-") and not name.startswith(own):
+            return own + name.removeprefix("executor-")
+        return name
+
     def check_image(self) -> None:
         problem = image_problem(self.client, self.image)
         if problem is not None:
@@ -151,7 +159,7 @@ class Sandbox:
             return self.client.containers.run(
                 self.image,
                 spec.command,
-                name=spec.name,
+                name=self.named(spec.name),
                 detach=True,
                 user=spec.user,
                 environment=spec.environment,
@@ -170,12 +178,13 @@ class Sandbox:
                 init=True,  # reap the agent's children; a killed job leaves no zombies
             )
         except (APIError, DockerException) as exc:
-            raise SandboxError(f"cannot start container {spec.name}: {exc}") from None
+            raise SandboxError(f"cannot start container {self.named(spec.name)}: {exc}") from None
 
     def _mounts(self, spec: ContainerSpec) -> list[Mount]:
-        mounts = [Mount(target=WORKSPACE_MOUNT, source=spec.volume, type="volume", no_copy=True)]
+        mounts = [Mount(target=WORKSPACE_MOUNT, source=self.named(spec.volume), type="volume", no_copy=True)]
         if spec.home_volume:
-            mounts.append(Mount(target=AGENT_HOME, source=spec.home_volume, type="volume", no_copy=True))
+            mounts.append(Mount(target=AGENT_HOME, source=self.named(spec.home_volume), type="volume",
+                                no_copy=True))
         if spec.sockets:  # made in the executor's view of the state root; the engine needs the host's path
             mounts.append(Mount(target=SOCKETS_MOUNT, source=self.paths.to_host(spec.sockets), type="bind",
                                 read_only=True))
@@ -195,7 +204,7 @@ class Sandbox:
     def remove(self, container: Container | str) -> None:
         """Kill and remove a container; absent is fine."""
         try:
-            obj = container if isinstance(container, Container) else self.client.containers.get(container)
+            obj = container if isinstance(container, Container) else self.client.containers.get(self.named(container))
             obj.remove(force=True)
         except NotFound:
             pass
@@ -214,16 +223,16 @@ class Sandbox:
                             "userxattr", "metacopy=off", "index=off"])
         try:
             self.client.volumes.create(
-                name=name, driver="local",
+                name=self.named(name), driver="local",
                 driver_opts={"type": "overlay", "device": "overlay", "o": options},
                 labels={**self._own, **labels},
             )
         except APIError as exc:
-            raise SandboxError(f"cannot create overlay volume {name}: {exc}") from None
+            raise SandboxError(f"cannot create overlay volume {self.named(name)}: {exc}") from None
 
     def remove_volume(self, name: str) -> None:
         try:
-            self.client.volumes.get(name).remove(force=True)
+            self.client.volumes.get(self.named(name)).remove(force=True)
         except NotFound:
             pass
         except APIError as exc:

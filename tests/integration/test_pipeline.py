@@ -358,7 +358,8 @@ def test_duplicate_job_id_is_rejected(world, run_executor, docker_client):
         first = wait_status(store, "dup-job", SETTLED)
         assert first.status == Status.succeeded, (first.reason, first.error)
         # positive control for the engine query used below: the original's containers are seen
-        assert {"executor-dup-job-a1-agent", "executor-dup-job-a1-tests"} <= \
+        own = f"executor-{runner.executor.sandbox.instance}-dup-job-a1"
+        assert {f"{own}-agent", f"{own}-tests"} <= \
             set(container_creations(docker_client, t0, **{"io.executor.job": "dup-job"}))
         requests_before = len(api.requests)
         since = time.time()
