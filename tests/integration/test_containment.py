@@ -113,9 +113,14 @@ def test_a_workspace_swapped_for_a_link_while_the_agent_runs_gets_nothing_writte
 
 
 APPROVE = textwrap.dedent("""\
-    import re, sys, urllib.error, urllib.parse, urllib.request
+    import os, re, sys, urllib.error, urllib.parse, urllib.request
     base = sys.argv[1]
-    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    # "proxy": through a sealed job's egress proxy (HTTP_PROXY), loopback included; else straight there
+    if sys.argv[2:] == ["proxy"]:
+        os.environ.pop("no_proxy", None), os.environ.pop("NO_PROXY", None)
+        opener = urllib.request.build_opener(urllib.request.ProxyHandler({"http": os.environ["HTTP_PROXY"]}))
+    else:
+        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
     def call(path, data=None):
         try:
             with opener.open(base + path, data=data, timeout=10) as r:
@@ -158,6 +163,34 @@ def test_a_host_network_job_cannot_approve_another_jobs_review(world, run_execut
     assert victim_job.status == Status.awaiting_review and victim_job.reviewed_by is None
     assert tree_digest(target) == before
     assert job.status in (Status.succeeded, Status.awaiting_review, Status.rolled_back)
+
+
+def test_a_sealed_job_cannot_reach_the_review_page_at_all(world, run_executor):
+    """Sealed (the default): no route to loopback, and its egress proxy refuses loopback addresses."""
+    world.write_policy("always", review="always")
+    target = world.repo("victim-job", {"a.txt": "a\n"})
+    before = tree_digest(target)
+    attacker = world.repo("sealed-attacker", {"approve.py": APPROVE})
+    with ScriptedAPI({"victim-job": [bash("echo evil > a.txt"), Turn.text("Done.")],
+                      "sealed-attacker": []}) as api:
+        world.write_runners(api.base_url)
+        running = run_executor(world.settings(ui_port=0))
+        store = running.executor.store
+        web = wait_for(lambda: running.executor.web, 60, "the web page")
+        submit(world, "victim-job", target, policy="always")
+        assert wait_status(store, "victim-job", SETTLED).status == Status.awaiting_review
+        url = f"http://127.0.0.1:{web.port}"
+        api.add("sealed-attacker", [bash(f"python3 approve.py {url}; echo VIA-PROXY; python3 approve.py {url} proxy"),
+                                    Turn.text("Done.")])
+        job = wait_status(store, submit(world, "sealed-attacker", attacker), SETTLED)
+    output = tool_results(store, "sealed-attacker")
+    direct, proxied = output.split("VIA-PROXY")
+    assert "INDEX None" in direct and "Connection refused" in direct  # network none: nothing listens there
+    assert "INDEX 403" in proxied and "refused: a valid token" not in proxied  # the proxy said no, not the page
+    denied = [e.data for e in store.events(job_id="sealed-attacker") if e.kind == "egress"]
+    assert denied and all(d["decision"] == "denied" and d["host"] == "127.0.0.1" for d in denied)
+    assert store.get("victim-job").status == Status.awaiting_review and tree_digest(target) == before
+    assert job.status in (Status.succeeded, Status.rolled_back)
 
 
 # ------------------------------------------------------------------------------ 4. the poisoned session
