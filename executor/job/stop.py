@@ -1,9 +1,10 @@
 """Why a running attempt must stop now: the executor is shutting down, the serving loop asked for it (the
-state root's disk ran low), or a person asked to cancel it.
+state root's disk ran low), a person asked to cancel it, or the job is no longer this host's attempt
+(this host was found lost and another host took the job over).
 
 Owns the cheap check the runtime calls between stream lines: the shutdown flag and the loop's requests
-every time, the store's ``cancel_requested`` at most once a second (a cancel is a person's action; a
-second is quick enough).
+every time, the store's row at most once a second (a cancel is a person's action; a second is quick
+enough).
 
 Must never: stop anything itself; it only answers.
 """
@@ -16,10 +17,11 @@ from .context import Context
 
 
 class StopCheck:
-    def __init__(self, ctx: Context, job_id: str) -> None:
-        self.ctx, self.job_id = ctx, job_id
+    def __init__(self, ctx: Context, job_id: str, attempt: int | None = None) -> None:
+        self.ctx, self.job_id, self.attempt = ctx, job_id, attempt
         self._next_poll = 0.0
         self._cancelled = False
+        self._taken = False
 
     def __call__(self) -> str | None:
         if self.ctx.shutdown.is_set():
@@ -27,8 +29,10 @@ class StopCheck:
         if (why := self.ctx.stop_requests.get(self.job_id)) is not None:
             return why
         now = time.monotonic()
-        if not self._cancelled and now >= self._next_poll:
+        if not (self._cancelled or self._taken) and now >= self._next_poll:
             self._next_poll = now + 1.0
             job = self.ctx.store.get(self.job_id)
             self._cancelled = bool(job and job.cancel_requested)
-        return "cancelled" if self._cancelled else None
+            self._taken = self.attempt is not None and (
+                job is None or job.host_id != self.ctx.settings.host_id or job.attempts != self.attempt)
+        return "taken_over" if self._taken else "cancelled" if self._cancelled else None

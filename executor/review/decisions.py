@@ -4,7 +4,9 @@ Owns the two decisions. A job in ``awaiting_review`` holds nothing but its upper
 no container): approving commits it through the one commit sequence (``transaction/commit.py``, the same
 conflict check and apply as the pipeline); rejecting settles it rolled back, which removes the change.
 Every decision moves the job from ``awaiting_review`` through the store first, so two reviewers (the CLI
-and the web page, two processes) cannot both win.
+and the web page, two processes) cannot both win. With several hosts the kept change lies on the host that
+ran the job: it is shown and approved there (its CLI or its web page); a rejection, which only discards,
+may come from any host.
 
 Must never: apply anything while the repository conflicts with the change, apply other paths than the
 ones approved, or touch the repository on reject.
@@ -44,10 +46,18 @@ class Pending:
         return changed_lines(self.diffs)
 
 
+def _here(job: Job, settings: Settings) -> None:
+    """The kept change must be on this host's disk."""
+    if job.host_id is not None and job.host_id != settings.host_id:
+        raise ReviewError(f"the change of job {job.id} is kept on host {job.host_id}, not on this host "
+                          f"({settings.host_id}): review it there (`executor review` or the web page on that host)")
+
+
 def pending(store: Store, settings: Settings, job_id: str) -> Pending:
     job = store.get(job_id)
     if job is None:
         raise ReviewError(f"no job {job_id!r}")
+    _here(job, settings)
     ws = Workspace.of(settings, job)
     if not ws.upper.is_dir():
         return Pending(job, job.review_reasons or [], [], [], True)
@@ -88,6 +98,7 @@ def approve(store: Store, settings: Settings, job_id: str, files: Iterable[str] 
     would apply changed in the repository since the job started; ``ReviewError`` when it cannot be done.
     """
     job = _awaiting(store, job_id)
+    _here(job, settings)
     ws = Workspace.of(settings, job)
     if not ws.upper.is_dir():
         raise ReviewError(f"the kept change of job {job.id} is gone ({ws.upper}); reject the job")

@@ -1,15 +1,18 @@
 """The serving loop: intake, admission, supervision of job threads and side threads, recovery, shutdown.
 
-Owns the executor's process-level life. Each tick it takes new job files from the spool, starts the
-queued jobs that fit the budget (one thread per job, each holding a governor permit), reaps finished
-threads, checks that its side threads (web page, metrics, notifier) are alive, and writes its snapshot.
-At start-up it resolves what a crash left behind (``recovery.py``). Shutdown has phases: stop intake and
+Owns the executor's process-level life as one host of the store (``EXECUTOR_HOST_ID``). Each tick it takes
+new job files from its spool into the (possibly shared) store, claims the jobs of its queue that fit its
+budget (``admission.py``; one thread per job, each holding a governor permit), reaps finished threads,
+checks that its side threads (web page, metrics, notifier, heartbeat, listener) are alive, and writes its
+snapshot. With PostgreSQL an idle loop claims when a NOTIFY wakes it, after a slot freed, or every
+``EXECUTOR_CLAIM_POLL`` seconds; with SQLite every tick. At start-up it registers its host row and resolves
+what a crash left behind of its own jobs (``recovery.py``). Shutdown has phases: stop intake and
 admission and close the web page (no decision may start), tell running jobs to stop and wait a grace
 period for them to roll back and re-queue, then remove what still runs and wait for every thread that
-may still touch a repository before the store closes.
+may still touch a repository, record the host's stop, and close the store.
 
-Must never: start a job without a permit, run two jobs on one workspace, limp on with a dead side
-thread, or close the store while a job thread may still touch a repository.
+Must never: start a job without a permit and a claim, run two jobs on one workspace, limp on with a dead
+side thread, or close the store while a job thread may still touch a repository.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ import psutil
 from docker.errors import DockerException
 
 from ..clock import utcnow
-from ..errors import ConfigError, ExecutorError, InternalError
+from ..errors import ConfigError, ExecutorError, IllegalTransition, InternalError
 from ..intake.spool import Spool, intake
 from ..job.context import Context
 from ..job.pipeline import run_job
@@ -37,8 +40,10 @@ from ..store import Job, Status, Store
 from ..transaction.commit import Ending, Phase, settle
 from ..transaction.retention import remove_expired
 from ..transaction.workspace import Workspace
+from ..store.engine import shown
 from . import admission, snapshot
 from .governor import Governor, Permit
+from .hosting import Presence
 from .recovery import ACTIVE, recover
 
 log = logging.getLogger(__name__)
@@ -60,7 +65,13 @@ class Executor:
         self.settings = settings
         self.secrets = secrets
         self.redactor = Redactor()
-        self.store = Store(settings.db_path, redact=self.redactor)
+        if settings.database_url is not None:  # the database's password is a secret like a runner's token
+            from sqlalchemy.engine import make_url
+
+            password = make_url(settings.db_url).password
+            if password:
+                self.redactor.update({"EXECUTOR_DATABASE_URL": str(password)})
+        self.store = Store(settings.db_url, redact=self.redactor)
         self.spool = Spool(settings.spool_dir)
         self.sandbox = deployment or Sandbox(client or connect(), settings.sandbox_image, instance_id(settings.home))
         self.governor = Governor.from_settings(settings)
@@ -68,6 +79,9 @@ class Executor:
                            runners=self._load_runners(), secrets=secrets, redactor=self.redactor)
         self.slots: dict[str, Slot] = {}
         self.waiting: str | None = None  # why the head of the queue is not running
+        self.presence = Presence(settings, self.store, self._figures)
+        self._last_claim = 0.0
+        self._claim_now = True  # a slot freed or the last round started something: look at the queue again
         self.last_tick = 0.0
         self._last_retention = 0.0
         self._process = psutil.Process()
@@ -101,14 +115,17 @@ class Executor:
         for handler in logging.getLogger().handlers:
             handler.addFilter(log_filter)
         self.sandbox.check_image()
+        self.presence.register()
         recover(self)
         self._start_side_threads()
-        log.info("executor serving", extra={"action": "serve", "home": str(self.settings.home)})
+        log.info("executor serving", extra={"action": "serve", "home": str(self.settings.home),
+                                            "host": self.settings.host_id, "store": shown(self.settings.db_url)})
         try:
             while not stop.is_set():
                 busy = self.tick()
                 self.check_side_threads()
-                stop.wait(0 if busy else self.settings.poll_interval)
+                if not busy:
+                    self.presence.wake.wait(self.settings.poll_interval)
         finally:
             self.shutdown()
 
@@ -117,6 +134,7 @@ class Executor:
         from ..surfaces.notify import Notifier
         from ..surfaces.web import serve_web, web_url
 
+        self.presence.start()
         self.metrics = serve_metrics(self.settings, self.store)
         self.web = serve_web(self.settings, self.store)
         if self.settings.notify_url is not None:
@@ -125,7 +143,7 @@ class Executor:
 
     def side_threads(self) -> dict[str, threading.Thread]:
         """The threads the executor needs besides its job threads, by name."""
-        threads = {}
+        threads = dict(self.presence.threads())
         for name, owner in (("web page", self.web), ("metrics endpoint", self.metrics), ("notifier", self.notifier)):
             if owner is not None:
                 threads[name] = owner.thread
@@ -168,7 +186,7 @@ class Executor:
             for job_id in list(self.slots):
                 self.sandbox.remove_job_objects(job_id)
             self._join_jobs(None)
-        for closing in (self.metrics, self.notifier):
+        for closing in (self.metrics, self.notifier, self.presence):
             if closing is not None:
                 closing.close()
         self.store.close()
@@ -193,6 +211,8 @@ class Executor:
             **self.governor.snapshot(),
             "ts": time.time(),
             "pid": self._process.pid,
+            "host": self.settings.host_id,
+            "hosts": self.presence.hosts,
             "poll_interval": self.settings.poll_interval,  # how fresh a snapshot must be to say "running"
             "measured": {
                 "executor": executor_use,
@@ -249,12 +269,19 @@ class Executor:
 
     # -- scheduling -----------------------------------------------------------------------------------
 
+    def _figures(self) -> dict:
+        """What this host holds now, for its heartbeat."""
+        reserved = self.governor.snapshot()["reserved"]
+        return {"reserved_cpus": reserved["cpus"], "reserved_memory": reserved["memory"],
+                "running": len(self.slots), "waiting": self.waiting}
+
     def reap(self) -> None:
         for job_id, slot in list(self.slots.items()):
             if not slot.thread.is_alive():
                 self.governor.release(slot.permit)
                 del self.slots[job_id]
                 self.ctx.stop_requests.pop(job_id, None)
+                self._claim_now = True
 
     def keep_disk_reserve(self) -> None:
         """When running jobs push the state root's free space below the reserve, stop the largest writer."""
@@ -269,17 +296,26 @@ class Executor:
         log.warning("disk reserve crossed: stopping the largest writer", extra={
             "action": "disk_reserve", "job": largest, "bytes": measured[largest], "why": short})
 
+    def _claim_due(self) -> bool:
+        """Whether to look at the queue this tick: always while nothing announces new work (SQLite, or the
+        LISTEN connection is down); with it, when woken, after a slot freed or a round that started
+        something, and every ``claim_poll`` seconds (cooldowns and retries end by the clock, unannounced)."""
+        woken = self.presence.wake.is_set()
+        self.presence.wake.clear()
+        due = (woken or self._claim_now or not self.presence.listening
+               or time.monotonic() - self._last_claim >= self.settings.claim_poll)
+        return due
+
     def admit(self) -> None:
-        """Start the queued jobs that ``admission.plan`` lets start now."""
-        if self.ctx.shutdown.is_set():
+        """Claim and start the jobs of this host's queue that fit its budget now (``admission.claim``)."""
+        if self.ctx.shutdown.is_set() or not self._claim_due():
             return
-        now = utcnow()
-        running = {job_id: admission.Running(slot.job.runner, slot.job.workspace, slot.job.session_id)
-                   for job_id, slot in self.slots.items()}
-        cooling = [name for name, st in self.store.runner_states().items()
-                   if st.cooldown_until and st.cooldown_until > now]
-        plan = admission.plan(self.store.jobs([Status.queued, Status.waiting_retry]), running, self.ctx.runners,
-                              cooling, self.governor, now)
+        per_runner: dict[str, int] = {}
+        for slot in self.slots.values():
+            per_runner[slot.job.runner] = per_runner.get(slot.job.runner, 0) + 1
+        plan = admission.claim(self.store, self.governor, self.presence.claimer, self.ctx.runners, per_runner,
+                               busy=list(self.slots))
+        self._last_claim, self._claim_now = time.monotonic(), bool(plan.starts)
         self.waiting = plan.waiting
         for job, permit in plan.starts:
             self.start(job, permit)
@@ -291,19 +327,24 @@ class Executor:
         thread.start()
 
     def _run(self, target, job_id: str, *args) -> None:
+        attempt = self.slots[job_id].job.attempts if job_id in self.slots else None
         try:
             target(self.ctx, job_id, *args)
+        except IllegalTransition as exc:  # another actor moved the job first (a cancel, a host's take-over)
+            log.warning("job moved by another actor: this attempt ends", extra={
+                "action": "job_moved", "job": job_id, "error": str(exc)})
         except Exception:  # the job thread's boundary: a bug must fail the job loudly, not hang it
             log.exception("job thread failed", extra={"action": "job_crashed", "job": job_id})
-            self._fail_after_crash(job_id)
+            self._fail_after_crash(job_id, attempt)
 
-    def _fail_after_crash(self, job_id: str) -> None:
+    def _fail_after_crash(self, job_id: str, attempt: int | None) -> None:
         job = self.store.get(job_id)
-        if job is None or job.status not in ACTIVE:
-            return  # settled, queued again, or awaiting review: its kept change is a person's to decide
+        if job is None or job.status not in ACTIVE or job.host_id != self.settings.host_id:
+            return  # settled, queued again, another host's now, or awaiting review (a person's to decide)
+        owner = (self.settings.host_id, attempt if attempt is not None else job.attempts)
         try:
             settle(self.store, job, Workspace.of(self.settings, job),
                    Ending.of(InternalError("the executor hit an internal error; see its log")),
-                   Phase(job.status), self.sandbox, self.ctx.settled)
+                   Phase(job.status, owner=owner), self.sandbox, self.ctx.settled)
         except (ExecutorError, OSError, DockerException):
             log.exception("cannot settle crashed job", extra={"job": job_id})

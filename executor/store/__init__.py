@@ -8,8 +8,8 @@ from importlib import import_module
 
 from .status import TERMINAL, TRANSITIONS, Status
 
-_LAZY = {"Attempt": "models", "Compaction": "models", "Event": "models", "Heartbeat": "models", "Job": "models",
-         "RateLimitEvent": "models", "RunnerState": "models", "Store": "store"}
+_LAZY = {"Attempt": "models", "Compaction": "models", "Event": "models", "Heartbeat": "models", "Host": "models",
+         "Job": "models", "RateLimitEvent": "models", "RunnerState": "models", "Store": "store"}
 
 __all__ = ["Status", "TERMINAL", "TRANSITIONS", *_LAZY]
 

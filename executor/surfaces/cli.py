@@ -27,6 +27,7 @@ from ..errors import ExecutorError, InvalidJob
 from ..scheduling import snapshot as status_file
 from ..store import Status
 from .cli_common import get_job, job_view, load_settings, open_store, state_root
+from .cli_db import db
 from .cli_review import review
 from .cli_session import session
 
@@ -59,7 +60,6 @@ def submit(file: Any) -> None:
     """Validate a job file (or - for stdin) and put it into the spool; prints the job id."""
     from ..intake.jobs import parse_spec, validate
     from ..intake.spool import Spool
-    from ..store import Store
 
     settings = load_settings()
     raw = file.read()
@@ -68,7 +68,8 @@ def submit(file: Any) -> None:
         valid = validate(spec, settings)
     except InvalidJob as exc:
         raise click.ClickException(str(exc)) from None
-    if settings.db_path.exists() and Store(settings.db_path).get(valid.id) is not None:
+    if (settings.database_url is not None or settings.db_path.exists()) and \
+            open_store(settings).get(valid.id) is not None:
         raise click.ClickException(f"a job with id {valid.id!r} already exists; job ids are unique")
     data = json.loads(raw)
     data["id"] = valid.id  # fix the id now, so the person gets it and a re-read cannot change it
@@ -87,10 +88,14 @@ def show(job_id: str, as_json: bool) -> None:
         click.echo(json.dumps(view, indent=2))
         return
     for key in ("id", "session_id", "status", "reason", "error", "runner", "model_requested", "models_seen",
-                "workspace", "policy", "created_at", "started_at", "finished_at", "skills", "context", "compaction"):
+                "workspace", "host", "interrupted_at", "policy", "created_at", "started_at", "finished_at", "skills",
+                "context", "compaction"):
         if view[key] not in (None, [], ""):
             click.echo(f"{key:16} {view[key]}")
     click.echo(f"{'attempts':16} {len(view['attempts'])}")
+    for a in view["attempts"]:
+        click.echo(f"  {a['number']:>3} host {a['host'] or '-':16} {a['outcome'] or 'running'}"
+                   f"  {a['started_at'][:19]}Z")
     if view["changed_files"]:
         click.echo("changed files:")
         for path in view["changed_files"]:
@@ -104,18 +109,23 @@ def show(job_id: str, as_json: bool) -> None:
 
 @main.command()
 @click.option("--status", "statuses", multiple=True, type=click.Choice([s.value for s in Status]))
+@click.option("--host", "host", default=None, help="Only the jobs this host claimed.")
+@click.option("--limit", default=1000, show_default=True, type=click.IntRange(min=0),
+              help="At most this many, in admission order (0: all).")
 @click.option("--json", "as_json", is_flag=True)
-def jobs(statuses: tuple[str, ...], as_json: bool) -> None:
-    """List jobs (optionally of some statuses)."""
+def jobs(statuses: tuple[str, ...], host: str | None, limit: int, as_json: bool) -> None:
+    """List jobs (optionally of some statuses, or of one host), in admission order."""
     store = open_store(load_settings())
-    rows = store.jobs([Status(s) for s in statuses] if statuses else None)
+    rows = store.job_list([Status(s) for s in statuses] if statuses else None, host=host, limit=limit or None)
     if as_json:
-        click.echo(json.dumps([{"id": j.id, "status": j.status.value, "runner": j.runner,
+        click.echo(json.dumps([{"id": j.id, "status": j.status.value, "runner": j.runner, "host": j.host_id,
                                 "session_id": j.session_id, "reason": j.reason,
                                 "created_at": j.created_at.isoformat()} for j in rows], indent=2))
         return
     for j in rows:
-        click.echo(f"{j.id:20} {j.status.value:12} {j.runner:12} {j.reason or ''}")
+        click.echo(f"{j.id:20} {j.status.value:12} {j.runner:12} {j.host_id or '-':12} {j.reason or ''}")
+    if limit and len(rows) == limit:
+        click.echo(f"(the first {limit}; --limit 0 lists all)", err=True)
 
 
 @main.command(name="log")
@@ -163,7 +173,8 @@ def _status_view() -> dict[str, Any]:
     disk = snapshot["measured"].get("disk") or {}
     counts = snapshot.get("counts") or {}
     return {
-        "executor": "running", "status_age_seconds": snapshot["age_seconds"], "budget": snapshot["budget"],
+        "executor": "running", "host": snapshot.get("host"), "hosts": snapshot.get("hosts", []),
+        "status_age_seconds": snapshot["age_seconds"], "budget": snapshot["budget"],
         "reserved": snapshot.get("reserved"), "measured": snapshot.get("measured"),
         "running": snapshot.get("running", []), "queue_length": counts.get(Status.queued.value, 0),
         "waiting": snapshot.get("waiting"), "runners": snapshot.get("runners", []), "counts": counts,
@@ -174,10 +185,13 @@ def _status_view() -> dict[str, Any]:
 
 def _idle_view(settings, snapshot: dict | None) -> dict[str, Any]:
     from ..sandbox.disk import free_bytes
+    from ..scheduling.hosting import hosts_view
 
-    counts = {st.value: n for st, n in open_store(settings).counts().items()}
+    store = open_store(settings)
+    counts = {st.value: n for st, n in store.counts().items()}
     return {
-        "executor": "not running", "status_age_seconds": snapshot["age_seconds"] if snapshot else None,
+        "executor": "not running", "host": settings.host_id, "hosts": hosts_view(store, settings.host_timeout),
+        "status_age_seconds": snapshot["age_seconds"] if snapshot else None,
         "budget": {"cpus": settings.budget_cpus, "memory": settings.budget_memory,
                    "reserve_memory": settings.reserve_memory},
         "reserved": None, "measured": None, "running": [], "queue_length": counts.get(Status.queued.value, 0),
@@ -209,6 +223,12 @@ def _print_status(view: dict[str, Any]) -> None:
                    f"state={r['state']} idle={r['idle_for']} {r['last_activity'] or ''}")
     for r in view["runners"]:
         click.echo(f"runner     {r['runner']:12} {r['state']}; {r['running']} running, {r['waiting']} waiting")
+    for h in view.get("hosts") or []:
+        here = " (this host)" if h["host"] == view.get("host") else ""
+        click.echo(f"host       {h['host']:16} {h['state']:7} last seen {h['last_seen_seconds']:g}s ago; "
+                   f"{h['running']} running; {h['reserved']['cpus']:g} of {h['budget']['cpus']:g} cpus, "
+                   f"{mib(h['reserved']['memory'])} of {mib(h['budget']['memory'])}{here}"
+                   + (f"; {h['waiting']}" if h.get("waiting") else ""))
 
 
 @main.command()
@@ -229,9 +249,11 @@ def report(since: str, as_json: bool) -> None:
         raise click.ClickException(str(exc)) from None
     if window.total_seconds() <= 0:
         raise click.ClickException("--since must be longer than zero")
+    from ..scheduling.hosting import hosts_view
+
     store = open_store(settings)
     footprint = read_footprint(settings.status_path, fresh=max(10.0, 5 * settings.poll_interval))
-    view = build_report(store, window, footprint=footprint)
+    view = build_report(store, window, footprint=footprint, hosts=hosts_view(store, settings.host_timeout))
     click.echo(json.dumps(view, indent=2) if as_json else render_text(view))
 
 
@@ -282,6 +304,7 @@ def doctor(as_json: bool) -> None:
     sys.exit(1 if failed else 0)
 
 
+main.add_command(db)
 main.add_command(review)
 main.add_command(session)
 

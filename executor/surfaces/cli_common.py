@@ -37,12 +37,23 @@ def state_root() -> Path:
     return Path(os.environ.get("EXECUTOR_HOME") or "store").expanduser().absolute()
 
 
-def open_store(settings: Settings) -> Store:
-    if not settings.db_path.exists():
+def open_store(settings: Settings, create: bool = False) -> Store:
+    """The store ``EXECUTOR_DATABASE_URL`` (or the state root's SQLite file) names; a missing SQLite file is
+    an error unless ``create``, an unreachable or too new database a message."""
+    if settings.database_url is None and not create and not settings.db_path.exists():
         raise click.ClickException(f"no database at {settings.db_path}: is EXECUTOR_HOME right?")
-    from ..store import Store
+    from sqlalchemy.exc import OperationalError
 
-    return Store(settings.db_path)
+    from ..errors import SchemaTooNew
+    from ..store import Store
+    from ..store.engine import shown
+
+    try:
+        return Store(settings.db_url)
+    except SchemaTooNew as exc:
+        raise click.ClickException(str(exc)) from None
+    except OperationalError as exc:
+        raise click.ClickException(f"cannot open the store {shown(settings.db_url)}: {exc.orig}") from None
 
 
 def get_job(store: Store, job_id: str) -> Job:
@@ -64,6 +75,8 @@ def job_view(store: Store, job: Job) -> dict[str, Any]:
         "model_requested": job.model_requested,
         "models_seen": job.models_seen,
         "workspace": job.workspace,
+        "host": job.host_id,
+        "interrupted_at": job.interrupted_at.isoformat() if job.interrupted_at else None,
         "policy": job.policy_name,
         "priority": job.priority,
         "prompt": job.prompt,
@@ -71,7 +84,7 @@ def job_view(store: Store, job: Job) -> dict[str, Any]:
         "started_at": job.started_at.isoformat() if job.started_at else None,
         "finished_at": job.finished_at.isoformat() if job.finished_at else None,
         "attempts": [
-            {"number": a.number, "outcome": a.outcome, "exit_code": a.exit_code,
+            {"number": a.number, "host": a.host_id, "outcome": a.outcome, "exit_code": a.exit_code,
              "claude_session_id": a.claude_session_id, "models_seen": a.models_seen,
              "cost_usd": a.cost_usd, "input_tokens": a.input_tokens, "output_tokens": a.output_tokens,
              "started_at": a.started_at.isoformat(),

@@ -3,8 +3,9 @@
 Owns one private ``prometheus_client`` registry (never the process-wide default one) holding a collector
 whose values are a snapshot the serving loop refreshes each tick: one aggregate SQL query over the store
 (jobs by status/reason/runner, rate-limit events by runner/kind, token and cost sums) plus the status
-snapshot the loop already computed (budget, reservations, measured use, queue). A scrape only reads that
-snapshot, so it never touches the database.
+snapshot the loop already computed (budget, reservations, measured use, queue, and every host sharing the
+store: its budget, what it holds, when it was last seen). A scrape only reads that snapshot, so it never
+touches the database.
 
 Must never: listen anywhere but the configured address (loopback by default), be started when
 ``EXECUTOR_METRICS_PORT`` is unset, expose a prompt, a path's content or a credential (labels are
@@ -158,6 +159,7 @@ class ExecutorMetrics:
         for r in status.get("runners") or []:
             cooling.add_metric([r["runner"]], 0.0 if r.get("state") == "ok" else 1.0)
         yield cooling
+        yield from _host_gauges(status.get("hosts") or [])
 
     # -- serving ---------------------------------------------------------------------------------------
 
@@ -170,6 +172,30 @@ class ExecutorMetrics:
             self._server.shutdown()
             self._server.server_close()
             self._server = None
+
+
+def _host_gauges(hosts: list[dict]) -> Iterator[Any]:
+    """Every host sharing the store, as the serving loop's last heartbeat saw it."""
+    families = {
+        "up": ("executor_host_up", "1 while a host beats (0: stopped or lost)."),
+        "seen": ("executor_host_last_seen_seconds", "Seconds since a host's last heartbeat."),
+        "running": ("executor_host_running_jobs", "Jobs a host runs now."),
+        "budget_cpus": ("executor_host_budget_cpus", "A host's CPU budget."),
+        "reserved_cpus": ("executor_host_reserved_cpus", "CPU cores a host's running jobs reserve."),
+        "budget_memory": ("executor_host_budget_memory_bytes", "A host's memory budget."),
+        "reserved_memory": ("executor_host_reserved_memory_bytes", "Memory a host reserves (its reserve + jobs)."),
+    }
+    gauges = {key: GaugeMetricFamily(name, doc, labels=["host"]) for key, (name, doc) in families.items()}
+    for h in hosts:
+        label = [h["host"]]
+        gauges["up"].add_metric(label, 1.0 if h["state"] == "alive" else 0.0)
+        gauges["seen"].add_metric(label, float(h["last_seen_seconds"]))
+        gauges["running"].add_metric(label, float(h["running"]))
+        gauges["budget_cpus"].add_metric(label, float(h["budget"]["cpus"]))
+        gauges["reserved_cpus"].add_metric(label, float(h["reserved"]["cpus"]))
+        gauges["budget_memory"].add_metric(label, float(h["budget"]["memory"]))
+        gauges["reserved_memory"].add_metric(label, float(h["reserved"]["memory"]))
+    yield from gauges.values()
 
 
 def serve_metrics(settings: Any, store: Store) -> ExecutorMetrics | None:

@@ -19,6 +19,8 @@ Definitions:
   * review: of the finished jobs whose tests passed (succeeded, or sent to review) plus the jobs awaiting
     review now, the share that waited for a person; the mean wait is reviewed_at - review_since over the
     decided ones.
+  * hosts: every host sharing the store with its budget, what it holds and when it was last seen (as
+    ``executor status`` shows them), and the finished jobs each ran (the host of the job's last claim).
 
 Must never: write to the store or any file, start or signal anything, or print a credential (it reads
 only counts, times, names of runners and models, and the status snapshot's figures).
@@ -114,7 +116,7 @@ def _footprint_view(footprint: dict | None) -> dict[str, Any]:
 
 
 def build_report(store: Store, since: timedelta, now: datetime | None = None,
-                 footprint: dict | None = None) -> dict[str, Any]:
+                 footprint: dict | None = None, hosts: list[dict] | None = None) -> dict[str, Any]:
     """Every figure of ``executor report`` over the window ``[now - since, now]``, as plain JSON data."""
     now = aware(now) if now is not None else utcnow()
     start = now - since
@@ -135,7 +137,7 @@ def build_report(store: Store, since: timedelta, now: datetime | None = None,
                                .where(col(Attempt.started_at) >= lo, col(Attempt.started_at) <= hi)))
         awaiting = list(s.exec(select(Job).where(col(Job.status) == Status.awaiting_review.value)))
         stall_events = s.exec(select(func.count()).select_from(Event).where(
-            Event.kind == "state", func.json_extract(Event.data, "$.reason") == "stalled",
+            Event.kind == "state", col(Event.data)["reason"].as_string() == "stalled",
             col(Event.ts) >= lo, col(Event.ts) <= hi)).one()
 
     by_status = Counter(job.status.value for job in finished)
@@ -225,7 +227,15 @@ def build_report(store: Store, since: timedelta, now: datetime | None = None,
         "duration_seconds": _summary(durations),
         "queue_wait_seconds": _summary(waits),
         "footprint": _footprint_view(footprint),
+        "hosts": _hosts_view(hosts or [], finished),
     }
+
+
+def _hosts_view(hosts: list[dict], finished: list[Job]) -> list[dict[str, Any]]:
+    ran = Counter(job.host_id for job in finished)
+    view = [{**h, "finished": ran.pop(h["host"], 0)} for h in hosts]
+    view += [{"host": name, "state": "unknown", "finished": n} for name, n in sorted(ran.items(), key=str) if name]
+    return view
 
 
 def _secs(value: float | None) -> str:
@@ -284,6 +294,13 @@ def render_text(report: dict[str, Any]) -> str:
         statuses = ", ".join(f"{n} {s}" for s, n in r["by_status"].items()) or "no finished jobs"
         lines.append(f"runner       {name}: {r['jobs']} jobs ({statuses}); models {', '.join(r['models']) or '-'}; "
                      f"{r['rate_limit_events']} rate limits; ${r['cost_usd']:.4f}")
+    for h in report.get("hosts") or []:
+        if h["state"] == "unknown":
+            lines.append(f"host         {h['host']}: {h['finished']} jobs finished (no host row)")
+            continue
+        lines.append(f"host         {h['host']} {h['state']}, last seen {_secs(h['last_seen_seconds'])} ago: "
+                     f"{h['finished']} jobs finished, {h['running']} running; {h['reserved']['cpus']:g} of "
+                     f"{h['budget']['cpus']:g} cpus, {_mib(h['reserved']['memory'])} of {_mib(h['budget']['memory'])}")
     f = report["footprint"]
     if f.get("budget"):
         b = f["budget"]

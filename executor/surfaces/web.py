@@ -3,8 +3,9 @@
 Owns the Starlette app (Jinja2 templates in ``templates/``, plain HTML forms: no JavaScript framework, no
 build step) and the uvicorn server thread it runs on. It shows the review queue, each waiting job's reasons,
 final message, tests and diff (coloured by Pygments), with approve (all files or a subset) and reject
-forms that call the same ``review.approve``/``review.reject`` as the CLI; and a read-only view of running
-and recent jobs with their status and event log.
+forms that call the same ``review.approve``/``review.reject`` as the CLI; and a read-only view of every host
+sharing the store (budget use, last seen), of running and recent jobs with the host that ran each attempt,
+and of their event log.
 
 Access: decisions belong to people, and a job can reach loopback (a ``host``-network job shares it), so
 every request needs the page's token, on loopback too: ``EXECUTOR_UI_TOKEN``, or else a random token made
@@ -49,6 +50,7 @@ from ..addresses import is_loopback
 from ..agent.describe import describe
 from ..clock import aware
 from ..errors import ConfigError, Conflict, ReviewError
+from ..scheduling.hosting import hosts_view
 from ..settings import Settings
 from ..store import TERMINAL, Status, Store
 
@@ -231,11 +233,12 @@ def create_app(settings: Settings, store: Store) -> ASGIApp:
             active = store.jobs(ACTIVE)
             settled = store.jobs(TERMINAL)
             settled.sort(key=lambda j: aware(j.finished_at or j.created_at), reverse=True)
-            return waiting, active, settled[:RECENT], review.review_stats(store.jobs())
+            return (waiting, active, settled[:RECENT], review.review_stats(store.jobs()),
+                    hosts_view(store, settings.host_timeout))
 
-        waiting, active, recent, stats = await run_in_threadpool(gather)
+        waiting, active, recent, stats, hosts = await run_in_threadpool(gather)
         return page(request, "index.html", waiting=waiting, active=active, recent=recent, stats=stats,
-                    since=review.since, reason_text=review.reason_text)
+                    hosts=hosts, since=review.since, reason_text=review.reason_text)
 
     async def job_page(request: Request, error: str | None = None, conflicts: list[str] | None = None,
                        status_code: int = 200) -> Response:
@@ -245,11 +248,16 @@ def create_app(settings: Settings, store: Store) -> ASGIApp:
             return PlainTextResponse(f"no job {job_id!r}\n", status_code=404)
         pending = None
         if job.status == Status.awaiting_review:
-            pending = await run_in_threadpool(review.pending, store, settings, job_id)
+            try:
+                pending = await run_in_threadpool(review.pending, store, settings, job_id)
+            except ReviewError as exc:  # kept on another host: shown there
+                error = error or str(exc)
         events = await run_in_threadpool(store.events, job_id)
+        attempts = await run_in_threadpool(store.attempts, job_id)
         diffs = [diff_view(d) for d in pending.diffs] if pending else []
         done = request.query_params.get("done")
         return page(request, "job.html", status_code=status_code, job=job, pending=pending, diffs=diffs,
+                    attempts=attempts,
                     events=events[-500:], describe=describe, error=error, conflicts=conflicts,
                     done=done if done in ("approved", "rejected") else None, since=review.since)
 

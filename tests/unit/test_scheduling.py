@@ -1,10 +1,10 @@
-"""Scheduling logic without an engine: admission order, settling from the phase the caller knows, the
-judgement of agent and test runs, and the liveness watchdog on a fake clock. The integration tier proves
-the same behaviours on the real engine."""
+"""Scheduling logic without an engine: settling from the phase the caller knows, the judgement of agent and
+test runs, the liveness watchdog on a fake clock, and the serving loop on a fake deployment. Admission (the
+claim from the shared queue) is tests/unit/test_claim.py, on both engines. The integration tier proves the
+same behaviours on the real engine."""
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
@@ -31,15 +31,11 @@ from executor.job.judge import judge_agent, judge_tests
 from executor.policy import Policy, Runner
 from executor.sandbox.liveness import Watchdog
 from executor.sandbox.runtime import AgentRun, TestRun
-from executor.scheduling import admission
-from executor.scheduling.governor import Governor
-from executor.settings import parse_size
 from executor.store import Job, Status, Store
 from executor.transaction.commit import Ending, Phase, settle
 from executor.transaction.workspace import Workspace
 from tests.unit.fakes import FakeDeployment
 
-NOW = datetime(2026, 11, 27, 12, 0, tzinfo=timezone.utc)
 RUNNER = Runner(name="r", model="claude-sonnet-4-5", auth_env="T")
 
 
@@ -48,61 +44,6 @@ def job(job_id: str, *, cpus: float = 1.0, runner: str = "r", workspace: str | N
     return Job(id=job_id, session_id=job_id, runner=runner, model_requested="m",
                workspace=workspace or f"/w/{job_id}", prompt="p", policy_name="default",
                policy=Policy(cpus=cpus, memory="512m").model_dump(), status=status, **fields)
-
-
-def governor(cpus: float = 2.0) -> Governor:
-    return Governor(cpus, parse_size("64g"), parse_size("256m"))
-
-
-def started(plan: admission.Plan) -> list[str]:
-    return [j.id for j, _ in plan.starts]
-
-
-# ------------------------------------------------------------------------------------------ admission
-
-
-def test_jobs_start_in_the_order_given_while_they_fit():
-    plan = admission.plan([job("a"), job("b"), job("c")], {}, {"r": RUNNER}, [], governor(2.0), NOW)
-    assert started(plan) == ["a", "b"]
-    assert plan.waiting is not None and "job c waits" in plan.waiting and "cpus" in plan.waiting
-
-
-def test_a_head_that_does_not_fit_is_never_overtaken():
-    gov = governor(2.0)
-    assert gov.try_reserve("running", Policy(cpus=1.0)) is not None
-    plan = admission.plan([job("big", cpus=2.0), job("small", cpus=1.0)], {}, {"r": RUNNER}, [], gov, NOW)
-    assert started(plan) == []
-    assert "job big waits" in plan.waiting
-
-
-def test_cooldown_concurrency_and_busy_workspaces_do_not_block_the_line():
-    limited = Runner(name="limited", model="m", auth_env="T", max_concurrent=1)
-    candidates = [job("cool", runner="cooling"), job("busy", workspace="/w/shared"),
-                  job("limited2", runner="limited"), job("free")]
-    running = {"holder": admission.Running("r", "/w/shared"), "lim1": admission.Running("limited", "/w/l")}
-    plan = admission.plan(candidates, running, {"r": RUNNER, "limited": limited, "cooling": RUNNER},
-                          ["cooling"], governor(8.0), NOW)
-    assert started(plan) == ["free"]
-    assert plan.waiting is None
-
-
-def test_a_waiting_retry_job_holds_its_workspace_until_its_time():
-    waiting = job("w", status=Status.waiting_retry, workspace="/w/x", retry_at=NOW + timedelta(minutes=5))
-    later = job("later", workspace="/w/x")
-    plan = admission.plan([waiting, later], {}, {"r": RUNNER}, [], governor(), NOW)
-    assert started(plan) == []  # not yet its time, and the newer job may not take its kept upper's workspace
-    plan = admission.plan([waiting, later], {}, {"r": RUNNER}, [], governor(), NOW + timedelta(minutes=6))
-    assert started(plan) == ["w"]
-
-
-def test_permits_taken_by_a_plan_are_held_until_released():
-    gov = governor(2.0)
-    plan = admission.plan([job("a"), job("b")], {}, {"r": RUNNER}, [], gov, NOW)
-    assert gov.reserved_cpus == 2.0
-    for _, permit in plan.starts:
-        gov.release(permit)
-        gov.release(permit)  # a second release frees nothing more
-    assert gov.reserved_cpus == 0.0
 
 
 # --------------------------------------------------------------------------------------------- settle
@@ -313,14 +254,14 @@ def test_the_serving_loop_admits_within_the_budget_and_frees_slots(tmp_path, mon
     policies = tmp_path / "policies"
     policies.mkdir()
     (policies / "runners.toml").write_text('[runners.r]\nmodel = "m"\nauth_env = "T"\n')
-    settings = Settings(home=tmp_path / "home", policies=policies, workspace_roots=[tmp_path], budget_cpus=2.0,
+    settings = Settings(home=tmp_path / "home", policies=policies, workspace_roots=["/w"], budget_cpus=2.0,
                         budget_memory="8g")
     release = threading.Event()
     ran: list[str] = []
 
-    def fake_run_job(ctx, job_id):  # moves the job as the pipeline would, without a container
+    def fake_run_job(ctx, job_id):  # settles the claimed job as the pipeline would, without a container
         ran.append(job_id)
-        ctx.store.transition(job_id, Status.queued, Status.running)
+        assert ctx.store.get(job_id).status == Status.running  # the claim moved it
         release.wait(10)
         ctx.store.transition(job_id, Status.running, Status.rolled_back, reason="agent_error")
 
@@ -350,7 +291,7 @@ def _executor(tmp_path, monkeypatch, run_job, deployment=None):
     policies.mkdir(exist_ok=True)
     (policies / "runners.toml").write_text('[runners.r]\nmodel = "m"\nauth_env = "T"\n')
     monkeypatch.setattr(service, "run_job", run_job)
-    settings = Settings(home=tmp_path / "home", policies=policies, workspace_roots=[tmp_path])
+    settings = Settings(home=tmp_path / "home", policies=policies, workspace_roots=["/w"])
     return service.Executor(settings, {}, deployment=deployment or FakeDeployment())
 
 

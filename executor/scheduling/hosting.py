@@ -1,0 +1,178 @@
+"""This host among the hosts that share the store: its row, its heartbeat, the lost hosts it looks after, and
+the wake-up when new work is announced.
+
+Owns two side threads of ``executor serve``. The heartbeat thread writes this host's row every
+``EXECUTOR_HOST_HEARTBEAT`` seconds (what it holds and why its queue waits), marks the jobs of hosts silent
+for longer than ``EXECUTOR_HOST_TIMEOUT`` interrupted, takes over those under this host's roots (rolled
+back and re-queued by the store's conditional move; a committing job waits for its own host), and keeps
+the view of every host that ``executor status`` shows. On PostgreSQL the listener thread LISTENs on the
+store's channel and sets ``wake`` at each NOTIFY (new jobs, a freed workspace), so an idle serving loop
+claims at once instead of at its next poll; while it cannot listen, the loop polls. A database that is
+briefly unreachable is logged and tried again at the next beat; any other failure ends the thread, which
+the serving loop notices and stops loudly.
+
+Must never: block the serving loop or a job, take over a job whose host is alive, or touch another host's
+files.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections.abc import Callable
+from importlib.metadata import PackageNotFoundError, version
+
+from sqlalchemy.exc import OperationalError as DatabaseUnreachable
+
+from ..clock import aware
+from ..logs import log_state
+from ..settings import Settings
+from ..store import Host, Job, Status, Store
+from ..store.engine import CHANNEL, libpq_dsn
+from .admission import Host as Claimer
+
+log = logging.getLogger(__name__)
+
+
+def executor_version() -> str:
+    try:
+        return version("executor")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def hosts_view(store: Store, timeout: float) -> list[dict]:
+    """Every host as ``executor status`` shows it: budget, what it holds, when it was last seen, and whether
+    it is alive, stopped (cleanly) or lost (silent for longer than ``timeout``)."""
+    now = store.db_now()
+    rows = []
+    for host in store.hosts():
+        age = max(0.0, (now - aware(host.last_seen)).total_seconds())
+        state = "stopped" if host.stopped_at else "lost" if age > timeout else "alive"
+        rows.append({
+            "host": host.id, "state": state, "version": host.version, "last_seen": host.last_seen.isoformat(),
+            "last_seen_seconds": round(age, 1), "budget": {"cpus": host.budget_cpus, "memory": host.budget_memory},
+            "reserved": {"cpus": host.reserved_cpus if state == "alive" else 0.0,
+                         "memory": host.reserved_memory if state == "alive" else 0},
+            "running": host.running if state == "alive" else 0, "waiting": host.waiting if state == "alive" else None,
+            "workspace_roots": host.workspace_roots,
+        })
+    return rows
+
+
+class Presence:
+    """This host's row, heartbeat and wake-up; ``figures`` says what the host holds now."""
+
+    def __init__(self, settings: Settings, store: Store, figures: Callable[[], dict]) -> None:
+        self.settings, self.store, self.figures = settings, store, figures
+        self.claimer = Claimer(settings.host_id, tuple(str(root) for root in settings.workspace_roots))
+        self.wake = threading.Event()  # set by a NOTIFY (or a local event): claim now
+        self.listening = False  # True while the LISTEN connection is up (else the loop polls every tick)
+        self.hosts: list[dict] = []
+        self._stop = threading.Event()
+        self.heartbeat = threading.Thread(target=self._beat_loop, name="heartbeat", daemon=True)
+        self.listener = threading.Thread(target=self._listen_loop, name="listener", daemon=True) \
+            if store.postgres else None
+
+    def register(self) -> None:
+        """Write this host's row (alive now) and make its own jobs its own again after a crash."""
+        s = self.settings
+        self.store.register_host(Host(
+            id=s.host_id, version=executor_version(), pid=os.getpid(), budget_cpus=s.budget_cpus,
+            budget_memory=s.budget_memory, reserve_memory=s.reserve_memory,
+            workspace_roots=[str(root) for root in s.workspace_roots]))
+        back = self.store.reclaim(s.host_id)
+        adopted = self.store.adopt_unowned(s.host_id, self.claimer.roots)
+        self.hosts = self.view()
+        log.info("host registered", extra={"action": "host", "host": s.host_id, "reclaimed": back,
+                                           "adopted": adopted})
+
+    def start(self) -> None:
+        self.heartbeat.start()
+        if self.listener is not None:
+            self.listener.start()
+
+    def threads(self) -> dict[str, threading.Thread]:
+        found = {"heartbeat": self.heartbeat}
+        if self.listener is not None:
+            found["listener"] = self.listener
+        return {name: thread for name, thread in found.items() if thread.ident is not None}
+
+    def close(self) -> None:
+        """Stop both threads and record a clean stop."""
+        self._stop.set()
+        for thread in self.threads().values():
+            thread.join(timeout=15)
+        try:
+            self.store.stop_host(self.settings.host_id)
+        except DatabaseUnreachable:
+            log.warning("could not record the host's stop", extra={"action": "host", "host": self.settings.host_id})
+
+    # -- heartbeat --------------------------------------------------------------------------------------
+
+    def _beat_loop(self) -> None:
+        while not self._stop.wait(self.settings.host_heartbeat):
+            try:
+                self.beat()
+            except DatabaseUnreachable as exc:
+                log.warning("heartbeat not written: the database is unreachable",
+                            extra={"action": "heartbeat", "host": self.settings.host_id, "error": str(exc)[:300]})
+
+    def beat(self) -> None:
+        """One heartbeat: this host's row, then the lost hosts' jobs, then the view of every host."""
+        figures = self.figures()
+        self.store.beat(self.settings.host_id, figures["reserved_cpus"], figures["reserved_memory"],
+                        figures["running"], figures["waiting"])
+        self.look_after_lost()
+        self.hosts = self.view()
+
+    def look_after_lost(self) -> list[Job]:
+        """Mark the jobs of lost hosts interrupted; roll back and re-queue those under this host's roots."""
+        timeout = self.settings.host_timeout
+        lost, marked = self.store.mark_lost(timeout)
+        for host in lost:
+            log.warning("host lost", extra={"action": "host_lost", "host": host, "timeout": timeout})
+        for job_id, host in marked:
+            job = self.store.get(job_id)
+            if job is not None:
+                self.store.add_event(job, job.attempts, "host_lost", {
+                    "host": host, "status": job.status.value, "seen_by": self.settings.host_id,
+                    "next": "waits for its host (its commit is journaled there)" if job.status == Status.committing
+                    else "its host recovers it when it returns, or a host holding its workspace root re-queues it"})
+        taken = []
+        for job in self.store.orphans(self.settings.host_id, self.claimer.roots, timeout):
+            moved = self.store.take_over(job, self.settings.host_id, timeout)
+            if moved is None:
+                continue  # its host came back (or someone else moved it) first
+            self.store.add_event(moved, job.attempts, "state", {
+                "status": Status.queued.value, "reason": "interrupted", "error": moved.error,
+                "taken_over_by": self.settings.host_id, "lost_host": job.host_id})
+            log_state(moved, "taken_over", job.attempts, reason="interrupted", error=moved.error)
+            taken.append(moved)
+        return taken
+
+    def view(self) -> list[dict]:
+        return hosts_view(self.store, self.settings.host_timeout)
+
+    # -- LISTEN -----------------------------------------------------------------------------------------
+
+    def _listen_loop(self) -> None:
+        import psycopg
+
+        backoff = 1.0
+        while not self._stop.is_set():
+            try:
+                with psycopg.connect(libpq_dsn(self.store.url), autocommit=True, connect_timeout=10) as conn:
+                    conn.execute(f"LISTEN {CHANNEL}")
+                    self.listening, backoff = True, 1.0
+                    self.wake.set()  # what was announced while it was not listening
+                    while not self._stop.is_set():
+                        for _ in conn.notifies(timeout=1.0):
+                            self.wake.set()
+            except psycopg.OperationalError as exc:
+                log.warning("cannot LISTEN for new jobs: polling meanwhile",
+                            extra={"action": "listen", "error": str(exc)[:300]})
+            self.listening = False
+            self._stop.wait(backoff)
+            backoff = min(backoff * 2, 30.0)
