@@ -144,13 +144,15 @@ def bench_cli(settings: Settings, store: Store, env: dict) -> dict:
 
 def _claimer(url: str, host: str, roots: list[str], claims: int, out: multiprocessing.Queue) -> None:
     store = Store(url)
-    latencies, ids = [], []
-    for _ in range(claims):
+    latencies, ids, empty = [], [], 0
+    while len(ids) < claims and empty < 20:  # None: nothing fits now (or a race lost twice): try again
         started = time.monotonic()
         job = store.claim(host, roots, 4.0, 8 * 2**30)
         latencies.append(time.monotonic() - started)
         if job is None:
-            break
+            empty += 1
+            continue
+        empty = 0
         ids.append(job.id)
         store.transition(job.id, Status.running, Status.rolled_back, owner=(host, job.attempts), reason="agent_error")
     store.close()

@@ -24,6 +24,7 @@ from .errors import (
     Rejected,
     ReviewError,
     SandboxError,
+    SchemaTooNew,
     Stalled,
     TestsFailed,
     TestsOutOfMemory,
@@ -38,7 +39,7 @@ __all__ = [
     "AgentFailed", "ApiError", "AuthFailed", "Cancelled", "CommitFailed", "CompactionUnavailable", "ConfigError",
     "Conflict", "ExecutorError", "IllegalTransition", "InternalError", "Interrupted", "InvalidJob",
     "ModelMismatch", "OutOfMemory", "Overloaded", "RateLimited", "Rejected", "ReviewError", "SandboxError",
-    "Settings", "Stalled", "Status", "TestsFailed", "TestsOutOfMemory", "TestsTimedOut", "TimedOut",
+    "SchemaTooNew", "Settings", "Stalled", "Status", "TestsFailed", "TestsOutOfMemory", "TestsTimedOut", "TimedOut",
     "UnsafePath", "WorkspaceError",
 ]
 

@@ -115,15 +115,18 @@ class QueueQueries:
         )
         return self._run_claim(statement)
 
-    def _run_claim(self, statement: Any) -> Job | None:
-        with self.session() as s:
-            try:
-                job = s.execute(statement).scalars().first()
-                s.commit()
-            except IntegrityError:  # another host took the workspace or session this instant: next time
-                s.rollback()
-                return None
-            return job
+    def _run_claim(self, statement: Any, tries: int = 4) -> Job | None:
+        for _ in range(tries):
+            with self.session() as s:
+                try:
+                    job = s.execute(statement).scalars().first()
+                    s.commit()
+                    return job
+                except IntegrityError:
+                    # Another host took that job's workspace or session this instant (its lock is committed
+                    # now): the same statement passes over it and takes the next head.
+                    s.rollback()
+        return None
 
     def _due_retry(self, host: str, saturated: Sequence[str], exclude: Sequence[str]) -> Job | None:
         cooling = select(RunnerState.name).where(col(RunnerState.cooldown_until) > self._db_now())

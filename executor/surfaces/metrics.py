@@ -28,10 +28,12 @@ from ..store import TERMINAL, Status, Store
 
 log = logging.getLogger(__name__)
 
-#: One statement, three aggregates (a scan of each table, no per-job work in Python).
+#: One statement, three aggregates (a scan of each table, no per-job work in Python). The first branch
+#: types its NULLs: PostgreSQL matches a UNION's column types from it.
 AGGREGATE = text("""
     SELECT 'job' AS kind, status AS a, COALESCE(reason, '') AS b, runner AS c, COUNT(*) AS n,
-           NULL AS x, NULL AS y, NULL AS z
+           CAST(NULL AS DOUBLE PRECISION) AS x, CAST(NULL AS DOUBLE PRECISION) AS y,
+           CAST(NULL AS DOUBLE PRECISION) AS z
       FROM job GROUP BY status, reason, runner
     UNION ALL
     SELECT 'rate_limit', runner, kind, NULL, COUNT(*), SUM(COALESCE(retry_delay, 0)), NULL, NULL

@@ -128,3 +128,19 @@ def test_processes_opening_a_new_database_at_once_migrate_it_once(engine, tmp_pa
     assert errors == []
     with make_engine(url).connect() as conn:
         assert conn.execute(text("SELECT count(*), min(version_num) FROM alembic_version")).one() == (1, schema.HEAD)
+
+
+def test_executor_db_upgrade_and_current(tmp_path):
+    from click.testing import CliRunner
+
+    from executor.surfaces.cli import main
+
+    env = {"EXECUTOR_HOME": str(tmp_path / "home")}
+    before = CliRunner().invoke(main, ["db", "current"], env=env)
+    assert before.exit_code == 1 and f"empty (this executor: {schema.HEAD})" in before.output
+    done = CliRunner().invoke(main, ["db", "upgrade"], env=env)
+    assert done.exit_code == 0 and f"empty -> {schema.HEAD}" in done.output
+    again = CliRunner().invoke(main, ["db", "upgrade"], env=env)
+    assert again.exit_code == 0 and f"at {schema.HEAD} already" in again.output
+    after = CliRunner().invoke(main, ["db", "current"], env=env)
+    assert after.exit_code == 0 and f"{schema.HEAD} (this executor: {schema.HEAD})" in after.output
