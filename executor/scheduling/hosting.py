@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import threading
 from collections.abc import Callable
 from importlib.metadata import PackageNotFoundError, version
@@ -26,6 +27,7 @@ from importlib.metadata import PackageNotFoundError, version
 from sqlalchemy.exc import OperationalError as DatabaseUnreachable
 
 from ..clock import aware
+from ..errors import ConfigError
 from ..logs import log_state
 from ..settings import Settings
 from ..store import Host, Job, Status, Store
@@ -76,10 +78,13 @@ class Presence:
             if store.postgres else None
 
     def register(self) -> None:
-        """Write this host's row (alive now) and make its own jobs its own again after a crash."""
+        """Write this host's row (alive now) and make its own jobs its own again after a crash. Refuses
+        (``ConfigError``) when another live executor already serves under this host id."""
         s = self.settings
+        self._refuse_a_twin()
         self.store.register_host(Host(
-            id=s.host_id, version=executor_version(), pid=os.getpid(), budget_cpus=s.budget_cpus,
+            id=s.host_id, version=executor_version(), machine=socket.gethostname(), pid=os.getpid(),
+            budget_cpus=s.budget_cpus,
             budget_memory=s.budget_memory, reserve_memory=s.reserve_memory,
             workspace_roots=[str(root) for root in s.workspace_roots]))
         back = self.store.reclaim(s.host_id)
@@ -87,6 +92,25 @@ class Presence:
         self.hosts = self.view()
         log.info("host registered", extra={"action": "host", "host": s.host_id, "reclaimed": back,
                                            "adopted": adopted})
+
+    def _refuse_a_twin(self) -> None:
+        """Two executors under one host id would recover each other's jobs. A row that beats (younger than
+        the host timeout, not stopped) belongs to a live twin, unless it is this machine's and its process
+        is gone (a restart after a crash)."""
+        import psutil
+
+        row = next((h for h in self.store.hosts() if h.id == self.settings.host_id), None)
+        if row is None or row.stopped_at is not None or row.pid == os.getpid():
+            return
+        age = (self.store.db_now() - aware(row.last_seen)).total_seconds()
+        if age > self.settings.host_timeout:
+            return
+        here = row.machine == socket.gethostname()
+        if here and not (row.pid and psutil.pid_exists(row.pid)):
+            return
+        where = f"process {row.pid} on this machine" if here else f"machine {row.machine or '?'} (pid {row.pid})"
+        raise ConfigError(f"host id {self.settings.host_id!r} is in use by a live executor ({where}, last "
+                          f"heartbeat {age:.0f}s ago): give each `executor serve` its own EXECUTOR_HOST_ID")
 
     def start(self) -> None:
         self.heartbeat.start()

@@ -45,7 +45,8 @@ class HostQueries:
         with self.session() as s:
             row = s.get(Host, host.id) or Host(id=host.id, version=host.version, budget_cpus=host.budget_cpus,
                                                 budget_memory=host.budget_memory, reserve_memory=host.reserve_memory)
-            for name in ("version", "pid", "budget_cpus", "budget_memory", "reserve_memory", "workspace_roots"):
+            for name in ("version", "machine", "pid", "budget_cpus", "budget_memory", "reserve_memory",
+                         "workspace_roots"):
                 setattr(row, name, getattr(host, name))
             row.started_at = utcnow()
             row.stopped_at = row.lost_at = None

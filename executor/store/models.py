@@ -182,6 +182,7 @@ class Host(SQLModel, table=True):
 
     id: str = Field(primary_key=True)  # EXECUTOR_HOST_ID
     version: str
+    machine: str | None = None  # the hostname it runs on (EXECUTOR_HOST_ID may differ)
     pid: int | None = None
     budget_cpus: float
     budget_memory: int = Field(sa_column=_big(nullable=False))

@@ -27,6 +27,7 @@ def upgrade() -> None:
         "host",
         sa.Column("id", sa.String(), primary_key=True),
         sa.Column("version", sa.String(), nullable=False),
+        sa.Column("machine", sa.String()),
         sa.Column("pid", sa.Integer()),
         sa.Column("budget_cpus", sa.Float(), nullable=False),
         sa.Column("budget_memory", sa.BigInteger(), nullable=False),
