@@ -37,13 +37,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from executor.sandbox.deployment import AGENT_HOME, LABEL, LABEL_JOB, ContainerSpec, Limits, Sandbox, connect  # noqa: E402
+from executor.transaction import workspace  # noqa: E402
 from executor.transaction.apply import apply_change  # noqa: E402
 from executor.transaction.conflicts import CLOCK_SLACK_NS, check_conflicts  # noqa: E402
 from executor.transaction.safefs import remove_tree  # noqa: E402
 from executor.transaction.upper import scan_upper  # noqa: E402
-
-from executor.sandbox.deployment import AGENT_HOME, LABEL, LABEL_JOB, ContainerSpec, Limits, Sandbox, connect  # noqa: E402
-from executor.transaction import workspace  # noqa: E402
 from executor.transaction.workspace import Workspace  # noqa: E402
 
 UID = GID = 1000

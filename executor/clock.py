@@ -1,7 +1,8 @@
 """Time as the executor stores it: aware UTC datetimes.
 
-Owns ``utcnow`` (the one source of "now" for stored times) and ``aware`` (SQLite hands back naive
-datetimes; every time the executor writes is UTC, so a naive one is read as UTC).
+Owns ``utcnow`` (the one source of "now" for stored times), ``aware`` (SQLite hands back naive
+datetimes; every time the executor writes is UTC, so a naive one is read as UTC), epoch conversion, and
+``span``, how a duration is written for people.
 
 Must never: read local time zones, or sleep.
 """
@@ -33,3 +34,17 @@ def from_epoch(value: Any) -> datetime | None:
         return datetime.fromtimestamp(seconds, tz=timezone.utc)
     except (OverflowError, OSError, ValueError):
         return None
+
+
+def span(seconds: float | None) -> str:
+    """A duration for people, two units at most: ``45s``, ``3m07s``, ``2h05m``, ``1d04h``."""
+    if seconds is None:
+        return ""
+    s = int(max(0.0, seconds))
+    if s >= 86400:
+        return f"{s // 86400}d{s % 86400 // 3600:02d}h"
+    if s >= 3600:
+        return f"{s // 3600}h{s % 3600 // 60:02d}m"
+    if s >= 60:
+        return f"{s // 60}m{s % 60:02d}s"
+    return f"{s}s"

@@ -36,7 +36,7 @@ Must never: grow a second base class, or hold secrets (tokens, keys) in a messag
     │   ├── OutOfMemory          the kernel killed the container at its memory limit
     │   ├── DiskLimit            the job wrote more than its policy's disk cap
     │   │   └── DiskReserve      the state root's free space fell below the reserve: the largest writer stops
-    │   └── ModelMismatch        a model other than the runner's answered
+    │   └── ModelMismatch        a model other than the runner's answered, or was asked for (sealed)
     └── TestsFailed              the test command failed (rolled back)
         ├── TestsTimedOut        the tests ran longer than test_timeout
         └── TestsOutOfMemory     the tests hit the memory limit
@@ -207,14 +207,13 @@ class ModelMismatch(AgentFailed):
     reason = "model_mismatch"
     ends_as = "failed"
 
-    def __init__(self, runner: str, requested: str, answered: list[str]) -> None:
-        super().__init__(
-            f"{runner} failed: ModelMismatch: asked for {requested!r} but "
-            f"{', '.join(repr(m) for m in answered)} answered",
-            runner=runner,
-            requested=requested,
-            answered=answered,
-        )
+    def __init__(self, runner: str, requested: str, answered: list[str], refused_at_gateway: bool = False) -> None:
+        others = ", ".join(repr(m) for m in answered)
+        what = (f"the runner's model is {requested!r} but the agent asked for {others}, which the sealed "
+                "sandbox's API gateway refused before it reached the API") if refused_at_gateway else \
+            f"asked for {requested!r} but {others} answered"
+        super().__init__(f"{runner} failed: ModelMismatch: {what}", runner=runner, requested=requested,
+                         answered=answered)
 
 
 class TestsFailed(ExecutorError):

@@ -1,7 +1,7 @@
 """Policy and runner files: the TOML a person writes to say how jobs may run and who runs them.
 
-Owns parsing and validating ``policies/<name>.toml`` (resource limits, timeouts, test command) and
-``policies/runners.toml`` (named runners: model, auth variable, base URL). Unknown keys are errors.
+Owns parsing and validating ``policies/<name>.toml`` (resource limits, timeouts, test command, network and
+egress) and ``policies/runners.toml`` (named runners: model, auth variable, base URL). Unknown keys are errors.
 
 Must never: read a secret's value (only the *name* of the variable that holds it), or start anything.
 """
@@ -13,8 +13,9 @@ import tomllib
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from .egress_rules import parse_egress
 from .errors import ConfigError
 from .settings import parse_duration, parse_size
 
@@ -46,8 +47,20 @@ class Policy(BaseModel):
         description="What a job may write (its upper dir, its home layer and its tmpfs): measured while it runs, "
                     "the job is stopped at the cap (disk_limit).")
     timeout: Duration = Field(default=1800.0, description="Wall-clock limit of the agent's run.")
-    network: Literal["bridge", "none", "host"] = Field(
-        default="bridge", description="Network of the agent container; tests always run with none."
+    network: Literal["sealed", "none", "bridge", "host"] = Field(
+        default="sealed",
+        description="Network of the agent container. sealed: network none, the API only through the job's "
+                    "gateway (the container never holds the credential) and the outside only through its "
+                    "egress proxy, as the egress list allows; none: no network at all (the CLI cannot reach "
+                    "its API); bridge and host: unsealed opt-ins (an open route out, the real credential in "
+                    "the container). The test gate always runs with none.",
+    )
+    egress: list[str] = Field(
+        default_factory=list,
+        description='What a sealed job may reach through its egress proxy: "host:port" entries, e.g. '
+                    '["pypi.org:443", "*.npmjs.org:443"] ("*." = every subdomain). A name that resolves to a '
+                    "loopback, private, link-local or metadata address is refused unless an entry names that "
+                    "IP itself. Empty (default): nothing.",
     )
     test_command: str | None = Field(default=None, description="Shell command whose exit 0 gates the commit.")
     test_timeout: Duration = Field(default=600.0, description="Wall-clock limit of the test run.")
@@ -104,6 +117,28 @@ class Policy(BaseModel):
         description="Globs of the agent's home that a committed job hands on to the next job of its session. "
                     "By default only Claude Code's transcripts; hooks, settings.json, shell rc files and shell "
                     "snapshots run code in the next job: name them here only if you want exactly that.")
+
+    @field_validator("egress")
+    @classmethod
+    def _egress(cls, value: list[str]) -> list[str]:
+        parse_egress(value)  # raises ValueError naming the bad entry and how to write it
+        return value
+
+    @model_validator(mode="after")
+    def _egress_needs_sealed(self) -> Policy:
+        if self.egress and self.network != "sealed":
+            raise ValueError(f"egress is enforced only for network = \"sealed\" (this policy has network = "
+                             f"\"{self.network}\"): remove egress or set network = \"sealed\"")
+        return self
+
+    @property
+    def sealed(self) -> bool:
+        return self.network == "sealed"
+
+    @property
+    def unsealed(self) -> bool:
+        """An explicit opt-in to an open route out with the real credential in the container."""
+        return self.network in ("bridge", "host")
 
     @field_validator("memory", "disk", mode="before")
     @classmethod

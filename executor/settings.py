@@ -9,13 +9,15 @@ Must never: be read from anywhere but the CLI's entry point (and tests), or hold
 
 from __future__ import annotations
 
+import difflib
+import json
 import re
 import socket
 from pathlib import Path
 from typing import Annotated, Literal
 
 from pydantic import Field, SecretStr, field_validator
-from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from pydantic_settings import BaseSettings, EnvSettingsSource, NoDecode, SettingsConfigDict
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)i?b?\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3, "t": 1024**4}
@@ -61,16 +63,58 @@ def human_size(n: int) -> str:
     return f"{n} B"
 
 
+#: The small model's pinned id: a dated id names one model for good, where an alias moves with releases.
+COMPACTION_MODEL = "claude-haiku-4-5-20251001"
+
+#: Every kind of notification (``notify.kind_of``), and those sent unless ``EXECUTOR_NOTIFY_ON`` says otherwise:
+#: every unsuccessful end, and every review.
+NOTIFY_KINDS = ("review", "failed", "timeout", "rolled_back", "tests_failed", "stalled", "rejected", "cancelled",
+                "succeeded")
+DEFAULT_NOTIFY = ("review", "failed", "timeout", "rolled_back", "tests_failed", "stalled", "rejected")
+
+#: Variables that compose.yaml reads on the host (image names, host directories) and that may reach the
+#: executor's environment through ``.env``; they are not the executor's settings, and not errors.
+DEPLOYMENT_VARIABLES = frozenset({"EXECUTOR_IMAGE", "EXECUTOR_STATE_DIR", "EXECUTOR_WORKSPACES_DIR",
+                                  "EXECUTOR_POLICIES_DIR"})
+
+
+class UnknownSetting(ValueError):
+    """An ``EXECUTOR_*`` variable that names no setting: a typo that would silently do nothing."""
+
+
+class _StrictEnvironment(EnvSettingsSource):
+    """The environment, refusing ``EXECUTOR_*`` variables that name no setting (with the closest one)."""
+
+    def __call__(self) -> dict:
+        known = {f"EXECUTOR_{name}".upper() for name in self.settings_cls.model_fields} | DEPLOYMENT_VARIABLES
+        unknown = sorted(k.upper() for k in self.env_vars if k.upper().startswith("EXECUTOR_")
+                         and k.upper() not in known)
+        if unknown:
+            hints = []
+            for name in unknown:
+                close = difflib.get_close_matches(name, sorted(known), n=1)
+                hints.append(f"{name}" + (f" (did you mean {close[0]}?)" if close else ""))
+            raise UnknownSetting(f"unknown setting {', '.join(hints)}: the EXECUTOR_* settings are listed in the "
+                                 "README's Settings table")
+        return super().__call__()
+
+
 class Settings(BaseSettings):
     """Settings of one executor. Each field is ``EXECUTOR_<NAME>`` in the environment."""
 
     model_config = SettingsConfigDict(env_prefix="EXECUTOR_", extra="forbid")
 
+    @classmethod
+    def settings_customise_sources(cls, settings_cls, init_settings, env_settings, dotenv_settings,
+                                   file_secret_settings):
+        return init_settings, _StrictEnvironment(settings_cls), dotenv_settings, file_secret_settings
+
     home: Path = Field(default=Path("store"), description="State root: executor.db, spool/, jobs/.")
     policies: Path = Field(default=Path("policies"), description="Directory of policy and runner TOML files.")
     workspace_roots: Annotated[list[Path], NoDecode] = Field(
         default_factory=list,
-        description="Directories a job's workspace must lie under (separated by ':' or ',').",
+        description="Directories a job's workspace must lie under (absolute; separated by ':' or ',', or a "
+                    "JSON list).",
     )
     sandbox_image: str = Field(default="executor-sandbox:latest", description="Image every job runs in.")
     budget_cpus: float = Field(default=4.0, gt=0, description="CPU cores all job containers may use together.")
@@ -91,10 +135,9 @@ class Settings(BaseSettings):
         description="Seconds a kept upper dir (conflict, review) stays before it is removed (default 7 days).",
     )
     compaction_model: str = Field(
-        default="claude-haiku-4-5", description="Exact model id of the small model that writes session briefs.")
-    compaction_auth_env: str = Field(
-        default="ANTHROPIC_API_KEY", description="Name of the variable that holds the small model's API key.")
-    compaction_base_url: str | None = Field(default=None, description="Base URL of the small model's API.")
+        default=COMPACTION_MODEL, min_length=1,
+        description="Pinned model id (a dated id, not an alias) of the small model that writes session briefs; "
+                    "it is called through the job's runner (its base_url and credential).")
     compaction_attempts: int = Field(default=4, ge=1, description="Calls per summary on 429/529 before giving up.")
     compaction_backoff: float = Field(default=2.0, gt=0, description="First wait (s) after a 429/529; doubles.")
     log_format: Literal["text", "json"] = "text"
@@ -108,7 +151,12 @@ class Settings(BaseSettings):
         description="Token the web page requires (Authorization: Bearer, or ?token= once in a browser). "
                     "Required when ui_host is not a loopback address: without it such a page refuses everything.")
     notify_url: SecretStr | None = Field(
-        default=None, description="Receives a JSON POST when a job enters review or fails (ntfy, chat webhooks).")
+        default=None, description="Receives a JSON POST when a job ends unsuccessfully or waits for review "
+                                  "(ntfy, chat webhooks).")
+    notify_on: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: list(DEFAULT_NOTIFY),
+        description="Kinds of notification (comma-separated): review, failed, timeout, rolled_back, tests_failed, "
+                    "stalled, rejected, cancelled, succeeded.")
     metrics_port: int | None = Field(default=None, ge=1, le=65535,
                                      description="Port of the Prometheus /metrics endpoint (off when unset).")
     metrics_host: str = Field(default="127.0.0.1", description="Address the metrics endpoint listens on.")
@@ -131,8 +179,17 @@ class Settings(BaseSettings):
     @field_validator("workspace_roots", mode="before")
     @classmethod
     def _split_roots(cls, value: object) -> object:
+        if isinstance(value, str) and value.strip().startswith("["):
+            try:
+                value = json.loads(value)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{value!r} looks like a JSON list but is not one ({exc.msg}); write "
+                                 '["/srv/repos", "/home/me/code"] or /srv/repos:/home/me/code') from None
+            if not isinstance(value, list) or not all(isinstance(p, str) for p in value):
+                raise ValueError("a JSON list of workspace roots must hold strings (absolute paths)")
+            return value
         if isinstance(value, str):
-            return [p for p in re.split(r"[:,]", value) if p.strip()]
+            return [p.strip() for p in re.split(r"[:,]", value) if p.strip()]
         return value
 
     @field_validator("database_url")
@@ -141,6 +198,15 @@ class Settings(BaseSettings):
         if value is not None and not value.get_secret_value().startswith(("sqlite:///", "postgresql+psycopg://")):
             raise ValueError("EXECUTOR_DATABASE_URL must be sqlite:///PATH or postgresql+psycopg://USER@HOST/DB")
         return value
+
+    @field_validator("notify_on", mode="before")
+    @classmethod
+    def _kinds(cls, value: object) -> object:
+        kinds = [k.strip() for k in value.split(",") if k.strip()] if isinstance(value, str) else value
+        unknown = [k for k in kinds if k not in NOTIFY_KINDS]
+        if unknown:
+            raise ValueError(f"unknown kind {', '.join(unknown)}: choose among {', '.join(NOTIFY_KINDS)}")
+        return kinds
 
     @field_validator("retention", "host_heartbeat", "host_timeout", "claim_poll", mode="before")
     @classmethod
@@ -162,6 +228,9 @@ class Settings(BaseSettings):
     @field_validator("workspace_roots")
     @classmethod
     def _absolute_roots(cls, value: list[Path]) -> list[Path]:
+        relative = [str(p) for p in value if not p.expanduser().is_absolute()]
+        if relative:
+            raise ValueError(f"workspace roots must be absolute paths, not {', '.join(relative)}")
         return [p.expanduser().resolve() for p in value]
 
     # Derived paths of the state root: one place, so no module builds them by hand.

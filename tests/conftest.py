@@ -101,7 +101,7 @@ class World:
         (self.policies / "runners.toml").write_text(body)
 
     def write_policy(self, name: str = "default", **fields) -> None:
-        values = {"cpus": 1.0, "memory": '"1g"', "pids": 256, "timeout": '"5m"', "network": '"host"',
+        values = {"cpus": 1.0, "memory": '"1g"', "pids": 256, "timeout": '"5m"', "network": '"sealed"',
                   "test_command": '"true"', "test_timeout": '"2m"'}
         values.update({k: (json.dumps(v) if isinstance(v, str) else str(v).lower() if isinstance(v, bool) else str(v))
                        for k, v in fields.items()})

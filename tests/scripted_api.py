@@ -20,11 +20,13 @@ with ``stream: true`` an SSE body (``content-type: text/event-stream``, chunked)
 anything else 404 ``not_found_error``. Ids look like the real ones (``msg_...``, ``toolu_...``, unique).
 Token counts are rough (request bytes / 4), enough for the CLI's cost and context bookkeeping.
 
-Routing a request to a script: a list script answers requests in order; a dict script is keyed by a
-substring of the first user message's text (the first key found wins, in insertion order), so jobs
-with different prompts can share one server. An exhausted (or unmatched) script answers ``default``,
-or ``Turn.text("Done.")`` if none was given. A list script is the fallback for requests no dict key
-matches (keys added later with ``add()``).
+Routing a request to a script: ``models`` (model id -> turn) answers every request for one of those
+models with its turn, before anything else (a second model on the same endpoint, e.g. the compaction's
+small model called through a runner's ``base_url``; such requests count as side requests); a list script
+answers requests in order; a dict script is keyed by a substring of the first user message's text (the
+first key found wins, in insertion order), so jobs with different prompts can share one server. An
+exhausted (or unmatched) script answers ``default``, or ``Turn.text("Done.")`` if none was given. A list
+script is the fallback for requests no dict key matches (keys added later with ``add()``).
 
 Side requests never consume the script and are answered with the text ``"OK"``: a request asking for
 ``max_tokens`` <= 1 (quota / model probes) always is one; otherwise a request whose first user text
@@ -70,7 +72,8 @@ the real CLI 2.1.328 (linux-x64 binary), ``claude -p ... --output-format stream-
   (150 s observed: no retry, no output past the ``message_start`` stream_event); the caller must kill it.
 - Streaming is consumed incrementally: with ``--include-partial-messages`` each SSE event becomes a
   ``stream_event`` line as it arrives (``slow_text`` gives one line per delta, ``interval`` apart;
-  ``ping`` is not passed on).
+  ``ping`` is not passed on). ``Turn.after_pings`` sends pings for a while before the content: the CLI
+  then prints nothing at all until the content comes (only a sealed job's gateway sees the pings).
 """
 
 from __future__ import annotations
@@ -83,7 +86,7 @@ import socket
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Callable
 from urllib.parse import urlsplit
@@ -108,6 +111,8 @@ class Turn:
     headers: tuple[tuple[str, str], ...] = ()
     chunks: int = 0  # slow_text: number of text deltas
     interval: float = 0.0  # slow_text: seconds between deltas
+    pings: int = 0  # after_pings: ping events sent after message_start, before any content
+    ping_interval: float = 0.0  # after_pings: seconds between them
 
     @staticmethod
     def tool(name: str, input: dict, text: str | None = None, *, model: str | None = None) -> Turn:
@@ -129,6 +134,12 @@ class Turn:
     def slow_text(text: str, chunks: int, interval: float, *, model: str | None = None) -> Turn:
         """A text answer streamed as ``chunks`` deltas, ``interval`` seconds apart (steady progress)."""
         return Turn("message", (("text", text, None),), model=model, chunks=max(1, chunks), interval=interval)
+
+    @staticmethod
+    def after_pings(turn: Turn, count: int, interval: float) -> Turn:
+        """``turn`` (streamed) preceded by ``count`` pings ``interval`` seconds apart after ``message_start``:
+        a model that takes long to answer, as it looks on the wire (the CLI prints nothing for pings)."""
+        return replace(turn, pings=count, ping_interval=interval)
 
     @staticmethod
     def error(status: int, type: str, message: str, headers: dict | None = None) -> Turn:
@@ -166,6 +177,7 @@ class RecordedRequest:
     side: bool = False  # a side request (answered without consuming the script)
     key: str | None = None  # the script key that answered it ("" for the list script), if any
     turn: Turn | None = None  # the answer given (messages requests only)
+    usage: dict | None = None  # the usage the answer reported (messages answered with a message)
 
     @property
     def is_messages(self) -> bool:
@@ -215,6 +227,8 @@ class ScriptedAPI:
         default: Turn | None = None,
         model_override: str | None = None,
         side_filter: Callable[[dict], bool] | None = None,
+        models: dict[str, Turn] | None = None,
+        cache_tokens: bool = False,
     ) -> None:
         self._lock = threading.Lock()
         self._list: deque[Turn] = deque(script) if isinstance(script, list) else deque()
@@ -225,6 +239,8 @@ class ScriptedAPI:
         self.default = default or DONE
         self.model_override = model_override
         self.side_filter = side_filter or is_side_request
+        self.models = dict(models or {})  # a request for one of these models always gets its turn
+        self.cache_tokens = cache_tokens  # report made-up (deterministic) cache-read and cache-write counts
         self._requests: list[RecordedRequest] = []
         self._stopping = threading.Event()
         self._server: ThreadingHTTPServer | None = None
@@ -235,7 +251,7 @@ class ScriptedAPI:
 
     def start(self) -> ScriptedAPI:
         handler = type("Handler", (_Handler,), {"api": self})
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        self._server = _Server(("127.0.0.1", 0), handler)
         self._server.daemon_threads = True
         port = self._server.server_address[1]
         self.base_url = f"http://127.0.0.1:{port}"
@@ -274,6 +290,8 @@ class ScriptedAPI:
 
     def _next_turn(self, body: dict) -> tuple[bool, str | None, Turn]:
         """(side, key, turn) for a Messages request."""
+        if body.get("model") in self.models:
+            return True, f"model:{body['model']}", self.models[body["model"]]  # never consumes the script
         max_tokens = body.get("max_tokens")
         if isinstance(max_tokens, int) and max_tokens <= 1:
             return True, None, SIDE_TURN
@@ -304,6 +322,12 @@ class ScriptedAPI:
     def _record(self, req: RecordedRequest) -> None:
         with self._lock:
             self._requests.append(req)
+
+
+class _Server(ThreadingHTTPServer):
+    # http.server's listen backlog is 5: twenty jobs' gateways opening connections at once overflow it and the
+    # kernel resets some (seen as 502s at the gateway).
+    request_queue_size = 128
 
 
 # ------------------------------------------------------------------------------------------- handler
@@ -400,35 +424,40 @@ class _Handler(BaseHTTPRequestHandler):
             self._send_error(400, "invalid_request_error", "body must be a JSON object")
             return
         side, key, turn = self.api._next_turn(body)
-        self._record(raw, body, side=side, key=key, turn=turn)
+        req = self._record(raw, body, side=side, key=key, turn=turn)
 
         if turn.kind == "error":
             self._send_error(turn.status, turn.error_type, turn.message, turn.headers)
             return
         model = turn.model or self.api.model_override or body.get("model") or DEFAULT_MODEL
-        input_tokens = max(1, len(raw) // 4)
+        usage = {"input_tokens": max(1, len(raw) // 4), "output_tokens": 1,
+                 "cache_creation_input_tokens": 11 if self.api.cache_tokens else 0,
+                 "cache_read_input_tokens": len(raw) // 8 if self.api.cache_tokens else 0}
         stream = bool(body.get("stream"))
         try:
             if turn.kind == "hang":
                 if stream:
                     self._start_sse()
                     self._event("message_start", {"type": "message_start",
-                                                  "message": _message(model, [], None, input_tokens, 1)})
+                                                  "message": _message(model, [], None, usage)})
                 self._hold()
             elif stream:
-                self._stream(turn, model, input_tokens)
+                req.usage = self._stream(turn, model, usage)
             else:
                 content = [_block(b) for b in turn.blocks]
-                out = _output_tokens(content)
-                self._send_json(200, _message(model, content, turn.stop_reason, input_tokens, out))
+                req.usage = {**usage, "output_tokens": _output_tokens(content)}
+                self._send_json(200, _message(model, content, turn.stop_reason, req.usage))
         except (_ClientGone, BrokenPipeError, ConnectionResetError):
             self.close_connection = True
 
-    def _stream(self, turn: Turn, model: str, input_tokens: int) -> None:
+    def _stream(self, turn: Turn, model: str, usage: dict) -> dict:
+        """Send ``turn`` as server-sent events; the usage it reported in the end."""
         self._start_sse()
-        self._event("message_start", {"type": "message_start",
-                                      "message": _message(model, [], None, input_tokens, 1)})
+        self._event("message_start", {"type": "message_start", "message": _message(model, [], None, usage)})
         self._event("ping", {"type": "ping"})
+        for _ in range(turn.pings):
+            self._sleep(turn.ping_interval)
+            self._event("ping", {"type": "ping"})
         content = []
         for index, b in enumerate(turn.blocks):
             block = _block(b)
@@ -455,6 +484,7 @@ class _Handler(BaseHTTPRequestHandler):
                                       "usage": {"output_tokens": _output_tokens(content)}})
         self._event("message_stop", {"type": "message_stop"})
         self._chunk(b"")  # end of the chunked body; the connection stays usable (keep-alive)
+        return {**usage, "output_tokens": _output_tokens(content)}
 
     def _start_sse(self) -> None:
         self.send_response(200)
@@ -497,7 +527,7 @@ def _output_tokens(content: list[dict]) -> int:
     return max(1, len(json.dumps(content)) // 4)
 
 
-def _message(model: str, content: list, stop_reason: str | None, input_tokens: int, output_tokens: int) -> dict:
+def _message(model: str, content: list, stop_reason: str | None, usage: dict) -> dict:
     return {
         "id": _new_id("msg"),
         "type": "message",
@@ -506,10 +536,5 @@ def _message(model: str, content: list, stop_reason: str | None, input_tokens: i
         "content": content,
         "stop_reason": stop_reason,
         "stop_sequence": None,
-        "usage": {
-            "input_tokens": input_tokens,
-            "output_tokens": output_tokens,
-            "cache_creation_input_tokens": 0,
-            "cache_read_input_tokens": 0,
-        },
+        "usage": dict(usage),
     }

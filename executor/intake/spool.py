@@ -21,14 +21,15 @@ import secrets
 import socket
 import stat
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import InvalidJob
 from ..policy import Runner
 from ..settings import Settings
-from ..store import Job, Store
-from .jobs import ValidJob, parse_spec, validate
+from ..store import Job, Status, Store
+from .jobs import JOB_ID, ValidJob, parse_spec, validate
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +54,7 @@ class IntakeResult:
     accepted: list[str]
     rejected: list[str]
     more: bool = False  # files are left in incoming/ for the next tick
+    rejected_ids: list[str] = field(default_factory=list)  # refused files recorded as jobs (status rejected)
 
 
 class Spool:
@@ -167,19 +169,20 @@ BATCH = 100
 
 
 def intake(spool: Spool, store: Store, settings: Settings, runners: dict[str, Runner] | None = None,
-           budget: float | None = None) -> IntakeResult:
+           budget: float | None = None, translate: Callable[[str], str] | None = None) -> IntakeResult:
     """Take the files in ``incoming/``: commit them as jobs, then accept them; or reject each with a reason.
 
     Works in batches (validated, committed in one transaction, then moved, with one fsync of each spool
     directory per batch) and stops after ``budget`` seconds, so a flood of files never holds up the serving
-    loop: ``IntakeResult.more`` says files are left for the next tick.
+    loop: ``IntakeResult.more`` says files are left for the next tick. ``translate`` maps a workspace written
+    as a host path to the path this executor sees (when it runs in a container).
     """
     started = time.monotonic()
     result = IntakeResult(accepted=[], rejected=[])
     pending = spool.pending()
     while pending:
         batch, pending = pending[:BATCH], pending[BATCH:]
-        _take(spool, store, settings, runners, batch, result)
+        _take(spool, store, settings, runners, batch, result, translate)
         if budget is not None and pending and time.monotonic() - started > budget:
             result.more = True
             break
@@ -187,16 +190,21 @@ def intake(spool: Spool, store: Store, settings: Settings, runners: dict[str, Ru
 
 
 def _take(spool: Spool, store: Store, settings: Settings, runners: dict[str, Runner] | None, names: list[str],
-          result: IntakeResult) -> None:
+          result: IntakeResult, translate: Callable[[str], str] | None = None) -> None:
     valid: list[tuple[str, ValidJob]] = []
     for name in names:
         name = _fresh_name(spool, store, name, settings.host_id)
         if name is None:
             continue
+        raw = None
         try:
-            valid.append((name, validate(parse_spec(spool.read(name)), settings, runners)))
+            raw = spool.read(name)
+            spec = parse_spec(raw)
+            if translate is not None:
+                spec = spec.model_copy(update={"workspace": translate(spec.workspace)})
+            valid.append((name, validate(spec, settings, runners)))
         except InvalidJob as exc:
-            _reject(spool, name, exc, result)
+            _reject(spool, name, exc, result, store, raw)
     refused = store.add_jobs([job_from(v, name, settings.host_id) for name, v in valid])
     for index, (name, v) in enumerate(valid):
         if index in refused:
@@ -227,7 +235,31 @@ def _fresh_name(spool: Spool, store: Store, name: str, host: str) -> str | None:
     return name
 
 
-def _reject(spool: Spool, name: str, exc: InvalidJob, result: IntakeResult) -> None:
+def _reject(spool: Spool, name: str, exc: InvalidJob, result: IntakeResult, store: Store | None = None,
+            raw: bytes | None = None) -> None:
     log.warning("job file rejected", extra={"action": "rejected", "file": name, "error": str(exc)})
+    if store is not None and (recorded := _record_rejection(store, name, raw, exc)) is not None:
+        result.rejected_ids.append(recorded)
     spool.reject(name, str(exc))
     result.rejected.append(name)
+
+
+def _record_rejection(store: Store, name: str, raw: bytes | None, exc: InvalidJob) -> str | None:
+    """A refused file becomes a job record (status ``rejected``, its error) under the id its submitter was
+    given, so ``executor show ID`` tells the truth; a file without a usable id is known by its spool name."""
+    try:
+        data = json.loads(raw) if raw else {}
+    except (ValueError, UnicodeDecodeError):
+        data = {}
+    data = data if isinstance(data, dict) else {}
+    job_id = data.get("id")
+    if not (isinstance(job_id, str) and JOB_ID.match(job_id)) or store.get(job_id) is not None:
+        return None  # no id to answer to, or the id is another job's (a duplicate): the spool's report says it
+    text = lambda key, limit: str(data.get(key) or "")[:limit]  # noqa: E731 - untrusted, clipped
+    session = data.get("session_id") if isinstance(data.get("session_id"), str) and JOB_ID.match(data["session_id"]) \
+        else job_id
+    store.add_rejected(Job(id=job_id, session_id=session, runner=text("runner", 200), model_requested="",
+                           workspace=text("workspace", 4096), prompt=text("prompt", 20000),
+                           policy_name=text("policy", 64) or "default", status=Status.rejected,
+                           reason=InvalidJob.reason, error=str(exc), spool_name=name))
+    return job_id

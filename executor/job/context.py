@@ -1,8 +1,8 @@
 """What every job thread needs from the executor, passed down explicitly (no globals).
 
 Owns ``Context``: the settings, the store, the deployment, the runners and their credentials, the shutdown
-signal, the watchdogs of running agents (``executor status`` reads their last samples) and the hooks a
-settled job fires (notifications).
+signal, the watchdogs of running agents (``executor status`` reads their last samples), the sealed
+sandbox's sealer and the hooks a settled job fires (notifications).
 
 Must never: hold mutable state beyond those registries, or be built anywhere but the serving loop and
 tests.
@@ -18,8 +18,9 @@ from ..policy import Runner
 from ..redact import Redactor
 from ..sandbox.deployment import Deployment
 from ..sandbox.liveness import Watchdog
+from ..sandbox.seal import Sealer
 from ..settings import Settings
-from ..store import Job, Status, Store
+from ..store import Job, Store
 
 
 @dataclass
@@ -36,10 +37,12 @@ class Context:
     #: why the serving loop wants a running job stopped (e.g. "disk_reserve"), by job id
     stop_requests: dict[str, str] = field(default_factory=dict)
     redactor: Redactor | None = None
-    #: told about a job that entered review or failed (EXECUTOR_NOTIFY_URL); must never block or raise
-    notify: Callable[[Job], None] | None = None
+    #: told about every job that settled (the notifier, the metrics); each must never block or raise
+    listeners: list[Callable[[Job], None]] = field(default_factory=list)
+    #: the sealed sandbox's gateways and egress proxies (started by the serving loop)
+    sealer: Sealer | None = None
 
     def settled(self, job: Job) -> None:
         """A job settled: tell whoever wants to know."""
-        if self.notify is not None and job.status in (Status.awaiting_review, Status.failed):
-            self.notify(job)
+        for listener in self.listeners:
+            listener(job)

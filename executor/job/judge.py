@@ -31,9 +31,12 @@ from ..sandbox.runtime import AgentRun, TestRun
 from ..settings import format_size, human_size
 
 
-def judge_agent(runner: Runner, policy: Policy, run: AgentRun) -> None:
-    """Raise why the agent's run does not earn a test run; return when it does."""
+def judge_agent(runner: Runner, policy: Policy, run: AgentRun, refused: list[str] | None = None) -> None:
+    """Raise why the agent's run does not earn a test run; return when it does. ``refused``: models the job's
+    API gateway refused (a sealed job never reaches another model; asking for one fails it)."""
     _stopped(run.stopped, "the attempt")
+    if refused:
+        raise ModelMismatch(runner.name, runner.model, refused, refused_at_gateway=True)
     if run.stopped == "stalled":
         raise _stalled(policy, run)
     if run.stopped in ("disk_limit", "disk_reserve"):

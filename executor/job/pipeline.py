@@ -6,9 +6,10 @@ Owns the order of a job's steps and the phase it is in (``store/status.py`` draw
                  |-> waiting_retry (rate limited: slot freed, upper kept) -> running (same runner, resumed)
                  |-> rolled_back / failed / stalled / cancelled / queued again (the executor is stopping)
 
-Only an agent that reported success *and* a passing test run lead to a commit (``transaction/commit.py``);
-anything else removes the job's overlay and leaves the repository as it was. Every ending is an error of
-the tree (``errors.py``) or one of its two non-error reasons.
+A sealed attempt's gateway and egress proxy (``sealed.py``) listen from before its container starts until
+its agent ends. Only an agent that reported success *and* a passing test run lead to a commit
+(``transaction/commit.py``); anything else removes the job's overlay and leaves the repository as it was.
+Every ending is an error of the tree (``errors.py``) or one of its two non-error reasons.
 
 Every move an attempt makes is fenced by its owner (this host, this attempt number): a host found lost
 whose job was taken over meanwhile can move the job nowhere, above all not to ``committing``.
@@ -43,6 +44,7 @@ from . import retry
 from .context import Context
 from .judge import judge_agent, judge_tests
 from .record import record_attempt, record_beat, record_events, record_tests
+from .sealed import SealedAttempt
 from .stop import StopCheck
 
 #: What the agent is told when its conversation is resumed after a rate limit.
@@ -69,7 +71,8 @@ def run_job(ctx: Context, job_id: str) -> Job:
 
 
 def adopt_job(ctx: Context, job_id: str, container) -> Job:
-    """Supervise again an agent container that outlived an executor restart."""
+    """Supervise again an agent container that outlived an executor restart (a sealed one gets its sockets
+    again, at the same paths: its forwarder connects by path for every connection)."""
     job = ctx.store.get(job_id)
     assert job is not None
     ws = Workspace.of(ctx.settings, job)
@@ -77,8 +80,13 @@ def adopt_job(ctx: Context, job_id: str, container) -> Job:
     log_state(job, "adopted", ws.attempt)
     phase = Phase(Status.running, owner=(ctx.settings.host_id, job.attempts))
     skip = ctx.store.last_stream_line(job.id, ws.attempt)
-    return _settled(ctx, job, ws, phase, lambda: _supervise(ctx, job, ws, phase, _runner_of(ctx, job),
-                                                           Policy(**job.policy), container, skip_lines=skip))
+
+    def adopt() -> Ending:
+        runner, policy = _runner_of(ctx, job), Policy(**job.policy)
+        seal = SealedAttempt.open(ctx, job, ws, runner, policy)
+        return _supervise(ctx, job, ws, phase, runner, policy, container, skip_lines=skip, seal=seal)
+
+    return _settled(ctx, job, ws, phase, adopt)
 
 
 def retest_job(ctx: Context, job_id: str) -> Job:
@@ -120,17 +128,25 @@ def _attempt(ctx: Context, job: Job, ws: Workspace, phase: Phase, resume: str | 
         resume = None
     workspace.create(ctx.sandbox, ws, keep_upper=resume is not None)
     # A follow-up job of a session starts from the session brief (or continues the previous conversation).
-    start = compaction.start(ctx.store, ctx.settings, ctx.secrets, job, policy, ws.attempt,
+    start = compaction.start(ctx.store, ctx.settings, ctx.secrets, job, policy, ws.attempt, runner,
                              transcript_ok=lambda sid: transcript_readable(homes, sid), resuming=resume is not None)
     prompt = RESUME_PROMPT.format(prompt=job.prompt) if resume else job.prompt
     if start.prompt_note:
         prompt = f"{start.prompt_note}\n\n{prompt}"
-    environment = agent_environment(runner, ctx.secrets, max_retries=policy.cli_max_retries)
     system = "\n\n".join(system_prompt_parts(policy, brief=start.brief)) or None
-    spec = agent_spec(ws, runner, policy, prompt, environment, resume=resume or start.resume,
-                      append_system_prompt=system)
-    container = ctx.sandbox.start(spec)
-    return _supervise(ctx, job, ws, phase, runner, policy, container)
+    # A sealed job's sockets listen before its container starts; they go when its agent ends.
+    seal = SealedAttempt.open(ctx, job, ws, runner, policy)
+    try:
+        environment = agent_environment(runner, ctx.secrets, max_retries=policy.cli_max_retries,
+                                        sealed=seal is not None)
+        spec = agent_spec(ws, runner, policy, prompt, environment, resume=resume or start.resume,
+                          append_system_prompt=system, sockets=str(seal.directory) if seal else None)
+        container = ctx.sandbox.start(spec)
+    except BaseException:
+        if seal is not None:
+            seal.close()
+        raise
+    return _supervise(ctx, job, ws, phase, runner, policy, container, seal=seal)
 
 
 def system_prompt_parts(policy: Policy, brief: str | None = None) -> list[str]:
@@ -144,25 +160,29 @@ def system_prompt_parts(policy: Policy, brief: str | None = None) -> list[str]:
 
 
 def _supervise(ctx: Context, job: Job, ws: Workspace, phase: Phase, runner: Runner, policy: Policy, container,
-               skip_lines: int = 0) -> Ending:
-    stop = StopCheck(ctx, job.id, ws.attempt)
+               skip_lines: int = 0, seal: SealedAttempt | None = None) -> Ending:
+    stop = StopCheck(ctx, job.id, ws.attempt, refused=seal.refused if seal else None)
     watchdog = Watchdog(policy, on_beat=lambda beat: record_beat(ctx, job, ws.attempt, beat),
                         disk=DiskMeter([ws.upper, ws.home_upper], policy.disk))
     ctx.watchdogs[job.id] = watchdog
+    if seal is not None:
+        seal.watchdog = watchdog
     try:
         run = watch_agent(
             ctx.sandbox, container, policy,
-            on_events=lambda events, line: record_events(ctx, job, ws.attempt, events, line),
+            on_events=lambda batch: record_events(ctx, job, ws.attempt, batch),
             should_stop=stop, result_grace=ctx.settings.result_grace, watchdog=watchdog,
             skip_lines=skip_lines,
         )
     finally:
         ctx.watchdogs.pop(job.id, None)
+        if seal is not None:
+            seal.close()  # its requests, refusals and egress decisions are in the store from here on
         if ctx.redactor is not None:
             scrub_tree(ws.home_upper, ctx.redactor, ws.uid, ws.gid)
     record_attempt(ctx, job, ws.attempt, run)
     try:
-        judge_agent(runner, policy, run)
+        judge_agent(runner, policy, run, refused=seal.refused_models if seal else None)
     except RateLimited as limited:
         return _rate_limited(ctx, job, ws.attempt, runner, policy, run, limited)
     job = phase.move(ctx.store, job, Status.testing)
@@ -220,11 +240,13 @@ def _rate_limited(ctx: Context, job: Job, attempt: int, runner: Runner, policy: 
     decision = retry.decide(policy, error, counted, now, resets_at=outcome.resets_at,
                             retry_after=outcome.retry_after)
     statuses = run.state.api_error_statuses or [r.get("error_status") for r in run.state.api_retries]
-    ctx.store.add_rate_limit(RateLimitEvent(
-        runner=runner.name, job_id=job.id, attempt=attempt,
-        kind="usage_limit" if usage_limit else outcome.kind,
-        status_code=next((s for s in reversed(statuses) if s), None),
-        retry_delay=round(decision.delay, 3) if decision.retry else None, message=outcome.message[:500]))
+    fields = dict(kind="usage_limit" if usage_limit else outcome.kind,
+                  retry_delay=round(decision.delay, 3) if decision.retry else None, message=outcome.message[:500])
+    # A sealed job's gateway wrote the row when the 429 passed; it gets the wait decided here.
+    if not ctx.store.settle_rate_limit(job.id, attempt, **fields):
+        ctx.store.add_rate_limit(RateLimitEvent(runner=runner.name, job_id=job.id, attempt=attempt,
+                                                status_code=next((s for s in reversed(statuses) if s), None),
+                                                **fields))
     ctx.store.update_job(job.id, limited_attempts=counted if decision.counts else job.limited_attempts)
     label = "rate limited" if outcome.kind == "rate_limited" else "overloaded"
     if not decision.retry:

@@ -16,8 +16,9 @@ from ..store import Heartbeat, Job
 from .context import Context
 
 
-def record_events(ctx: Context, job: Job, attempt: int, events: list[Event], line: int) -> None:
-    ctx.store.add_events(job, attempt, [(e.kind, e.data) for e in events], line=line)
+def record_events(ctx: Context, job: Job, attempt: int, batch: list[tuple[list[Event], int]]) -> None:
+    """The events of a few consecutive stream lines, each with its line number, in one transaction."""
+    ctx.store.add_stream_events(job, attempt, [(line, [(e.kind, e.data) for e in events]) for events, line in batch])
 
 
 def record_beat(ctx: Context, job: Job, attempt: int, beat: Beat) -> None:

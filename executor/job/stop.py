@@ -1,10 +1,11 @@
 """Why a running attempt must stop now: the executor is shutting down, the serving loop asked for it (the
-state root's disk ran low), a person asked to cancel it, or the job is no longer this host's attempt
-(this host was found lost and another host took the job over).
+state root's disk ran low), the job's API gateway refused a model other than the runner's, a person asked
+to cancel it, or the job is no longer this host's attempt (this host was found lost and another host took
+the job over).
 
-Owns the cheap check the runtime calls between stream lines: the shutdown flag and the loop's requests
-every time, the store's row at most once a second (a cancel is a person's action; a second is quick
-enough).
+Owns the cheap check the runtime calls between stream lines: the shutdown flag, the loop's requests and the
+gateway's refusal flag every time, the store's row at most once a second (a cancel is a person's action; a
+second is quick enough).
 
 Must never: stop anything itself; it only answers.
 """
@@ -12,13 +13,15 @@ Must never: stop anything itself; it only answers.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 from .context import Context
 
 
 class StopCheck:
-    def __init__(self, ctx: Context, job_id: str, attempt: int | None = None) -> None:
-        self.ctx, self.job_id, self.attempt = ctx, job_id, attempt
+    def __init__(self, ctx: Context, job_id: str, attempt: int | None = None,
+                 refused: Callable[[], bool] | None = None) -> None:
+        self.ctx, self.job_id, self.attempt, self.refused = ctx, job_id, attempt, refused
         self._next_poll = 0.0
         self._cancelled = False
         self._taken = False
@@ -28,6 +31,8 @@ class StopCheck:
             return "shutdown"
         if (why := self.ctx.stop_requests.get(self.job_id)) is not None:
             return why
+        if self.refused is not None and self.refused():
+            return "model_mismatch"
         now = time.monotonic()
         if not (self._cancelled or self._taken) and now >= self._next_poll:
             self._next_poll = now + 1.0

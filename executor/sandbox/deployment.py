@@ -7,8 +7,8 @@ and the labels by which the executor finds its own objects again after a restart
 ``Deployment`` is the small interface the rest of the executor uses; ``Sandbox`` implements it on the Docker
 engine, and unit tests of scheduling use a fake.
 
-Must never: talk to the agent (that is ``runtime.py``), run a container as root, or use a default
-network other than the one the policy names.
+Must never: talk to the agent (that is ``runtime.py``), run a container as root, use a default
+network other than the one the policy names, or mount a sealed job's sockets writable.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from docker.models.containers import Container
 from docker.types import Mount
 
 from ..errors import SandboxError
+from .hostpaths import HostPaths
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +37,7 @@ LABEL_ROLE = "io.executor.role"  # agent | tests | workspace | testview
 LABEL_ATTEMPT = "io.executor.attempt"
 WORKSPACE_MOUNT = "/workspace"
 AGENT_HOME = "/home/agent"
+SOCKETS_MOUNT = "/run/executor"  # a sealed job's socket directory, read-only (sandbox/seal.py)
 
 
 @dataclass(frozen=True)
@@ -59,6 +61,7 @@ class ContainerSpec:
     environment: dict[str, str] = field(default_factory=dict)
     tmpfs_size: int = 512 * 2**20  # bytes of each tmpfs (counted against the job's disk limit)
     home_volume: str | None = None  # the agent's home: an overlay volume over the session's committed home
+    sockets: str | None = None  # host directory of a sealed job's sockets, bind-mounted read-only
 
 
 def connect() -> docker.DockerClient:
@@ -91,23 +94,45 @@ class Deployment(Protocol):
     def sweep(self, live_jobs: Iterable[str]) -> list[str]: ...
 
 
+#: The image's ``io.executor.sandbox-interface`` label this executor needs (sandbox/Dockerfile sets it).
+#: 2: the sealed sandbox's forwarder (``executor-forward``) is in the image.
+SANDBOX_INTERFACE = "2"
+INTERFACE_LABEL = "io.executor.sandbox-interface"
+
+
+def image_problem(client: docker.DockerClient, image: str) -> str | None:
+    """Why ``image`` cannot run this executor's jobs (missing, or built from another sandbox/Dockerfile)."""
+    try:
+        found = client.images.get(image)
+    except ImageNotFound:
+        return f"sandbox image {image!r} is missing"
+    have = (found.labels or {}).get(INTERFACE_LABEL)
+    if have != SANDBOX_INTERFACE:
+        return (f"sandbox image {image!r} was built from another sandbox/Dockerfile (interface "
+                f"{have or 'none'}; this executor needs {SANDBOX_INTERFACE})")
+    return None
+
+
+def rebuild_hint(image: str) -> str:
+    return (f"build it from this checkout: `docker compose build sandbox`, or `docker build --network host "
+            f"-t {image} sandbox/`")
+
+
 class Sandbox:
     """``Deployment`` on the Docker engine."""
 
-    def __init__(self, client: docker.DockerClient, image: str, instance: str = "default") -> None:
+    def __init__(self, client: docker.DockerClient, image: str, instance: str = "default",
+                 paths: HostPaths | None = None) -> None:
         self.client = client
         self.image = image
         self.instance = instance
+        self.paths = paths or HostPaths()  # the engine resolves paths on the host, not in our container
         self._own = {LABEL: "1", LABEL_INSTANCE: instance}
 
     def check_image(self) -> None:
-        try:
-            self.client.images.get(self.image)
-        except ImageNotFound:
-            raise SandboxError(
-                f"sandbox image {self.image!r} is missing: build it with "
-                f"`docker build -t {self.image} sandbox/`"
-            ) from None
+        problem = image_problem(self.client, self.image)
+        if problem is not None:
+            raise SandboxError(f"{problem}: {rebuild_hint(self.image)}")
 
     def start(self, spec: ContainerSpec) -> Container:
         if spec.user.split(":")[0] in ("0", "root"):
@@ -137,11 +162,13 @@ class Sandbox:
         except (APIError, DockerException) as exc:
             raise SandboxError(f"cannot start container {spec.name}: {exc}") from None
 
-    @staticmethod
-    def _mounts(spec: ContainerSpec) -> list[Mount]:
+    def _mounts(self, spec: ContainerSpec) -> list[Mount]:
         mounts = [Mount(target=WORKSPACE_MOUNT, source=spec.volume, type="volume", no_copy=True)]
         if spec.home_volume:
             mounts.append(Mount(target=AGENT_HOME, source=spec.home_volume, type="volume", no_copy=True))
+        if spec.sockets:  # made in the executor's view of the state root; the engine needs the host's path
+            mounts.append(Mount(target=SOCKETS_MOUNT, source=self.paths.to_host(spec.sockets), type="bind",
+                                read_only=True))
         return mounts
 
     @staticmethod
@@ -168,6 +195,7 @@ class Sandbox:
     def create_overlay_volume(self, name: str, lower: list[str], upper: str, work: str,
                               labels: dict[str, str]) -> None:
         """A local-driver volume of type overlay; mounting it copies nothing."""
+        lower, upper, work = [self.paths.to_host(p) for p in lower], self.paths.to_host(upper), self.paths.to_host(work)
         options = ",".join([f"lowerdir={':'.join(lower)}", f"upperdir={upper}", f"workdir={work}",
                             # userxattr keeps overlay metadata in user.* xattrs and redirect_dir off, so
                             # the upper dir describes itself; metacopy/index off for the same reason.

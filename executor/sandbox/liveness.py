@@ -3,9 +3,11 @@
 Owns what counts as progress and when its absence becomes a stall. A running agent is alive while it
 shows progress: a new stream line (partial messages count), real CPU work by its container since the
 last beat (above the policy's ``stall_cpu_threshold``, because a CLI waiting on a request that never
-answers still burns ~0.3 % of a core on timers), or a wait the CLI announced itself (an ``api_retry``
-line with its delay: a rate limit is weather, not a stall). Every ``heartbeat_interval`` one heartbeat
-row records what was seen; ``stall_after`` without progress is a stall.
+answers still burns ~0.3 % of a core on timers), a wait the CLI announced itself (an ``api_retry``
+line with its delay: a rate limit is weather, not a stall), or, for a sealed job, bytes of an answer
+passing its API gateway (``saw_activity``; the API's pings count: a model thinking slowly is not a stall).
+Every ``heartbeat_interval`` one heartbeat row records what was seen; ``stall_after`` without progress is
+a stall.
 
 Must never: block the job (a sample is two engine calls, ``stats`` and an ``exec_run`` that reads the pids
 cgroup, once per heartbeat; failures to sample are recorded, not raised), or kill anything itself (it only
@@ -15,6 +17,7 @@ decides; the runtime acts).
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -69,7 +72,8 @@ def _exhausted(text: str) -> bool:
     return "resource temporarily unavailable" in text or "cannot fork" in text
 
 
-def sample(container: Container) -> Sample:
+def sample(container: Container, pids_events: bool = True) -> Sample:
+    """One look at the container; ``pids_events``: also read its pids cgroup (an exec in the container)."""
     try:
         stats = container.stats(stream=False, one_shot=True)
     except (APIError, NotFound, requests.RequestException):
@@ -77,7 +81,8 @@ def sample(container: Container) -> Sample:
     cpu = (stats.get("cpu_stats") or {}).get("cpu_usage") or {}
     memory = stats.get("memory_stats") or {}
     pids = stats.get("pids_stats") or {}
-    return Sample(cpu.get("total_usage"), memory.get("usage"), pids.get("current"), pids_limit_hits(container))
+    return Sample(cpu.get("total_usage"), memory.get("usage"), pids.get("current"),
+                  pids_limit_hits(container) if pids_events else None)
 
 
 @dataclass(frozen=True)
@@ -89,7 +94,7 @@ class Beat:
     memory: int | None
     pids: int | None
     pids_limit_hits: int | None  # forks refused by the pids limit so far (-1: refused right now)
-    state: str  # progress | waiting_api | idle
+    state: str  # progress | api_streaming | waiting_api | idle
     idle_for: float
     last_activity: str
     disk: int | None = None  # bytes the job's writable layers use (the last measurement)
@@ -120,6 +125,28 @@ class Watchdog:
         self.last_activity = "started"
         self.last_tool_call = ""
         self.last_beat: Beat | None = None
+        self._activity_lock = threading.Lock()
+        self._activity_at: float | None = None  # the gateway's last sign of life (set from another thread)
+        self._activity_seen = float("-inf")  # the last of those already counted as progress
+        self._api_active = False  # gateway activity since the last beat
+
+    def saw_activity(self) -> None:
+        """The job's API gateway passed on bytes of an answer (pings included). Any thread; never blocks."""
+        now = self.clock()
+        with self._activity_lock:
+            self._activity_at = now
+
+    def _take_activity(self) -> bool:
+        """Count gateway activity seen since the last look as progress; whether there was any."""
+        with self._activity_lock:
+            at = self._activity_at
+        if at is None or at <= self._activity_seen:
+            return False
+        self._activity_seen = at
+        if at > self.last_progress:
+            self.last_progress = at
+            self.last_progress_wall = time.time() - (self.clock() - at)
+        return True
 
     def saw_line(self, events: list[Event], activity: str) -> None:
         """A stream line arrived: that is progress."""
@@ -156,8 +183,8 @@ class Watchdog:
         self.last_progress_wall = time.time()
 
     def start(self, container: Container) -> None:
-        """Take the CPU baseline the first beat measures against."""
-        stats = sample(container)
+        """Take the CPU baseline the first beat measures against (no exec: nothing has forked yet)."""
+        stats = sample(container, pids_events=False)
         self._cpu_at_beat = stats.cpu_ns
 
     @property
@@ -170,6 +197,8 @@ class Watchdog:
         now = self.clock()
         if self.disk is not None and self.disk.measure() is not None and self.disk.over:
             return "disk_limit"
+        if self._take_activity():
+            self._api_active = True
         if now - self._last_beat >= self.interval:
             self._beat(container, now)
         if self.waiting_api:
@@ -189,12 +218,15 @@ class Watchdog:
             self._progress(now)  # real work without output (a long build, a test run)
         if new_lines or (cores is not None and cores >= self.cpu_threshold):
             state = "progress"
+        elif self._api_active:
+            state = "api_streaming"  # only the gateway saw the answer move (a slow answer, pings)
         elif self.waiting_api:
             state = "waiting_api"
             self._progress(now)
         else:
             state = "idle"
         self._last_beat = now
+        self._api_active = False
         self._lines_at_beat = self._lines
         if current.cpu_ns is not None:
             self._cpu_at_beat = current.cpu_ns

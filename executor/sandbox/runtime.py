@@ -36,7 +36,10 @@ log = logging.getLogger(__name__)
 #: returns why the run must stop now ("cancelled", "shutdown") or None to go on
 StopCheck = Callable[[], str | None]
 #: receives the events of each stream line as it arrives, with the line's number (1-based)
-EventSink = Callable[[list[Event], int], None]
+EventSink = Callable[[list[tuple[list[Event], int]]], None]
+#: Seconds the events of consecutive stream lines are gathered before they are written in one transaction
+#: (a line each would cost one fsync each: partial messages come dozens a second).
+FLUSH_EVERY = 0.2
 
 OUTPUT_TAIL = 4000
 
@@ -117,18 +120,24 @@ def _stderr_tail(container: Container) -> str:
 
 def agent_spec(ws: Workspace, runner: Runner, policy: Policy, prompt: str,
                environment: dict[str, str], resume: str | None = None,
-               append_system_prompt: str | None = None) -> ContainerSpec:
+               append_system_prompt: str | None = None, sockets: str | None = None) -> ContainerSpec:
+    """The agent's container. ``sockets``: a sealed job's socket directory (its network is then none and its
+    command starts with the forwarder)."""
+    if policy.sealed != (sockets is not None):
+        raise ValueError("a sealed policy needs the job's socket directory, and only a sealed one gets it")
     return ContainerSpec(
         name=f"executor-{ws.job_id}-a{ws.attempt}-agent",
-        command=agent_command(prompt, runner.model, resume, append_system_prompt, policy.disallowed_tools),
+        command=agent_command(prompt, runner.model, resume, append_system_prompt, policy.disallowed_tools,
+                              sealed=policy.sealed),
         home_volume=ws.home_volume if ws.home is not None else None,
         tmpfs_size=tmpfs_size(policy),
         user=f"{ws.uid}:{ws.gid}",
         volume=ws.volume,
         limits=Limits(policy.cpus, policy.memory, policy.pids),
-        network=policy.network,
+        network="none" if policy.sealed else policy.network,
         labels=ws.labels("agent"),
         environment=environment,
+        sockets=sockets,
     )
 
 
@@ -157,6 +166,8 @@ def watch_agent(sandbox: Deployment, container: Container, policy: Policy, *, on
     stopped: str | None = None
     lingered = False
     seen = 0
+    pending: list[tuple[list[Event], int]] = []
+    flushed_at = time.monotonic()
     while True:
         try:
             raw = lines.get(timeout=0.5)
@@ -170,9 +181,12 @@ def watch_agent(sandbox: Deployment, container: Container, policy: Policy, *, on
                 seen += 1
                 events = state.feed(msg)
                 watchdog.saw_line(events, state.last_activity)
-                if seen > skip_lines:
-                    on_events(events, seen)
+                if seen > skip_lines and events:
+                    pending.append((events, seen))
         now = time.monotonic()
+        if pending and now - flushed_at >= FLUSH_EVERY:
+            on_events(pending)
+            pending, flushed_at = [], now
         if state.result is not None and result_seen_at is None:
             result_seen_at = now
         if stopped or lingered:
@@ -187,6 +201,8 @@ def watch_agent(sandbox: Deployment, container: Container, policy: Policy, *, on
         elif (why := should_stop()) is not None or (why := watchdog.check(container)) is not None:
             stopped = why
             _kill(container)
+    if pending:
+        on_events(pending)
     reader.join(timeout=10)
     exit_code, oom = _wait_exit(container)
     stderr = _stderr_tail(container)

@@ -7,7 +7,8 @@ for longer than ``EXECUTOR_HOST_TIMEOUT`` interrupted, takes over those under th
 back and re-queued by the store's conditional move; a committing job waits for its own host), and keeps
 the view of every host that ``executor status`` shows. On PostgreSQL the listener thread LISTENs on the
 store's channel and sets ``wake`` at each NOTIFY (new jobs, a freed workspace), so an idle serving loop
-claims at once instead of at its next poll; while it cannot listen, the loop polls. A database that is
+claims at once instead of at its next poll; while it cannot listen, the loop polls (``claim_due`` says
+when the loop looks at the queue). A database that is
 briefly unreachable is logged and tried again at the next beat; any other failure ends the thread, which
 the serving loop notices and stops loudly.
 
@@ -21,6 +22,7 @@ import logging
 import os
 import socket
 import threading
+import time
 from collections.abc import Callable
 from importlib.metadata import PackageNotFoundError, version
 
@@ -32,6 +34,7 @@ from ..logs import log_state
 from ..settings import Settings
 from ..store import Host, Job, Status, Store
 from ..store.engine import CHANNEL, libpq_dsn
+from ..store.reads import host_view
 from .admission import Host as Claimer
 
 log = logging.getLogger(__name__)
@@ -45,33 +48,23 @@ def executor_version() -> str:
 
 
 def hosts_view(store: Store, timeout: float) -> list[dict]:
-    """Every host as ``executor status`` shows it: budget, what it holds, when it was last seen, and whether
-    it is alive, stopped (cleanly) or lost (silent for longer than ``timeout``)."""
+    """Every host as ``executor status`` shows it (``reads.host_view``), by the database's clock."""
     now = store.db_now()
-    rows = []
-    for host in store.hosts():
-        age = max(0.0, (now - aware(host.last_seen)).total_seconds())
-        state = "stopped" if host.stopped_at else "lost" if age > timeout else "alive"
-        rows.append({
-            "host": host.id, "state": state, "version": host.version, "last_seen": host.last_seen.isoformat(),
-            "last_seen_seconds": round(age, 1), "budget": {"cpus": host.budget_cpus, "memory": host.budget_memory},
-            "reserved": {"cpus": host.reserved_cpus if state == "alive" else 0.0,
-                         "memory": host.reserved_memory if state == "alive" else 0},
-            "running": host.running if state == "alive" else 0, "waiting": host.waiting if state == "alive" else None,
-            "workspace_roots": host.workspace_roots,
-        })
-    return rows
+    return [host_view(host, now, timeout) for host in store.hosts()]
 
 
 class Presence:
     """This host's row, heartbeat and wake-up; ``figures`` says what the host holds now."""
 
-    def __init__(self, settings: Settings, store: Store, figures: Callable[[], dict]) -> None:
-        self.settings, self.store, self.figures = settings, store, figures
+    def __init__(self, settings: Settings, store: Store, figures: Callable[[], dict],
+                 on_wake: Callable[[], None] = lambda: None) -> None:
+        self.settings, self.store, self.figures, self.on_wake = settings, store, figures, on_wake
         self.claimer = Claimer(settings.host_id, tuple(str(root) for root in settings.workspace_roots))
-        self.wake = threading.Event()  # set by a NOTIFY (or a local event): claim now
+        self.wake = threading.Event()  # set by a NOTIFY: claim now (``on_wake`` wakes the serving loop)
         self.listening = False  # True while the LISTEN connection is up (else the loop polls every tick)
         self.hosts: list[dict] = []
+        self.claim_now = True  # a slot freed or the last round started something: look at the queue again
+        self._last_claim = 0.0
         self._stop = threading.Event()
         self.heartbeat = threading.Thread(target=self._beat_loop, name="heartbeat", daemon=True)
         self.listener = threading.Thread(target=self._listen_loop, name="listener", daemon=True) \
@@ -111,6 +104,18 @@ class Presence:
         where = f"process {row.pid} on this machine" if here else f"machine {row.machine or '?'} (pid {row.pid})"
         raise ConfigError(f"host id {self.settings.host_id!r} is in use by a live executor ({where}, last "
                           f"heartbeat {age:.0f}s ago): give each `executor serve` its own EXECUTOR_HOST_ID")
+
+    def claim_due(self) -> bool:
+        """Whether the serving loop looks at the queue this tick: always while nothing announces new work
+        (SQLite, or the LISTEN connection is down); with it, when a NOTIFY came, after a slot freed or a round
+        that started something, and every ``claim_poll`` seconds (cooldowns and retries end by the clock)."""
+        woken = self.wake.is_set()
+        self.wake.clear()
+        return (woken or self.claim_now or not self.listening
+                or time.monotonic() - self._last_claim >= self.settings.claim_poll)
+
+    def claimed(self, started: bool) -> None:
+        self._last_claim, self.claim_now = time.monotonic(), started
 
     def start(self) -> None:
         self.heartbeat.start()
@@ -181,6 +186,10 @@ class Presence:
 
     # -- LISTEN -----------------------------------------------------------------------------------------
 
+    def _woken(self) -> None:
+        self.wake.set()
+        self.on_wake()
+
     def _listen_loop(self) -> None:
         import psycopg
 
@@ -190,10 +199,10 @@ class Presence:
                 with psycopg.connect(libpq_dsn(self.store.url), autocommit=True, connect_timeout=10) as conn:
                     conn.execute(f"LISTEN {CHANNEL}")
                     self.listening, backoff = True, 1.0
-                    self.wake.set()  # what was announced while it was not listening
+                    self._woken()  # what was announced while it was not listening
                     while not self._stop.is_set():
                         for _ in conn.notifies(timeout=1.0):
-                            self.wake.set()
+                            self._woken()
             except psycopg.OperationalError as exc:
                 log.warning("cannot LISTEN for new jobs: polling meanwhile",
                             extra={"action": "listen", "error": str(exc)[:300]})

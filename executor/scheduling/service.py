@@ -3,13 +3,15 @@
 Owns the executor's process-level life as one host of the store (``EXECUTOR_HOST_ID``). Each tick it takes
 new job files from its spool into the (possibly shared) store, claims the jobs of its queue that fit its
 budget (``admission.py``; one thread per job, each holding a governor permit), reaps finished threads,
-checks that its side threads (web page, metrics, notifier, heartbeat, listener) are alive, and writes its
-snapshot. With PostgreSQL an idle loop claims when a NOTIFY wakes it, after a slot freed, or every
-``EXECUTOR_CLAIM_POLL`` seconds; with SQLite every tick. At start-up it registers its host row and resolves
-what a crash left behind of its own jobs (``recovery.py``). Shutdown has phases: stop intake and
-admission and close the web page (no decision may start), tell running jobs to stop and wait a grace
-period for them to roll back and re-queue, then remove what still runs and wait for every thread that
-may still touch a repository, record the host's stop, and close the store.
+checks that its side threads (the sealed sandbox's event loop and recorder, web page, metrics, notifier,
+heartbeat, listener) are alive, and writes its snapshot. With PostgreSQL an idle loop claims when a NOTIFY
+wakes it, after a slot freed, or every ``EXECUTOR_CLAIM_POLL`` seconds; with SQLite every tick. At start-up
+it starts the sealed sandbox's threads (adopted sealed jobs need their sockets again), registers its host
+row and then resolves what a crash left behind of its own jobs (``recovery.py``). Shutdown has phases: stop
+intake and admission and close the web page (no decision may start), tell running jobs to stop and wait a
+grace period for them to roll back and re-queue, then remove what still runs and wait for every thread that
+may still touch a repository, stop the sealed sandbox's threads (their last records written), record the
+host's stop, and only then close the store.
 
 Must never: start a job without a permit and a claim, run two jobs on one workspace, limp on with a dead
 side thread, or close the store while a job thread may still touch a repository.
@@ -22,6 +24,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 
 import psutil
 from docker.errors import DockerException
@@ -35,6 +38,8 @@ from ..policy import Runner, load_runners
 from ..redact import RedactingFilter, Redactor
 from ..sandbox.deployment import Deployment, Sandbox, connect, instance_id
 from ..sandbox.disk import free_bytes
+from ..sandbox.hostpaths import HostPaths
+from ..sandbox.seal import Sealer
 from ..settings import Settings
 from ..store import Job, Status, Store
 from ..transaction.commit import Ending, Phase, settle
@@ -45,6 +50,7 @@ from . import admission, snapshot
 from .governor import Governor, Permit
 from .hosting import Presence
 from .recovery import ACTIVE, recover
+from .wakeup import Wakeup
 
 log = logging.getLogger(__name__)
 
@@ -73,15 +79,26 @@ class Executor:
                 self.redactor.update({"EXECUTOR_DATABASE_URL": str(password)})
         self.store = Store(settings.db_url, redact=self.redactor)
         self.spool = Spool(settings.spool_dir)
-        self.sandbox = deployment or Sandbox(client or connect(), settings.sandbox_image, instance_id(settings.home))
+        self.wakeup = Wakeup(self.spool.incoming)  # a job file arriving, or a slot freed, wakes the loop at once
+        if deployment is None:
+            client = client or connect()
+            self.paths = HostPaths.discover(client)  # in a container, the engine needs host paths
+            # Named by the state root's host path: two executors in containers never sweep each other.
+            instance = instance_id(Path(self.paths.to_host(str(settings.home))))
+            deployment = Sandbox(client, settings.sandbox_image, instance, self.paths)
+        else:
+            self.paths = HostPaths()
+        self.sandbox = deployment
         self.governor = Governor.from_settings(settings)
+        self.problems: dict[str, str] = {}  # configuration the loop could not take, shown by `status`
+        self._runners_seen: tuple | None = None
+        self.sealer = Sealer()  # its threads start with serve()
         self.ctx = Context(settings=settings, store=self.store, sandbox=self.sandbox,
-                           runners=self._load_runners(), secrets=secrets, redactor=self.redactor)
+                           runners=self._load_runners(), secrets=secrets, redactor=self.redactor,
+                           sealer=self.sealer)
         self.slots: dict[str, Slot] = {}
         self.waiting: str | None = None  # why the head of the queue is not running
-        self.presence = Presence(settings, self.store, self._figures)
-        self._last_claim = 0.0
-        self._claim_now = True  # a slot freed or the last round started something: look at the queue again
+        self.presence = Presence(settings, self.store, self._figures, on_wake=self.wakeup.wake)
         self.last_tick = 0.0
         self._last_retention = 0.0
         self._process = psutil.Process()
@@ -95,16 +112,26 @@ class Executor:
                 self.redactor.update({f"EXECUTOR_{name.upper()}": value.get_secret_value()})
 
     def _load_runners(self) -> dict[str, Runner]:
+        """The runners, re-read only when ``runners.toml`` changed. A broken file at start is fatal; a file
+        broken while serving keeps the previous runners, is logged once per change (not every tick) and
+        is shown by ``status`` as a problem until it is fixed."""
+        path = self.settings.policies / "runners.toml"
+        seen = _file_signature(path)
+        if hasattr(self, "ctx") and seen == self._runners_seen:
+            return self.ctx.runners
+        self._runners_seen = seen
         try:
             runners = load_runners(self.settings.policies)
-            # Whatever a runner's credential is, it is scrubbed from everything stored or logged.
-            self.redactor.update({r.auth_env: self.secrets.get(r.auth_env, "") for r in runners.values()})
-            return runners
         except ConfigError as exc:
-            if hasattr(self, "ctx"):
-                log.error("runners.toml unreadable; keeping the previous runners", extra={"error": str(exc)})
-                return self.ctx.runners
-            raise
+            if not hasattr(self, "ctx"):
+                raise
+            self.problems["runners"] = f"{exc}; the previous runners stay in use until the file is fixed"
+            log.error("runners.toml unreadable; keeping the previous runners", extra={"error": str(exc)})
+            return self.ctx.runners
+        self.problems.pop("runners", None)
+        # Whatever a runner's credential is, it is scrubbed from everything stored or logged.
+        self.redactor.update({r.auth_env: self.secrets.get(r.auth_env, "") for r in runners.values()})
+        return runners
 
     # -- life -----------------------------------------------------------------------------------------
 
@@ -115,6 +142,7 @@ class Executor:
         for handler in logging.getLogger().handlers:
             handler.addFilter(log_filter)
         self.sandbox.check_image()
+        self.sealer.start()
         self.presence.register()
         recover(self)
         self._start_side_threads()
@@ -124,8 +152,8 @@ class Executor:
             while not stop.is_set():
                 busy = self.tick()
                 self.check_side_threads()
-                if not busy:
-                    self.presence.wake.wait(self.settings.poll_interval)
+                if not busy and not stop.is_set():
+                    self.wakeup.wait(self.settings.poll_interval)
         finally:
             self.shutdown()
 
@@ -137,13 +165,16 @@ class Executor:
         self.presence.start()
         self.metrics = serve_metrics(self.settings, self.store)
         self.web = serve_web(self.settings, self.store)
+        if self.metrics is not None:
+            self.ctx.listeners.append(self.metrics.job_settled)
         if self.settings.notify_url is not None:
-            self.notifier = Notifier(self.settings.notify_url.get_secret_value(), ui_url=web_url(self.settings))
-            self.ctx.notify = self.notifier.job_event
+            self.notifier = Notifier(self.settings.notify_url.get_secret_value(), ui_url=web_url(self.settings),
+                                     kinds=self.settings.notify_on)
+            self.ctx.listeners.append(self.notifier.job_event)
 
     def side_threads(self) -> dict[str, threading.Thread]:
         """The threads the executor needs besides its job threads, by name."""
-        threads = dict(self.presence.threads())
+        threads = {**self.sealer.threads(), **self.presence.threads()}
         for name, owner in (("web page", self.web), ("metrics endpoint", self.metrics), ("notifier", self.notifier)):
             if owner is not None:
                 threads[name] = owner.thread
@@ -161,7 +192,13 @@ class Executor:
         """One round of the loop; True when spool files are left for the next round (a flood is taken in
         slices of ``INTAKE_BUDGET`` seconds, so the status and admission keep up)."""
         self.ctx.runners = self._load_runners()
-        taken = intake(self.spool, self.store, self.settings, self.ctx.runners, budget=INTAKE_BUDGET)
+        taken = intake(self.spool, self.store, self.settings, self.ctx.runners, budget=INTAKE_BUDGET,
+                       translate=self.paths.to_container)
+        for job_id in taken.rejected_ids:  # a refused job file is an ending too (status rejected)
+            if (job := self.store.get(job_id)) is not None:
+                self.ctx.settled(job)
+        if self.metrics is not None and taken.rejected:
+            self.metrics.rejected.inc(len(taken.rejected))
         self.reap()
         self.keep_disk_reserve()
         self.admit()
@@ -189,7 +226,9 @@ class Executor:
         for closing in (self.metrics, self.notifier, self.presence):
             if closing is not None:
                 closing.close()
+        self.sealer.stop()  # every job thread is done: no socket is open, the recorder writes its last rows
         self.store.close()
+        self.wakeup.close()
         log.info("executor stopped", extra={"action": "stopped"})
 
     def _join_jobs(self, deadline: float | None) -> None:
@@ -214,6 +253,13 @@ class Executor:
             "host": self.settings.host_id,
             "hosts": self.presence.hosts,
             "poll_interval": self.settings.poll_interval,  # how fresh a snapshot must be to say "running"
+            # Where the engine finds what this executor sees (its container's bind mounts), for `submit` on the host.
+            "host_paths": [list(pair) for pair in self.paths.binds],
+            # What `executor submit` judges a job file by: this executor's own settings, not the submitter's.
+            "settings": {"home": str(self.settings.home), "policies": str(self.settings.policies),
+                         "workspace_roots": [str(r) for r in self.settings.workspace_roots],
+                         "budget_cpus": self.settings.budget_cpus, "budget_memory": self.settings.budget_memory,
+                         "reserve_memory": self.settings.reserve_memory},
             "measured": {
                 "executor": executor_use,
                 "jobs": {"cpu_cores": round(sum(r["cpu_cores"] or 0 for r in running), 4),
@@ -227,6 +273,7 @@ class Executor:
             "counts": {st.value: n for st, n in counts.items()},
             "waiting": self.waiting,
             "runners": self.runner_view(),
+            "problems": sorted(self.problems.values()),
         }
 
     def _running_view(self, job_id: str, slot: Slot) -> dict:
@@ -281,7 +328,7 @@ class Executor:
                 self.governor.release(slot.permit)
                 del self.slots[job_id]
                 self.ctx.stop_requests.pop(job_id, None)
-                self._claim_now = True
+                self.presence.claim_now = True
 
     def keep_disk_reserve(self) -> None:
         """When running jobs push the state root's free space below the reserve, stop the largest writer."""
@@ -296,26 +343,16 @@ class Executor:
         log.warning("disk reserve crossed: stopping the largest writer", extra={
             "action": "disk_reserve", "job": largest, "bytes": measured[largest], "why": short})
 
-    def _claim_due(self) -> bool:
-        """Whether to look at the queue this tick: always while nothing announces new work (SQLite, or the
-        LISTEN connection is down); with it, when woken, after a slot freed or a round that started
-        something, and every ``claim_poll`` seconds (cooldowns and retries end by the clock, unannounced)."""
-        woken = self.presence.wake.is_set()
-        self.presence.wake.clear()
-        due = (woken or self._claim_now or not self.presence.listening
-               or time.monotonic() - self._last_claim >= self.settings.claim_poll)
-        return due
-
     def admit(self) -> None:
         """Claim and start the jobs of this host's queue that fit its budget now (``admission.claim``)."""
-        if self.ctx.shutdown.is_set() or not self._claim_due():
+        if self.ctx.shutdown.is_set() or not self.presence.claim_due():
             return
         per_runner: dict[str, int] = {}
         for slot in self.slots.values():
             per_runner[slot.job.runner] = per_runner.get(slot.job.runner, 0) + 1
         plan = admission.claim(self.store, self.governor, self.presence.claimer, self.ctx.runners, per_runner,
                                busy=list(self.slots))
-        self._last_claim, self._claim_now = time.monotonic(), bool(plan.starts)
+        self.presence.claimed(started=bool(plan.starts))
         self.waiting = plan.waiting
         for job, permit in plan.starts:
             self.start(job, permit)
@@ -336,6 +373,8 @@ class Executor:
         except Exception:  # the job thread's boundary: a bug must fail the job loudly, not hang it
             log.exception("job thread failed", extra={"action": "job_crashed", "job": job_id})
             self._fail_after_crash(job_id, attempt)
+        finally:
+            self.wakeup.wake()  # its slot is free: the loop admits the next job now, not at its next tick
 
     def _fail_after_crash(self, job_id: str, attempt: int | None) -> None:
         job = self.store.get(job_id)
@@ -348,3 +387,12 @@ class Executor:
                    Phase(job.status, owner=owner), self.sandbox, self.ctx.settled)
         except (ExecutorError, OSError, DockerException):
             log.exception("cannot settle crashed job", extra={"job": job_id})
+
+
+def _file_signature(path: Path) -> tuple | None:
+    """What tells a changed file from the one read last (an editor's rename makes a new inode)."""
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return (st.st_ino, st.st_size, st.st_mtime_ns)

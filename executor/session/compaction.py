@@ -19,12 +19,12 @@ A job whose ``session_id`` names a session that already has settled jobs is a fo
 * ``resume``: continue the previous job's Claude Code conversation as it is (``--resume``).
 * ``full``: a fresh conversation carrying the raw history (the event log as stored) instead of a brief.
 
-The small model is reached through the ``anthropic`` SDK (``EXECUTOR_COMPACTION_MODEL`` /
-``_AUTH_ENV`` / ``_BASE_URL``) with the runners' discipline: tenacity backoff on 429/529 against the same
-model, never another model, the model that answered checked and recorded. When it cannot be had, the
-job starts with the *structural* brief (same sections, paths and one-liners instead of summaries) and
-its record says ``compaction: structural: <why>``; with the policy's ``compaction_required`` the job
-fails instead. Every item of a brief is a ``Compaction`` row beside the event ids it replaced.
+The small model (``EXECUTOR_COMPACTION_MODEL``, a pinned model id) is reached through the ``anthropic`` SDK
+at the job's runner's endpoint with the runner's credential, with the runners' discipline: tenacity backoff
+on 429/529 against the same model, never another model, the model that answered checked and recorded. When
+it cannot be had, the job starts with the *structural* brief (same sections, paths and one-liners instead of
+summaries) and its record says ``compaction: structural: <why>``; with the policy's ``compaction_required``
+the job fails instead. Every item of a brief is a ``Compaction`` row beside the event ids it replaced.
 
 Must never: put a file's content into a brief (the raw history of ``full`` excepted), fall back to
 another model, or hide that a brief was made without the model.
@@ -38,7 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import CompactionUnavailable
-from ..policy import Policy
+from ..policy import Policy, Runner
 from ..settings import Settings
 from ..store import Job, Store
 from .brief import build, raw_history, render, size
@@ -67,7 +67,7 @@ def mode_of(job: Job, policy: Policy) -> str:
 
 
 def start(store: Store, settings: Settings, secrets: Mapping[str, str], job: Job, policy: Policy, attempt: int,
-          transcript_ok: Callable[[str], bool], resuming: bool = False,
+          runner: Runner, transcript_ok: Callable[[str], bool], resuming: bool = False,
           summarizer: Summarizer | None = None) -> Start:
     """Decide how the job's conversation starts, build its brief if it gets one, and record how.
 
@@ -110,7 +110,7 @@ def start(store: Store, settings: Settings, secrets: Mapping[str, str], job: Job
     reason = None
     if summarizer is None and jobs:
         try:
-            summarizer = Summarizer.from_settings(settings, secrets)
+            summarizer = Summarizer.from_settings(settings, secrets, runner)
         except CompactionUnavailable as exc:
             reason = str(exc)
     brief = build(store, job.session_id, job, skills_dir, summarizer)

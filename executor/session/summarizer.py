@@ -1,10 +1,13 @@
 """The small model that writes the brief's summaries, through the ``anthropic`` SDK.
 
 Owns the call (tenacity backoff on 429/529 against the same model, the SDK's own retries off so the
-recorded backoff is the one in control), the check that the model that answered is the one asked for, the
-price table that turns tokens into a cost, and the words that say why the model could not be had.
+recorded backoff is the one in control), made through the job's runner: its endpoint (``base_url``, the
+public API by default) and its credential (an API key, or an OAuth token as a bearer token), with the
+pinned model id ``EXECUTOR_COMPACTION_MODEL``; the check that the model that answered is the one asked for;
+the price table that turns tokens into a cost; and the words that say why the model could not be had.
 
-Must never: fall back to another model, or log the key.
+Must never: fall back to another model, log the credential, or take a credential or endpoint from anywhere
+but the runner (the SDK is given both, so it consults no environment variable for them).
 """
 
 from __future__ import annotations
@@ -16,9 +19,13 @@ from dataclasses import dataclass
 from tenacity import Retrying, retry_if_exception, stop_after_attempt, wait_exponential
 
 from ..errors import CompactionUnavailable
+from ..policy import Runner
 from ..settings import Settings
 
 SUMMARY_TOKENS = 300
+PUBLIC_API = "https://api.anthropic.com"
+#: What the API asks of a request authenticated with an OAuth token (the CLI sends the same).
+OAUTH_BETA = "oauth-2025-04-20"
 
 #: USD per million tokens (input, output), by model id prefix.
 PRICES = {
@@ -64,25 +71,28 @@ def _retryable(exc: BaseException) -> bool:
 class Summarizer:
     """The small model, through the anthropic SDK, with tenacity backoff on 429/529 (same model)."""
 
-    def __init__(self, model: str, api_key: str, base_url: str | None = None, attempts: int = 4,
-                 backoff: float = 2.0, sleep: Callable[[float], None] = time.sleep) -> None:
+    def __init__(self, model: str, credential: str, base_url: str | None = None, auth_type: str = "api_key",
+                 attempts: int = 4, backoff: float = 2.0, sleep: Callable[[float], None] = time.sleep) -> None:
         import anthropic
 
         self.model = model
         self.attempts = attempts
         self.backoff = backoff
         self.sleep = sleep
+        auth = ({"api_key": credential} if auth_type == "api_key"
+                else {"auth_token": credential, "default_headers": {"anthropic-beta": OAUTH_BETA}})
         # The SDK's own retries are off: the backoff below is the one in control, and it is recorded.
-        self.client = anthropic.Anthropic(api_key=api_key, base_url=base_url, max_retries=0, timeout=120.0)
+        self.client = anthropic.Anthropic(base_url=base_url or PUBLIC_API, max_retries=0, timeout=120.0, **auth)
 
     @classmethod
-    def from_settings(cls, settings: Settings, secrets: Mapping[str, str]) -> Summarizer:
-        key = secrets.get(settings.compaction_auth_env)
-        if not key:
+    def from_settings(cls, settings: Settings, secrets: Mapping[str, str], runner: Runner) -> Summarizer:
+        """The small model through ``runner``'s endpoint and credential."""
+        credential = secrets.get(runner.auth_env)
+        if not credential:
             raise CompactionUnavailable(
-                f"the small model's key is missing: {settings.compaction_auth_env} "
-                "(EXECUTOR_COMPACTION_AUTH_ENV) is not set in the executor's environment")
-        return cls(settings.compaction_model, key, settings.compaction_base_url,
+                f"the small model's credential is missing: runner {runner.name!r}'s {runner.auth_env} is not set "
+                "in the executor's environment")
+        return cls(settings.compaction_model, credential, runner.base_url, runner.auth_type,
                    attempts=settings.compaction_attempts, backoff=settings.compaction_backoff)
 
     def __call__(self, prompt: str) -> Answer:

@@ -8,8 +8,9 @@ from importlib import import_module
 
 from .status import TERMINAL, TRANSITIONS, Status
 
-_LAZY = {"Attempt": "models", "Compaction": "models", "Event": "models", "Heartbeat": "models", "Host": "models",
-         "Job": "models", "RateLimitEvent": "models", "RunnerState": "models", "Store": "store"}
+_LAZY = {"ApiRequest": "models", "Attempt": "models", "Compaction": "models", "Event": "models",
+         "Heartbeat": "models", "Host": "models", "Job": "models", "RateLimitEvent": "models",
+         "RunnerState": "models", "Store": "store"}
 
 __all__ = ["Status", "TERMINAL", "TRANSITIONS", *_LAZY]
 

@@ -1,5 +1,6 @@
 """The tables of the store: jobs, attempts, the per-session event log, heartbeats, rate limits, runner
-cooldowns, compaction audit rows and the hosts that share the store (SQLModel).
+cooldowns, compaction audit rows, the API requests of sealed jobs and the hosts that share the store
+(SQLModel).
 
 Owns the schema as the code sees it; the database gets it through the migrations (``migrations/``), and a
 test holds the two equal. Every time column holds UTC (``clock.utcnow``). Numbers that outgrow 32 bits
@@ -42,7 +43,7 @@ class Job(SQLModel, table=True):
     reason: str | None = None
     error: str | None = None
     spool_name: str | None = Field(default=None, unique=True)
-    created_at: datetime = Field(default_factory=utcnow)
+    created_at: datetime = Field(default_factory=utcnow, index=True)  # `executor jobs` lists the newest first
     started_at: datetime | None = None
     finished_at: datetime | None = None
     # time.time_ns() before the attempt's overlay was mounted (conflict check)
@@ -104,6 +105,32 @@ class RateLimitEvent(SQLModel, table=True):
     message: str = ""
 
 
+class ApiRequest(SQLModel, table=True):
+    """One request a sealed job's API gateway forwarded, as the API itself answered it (usage and rate-limit
+    headers from the response, not from the CLI's own bookkeeping)."""
+
+    id: int | None = Field(default=None, primary_key=True)
+    job_id: str = Field(index=True)
+    attempt: int
+    runner: str = Field(index=True)
+    ts: datetime = Field(default_factory=utcnow, index=True)  # when the response ended
+    method: str = "POST"
+    path: str
+    status: int  # what the container got (502: the upstream could not be reached)
+    model: str | None = None  # the model that answered (else the one asked for)
+    latency: float  # seconds to the response head
+    duration: float  # seconds to the end of the response
+    request_bytes: int = 0
+    response_bytes: int = 0
+    input_tokens: int | None = None
+    output_tokens: int | None = None
+    cache_creation_input_tokens: int | None = None
+    cache_read_input_tokens: int | None = None
+    rate_limits: dict = Field(default_factory=dict, sa_column=Column(JSON))  # retry-after, anthropic-ratelimit-*
+    request_id: str | None = None
+    error: str | None = None  # why the response is incomplete or synthetic, or the API's error message
+
+
 class RunnerState(SQLModel, table=True):
     """A runner's cooldown: a rate limit is account-wide, so no job of the runner starts before it ends."""
 
@@ -156,7 +183,7 @@ class Heartbeat(SQLModel, table=True):
     job_id: str = Field(index=True)
     attempt: int
     ts: datetime = Field(default_factory=utcnow)
-    state: str  # progress | waiting_api | idle
+    state: str  # progress | api_streaming | waiting_api | idle
     new_lines: int = 0
     cpu_cores: float | None = None
     memory: int | None = Field(default=None, sa_column=_big())

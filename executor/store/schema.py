@@ -23,7 +23,7 @@ from ..errors import SchemaTooNew
 
 MIGRATIONS = Path(__file__).parent / "migrations"
 #: The revision this code's models describe: a new revision changes it (tests/unit/test_migrations.py).
-HEAD = "0002"
+HEAD = "0003"
 _LOCK_KEY = 0x6578_6563  # PostgreSQL advisory lock of schema changes ("exec")
 
 

@@ -10,6 +10,7 @@ job's current status is the expected one, so two actors racing (a watchdog and a
                  |                                       -> queued (its host was lost: from clean)
                  |-> rolled_back (agent error) / failed / stalled / cancelled / queued (interrupted)
     committing -> failed (the change could not be applied)
+    (a job file refused at intake is recorded as rejected, and never moves)
 
 Must never: let a terminal status change.
 """
@@ -31,13 +32,15 @@ class Status(str, Enum):
     stalled = "stalled"
     waiting_retry = "waiting_retry"
     awaiting_review = "awaiting_review"  # tests passed; the kept change waits for a person (review.py)
+    rejected = "rejected"  # the job file was refused at intake: it never ran (its error says why)
 
     @property
     def terminal(self) -> bool:
         return self in TERMINAL
 
 
-TERMINAL = frozenset({Status.succeeded, Status.rolled_back, Status.failed, Status.cancelled, Status.stalled})
+TERMINAL = frozenset({Status.succeeded, Status.rolled_back, Status.failed, Status.cancelled, Status.stalled,
+                      Status.rejected})
 
 #: Every legal move. ``running``/``testing`` -> ``queued`` is the re-queue of a job whose attempt was
 #: interrupted by the executor stopping or crashing (its changes were rolled back first).

@@ -29,7 +29,7 @@ from ..errors import IllegalTransition, InvalidJob
 from . import schema
 from .engine import CHANNEL, is_postgres, make_engine, sqlite_url
 from .hosts import HostQueries
-from .models import Attempt, Compaction, Event, Heartbeat, Job, RateLimitEvent, RunnerState
+from .models import ApiRequest, Attempt, Compaction, Event, Heartbeat, Job, RateLimitEvent, RunnerState
 from .queue import HOLDING, QueueQueries
 from .status import TRANSITIONS, Status
 
@@ -103,6 +103,14 @@ class Store(QueueQueries, HostQueries):
             except InvalidJob as exc:
                 refused[index] = exc
         return refused
+
+    def add_rejected(self, job: Job) -> None:
+        """Record a job file refused at intake (status ``rejected``); an id taken meanwhile keeps its job."""
+        job.finished_at = job.finished_at or utcnow()
+        try:
+            self.add_job(job)
+        except InvalidJob:
+            pass
 
     def get(self, job_id: str) -> Job | None:
         with self.session() as s:
@@ -240,6 +248,21 @@ class Store(QueueQueries, HostQueries):
             s.add(event)
             s.commit()
 
+    def settle_rate_limit(self, job_id: str, attempt: int, **fields: Any) -> bool:
+        """Complete the last rate-limit row the gateway wrote for an attempt (the wait decided, the kind it
+        turned out to be); False when there is none (an unsealed attempt: add one instead)."""
+        with self.session() as s:
+            row = s.exec(select(RateLimitEvent)
+                         .where(RateLimitEvent.job_id == job_id, RateLimitEvent.attempt == attempt)
+                         .order_by(col(RateLimitEvent.id).desc())).first()
+            if row is None:
+                return False
+            for name, value in self.redact(fields).items():
+                setattr(row, name, value)
+            s.add(row)
+            s.commit()
+            return True
+
     def rate_limits(self, runner: str | None = None, job_id: str | None = None) -> list[RateLimitEvent]:
         return self._rows(RateLimitEvent, RateLimitEvent.id, runner=runner, job_id=job_id)
 
@@ -262,6 +285,17 @@ class Store(QueueQueries, HostQueries):
                     state.cooldown_until = aware(state.cooldown_until)
                 states[state.name] = state
             return states
+
+    # -- API requests of sealed jobs -------------------------------------------------------------------
+
+    def add_api_request(self, row: ApiRequest) -> None:
+        row.error = self.redact(row.error)
+        with self.session() as s:
+            s.add(row)
+            s.commit()
+
+    def api_requests(self, job_id: str | None = None, runner: str | None = None) -> list[ApiRequest]:
+        return self._rows(ApiRequest, ApiRequest.id, job_id=job_id, runner=runner)
 
     # -- session compaction ---------------------------------------------------------------------------
 
@@ -299,12 +333,16 @@ class Store(QueueQueries, HostQueries):
 
     def add_events(self, job: Job, attempt: int, items: list[tuple[str, dict]], line: int | None = None) -> None:
         """Events of one moment, in one transaction (all of a stream line's events or none)."""
-        if not items:
-            return
+        if items:
+            self.add_stream_events(job, attempt, [(line, items)])
+
+    def add_stream_events(self, job: Job, attempt: int, lines: list[tuple[int | None, list[tuple[str, dict]]]]) -> None:
+        """The events of consecutive stream lines (line number, its events), in one transaction."""
         with self.session() as s:
-            for kind, data in items:
-                s.add(Event(job_id=job.id, session_id=job.session_id, attempt=attempt, kind=kind, line=line,
-                            data=self.redact(json.loads(json.dumps(data, default=str)))))
+            for line, items in lines:
+                for kind, data in items:
+                    s.add(Event(job_id=job.id, session_id=job.session_id, attempt=attempt, kind=kind, line=line,
+                                data=self.redact(json.loads(json.dumps(data, default=str)))))
             s.commit()
 
     def last_stream_line(self, job_id: str, attempt: int) -> int:
@@ -313,8 +351,17 @@ class Store(QueueQueries, HostQueries):
             value = s.exec(select(func.max(Event.line)).where(Event.job_id == job_id, Event.attempt == attempt)).first()
             return int(value or 0)
 
-    def events(self, job_id: str | None = None, session_id: str | None = None) -> list[Event]:
-        return self._rows(Event, Event.id, job_id=job_id, session_id=session_id)
+    def events(self, job_id: str | None = None, session_id: str | None = None, after: int = 0) -> list[Event]:
+        """Events in order; ``after``: only those with a larger id (to follow a log as it grows)."""
+        if not after:
+            return self._rows(Event, Event.id, job_id=job_id, session_id=session_id)
+        with self.session() as s:
+            query = select(Event).where(col(Event.id) > after)
+            if job_id is not None:
+                query = query.where(Event.job_id == job_id)
+            if session_id is not None:
+                query = query.where(Event.session_id == session_id)
+            return list(s.exec(query.order_by(col(Event.id))))
 
 
 def _with_limits(job: Job) -> Job:

@@ -17,6 +17,7 @@ import os
 import signal
 import sys
 import threading
+from pathlib import Path
 from typing import Any
 
 import click
@@ -26,13 +27,16 @@ import click
 from ..errors import ExecutorError, InvalidJob
 from ..scheduling import snapshot as status_file
 from ..store import Status
-from .cli_common import get_job, job_view, load_settings, open_store, state_root
+from .cli_common import load_settings, open_store, read_only, state_root
 from .cli_db import db
+from .cli_jobs import cancel, follow_events, jobs, log_cmd, show
+from .cli_ops import backup, prune
 from .cli_review import review
 from .cli_session import session
 
 
-@click.group()
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="executor", prog_name="executor")
 def main() -> None:
     """Run Claude Code jobs in containers on overlay workspaces; commit only what passed its tests."""
 
@@ -56,92 +60,41 @@ def serve() -> None:
 
 @main.command()
 @click.argument("file", type=click.File("rb"))
-def submit(file: Any) -> None:
-    """Validate a job file (or - for stdin) and put it into the spool; prints the job id."""
+@click.option("--wait", is_flag=True, help="Follow the job to its end; exit 0 only if it succeeded.")
+@click.option("--json", "as_json", is_flag=True, help="Print the id (and with --wait the ending) as JSON.")
+def submit(file: Any, wait: bool, as_json: bool) -> None:
+    """Validate a job file (or - for stdin) against the serving executor's own settings and put it into its
+    spool; prints the job id. Refuses when no executor serves the state root (EXECUTOR_HOME)."""
     from ..intake.jobs import parse_spec, validate
     from ..intake.spool import Spool
+    from ..settings import Settings
 
-    settings = load_settings()
+    home = state_root()
+    snapshot = status_file.read(home / "status.json")
+    if not _fresh(snapshot) or "settings" not in snapshot:
+        raise click.ClickException(
+            f"no executor serves the state root {home} (no fresh {home / 'status.json'}): start `executor serve` "
+            "(or `docker compose up -d`, then submit with `docker compose exec -T executor executor submit -`), "
+            "or set EXECUTOR_HOME to the state root it serves")
+    daemon = Settings(**_as_seen_here(snapshot, home))  # judged as the executor that will run it would judge it
     raw = file.read()
     try:
-        spec = parse_spec(raw)
-        valid = validate(spec, settings)
+        valid = validate(parse_spec(raw), daemon)
     except InvalidJob as exc:
         raise click.ClickException(str(exc)) from None
-    if (settings.database_url is not None or settings.db_path.exists()) and \
-            open_store(settings).get(valid.id) is not None:
+    # The shared store, when EXECUTOR_DATABASE_URL names one here too (status.json never holds its URL).
+    if (daemon.database_url is not None or daemon.db_path.exists()) and open_store(daemon).get(valid.id) is not None:
         raise click.ClickException(f"a job with id {valid.id!r} already exists; job ids are unique")
     data = json.loads(raw)
     data["id"] = valid.id  # fix the id now, so the person gets it and a re-read cannot change it
-    Spool(settings.spool_dir).write(json.dumps(data, indent=2).encode() + b"\n")
-    click.echo(valid.id)
-
-
-@main.command()
-@click.argument("job_id")
-@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-def show(job_id: str, as_json: bool) -> None:
-    """One job: status, why, models, attempts, changed files, tests."""
-    store = open_store(load_settings())
-    view = job_view(store, get_job(store, job_id))
-    if as_json:
-        click.echo(json.dumps(view, indent=2))
+    Spool(daemon.spool_dir).write(json.dumps(data, indent=2).encode() + b"\n")
+    if not wait:
+        click.echo(json.dumps({"id": valid.id}) if as_json else valid.id)
         return
-    for key in ("id", "session_id", "status", "reason", "error", "runner", "model_requested", "models_seen",
-                "workspace", "host", "interrupted_at", "policy", "created_at", "started_at", "finished_at", "skills",
-                "context", "compaction"):
-        if view[key] not in (None, [], ""):
-            click.echo(f"{key:16} {view[key]}")
-    click.echo(f"{'attempts':16} {len(view['attempts'])}")
-    for a in view["attempts"]:
-        click.echo(f"  {a['number']:>3} host {a['host'] or '-':16} {a['outcome'] or 'running'}"
-                   f"  {a['started_at'][:19]}Z")
-    if view["changed_files"]:
-        click.echo("changed files:")
-        for path in view["changed_files"]:
-            click.echo(f"  {path}")
-    tests = view["tests"]
-    if tests["exit_code"] is not None:
-        click.echo(f"tests: {tests['command']} -> exit {tests['exit_code']}")
-        for line in (tests["output_tail"] or "").splitlines()[-15:]:
-            click.echo(f"  | {line}")
-
-
-@main.command()
-@click.option("--status", "statuses", multiple=True, type=click.Choice([s.value for s in Status]))
-@click.option("--host", "host", default=None, help="Only the jobs this host claimed.")
-@click.option("--limit", default=1000, show_default=True, type=click.IntRange(min=0),
-              help="At most this many, in admission order (0: all).")
-@click.option("--json", "as_json", is_flag=True)
-def jobs(statuses: tuple[str, ...], host: str | None, limit: int, as_json: bool) -> None:
-    """List jobs (optionally of some statuses, or of one host), in admission order."""
-    store = open_store(load_settings())
-    rows = store.job_list([Status(s) for s in statuses] if statuses else None, host=host, limit=limit or None)
+    job = follow_events(daemon, valid.id, quiet=as_json)
     if as_json:
-        click.echo(json.dumps([{"id": j.id, "status": j.status.value, "runner": j.runner, "host": j.host_id,
-                                "session_id": j.session_id, "reason": j.reason,
-                                "created_at": j.created_at.isoformat()} for j in rows], indent=2))
-        return
-    for j in rows:
-        click.echo(f"{j.id:20} {j.status.value:12} {j.runner:12} {j.host_id or '-':12} {j.reason or ''}")
-    if limit and len(rows) == limit:
-        click.echo(f"(the first {limit}; --limit 0 lists all)", err=True)
-
-
-@main.command(name="log")
-@click.argument("job_id")
-@click.option("--json", "as_json", is_flag=True)
-def log_cmd(job_id: str, as_json: bool) -> None:
-    """The job's event log: turns, tool calls, file edits, shell commands, results, state changes."""
-    from ..agent.describe import clipped
-
-    store = open_store(load_settings())
-    get_job(store, job_id)
-    for e in store.events(job_id=job_id):
-        if as_json:
-            click.echo(json.dumps({"ts": e.ts.isoformat(), "attempt": e.attempt, "kind": e.kind, "data": e.data}))
-        else:
-            click.echo(f"{e.ts:%H:%M:%S} a{e.attempt} {e.kind:12} {clipped(e.kind, e.data, 300)}")
+        click.echo(json.dumps({"id": job.id, "status": job.status.value, "reason": job.reason, "error": job.error}))
+    sys.exit(0 if job.status == Status.succeeded else 1)
 
 
 @main.command()
@@ -155,6 +108,21 @@ def status(as_json: bool) -> None:
     _print_status(view)
 
 
+def _as_seen_here(snapshot: dict, home: Path) -> dict:
+    """The serving executor's settings, with its paths as this process sees them: the same ones when it runs
+    beside us, the host paths of its container's mounts when we are on the host and it in a container."""
+    from ..sandbox.hostpaths import HostPaths
+
+    settings = dict(snapshot["settings"])
+    if Path(settings["home"]) == home:
+        return settings
+    paths = HostPaths(tuple(tuple(pair) for pair in snapshot.get("host_paths") or []))
+    settings["home"] = str(home)
+    settings["policies"] = paths.to_host(settings["policies"])
+    settings["workspace_roots"] = [paths.to_host(r) for r in settings["workspace_roots"]]
+    return settings
+
+
 def _fresh(snapshot: dict | None) -> bool:
     if not snapshot:
         return False
@@ -162,14 +130,11 @@ def _fresh(snapshot: dict | None) -> bool:
 
 
 def _status_view() -> dict[str, Any]:
-    """From the serving loop's snapshot alone while it runs; from the settings and the store when it does not."""
+    """From the serving loop's snapshot alone while it runs; from the database (read-only) when it does not."""
     home = state_root()
     snapshot = status_file.read(home / "status.json")
     if not _fresh(snapshot):
-        settings = load_settings()
-        snapshot = status_file.read(settings.status_path)
-        if not _fresh(snapshot):
-            return _idle_view(settings, snapshot)
+        return _idle_view(home, snapshot)
     disk = snapshot["measured"].get("disk") or {}
     counts = snapshot.get("counts") or {}
     return {
@@ -178,33 +143,44 @@ def _status_view() -> dict[str, Any]:
         "reserved": snapshot.get("reserved"), "measured": snapshot.get("measured"),
         "running": snapshot.get("running", []), "queue_length": counts.get(Status.queued.value, 0),
         "waiting": snapshot.get("waiting"), "runners": snapshot.get("runners", []), "counts": counts,
+        "problems": snapshot.get("problems", []),
         "disk": {"state_root": str(home), "free": disk.get("state_root_free"), "reserve": disk.get("reserve"),
                  "jobs": disk.get("jobs", 0)},
     }
 
 
-def _idle_view(settings, snapshot: dict | None) -> dict[str, Any]:
+def _idle_view(home: Path, snapshot: dict | None) -> dict[str, Any]:
+    """No executor serves the state root: the counts from the database, the budget from its last snapshot (or,
+    when it never ran here, from the settings)."""
     from ..sandbox.disk import free_bytes
-    from ..scheduling.hosting import hosts_view
+    from ..store import reads
 
-    store = open_store(settings)
-    counts = {st.value: n for st, n in store.counts().items()}
+    with read_only() as conn:
+        counts = reads.counts(conn)
+        hosts = reads.hosts(conn)
+    if snapshot is not None:
+        budget, reserve = snapshot["budget"], (snapshot["measured"].get("disk") or {}).get("reserve")
+    else:
+        settings = load_settings()
+        budget = {"cpus": settings.budget_cpus, "memory": settings.budget_memory,
+                  "reserve_memory": settings.reserve_memory}
+        reserve = settings.disk_reserve
     return {
-        "executor": "not running", "host": settings.host_id, "hosts": hosts_view(store, settings.host_timeout),
+        "executor": "not running", "host": (snapshot or {}).get("host"), "hosts": hosts,
         "status_age_seconds": snapshot["age_seconds"] if snapshot else None,
-        "budget": {"cpus": settings.budget_cpus, "memory": settings.budget_memory,
-                   "reserve_memory": settings.reserve_memory},
-        "reserved": None, "measured": None, "running": [], "queue_length": counts.get(Status.queued.value, 0),
-        "waiting": None, "runners": [], "counts": counts,
-        "disk": {"state_root": str(settings.home), "free": free_bytes(settings.home),
-                 "reserve": settings.disk_reserve, "jobs": 0},
+        "budget": budget, "reserved": None, "measured": None, "running": [],
+        "queue_length": counts.get(Status.queued.value, 0), "waiting": None, "runners": [], "counts": counts,
+        "disk": {"state_root": str(home), "free": free_bytes(home), "reserve": reserve, "jobs": 0},
     }
 
 
 def _print_status(view: dict[str, Any]) -> None:
     mib = lambda n: f"{(n or 0) / 2**20:.0f} MiB"  # noqa: E731
     budget = view["budget"]
-    click.echo(f"executor   {view['executor']}")
+    problems = view.get("problems") or []
+    click.echo(f"executor   {view['executor']}" + (" with problems" if problems else ""))
+    for problem in problems:
+        click.echo(f"problem    {problem}")
     click.echo(f"budget     {budget['cpus']:g} cpus, {mib(budget['memory'])} (reserve {mib(budget['reserve_memory'])})")
     if view["reserved"]:
         click.echo(f"reserved   {view['reserved']['cpus']:g} cpus, {mib(view['reserved']['memory'])}")
@@ -258,35 +234,24 @@ def report(since: str, as_json: bool) -> None:
 
 
 @main.command()
-@click.argument("job_id")
-def cancel(job_id: str) -> None:
-    """Cancel a job: a queued one at once, a running one as soon as its supervisor notices (about 1 s)."""
-    store = open_store(load_settings())
-    try:
-        job = store.request_cancel(job_id)
-    except InvalidJob as exc:
-        raise click.ClickException(str(exc)) from None
-    if job.status.terminal:
-        click.echo(f"{job.id} {job.status.value}")
-    else:
-        click.echo(f"{job.id} cancel requested ({job.status.value})")
-
-
-@main.command()
 @click.option("--max-age", default=30.0, show_default=True, type=float,
               help="Seconds since the main loop's last tick beyond which the executor is unhealthy.")
-def health(max_age: float) -> None:
+@click.option("--json", "as_json", is_flag=True)
+def health(max_age: float, as_json: bool) -> None:
     """Exit 0 if the serving loop ticked within --max-age seconds (the container health check), else 1."""
     path = state_root() / "status.json"
     snapshot = status_file.read(path)
-    if snapshot is None:
+    age = snapshot["age_seconds"] if snapshot else None
+    healthy = age is not None and age <= max_age
+    if as_json:
+        click.echo(json.dumps({"healthy": healthy, "last_tick_seconds_ago": age, "max_age": max_age}))
+    elif age is None:
         click.echo(f"unhealthy: no readable {path}", err=True)
-        sys.exit(1)
-    age = snapshot["age_seconds"]
-    if age > max_age:
+    elif not healthy:
         click.echo(f"unhealthy: the main loop last ticked {age:.0f}s ago (limit {max_age:g}s)", err=True)
-        sys.exit(1)
-    click.echo(f"healthy: last tick {age:.1f}s ago")
+    else:
+        click.echo(f"healthy: last tick {age:.1f}s ago")
+    sys.exit(0 if healthy else 1)
 
 
 @main.command()
@@ -304,9 +269,8 @@ def doctor(as_json: bool) -> None:
     sys.exit(1 if failed else 0)
 
 
-main.add_command(db)
-main.add_command(review)
-main.add_command(session)
+for command in (db, review, session, show, jobs, log_cmd, cancel, backup, prune):
+    main.add_command(command)
 
 
 if __name__ == "__main__":

@@ -13,6 +13,8 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
+from .seal_view import api_view, egress_denials, network_view
+
 if TYPE_CHECKING:  # loaded when a command needs them: pydantic-settings and SQLAlchemy are slow to import
     from ..settings import Settings
     from ..store import Job, Store
@@ -21,12 +23,18 @@ if TYPE_CHECKING:  # loaded when a command needs them: pydantic-settings and SQL
 def load_settings() -> Settings:
     from pydantic import ValidationError
 
-    from ..settings import Settings
+    from ..settings import Settings, UnknownSetting
 
     try:
         return Settings()
+    except UnknownSetting as exc:
+        raise click.ClickException(str(exc)) from None
     except ValidationError as exc:
-        raise click.ClickException(f"bad EXECUTOR_* setting: {exc}") from None
+        problems = []
+        for err in exc.errors():
+            name = "EXECUTOR_" + "_".join(str(p) for p in err["loc"][:1]).upper()
+            problems.append(f"{name}={os.environ.get(name, '')!r}: {err['msg'].removeprefix('Value error, ')}")
+        raise click.ClickException("bad setting: " + "; ".join(problems)) from None
 
 
 def state_root() -> Path:
@@ -63,8 +71,30 @@ def get_job(store: Store, job_id: str) -> Job:
     return job
 
 
-def job_view(store: Store, job: Job) -> dict[str, Any]:
-    """What ``show --json`` prints: the whole story of a job."""
+def read_only():
+    """The database opened read-only on its driver (``store/reads.py``: sqlite3, or psycopg for
+    ``EXECUTOR_DATABASE_URL``), for ``show``, ``jobs`` and an idle ``status``: like ``state_root``, without
+    loading pydantic-settings or SQLAlchemy."""
+    from ..store import reads
+
+    url = os.environ.get("EXECUTOR_DATABASE_URL")
+    if url and url.startswith("postgresql"):
+        try:
+            return reads.connect(url)
+        except Exception as exc:  # noqa: BLE001 - psycopg's errors, without importing them up front
+            from ..store.engine import shown
+
+            raise click.ClickException(f"cannot open the store {shown(url)}: {exc}") from None
+    path = Path(url[len("sqlite:///"):]) if url and url.startswith("sqlite:///") else state_root() / "executor.db"
+    if not path.exists():
+        raise click.ClickException(f"no database at {path}: is EXECUTOR_HOME right?")
+    return reads.connect(path)
+
+
+def job_view(job: Job, attempts: list, events: list, api_requests: list) -> dict[str, Any]:
+    """What ``show --json`` prints: the whole story of a job (``attempts``: its attempt rows, in order;
+    ``events``: at least its events of the kinds in ``seal_view.SEAL_EVENTS``; ``api_requests``: its gateway's
+    rows)."""
     return {
         "id": job.id,
         "session_id": job.session_id,
@@ -89,7 +119,7 @@ def job_view(store: Store, job: Job) -> dict[str, Any]:
              "cost_usd": a.cost_usd, "input_tokens": a.input_tokens, "output_tokens": a.output_tokens,
              "started_at": a.started_at.isoformat(),
              "finished_at": a.finished_at.isoformat() if a.finished_at else None}
-            for a in store.attempts(job.id)
+            for a in attempts
         ],
         "changed_files": job.changed_files,
         "tests": {"command": job.test_command, "exit_code": job.test_exit_code, "output_tail": job.test_output},
@@ -100,6 +130,9 @@ def job_view(store: Store, job: Job) -> dict[str, Any]:
         "skills": job.skills,
         "context": job.context,
         "compaction": job.compaction,
+        "network": network_view(job),
+        "egress_denied": egress_denials(events),
+        "api": api_view(api_requests, events),
     }
 
 

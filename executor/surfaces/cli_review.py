@@ -16,6 +16,7 @@ import click
 from ..errors import Conflict, ReviewError
 from ..store import Status
 from .cli_common import get_job, load_settings, open_store
+from .cli_jobs import complete_job_id
 
 
 @click.group()
@@ -48,7 +49,8 @@ def reviewer() -> str:
 
 
 @review.command(name="url")
-def review_url() -> None:
+@click.option("--json", "as_json", is_flag=True)
+def review_url(as_json: bool) -> None:
     """The review page's address with its token (open it once in a browser: a cookie keeps the token)."""
     from .web import page_token, web_url
 
@@ -56,7 +58,8 @@ def review_url() -> None:
     base = web_url(settings)
     if base is None:
         raise click.ClickException("the review page is off: set EXECUTOR_UI_PORT (and restart `executor serve`)")
-    click.echo(f"{base}/?token={page_token(settings)}")
+    url = f"{base}/?token={page_token(settings)}"
+    click.echo(json.dumps({"url": url}) if as_json else url)
 
 
 @review.command(name="list")
@@ -81,8 +84,9 @@ def review_list(as_json: bool) -> None:
 
 
 @review.command(name="show")
-@click.argument("job_id")
-def review_show(job_id: str) -> None:
+@click.argument("job_id", shell_complete=complete_job_id)
+@click.option("--json", "as_json", is_flag=True)
+def review_show(job_id: str, as_json: bool) -> None:
     """Everything a reviewer needs: reasons, the agent's final message, tests, and a diff of every changed
     file against the repository as it is now."""
     from .. import review as rv
@@ -94,6 +98,16 @@ def review_show(job_id: str) -> None:
         raise click.ClickException(f"job {job_id} is {current.status.value}, not awaiting review")
     item = _review_call(rv.pending, store, settings, job_id)
     job = item.job
+    if as_json:
+        click.echo(json.dumps({"id": job.id, "workspace": job.workspace, "runner": job.runner,
+                               "reasons": item.reasons, "final_text": job.final_text, "missing": item.missing,
+                               "refused": item.refused, "changed_lines": item.changed_lines,
+                               "tests": {"command": job.test_command, "exit_code": job.test_exit_code,
+                                         "output_tail": job.test_output},
+                               "diffs": [{"path": d.path, "kind": d.kind, "note": d.note, "added": d.added,
+                                          "removed": d.removed, "unified": d.unified()} for d in item.diffs]},
+                              indent=2))
+        return
     click.echo(f"job        {job.id} ({job.status.value})")
     click.echo(f"workspace  {job.workspace}")
     click.echo(f"runner     {job.runner} ({job.model_requested})")
@@ -118,12 +132,14 @@ def review_show(job_id: str) -> None:
 
 
 @review.command(name="approve")
-@click.argument("job_id")
+@click.argument("job_id", shell_complete=complete_job_id)
 @click.argument("more", nargs=-1)
 @click.option("--files", "files", multiple=True, metavar="PATH...",
               help="Apply only these changed paths (a directory: everything changed below it).")
 @click.option("--note", default=None, help="Recorded with the decision.")
-def review_approve(job_id: str, more: tuple[str, ...], files: tuple[str, ...], note: str | None) -> None:
+@click.option("--json", "as_json", is_flag=True)
+def review_approve(job_id: str, more: tuple[str, ...], files: tuple[str, ...], note: str | None,
+                   as_json: bool) -> None:
     """Apply the job's change exactly as tested (or only --files PATH...), with the pipeline's conflict check."""
     from .. import review as rv
 
@@ -132,21 +148,30 @@ def review_approve(job_id: str, more: tuple[str, ...], files: tuple[str, ...], n
     settings = load_settings()
     store = open_store(settings)
     job = _review_call(rv.approve, store, settings, job_id, [*files, *more] or None, note, by=reviewer())
+    if as_json:
+        click.echo(json.dumps({"id": job.id, "status": job.status.value, "applied": job.changed_files,
+                               "reviewed_by": job.reviewed_by}))
+        return
     click.echo(f"{job.id} {job.status.value}: applied {len(job.changed_files)} paths")
     for path in job.changed_files:
         click.echo(f"  {path}")
 
 
 @review.command(name="reject")
-@click.argument("job_id")
+@click.argument("job_id", shell_complete=complete_job_id)
 @click.option("--note", default=None, help="Recorded with the decision.")
-def review_reject(job_id: str, note: str | None) -> None:
+@click.option("--json", "as_json", is_flag=True)
+def review_reject(job_id: str, note: str | None, as_json: bool) -> None:
     """Discard the job's change; the repository is not touched."""
     from .. import review as rv
 
     settings = load_settings()
     store = open_store(settings)
     job = _review_call(rv.reject, store, settings, job_id, note, by=reviewer())
+    if as_json:
+        click.echo(json.dumps({"id": job.id, "status": job.status.value, "error": job.error,
+                               "reviewed_by": job.reviewed_by}))
+        return
     click.echo(f"{job.id} {job.status.value}: {job.error}")
 
 

@@ -39,9 +39,12 @@ def session(session_id: str, as_json: bool, context: bool, full: bool, skills: t
         return
     jobs.sort(key=lambda j: j.created_at)
     if as_json:
-        click.echo(json.dumps([{**job_view(store, j), "events": [
-            {"ts": e.ts.isoformat(), "attempt": e.attempt, "kind": e.kind, "data": e.data}
-            for e in store.events(job_id=j.id)]} for j in jobs], indent=2))
+        views = []
+        for j in jobs:
+            events = store.events(job_id=j.id)
+            views.append({**job_view(j, store.attempts(j.id), events, store.api_requests(job_id=j.id)), "events": [
+                {"ts": e.ts.isoformat(), "attempt": e.attempt, "kind": e.kind, "data": e.data} for e in events]})
+        click.echo(json.dumps(views, indent=2))
         return
     for job in jobs:
         click.echo(f"== job {job.id}  {job.status.value}  runner={job.runner}  attempts={job.attempts}"

@@ -2,9 +2,13 @@
 
 Owns the read-mostly probes a person runs before (or instead of) reading a stack trace: the engine is
 reachable, the sandbox image exists, an overlay volume with ``userxattr`` mounts, the state root is
-writable, the store (``EXECUTOR_DATABASE_URL``) is reachable with a schema this executor knows, host paths equal container paths (when the executor runs in a container: the engine mounts the
-overlays by *host* path), the runners' token variables are set, and the workspace roots exist and belong
-to a regular user. Every check returns a ``Check``: ok or a problem, what was found, and how to fix it.
+writable, the store (``EXECUTOR_DATABASE_URL``) is reachable with a schema this executor knows, host paths
+equal container paths (when the executor runs in a container: the engine mounts the overlays by *host*
+path), the runners' token variables are set (the sealed jobs' gateways and compaction use them), the
+compaction model is a pinned id, every policy loads (one that leaves the sandbox unsealed, ``network``
+bridge or host, is flagged), and the workspace roots exist and belong to a regular user. Every check
+returns a ``Check``: ok, a warning (an explicit opt-in worth knowing about) or a problem, what was found,
+and how to fix it.
 
 Must never: change anything outside ``$EXECUTOR_HOME/.doctor-*`` and its own labelled probe container and
 volume (all removed before it returns), or print a credential's value (only the variable's name).
@@ -22,22 +26,33 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 import docker
-from docker.errors import DockerException, ImageNotFound, NotFound
+from docker.errors import DockerException
 
 from ..errors import ConfigError, SandboxError
-from ..policy import load_runners
-from ..sandbox.deployment import LABEL, LABEL_INSTANCE, LABEL_ROLE, Sandbox, instance_id
-from ..settings import Settings
+from ..policy import load_policy, load_runners
+from ..sandbox.deployment import (
+    LABEL,
+    LABEL_INSTANCE,
+    LABEL_ROLE,
+    SANDBOX_INTERFACE,
+    Sandbox,
+    image_problem,
+    instance_id,
+    rebuild_hint,
+)
+from ..sandbox.hostpaths import HostPaths
+from ..settings import COMPACTION_MODEL, Settings
 from ..transaction.safefs import remove_tree
 
 PROBE_UID = 1000  # the probe's files belong to a regular user, like a repository's
 _CONTAINER_ID = re.compile(r"[0-9a-f]{64}")
+PINNED_MODEL = re.compile(r"^[a-z0-9][a-z0-9.-]*-\d{8}$")  # e.g. claude-haiku-4-5-20251001
 
 
 @dataclass
 class Check:
     name: str
-    status: str  # "ok" | "problem" | "skipped" (skipped: an earlier check it needs failed)
+    status: str  # "ok" | "warning" | "problem" | "skipped" (skipped: an earlier check it needs failed)
     detail: str
     fix: str | None = None
 
@@ -54,6 +69,10 @@ def _problem(name: str, detail: str, fix: str) -> Check:
     return Check(name, "problem", detail, fix)
 
 
+def _warning(name: str, detail: str, fix: str) -> Check:
+    return Check(name, "warning", detail, fix)
+
+
 def _skipped(name: str, needs: str) -> Check:
     return Check(name, "skipped", f"not checked: {needs} failed", f"fix {needs} first")
 
@@ -61,56 +80,17 @@ def _skipped(name: str, needs: str) -> Check:
 # -- running in a container --------------------------------------------------------------------------
 
 
-def own_container_id(proc: Path = Path("/proc/self")) -> str | None:
-    """The id of the container this process runs in, or None on the host.
-
-    The engine bind-mounts ``/var/lib/docker/containers/<id>/{hostname,hosts,resolv.conf}`` into every
-    container, so mountinfo names the id whatever the cgroup version or network mode (with network host
-    the hostname is the host's, so it cannot tell). cgroup v1 paths (``/docker/<id>``) are the fallback.
-    """
-    try:
-        for line in (proc / "mountinfo").read_text().splitlines():
-            fields = line.split()
-            if len(fields) > 4 and "/containers/" in fields[3]:
-                match = _CONTAINER_ID.search(fields[3])
-                if match:
-                    return match.group(0)
-    except OSError:
-        pass
-    try:
-        for line in (proc / "cgroup").read_text().splitlines():
-            match = re.search(r"(?:docker[-/])([0-9a-f]{64})", line)
-            if match:
-                return match.group(1)
-    except OSError:
-        pass
-    return None
-
-
-def path_mismatches(mounts: list[Mapping[str, Any]], paths: list[tuple[str, Path]]) -> list[str]:
-    """For each named path, why the engine would not find it at the same path on the host (or nothing).
-
-    ``mounts`` is ``docker inspect``'s ``Mounts`` list of our own container; ``paths`` are (what, path). A path is covered by the
-    mount whose destination is the path itself or its nearest ancestor; it is right when that mount is a
-    bind whose source equals its destination (then every path below it is the same on both sides).
-    """
+def unmounted(paths: HostPaths, mounts: list[Mapping[str, Any]], wanted: list[tuple[str, Path]]) -> list[str]:
+    """The named paths that live only inside this container (not under a bind mount): the engine, which
+    resolves overlay paths on the host, cannot reach them."""
     problems = []
-    for what, path in paths:
+    for what, path in wanted:
         target = PurePosixPath(str(path))
-        best: Mapping[str, Any] | None = None
-        for mount in mounts:
-            dest = PurePosixPath(mount.get("Destination", ""))
-            if (dest == target or dest in target.parents) and (
-                    best is None or len(str(dest)) > len(best.get("Destination", ""))):
-                best = mount
-        if best is None:
+        covering = [m for m in mounts if m.get("Type") == "bind" and (
+            PurePosixPath(m.get("Destination", "")) == target or PurePosixPath(m.get("Destination", "")) in
+            target.parents)]
+        if not covering:
             problems.append(f"{what} {path} is not mounted from the host (it lives only inside this container)")
-        elif best.get("Type") != "bind":
-            problems.append(f"{what} {path} is on a {best.get('Type')} mount ({best.get('Name') or best.get('Source')}), "
-                            f"not a bind mount of the same host path")
-        elif best.get("Source") != best.get("Destination"):
-            problems.append(f"{what} {path} is mounted from host path {best.get('Source')} at "
-                            f"{best.get('Destination')}: the paths differ")
     return problems
 
 
@@ -141,6 +121,8 @@ class Doctor:
         failed = [c.name for c in (engine, image, state, paths) if c.failed]
         yield _skipped("overlay (userxattr)", failed[0]) if failed else self.check_overlay()
         yield self.check_tokens()
+        yield self.check_compaction_model()
+        yield from self.check_policies()
         yield from self.check_workspace_roots()
 
     def check_engine(self) -> Check:
@@ -161,14 +143,14 @@ class Doctor:
         name = "sandbox image"
         image = self.settings.sandbox_image
         try:
-            found = self.client.images.get(image)
-        except ImageNotFound:
-            return _problem(name, f"sandbox image {image!r} is missing",
-                            f"build it: `docker compose build sandbox`, or `docker build --network host "
-                            f"-t {image} sandbox/`; or set EXECUTOR_SANDBOX_IMAGE to an image that exists")
+            problem = image_problem(self.client, image)
+            found = None if problem else self.client.images.get(image)
         except DockerException as exc:
             return _problem(name, f"cannot look up {image!r}: {exc}", "check the engine's log")
-        return _ok(name, f"{image} present ({found.short_id})")
+        if problem is not None:
+            return _problem(name, problem, f"{rebuild_hint(image)}; or set EXECUTOR_SANDBOX_IMAGE to an image "
+                                           "built from this checkout")
+        return _ok(name, f"{image} present ({found.short_id}, interface {SANDBOX_INTERFACE})")
 
     def check_store(self) -> Check:
         """The store is reachable and its schema is one this executor knows (or it does not exist yet)."""
@@ -213,34 +195,27 @@ class Doctor:
         return _ok(name, f"{home} writable")
 
     def check_paths(self) -> Check:
-        name = "host path == container path"
-        roots = [("EXECUTOR_HOME", self.settings.home)]
-        roots += [("workspace root", root) for root in self.settings.workspace_roots]
-        container_id = own_container_id()
-        if container_id is None:
-            where = "in a container of another runtime, beside the engine" if Path("/.dockerenv").exists() else "on the host"
-            return _ok(name, f"not in a container of this engine ({where}): the engine sees the same paths")
-        try:
-            mounts = self.client.api.inspect_container(container_id).get("Mounts") or []
-        except NotFound:
-            return _ok(name, f"this process's container {container_id[:12]} is not one of this engine's: "
-                             f"the engine runs beside it and sees the same paths")
-        except DockerException as exc:
-            return _problem(name, f"cannot inspect this container ({container_id[:12]}): {exc}",
-                            "check the engine's log")
-        problems = path_mismatches(mounts, roots)
+        name = "host paths"
+        wanted = [("EXECUTOR_HOME", self.settings.home)]
+        wanted += [("workspace root", root) for root in self.settings.workspace_roots]
+        paths = HostPaths.discover(self.client)
+        if paths.container is None:
+            return _ok(name, "; ".join(paths.describe()))
+        mounts = [{"Type": "bind", "Destination": inside, "Source": host} for inside, host in paths.binds]
+        problems = unmounted(paths, mounts, wanted)
         if problems:
             return _problem(name, "; ".join(problems),
-                            "the engine mounts each job's overlay by host path: mount the state root and every "
-                            "workspace root at the same absolute path inside and outside (compose.yaml does: "
-                            "`${EXECUTOR_HOME}:${EXECUTOR_HOME}`), and give the executor those paths")
-        return _ok(name, f"in container {container_id[:12]}: {', '.join(str(p) for _, p in roots)} "
-                         f"mounted at their host paths")
+                            "the engine mounts each job's overlay from the host: bind-mount the state root and "
+                            "every workspace root from the host (compose.yaml does)")
+        found = [f"{what} {p} is host path {paths.to_host(str(p))}" for what, p in wanted]
+        return _ok(name, f"in container {paths.container[:12]}: " + "; ".join(found))
 
     def check_overlay(self) -> Check:
         """Build the smallest job workspace there is and run the sandbox image on it."""
         name = "overlay (userxattr)"
-        sandbox = Sandbox(self.client, self.settings.sandbox_image, instance_id(self.settings.home))
+        paths = HostPaths.discover(self.client)
+        sandbox = Sandbox(self.client, self.settings.sandbox_image,
+                          instance_id(Path(paths.to_host(str(self.settings.home)))), paths)
         tag = secrets.token_hex(4)
         root = self.settings.home / f".doctor-{tag}"
         volume = f"executor-doctor-{tag}"
@@ -310,8 +285,38 @@ class Doctor:
             users = {var: sorted(n for n, r in runners.items() if r.auth_env == var) for var in missing}
             return _problem(name, "not set: " + ", ".join(f"{var} (runner {', '.join(users[var])})" for var in missing),
                             f"set {', '.join(missing)} in the executor's environment (with compose: in .env, "
-                            f"which compose.yaml passes to the container)")
+                            f"which compose.yaml passes to the container); the jobs' API gateways and the "
+                            f"compaction model use them")
         return _ok(name, ", ".join(sorted({r.auth_env for r in runners.values()})) + " set")
+
+    def check_compaction_model(self) -> Check:
+        name = "compaction model"
+        model = self.settings.compaction_model
+        if not PINNED_MODEL.match(model):
+            return _problem(name, f"EXECUTOR_COMPACTION_MODEL is {model!r}, not a pinned (dated) model id: an alias "
+                                  "moves to another model with a release, and no model but the one named may answer",
+                            f"set EXECUTOR_COMPACTION_MODEL to a dated id, e.g. {COMPACTION_MODEL}")
+        return _ok(name, f"{model}, called through each job's runner (its base_url and credential)")
+
+    def check_policies(self) -> Iterator[Check]:
+        """Every policy file loads; one that leaves the sandbox unsealed is flagged."""
+        for path in sorted(self.settings.policies.glob("*.toml")):
+            if path.stem == "runners":
+                continue
+            name = f"policy {path.stem}"
+            try:
+                policy = load_policy(self.settings.policies, path.stem)
+            except ConfigError as exc:
+                yield _problem(name, str(exc), "fix the file: jobs naming this policy are rejected at intake")
+                continue
+            if policy.unsealed:
+                yield _warning(name, f"UNSEALED: network = {policy.network!r}: its jobs' containers hold the runner's "
+                                     "real credential and have an open route out, unchecked and unrecorded",
+                               'set network = "sealed" (and list what the jobs may reach in egress) unless the '
+                               "opt-in is intended")
+            else:
+                egress = ", ".join(policy.egress) or "nothing"
+                yield _ok(name, f"network {policy.network}" + (f"; egress: {egress}" if policy.sealed else ""))
 
     def check_workspace_roots(self) -> Iterator[Check]:
         name = "workspace roots"
@@ -352,12 +357,14 @@ def render(checks: list[Check]) -> str:
     lines = []
     width = max(len(c.name) for c in checks)
     for check in checks:
-        mark = {"ok": "ok", "problem": "PROBLEM", "skipped": "skipped"}[check.status]
+        mark = {"ok": "ok", "warning": "WARNING", "problem": "PROBLEM", "skipped": "skipped"}[check.status]
         lines.append(f"{mark:8} {check.name:{width}}  {check.detail}")
         if check.fix:
             lines.append(f"{'':8} {'':{width}}  fix: {check.fix}")
     bad = [c for c in checks if c.status == "problem"]
-    lines.append(f"{len(bad)} problem(s)" if bad else f"all {len(checks)} checks passed on {socket.gethostname()}")
+    warned = sum(1 for c in checks if c.status == "warning")
+    lines.append(f"{len(bad)} problem(s)" if bad else f"all {len(checks)} checks passed on {socket.gethostname()}"
+                 + (f" ({warned} warning(s))" if warned else ""))
     return "\n".join(lines)
 
 

@@ -2,47 +2,69 @@
 
 Owns one private ``prometheus_client`` registry (never the process-wide default one) holding a collector
 whose values are a snapshot the serving loop refreshes each tick: one aggregate SQL query over the store
-(jobs by status/reason/runner, rate-limit events by runner/kind, token and cost sums) plus the status
-snapshot the loop already computed (budget, reservations, measured use, queue, and every host sharing the
-store: its budget, what it holds, when it was last seen). A scrape only reads that snapshot, so it never
-touches the database.
+(jobs by status/reason/runner, rate-limit events by runner/kind, token and cost sums, sealed jobs' API
+requests by runner/status with the API's token counts, egress decisions) plus the status snapshot the loop
+already computed (budget, reservations, measured use, queue, each running job's disk, and every host sharing
+the store: its budget, what it holds, when it was last seen). A scrape only reads that snapshot, so it never
+touches the database. Durations and waits are histograms in seconds observed as jobs settle; the process
+collector gives the executor's own CPU seconds and memory.
 
 Must never: listen anywhere but the configured address (loopback by default), be started when
 ``EXECUTOR_METRICS_PORT`` is unset, expose a prompt, a path's content or a credential (labels are
-statuses, reasons, runner names and rate-limit kinds only), or raise into the serving loop.
+statuses, reasons, runner names, rate-limit kinds and the ids of running jobs only), or raise into the
+serving loop.
 """
 
 from __future__ import annotations
 
+import importlib.metadata
 import logging
 import threading
 from collections.abc import Iterator
 from typing import Any
 
-from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    Info,
+    PlatformCollector,
+    ProcessCollector,
+    start_http_server,
+)
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from sqlalchemy import text
 
+from ..clock import aware
 from ..errors import ConfigError
 from ..store import TERMINAL, Status, Store
 
 log = logging.getLogger(__name__)
 
-#: One statement, three aggregates (a scan of each table, no per-job work in Python). The first branch
-#: types its NULLs: PostgreSQL matches a UNION's column types from it.
-AGGREGATE = text("""
+#: One statement, five aggregates (a scan of each table, no per-job work in Python). The first branch types
+#: its NULLs (PostgreSQL matches a UNION's column types from it); ``{decision}`` is the engine's JSON access.
+AGGREGATE = """
     SELECT 'job' AS kind, status AS a, COALESCE(reason, '') AS b, runner AS c, COUNT(*) AS n,
            CAST(NULL AS DOUBLE PRECISION) AS x, CAST(NULL AS DOUBLE PRECISION) AS y,
-           CAST(NULL AS DOUBLE PRECISION) AS z
+           CAST(NULL AS DOUBLE PRECISION) AS z, CAST(NULL AS DOUBLE PRECISION) AS w
       FROM job GROUP BY status, reason, runner
     UNION ALL
-    SELECT 'rate_limit', runner, kind, NULL, COUNT(*), SUM(COALESCE(retry_delay, 0)), NULL, NULL
+    SELECT 'rate_limit', runner, kind, NULL, COUNT(*), SUM(COALESCE(retry_delay, 0)), NULL, NULL, NULL
       FROM ratelimitevent GROUP BY runner, kind
     UNION ALL
     SELECT 'usage', NULL, NULL, NULL, COUNT(*), SUM(COALESCE(input_tokens, 0)),
-           SUM(COALESCE(output_tokens, 0)), SUM(COALESCE(cost_usd, 0))
+           SUM(COALESCE(output_tokens, 0)), SUM(COALESCE(cost_usd, 0)), NULL
       FROM attempt
-""")
+    UNION ALL
+    SELECT 'api', runner, CAST(status AS TEXT), NULL, COUNT(*), SUM(COALESCE(input_tokens, 0)),
+           SUM(COALESCE(output_tokens, 0)), SUM(COALESCE(cache_read_input_tokens, 0)),
+           SUM(COALESCE(cache_creation_input_tokens, 0))
+      FROM apirequest GROUP BY runner, status
+    UNION ALL
+    SELECT 'egress', {decision}, NULL, NULL, COUNT(*), NULL, NULL, NULL, NULL
+      FROM event WHERE kind = 'egress' GROUP BY {decision}
+"""
+_JSON_DECISION = {"sqlite": "json_extract(data, '$.decision')", "postgresql": "(data ->> 'decision')"}
 
 _TERMINAL = {st.value for st in TERMINAL}
 
@@ -52,29 +74,62 @@ def aggregate(store: Store) -> dict[str, Any]:
     jobs: list[tuple[str, str, str, int]] = []
     limits: list[tuple[str, str, int, float]] = []
     usage = {"attempts": 0, "input_tokens": 0, "output_tokens": 0, "cost_usd": 0.0}
+    api: list[tuple[str, str, int, dict[str, int]]] = []
+    egress: dict[str, int] = {}
     with store.engine.connect() as conn:
-        for kind, a, b, c, n, x, y, z in conn.execute(AGGREGATE):
+        statement = text(AGGREGATE.format(decision=_JSON_DECISION[conn.dialect.name]))
+        for kind, a, b, c, n, x, y, z, w in conn.execute(statement):
             if kind == "job":
                 # SQLAlchemy stores the enum by name, which is also its value
                 jobs.append((Status[a].value if a in Status.__members__ else str(a), b, c, int(n)))
             elif kind == "rate_limit":
                 limits.append((a, b, int(n), float(x or 0)))
+            elif kind == "api":
+                api.append((a, b, int(n), {"input": int(x or 0), "output": int(y or 0), "cache_read": int(z or 0),
+                                           "cache_creation": int(w or 0)}))
+            elif kind == "egress":
+                egress[str(a)] = int(n)
             else:
                 usage = {"attempts": int(n or 0), "input_tokens": int(x or 0), "output_tokens": int(y or 0),
                          "cost_usd": float(z or 0)}
-    return {"jobs": jobs, "rate_limits": limits, "usage": usage}
+    return {"jobs": jobs, "rate_limits": limits, "usage": usage, "api": api, "egress": egress}
+
+
+#: Seconds: a job runs from seconds (a rejected or trivial one) to hours; so does its wait in the queue.
+BUCKETS = (1, 5, 15, 30, 60, 120, 300, 600, 1200, 1800, 3600, 7200, 14400, float("inf"))
 
 
 class ExecutorMetrics:
-    """The collector of the executor's registry; ``refresh`` replaces its snapshot."""
+    """The collector of the executor's registry; ``refresh`` replaces its snapshot. Beside it the registry
+    holds the standard process and platform collectors, the build info, and what the loop observes as it
+    happens (job duration and queue wait histograms, rejected spool files)."""
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=False)
         self._lock = threading.Lock()
-        self._data: dict[str, Any] = {"jobs": [], "rate_limits": [], "usage": {}}
+        self._data: dict[str, Any] = {"jobs": [], "rate_limits": [], "usage": {}, "api": [], "egress": {}}
         self._status: dict[str, Any] = {}
         self._server: Any = None
         self.registry.register(self)
+        ProcessCollector(registry=self.registry)
+        PlatformCollector(registry=self.registry)
+        Info("executor_build", "The executor's version.", registry=self.registry).info(
+            {"version": _version()})
+        self.duration = Histogram("executor_job_duration_seconds", "From a job's first start to its end.",
+                                  ["status"], buckets=BUCKETS, registry=self.registry)
+        self.queue_wait = Histogram("executor_job_queue_wait_seconds", "From a job's arrival to its first start.",
+                                    buckets=BUCKETS, registry=self.registry)
+        self.rejected = Counter("executor_spool_rejected_files", "Job files the spool refused.",
+                                registry=self.registry)
+
+    def job_settled(self, job: Any) -> None:
+        """Observe a job that reached a terminal status (its duration and its wait in the queue)."""
+        if not job.status.terminal or job.started_at is None:
+            return
+        started = aware(job.started_at)
+        if job.finished_at is not None:
+            self.duration.labels(job.status.value).observe((aware(job.finished_at) - started).total_seconds())
+        self.queue_wait.observe(max(0.0, (started - aware(job.created_at)).total_seconds()))
 
     def refresh(self, store: Store, status: dict[str, Any] | None = None) -> None:
         """Re-read the store's aggregates and take the loop's status snapshot; never raises."""
@@ -128,6 +183,7 @@ class ExecutorMetrics:
         yield CounterMetricFamily("executor_cost_usd", "Cost in USD from the CLI's result lines.",
                                   value=usage.get("cost_usd", 0.0))
         yield CounterMetricFamily("executor_attempts", "Attempts started.", value=usage.get("attempts", 0))
+        yield from self._sealed(data)
 
         if not status:
             return
@@ -144,10 +200,14 @@ class ExecutorMetrics:
             "executor_reserved_cpus": ("CPU cores reserved by running jobs.", reserved.get("cpus")),
             "executor_reserved_memory_bytes": ("Memory reserved (executor reserve + running jobs).",
                                                reserved.get("memory")),
-            "executor_rss_bytes": ("The executor process's resident memory.",
-                                   (measured.get("executor") or {}).get("rss")),
-            "executor_cpu_percent": ("The executor process's CPU use (percent of one core).",
-                                     (measured.get("executor") or {}).get("cpu_percent")),
+            "executor_reserved_cpus_ratio": ("Share of the CPU budget reserved by running jobs.",
+                                             _ratio(reserved.get("cpus"), budget.get("cpus"))),
+            "executor_reserved_memory_ratio": ("Share of the memory budget reserved (reserve + running jobs).",
+                                               _ratio(reserved.get("memory"), budget.get("memory"))),
+            "executor_disk_free_bytes": ("Free space under the state root.",
+                                         (measured.get("disk") or {}).get("state_root_free")),
+            "executor_disk_reserve_bytes": ("Free space under the state root no job may take.",
+                                            (measured.get("disk") or {}).get("reserve")),
             "executor_jobs_cpu_cores": ("CPU cores the running jobs use (measured).",
                                         (measured.get("jobs") or {}).get("cpu_cores")),
             "executor_jobs_memory_bytes": ("Memory the running jobs use (measured).",
@@ -156,12 +216,45 @@ class ExecutorMetrics:
         for name, (doc, value) in gauges.items():
             if value is not None:
                 yield GaugeMetricFamily(name, doc, value=float(value))
+        disk = GaugeMetricFamily("executor_job_disk_bytes", "What each running job has written (its upper dir "
+                                 "and home layer), measured.", labels=["job"])
+        limit = GaugeMetricFamily("executor_job_disk_limit_bytes", "Each running job's disk cap.", labels=["job"])
+        for r in status.get("running") or []:
+            if r.get("disk_used") is not None:
+                disk.add_metric([r["job"]], r["disk_used"])
+            if r.get("disk_limit") is not None:
+                limit.add_metric([r["job"]], r["disk_limit"])
+        yield disk
+        yield limit
         cooling = GaugeMetricFamily("executor_runner_cooling_down", "1 while a runner rests after a rate limit.",
                                     labels=["runner"])
         for r in status.get("runners") or []:
             cooling.add_metric([r["runner"]], 0.0 if r.get("state") == "ok" else 1.0)
         yield cooling
         yield from _host_gauges(status.get("hosts") or [])
+
+    @staticmethod
+    def _sealed(data: dict[str, Any]) -> Iterator[Any]:
+        """The sealed jobs' gateways and egress proxies: requests and usage as the API reported them, and egress
+        decisions."""
+        requests = CounterMetricFamily("executor_api_requests", "API requests sealed jobs' gateways forwarded.",
+                                       labels=["runner", "status"])
+        tokens = CounterMetricFamily("executor_api_tokens", "Tokens as the API reported them to the gateways.",
+                                     labels=["kind"])
+        sums: dict[str, int] = {"input": 0, "output": 0, "cache_read": 0, "cache_creation": 0}
+        for runner, status, n, counts in data.get("api", []):
+            requests.add_metric([runner, status], n)
+            for key, value in counts.items():
+                sums[key] += value
+        for key, value in sums.items():
+            tokens.add_metric([key], value)
+        egress = CounterMetricFamily("executor_egress_decisions", "Egress requests of sealed jobs, by decision.",
+                                     labels=["decision"])
+        for decision in ("allowed", "denied"):
+            egress.add_metric([decision], data.get("egress", {}).get(decision, 0))
+        yield requests
+        yield tokens
+        yield egress
 
     # -- serving ---------------------------------------------------------------------------------------
 
@@ -198,6 +291,17 @@ def _host_gauges(hosts: list[dict]) -> Iterator[Any]:
         gauges["budget_memory"].add_metric(label, float(h["budget"]["memory"]))
         gauges["reserved_memory"].add_metric(label, float(h["reserved"]["memory"]))
     yield from gauges.values()
+
+
+def _ratio(part: float | None, whole: float | None) -> float | None:
+    return None if part is None or not whole else part / whole
+
+
+def _version() -> str:
+    try:
+        return importlib.metadata.version("executor")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
 
 
 def serve_metrics(settings: Any, store: Store) -> ExecutorMetrics | None:

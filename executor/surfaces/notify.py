@@ -1,4 +1,4 @@
-"""Notifications: a JSON POST to ``EXECUTOR_NOTIFY_URL`` when a job enters review or fails.
+"""Notifications: a JSON POST to ``EXECUTOR_NOTIFY_URL`` when a job ends unsuccessfully or waits for review.
 
 Owns the payload and its delivery. The body carries the same words under the keys the common receivers
 read (``message``/``title`` for ntfy-style servers, ``text`` for Slack, Mattermost and Google Chat,
@@ -32,6 +32,7 @@ from tenacity import (
 
 from ..addresses import is_loopback
 from ..clock import aware, utcnow
+from ..settings import DEFAULT_NOTIFY
 from ..store import Job, Status
 
 log = logging.getLogger(__name__)
@@ -39,23 +40,35 @@ log = logging.getLogger(__name__)
 _STOP = object()
 
 
+def kind_of(job: Job) -> str | None:
+    """The kind of notification a job in its current status is worth (None: it has not ended)."""
+    if job.status == Status.awaiting_review:
+        return "review"
+    if job.status == Status.rolled_back and (job.reason or "").startswith("tests_"):
+        return "tests_failed"
+    if job.status == Status.failed and job.reason == "timeout":
+        return "timeout"
+    return job.status.value if job.status.terminal else None
+
+
 def payload(job: Job, ui_url: str | None = None, topic: str | None = None) -> dict:
-    """What is POSTed about ``job`` (its status decides the event)."""
+    """What is POSTed about ``job`` (its status decides the event; ``kind`` says more)."""
     reasons = [r.get("message", str(r)) if isinstance(r, dict) else str(r) for r in job.review_reasons or []]
     if job.status == Status.awaiting_review:
         event = "awaiting_review"
-        title = f"executor: job {job.id} awaits review"
-        message = f"Job {job.id} passed its tests and waits for a person: " + "; ".join(reasons)
+        title = f"executor: job {job.id} awaits review (runner {job.runner})"
+        message = f"Job {job.id} (runner {job.runner}) passed its tests and waits for a person: " + "; ".join(reasons)
     else:
         event = job.status.value
-        title = f"executor: job {job.id} {job.status.value}"
-        message = f"Job {job.id} {job.status.value} ({job.reason}): {job.error or ''}".rstrip(": ")
+        title = f"executor: job {job.id} {job.status.value} ({job.reason}, runner {job.runner})"
+        message = (f"Job {job.id} {job.status.value.replace('_', ' ')} on runner {job.runner} ({job.reason}): "
+                   f"{job.error or ''}").rstrip(": ")
     link = f"{ui_url.rstrip('/')}/jobs/{job.id}" if ui_url else None
     if link:
         message += f"\n{link}"
     message = message[:1800]  # Discord refuses content over 2000 characters
     body = {
-        "event": event, "job": job.id, "session_id": job.session_id, "status": job.status.value,
+        "event": event, "kind": kind_of(job), "job": job.id, "session_id": job.session_id, "status": job.status.value,
         "reason": job.reason, "error": job.error, "reasons": reasons, "runner": job.runner,
         "workspace": job.workspace, "url": link,
         "ts": utcnow().astimezone(timezone.utc).isoformat(),
@@ -71,8 +84,9 @@ class Notifier:
     """Queue notifications and deliver them in the background, retrying failures with backoff."""
 
     def __init__(self, url: str, *, attempts: int = 6, backoff: float = 2.0, timeout: float = 10.0,
-                 ui_url: str | None = None) -> None:
+                 ui_url: str | None = None, kinds: tuple[str, ...] | list[str] = DEFAULT_NOTIFY) -> None:
         self.url = url
+        self.kinds = frozenset(kinds)
         self.attempts, self.backoff, self.timeout = max(1, attempts), backoff, timeout
         self.ui_url = ui_url
         parts = urlsplit(url)
@@ -88,7 +102,9 @@ class Notifier:
         self.thread.start()
 
     def job_event(self, job: Job) -> None:
-        """Notify about ``job`` as it is now. Never raises."""
+        """Notify about ``job`` as it is now, when its kind is one asked for. Never raises."""
+        if kind_of(job) not in self.kinds:
+            return
         try:
             self.send(payload(job, self.ui_url, self.topic))
         except Exception:  # noqa: BLE001 - a notification must never fail a job

@@ -8,14 +8,19 @@ budget (from the ``status.json`` the serving loop writes every tick).
 
 Definitions:
   * finished: a job in a terminal status (succeeded, rolled_back, failed, cancelled, stalled) whose
-    ``finished_at`` lies in the window; completion rate = succeeded / finished.
+    ``finished_at`` lies in the window; completion rate = succeeded / finished. Job files rejected at
+    intake never ran: they are counted apart (``rejected_at_intake``).
   * duration = finished_at - started_at; queue wait = started_at - created_at (the first start).
   * rollbacks: ``tests_failed`` counts every rollback by the test gate (tests failed, timed out or ran out
     of memory), ``agent_error`` those where the agent did not succeed; ``by_reason`` has the exact reasons.
   * stalls: the state changes recorded with reason ``stalled`` (settled as stalled or re-queued).
   * rate-limit events per 24 h = events in the window / window length in days; busy windows are the 24 h
     windows (counted back from ``now``) in which more than 50 jobs finished.
-  * tokens and cost: sums over the attempts started in the window.
+  * tokens and cost: sums over the attempts started in the window, from the CLI's result lines.
+  * API usage: sums over the requests sealed jobs' gateways forwarded in the window, as the API itself
+    reported them (input, output, cache-creation and cache-read tokens; statuses).
+  * egress: the sealed jobs' egress decisions in the window, allowed and denied (by destination).
+  * network: finished jobs by their policy's network; bridge and host are the unsealed opt-ins.
   * review: of the finished jobs whose tests passed (succeeded, or sent to review) plus the jobs awaiting
     review now, the share that waited for a person; the mean wait is reviewed_at - review_since over the
     decided ones.
@@ -40,9 +45,12 @@ from sqlmodel import col, select
 from ..clock import aware, utcnow
 from ..review.decisions import review_stats
 from ..scheduling import snapshot as status_file
-from ..store import TERMINAL, Attempt, Event, Job, RateLimitEvent, Status, Store
+from ..store import TERMINAL, ApiRequest, Attempt, Event, Job, RateLimitEvent, Status, Store
+from .seal_view import UNSEALED
 
 DAY = timedelta(days=1)
+#: The endings of jobs that ran (a job file rejected at intake never did: it is counted apart).
+RAN = TERMINAL - {Status.rejected}
 BUSY_WINDOW_JOBS = 50  # a 24 h window with more finished jobs than this is "busy"
 TEST_GATE_REASONS = frozenset({"tests_failed", "tests_timeout", "tests_out_of_memory"})
 TIMEOUT_REASONS = frozenset({"timeout", "tests_timeout"})
@@ -125,8 +133,10 @@ def build_report(store: Store, since: timedelta, now: datetime | None = None,
 
     with store.session() as s:
         finished = list(s.exec(select(Job).where(
-            col(Job.status).in_([st.value for st in TERMINAL]),
+            col(Job.status).in_([st.value for st in RAN]),
             col(Job.finished_at) >= lo, col(Job.finished_at) <= hi)))
+        refused = s.exec(select(func.count()).select_from(Job).where(
+            col(Job.status) == Status.rejected.value, col(Job.finished_at) >= lo, col(Job.finished_at) <= hi)).one()
         active = dict(s.exec(select(Job.status, func.count()).where(
             col(Job.status).not_in([st.value for st in TERMINAL])).group_by(Job.status)).all())
         limits = list(s.exec(select(RateLimitEvent).where(
@@ -139,6 +149,14 @@ def build_report(store: Store, since: timedelta, now: datetime | None = None,
         stall_events = s.exec(select(func.count()).select_from(Event).where(
             Event.kind == "state", col(Event.data)["reason"].as_string() == "stalled",
             col(Event.ts) >= lo, col(Event.ts) <= hi)).one()
+        api_rows = list(s.exec(select(ApiRequest.runner, ApiRequest.status, func.count(),
+                                      *(func.sum(func.coalesce(getattr(ApiRequest, k), 0)) for k in API_TOKENS))
+                               .where(col(ApiRequest.ts) >= lo, col(ApiRequest.ts) <= hi)
+                               .group_by(ApiRequest.runner, ApiRequest.status)))
+        where = [col(Event.data)[key].as_string() for key in ("decision", "host", "port")]  # both engines
+        egress_rows = list(s.exec(select(*where, func.count())
+                                  .where(Event.kind == "egress", col(Event.ts) >= lo, col(Event.ts) <= hi)
+                                  .group_by(*where)))
 
     by_status = Counter(job.status.value for job in finished)
     n_finished = len(finished)
@@ -192,7 +210,8 @@ def build_report(store: Store, since: timedelta, now: datetime | None = None,
         "window": {"since": start.isoformat(), "until": now.isoformat(), "days": round(days, 4)},
         "jobs": {
             "finished": n_finished,
-            "by_status": {st.value: by_status.get(st.value, 0) for st in Status if st in TERMINAL},
+            "by_status": {st.value: by_status.get(st.value, 0) for st in Status if st in RAN},
+            "rejected_at_intake": refused,
             "by_reason": dict(sorted(reasons.items())),
             "active": {Status(st).value: n for st, n in sorted(active.items())},
         },
@@ -223,6 +242,10 @@ def build_report(store: Store, since: timedelta, now: datetime | None = None,
         },
         "usage": {"attempts": len(attempts), "input_tokens": input_tokens, "output_tokens": output_tokens,
                   "cost_usd": round(cost, 6)},
+        "api": _api_view(api_rows),
+        "egress": _egress_view(egress_rows),
+        "network": dict(sorted(Counter((job.policy or {}).get("network", "sealed") for job in finished).items())),
+        "unsealed_jobs": sum(1 for job in finished if (job.policy or {}).get("network") in UNSEALED),
         "review": review_stats(finished + awaiting),
         "duration_seconds": _summary(durations),
         "queue_wait_seconds": _summary(waits),
@@ -236,6 +259,34 @@ def _hosts_view(hosts: list[dict], finished: list[Job]) -> list[dict[str, Any]]:
     view = [{**h, "finished": ran.pop(h["host"], 0)} for h in hosts]
     view += [{"host": name, "state": "unknown", "finished": n} for name, n in sorted(ran.items(), key=str) if name]
     return view
+
+
+API_TOKENS = ("input_tokens", "output_tokens", "cache_creation_input_tokens", "cache_read_input_tokens")
+
+
+def _api_view(rows: list) -> dict[str, Any]:
+    """Per-request figures of the sealed jobs' gateways, summed (overall and by runner)."""
+    view: dict[str, Any] = {"requests": 0, "by_status": Counter(), **{k: 0 for k in API_TOKENS}, "runners": {}}
+    for runner, status, n, *tokens in rows:
+        per = view["runners"].setdefault(runner, {"requests": 0, **{k: 0 for k in API_TOKENS}})
+        for target in (view, per):
+            target["requests"] += n
+            for key, value in zip(API_TOKENS, tokens, strict=True):
+                target[key] += int(value or 0)
+        view["by_status"][str(status)] += n
+    view["by_status"] = dict(sorted(view["by_status"].items()))
+    return view
+
+
+def _egress_view(rows: list) -> dict[str, Any]:
+    counts: Counter = Counter()
+    denied: Counter = Counter()
+    for decision, host, port, n in rows:
+        counts[decision] += n
+        if decision == "denied":
+            denied[f"{host}:{port}"] += n
+    return {"allowed": counts.get("allowed", 0), "denied": counts.get("denied", 0),
+            "denied_by_destination": dict(denied.most_common(20))}
 
 
 def _secs(value: float | None) -> str:
@@ -290,6 +341,19 @@ def render_text(report: dict[str, Any]) -> str:
     u = report["usage"]
     lines.append(f"usage        {u['input_tokens']} input + {u['output_tokens']} output tokens, "
                  f"${u['cost_usd']:.4f} over {u['attempts']} attempts")
+    api, eg = report["api"], report["egress"]
+    if api["requests"]:
+        lines.append(f"api usage    {api['requests']} requests of sealed jobs, as the API reported them: "
+                     f"{api['input_tokens']} input + {api['output_tokens']} output tokens, "
+                     f"{api['cache_read_input_tokens']} cache-read, {api['cache_creation_input_tokens']} cache-write; "
+                     + ", ".join(f"{n}x {st}" for st, n in api["by_status"].items()))
+    if eg["allowed"] or eg["denied"]:
+        top = ", ".join(f"{dest} x{n}" for dest, n in list(eg["denied_by_destination"].items())[:5])
+        lines.append(f"egress       {eg['allowed']} allowed, {eg['denied']} denied" + (f" ({top})" if top else ""))
+    if report["network"]:
+        unsealed = report["unsealed_jobs"]
+        lines.append("network      " + ", ".join(f"{n} {net}" for net, n in report["network"].items())
+                     + (f"; {unsealed} UNSEALED (bridge/host opt-in)" if unsealed else ""))
     for name, r in report["runners"].items():
         statuses = ", ".join(f"{n} {s}" for s, n in r["by_status"].items()) or "no finished jobs"
         lines.append(f"runner       {name}: {r['jobs']} jobs ({statuses}); models {', '.join(r['models']) or '-'}; "

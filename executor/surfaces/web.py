@@ -2,10 +2,11 @@
 
 Owns the Starlette app (Jinja2 templates in ``templates/``, plain HTML forms: no JavaScript framework, no
 build step) and the uvicorn server thread it runs on. It shows the review queue, each waiting job's reasons,
-final message, tests and diff (coloured by Pygments), with approve (all files or a subset) and reject
-forms that call the same ``review.approve``/``review.reject`` as the CLI; and a read-only view of every host
-sharing the store (budget use, last seen), of running and recent jobs with the host that ran each attempt,
-and of their event log.
+final message, tests and diff (coloured by Pygments) beside its network (an unsealed job flagged) and the
+egress requests its proxy denied, with approve (all files or a subset) and reject forms that call the same
+``review.approve``/``review.reject`` as the CLI; and a read-only view of every host sharing the store
+(budget use, last seen), of running and recent jobs with the host that ran each attempt, and of their
+event log.
 
 Access: decisions belong to people, and a job can reach loopback (a ``host``-network job shares it), so
 every request needs the page's token, on loopback too: ``EXECUTOR_UI_TOKEN``, or else a random token made
@@ -48,11 +49,12 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from .. import review
 from ..addresses import is_loopback
 from ..agent.describe import describe
-from ..clock import aware
+from ..clock import aware, span
 from ..errors import ConfigError, Conflict, ReviewError
 from ..scheduling.hosting import hosts_view
 from ..settings import Settings
 from ..store import TERMINAL, Status, Store
+from .seal_view import denial_line, egress_denials, network_view
 
 log = logging.getLogger(__name__)
 
@@ -204,22 +206,9 @@ def _when(moment) -> str:
     return aware(moment).strftime("%Y-%m-%d %H:%M:%S UTC") if moment else ""
 
 
-def _ago(seconds: float | None) -> str:
-    if seconds is None:
-        return ""
-    s = max(0, int(seconds))
-    if s >= 86400:
-        return f"{s // 86400}d {s % 86400 // 3600}h"
-    if s >= 3600:
-        return f"{s // 3600}h {s % 3600 // 60}m"
-    if s >= 60:
-        return f"{s // 60}m {s % 60}s"
-    return f"{s}s"
-
-
 def create_app(settings: Settings, store: Store) -> ASGIApp:
     templates = Jinja2Templates(directory=str(TEMPLATES))
-    templates.env.globals.update(when=_when, ago=_ago, pygments_css=PYGMENTS_CSS)
+    templates.env.globals.update(when=_when, ago=span, pygments_css=PYGMENTS_CSS)
     csrf = secrets.token_urlsafe(24)
     token = page_token(settings)
     credential = fingerprint(token)
@@ -254,12 +243,14 @@ def create_app(settings: Settings, store: Store) -> ASGIApp:
                 error = error or str(exc)
         events = await run_in_threadpool(store.events, job_id)
         attempts = await run_in_threadpool(store.attempts, job_id)
+        denials = egress_denials(events)
         diffs = [diff_view(d) for d in pending.diffs] if pending else []
         done = request.query_params.get("done")
         return page(request, "job.html", status_code=status_code, job=job, pending=pending, diffs=diffs,
                     attempts=attempts,
                     events=events[-500:], describe=describe, error=error, conflicts=conflicts,
-                    done=done if done in ("approved", "rejected") else None, since=review.since)
+                    done=done if done in ("approved", "rejected") else None, since=review.since,
+                    network=network_view(job), denials=denials, denial_line=denial_line)
 
     async def decide(request: Request) -> Response:
         job_id = request.path_params["job_id"]

@@ -7,9 +7,9 @@ and a journal is given, a file is *moved* into place (renamed: no copy, whatever
 owner and mode are set on the upper inode; otherwise it is copied into a fresh temp file and renamed over
 the target. The journal (``jobs/<id>/commit-journal.json``, written before anything is touched) records
 the plan, each file's upper inode and which phase is done, so a crash mid-commit is repaired by running it
-again: a file no longer in the upper dir is done when the repository holds its inode. One ``syncfs`` of
-the upper's filesystem before moving and one of the repository's at the end make it durable, instead of
-an fsync per file.
+again: a file no longer in the upper dir is done when the repository holds its inode. A small change is
+made durable file by file (an fsync of each file and directory); a large one by one ``syncfs`` of the
+filesystem before moving and one at the end, instead of an fsync per file.
 
 Every path is walked component by component with directory fds and ``O_NOFOLLOW`` on both sides.
 
@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import errno
 import hashlib
-import json
 import os
 import shutil
 import stat
@@ -32,10 +31,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import UnsafePath, WorkspaceError
+from .journal import Plan, load, save
 from .safefs import DIR_FLAGS, as_owner, lstat_at, remove_at, syncfs
 from .upper import KINDS, Change, Entry, is_git_path, split_path
 
 _COPY_CHUNK = 1 << 20
+#: Up to this many files a commit fsyncs each file and directory; beyond, one syncfs is cheaper.
+FSYNC_EACH = 200
 
 
 def apply_change(change: Change, upper: Path, repo_fd: int, uid: int, gid: int, journal: Path | None = None) -> None:
@@ -45,26 +47,31 @@ def apply_change(change: Change, upper: Path, repo_fd: int, uid: int, gid: int, 
     moved; when the journal already exists, its plan is the one carried out (``change`` is ignored: the
     upper dir is no longer complete after an interrupted move).
     """
-    plan = _load(journal)
+    plan = load(journal)
     if plan is None:
         _check(change)
-        plan = _Plan([e for e in change.entries if not is_git_path(e.path.split("/"))])
-        _save(journal, plan)
+        plan = Plan([e for e in change.entries if not is_git_path(e.path.split("/"))])
+        save(journal, plan)
+    # A small change is made durable file by file; a large one by syncfs, once before the moves (what the
+    # agent wrote is on disk before its inodes change names) and once at the end. (syncfs flushes the whole
+    # filesystem, everyone's writes: cheaper than 200,000 fsyncs, dearer than ten on a busy disk.)
+    each = sum(1 for e in plan.entries if e.kind == "file") <= FSYNC_EACH
     # Opened with root's rights (the state root may be closed to the owner); below it, only the owner's.
     upper_fd = os.open(upper, DIR_FLAGS)
     try:
         same_fs = journal is not None and os.fstat(upper_fd).st_dev == os.fstat(repo_fd).st_dev
         with as_owner(uid, gid):
-            if same_fs:
-                syncfs(repo_fd)  # what the agent wrote is on disk before its inodes change names
+            if same_fs and not each:
+                syncfs(repo_fd)
             if not plan.structure_done:
-                _run(plan.entries, upper_fd, repo_fd, uid, gid, files=False, move=False)
+                _run(plan.entries, upper_fd, repo_fd, uid, gid, _Mode(files=False, move=False, each=each))
         if not plan.structure_done:
             plan.structure_done = True
-            _save(journal, plan)
+            save(journal, plan)
         with as_owner(uid, gid):
-            _run(plan.entries, upper_fd, repo_fd, uid, gid, files=True, move=same_fs)
-            syncfs(repo_fd)
+            _run(plan.entries, upper_fd, repo_fd, uid, gid, _Mode(files=True, move=same_fs, each=each))
+            if not each:
+                syncfs(repo_fd)
     finally:
         os.close(upper_fd)
 
@@ -86,41 +93,27 @@ def _check(change: Change) -> None:
 
 
 @dataclass
-class _Plan:
-    entries: list[Entry]
-    structure_done: bool = False
+class _Mode:
+    """How one phase runs: on files or the rest, moving or copying, fsyncing each or relying on syncfs. The
+    first rename across mount points (same filesystem, bind-mounted twice, as under compose) turns moving
+    off for the rest of the phase."""
+
+    files: bool
+    move: bool
+    each: bool
 
 
-def _load(journal: Path | None) -> _Plan | None:
-    if journal is None or not journal.exists():
-        return None
-    data = json.loads(journal.read_text())
-    return _Plan([Entry(*e) for e in data["entries"]], data["structure_done"])
-
-
-def _save(journal: Path | None, plan: _Plan) -> None:
-    if journal is None:
-        return
-    tmp = journal.with_name(journal.name + ".tmp")
-    with open(tmp, "w") as fh:
-        json.dump({"entries": [list(e) for e in plan.entries], "structure_done": plan.structure_done}, fh)
-        fh.flush()
-        os.fsync(fh.fileno())
-    tmp.replace(journal)
-
-
-def _run(entries: list[Entry], upper_fd: int, repo_fd: int, uid: int, gid: int, *, files: bool, move: bool) -> None:
-    """One phase: the file entries (``files``) or all the others, parents before children."""
-    walker = _Walker(upper_fd, repo_fd, uid, gid)
-    moves = _Moves(move)
+def _run(entries: list[Entry], upper_fd: int, repo_fd: int, uid: int, gid: int, mode: _Mode) -> None:
+    """One phase: the file entries (``mode.files``) or all the others, parents before children."""
+    walker = _Walker(upper_fd, repo_fd, uid, gid, fsync_dirs=mode.each)
     try:
         for entry in entries:
-            if (entry.kind == "file") != files:
+            if (entry.kind == "file") != mode.files:
                 continue
             parts = split_path(entry.path)
             walker.enter(parts[:-1])
-            if files:
-                _apply_file(walker.top, entry, parts[-1], uid, gid, moves)
+            if mode.files:
+                _apply_file(walker.top, entry, parts[-1], uid, gid, mode)
             else:
                 _apply_entry(walker.top, entry, parts[-1], uid, gid)
     finally:
@@ -144,8 +137,8 @@ class _Walker:
     fds stays bounded by the depth of the tree, not its size.
     """
 
-    def __init__(self, upper_fd: int, repo_fd: int, uid: int, gid: int) -> None:
-        self.uid, self.gid = uid, gid
+    def __init__(self, upper_fd: int, repo_fd: int, uid: int, gid: int, fsync_dirs: bool = False) -> None:
+        self.uid, self.gid, self.fsync_dirs = uid, gid, fsync_dirs
         self.stack: list[_Frame] = []
         upper_fd = os.dup(upper_fd)
         try:
@@ -166,7 +159,7 @@ class _Walker:
                 break
             common += 1
         while len(self.stack) > common + 1:
-            _close_frame(self.stack.pop())
+            _close_frame(self.stack.pop(), self.fsync_dirs)
         for name in parts[common:]:
             upper_fd = _open_upper_dir(self.top.upper_fd, name)
             try:
@@ -178,12 +171,16 @@ class _Walker:
 
     def close(self) -> None:
         while self.stack:
-            _close_frame(self.stack.pop())
+            _close_frame(self.stack.pop(), self.fsync_dirs)
 
 
-def _close_frame(frame: _Frame) -> None:
-    os.close(frame.repo_fd)
-    os.close(frame.upper_fd)
+def _close_frame(frame: _Frame, fsync: bool = False) -> None:
+    try:
+        if fsync:
+            os.fsync(frame.repo_fd)  # the renames and unlinks in this dir are durable
+    finally:
+        os.close(frame.repo_fd)
+        os.close(frame.upper_fd)
 
 
 def _open_upper_dir(parent_fd: int, name: str) -> int:
@@ -296,7 +293,7 @@ def _replace(dir_fd: int, tmp: str, name: str) -> None:
     os.rename(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
 
 
-def _apply_file(frame: _Frame, entry: Entry, name: str, uid: int, gid: int, move: _Moves) -> None:
+def _apply_file(frame: _Frame, entry: Entry, name: str, uid: int, gid: int, mode: _Mode) -> None:
     # O_NONBLOCK: if the upper entry became a fifo since the scan, open must not hang.
     src_flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
     try:
@@ -311,13 +308,15 @@ def _apply_file(frame: _Frame, entry: Entry, name: str, uid: int, gid: int, move
         if not stat.S_ISREG(st.st_mode) or (entry.ino and st.st_ino != entry.ino):
             raise UnsafePath(f"upper entry {name!r} is no longer the file the job wrote")
         # A file with other links stays a copy: moving it would share an inode with the upper dir.
-        if move.enabled and st.st_nlink == 1 and _move(frame, src, name, _file_mode(entry.mode), uid, gid, move):
+        if mode.move and st.st_nlink == 1 and _move(frame, src, name, _file_mode(entry.mode), uid, gid, mode):
             return
         tmp, dst = _make_temp(frame.repo_fd, name, 0o600)
         try:
             _copy_fd(src, dst)
             os.fchown(dst, uid, gid)
             os.fchmod(dst, _file_mode(entry.mode))
+            if mode.each:
+                os.fsync(dst)  # content on disk before the rename makes it visible
         except BaseException:
             os.close(dst)
             remove_at(frame.repo_fd, tmp)
@@ -328,20 +327,14 @@ def _apply_file(frame: _Frame, entry: Entry, name: str, uid: int, gid: int, move
     _replace(frame.repo_fd, tmp, name)
 
 
-@dataclass
-class _Moves:
-    """Whether files are moved; the first rename across mount points (same filesystem, but bind-mounted
-    twice, as under compose) turns moving off for the rest of the apply."""
-
-    enabled: bool
-
-
-def _move(frame: _Frame, src: int, name: str, mode: int, uid: int, gid: int, moves: _Moves) -> bool:
+def _move(frame: _Frame, src: int, name: str, mode: int, uid: int, gid: int, how: _Mode) -> bool:
     """Rename the upper inode into the repository; False when it cannot be (then it is copied)."""
     target = lstat_at(frame.repo_fd, name)
     try:
         os.fchown(src, uid, gid)  # on the inode held open: the name cannot be swapped under these
         os.fchmod(src, mode)
+        if how.each:
+            os.fsync(src)
         if target is not None and stat.S_ISDIR(target.st_mode):
             shutil.rmtree(name, dir_fd=frame.repo_fd)
         os.rename(name, name, src_dir_fd=frame.upper_fd, dst_dir_fd=frame.repo_fd)
@@ -350,7 +343,7 @@ def _move(frame: _Frame, src: int, name: str, mode: int, uid: int, gid: int, mov
     except OSError as exc:
         if exc.errno != errno.EXDEV:
             raise
-        moves.enabled = False
+        how.move = False
         return False
     moved = lstat_at(frame.repo_fd, name)
     if moved is None or moved.st_ino != os.fstat(src).st_ino:

@@ -136,6 +136,11 @@ class Workspace:
         return self.root / "commit-journal.json"
 
     @property
+    def sockets(self) -> Path:
+        """A sealed attempt's socket directory (bind-mounted into its agent container)."""
+        return self.root / "sock"
+
+    @property
     def volume(self) -> str:
         return f"executor-{self.job_id}-a{self.attempt}"
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from executor.store import Job, Store
+from executor.store import Job, Status, Store
 from tests.conftest import TOKEN_VALUE, tree_digest, wait_for
 from tests.scripted_api import ScriptedAPI, Turn
 
@@ -45,51 +45,87 @@ def spool_files(world, sub: str = "incoming") -> list[Path]:
 
 
 # ---------------------------------------------------------------------------------------------
-# submit (no Docker)
+# submit, to a serving executor that takes jobs in but starts none (a disk reserve larger than the disk)
 
 
-def test_submit_file_prints_id_and_spools_it(world, tmp_path):
+@pytest.fixture
+def serving(world, run_executor):
+    """An executor that serves the world's state root and holds every job in its queue."""
+    running = run_executor(world.settings(disk_reserve=2**62))
+    wait_for(lambda: (world.home / "status.json").exists(), 60, "the executor's first snapshot")
+    return running.executor.store
+
+
+def accepted(store, job_id: str):
+    return wait_for(lambda: store.get(job_id), 30, f"job {job_id} taken in")
+
+
+def test_submit_file_prints_id_and_spools_it(world, tmp_path, serving):
     repo = world.repo("app")
     path = job_file(tmp_path / "job.json", repo, priority=2, test_command="make test")
     done = executor(world, "submit", str(path))
     assert done.returncode == 0, done.stderr.decode()
     job_id = done.stdout.decode().strip()
     assert job_id and "\n" not in job_id
-
-    (spooled,) = spool_files(world)
-    data = json.loads(spooled.read_text())
-    assert data["id"] == job_id
-    assert data["workspace"] == str(repo) and data["priority"] == 2 and data["test_command"] == "make test"
-    assert data["runner"] == "scripted" and data["prompt"] == "write hello.txt"
+    job = accepted(serving, job_id)
+    assert job.workspace == str(repo) and job.priority == 2 and job.test_command == "make test"
+    assert job.runner == "scripted" and job.prompt == "write hello.txt" and job.status == Status.queued
+    (spooled,) = spool_files(world, "accepted")
+    assert json.loads(spooled.read_text())["id"] == job_id
     assert spool_files(world, "tmp") == []
 
 
-def test_submit_keeps_the_files_own_id(world, tmp_path):
+def test_submit_keeps_the_files_own_id(world, tmp_path, serving):
     repo = world.repo("app")
     done = executor(world, "submit", str(job_file(tmp_path / "job.json", repo, id="my-job-7")))
     assert done.returncode == 0, done.stderr.decode()
     assert done.stdout.decode().strip() == "my-job-7"
-    (spooled,) = spool_files(world)
-    assert json.loads(spooled.read_text())["id"] == "my-job-7"
+    assert accepted(serving, "my-job-7").prompt == "write hello.txt"
 
 
-def test_submit_two_files_gives_two_ids(world, tmp_path):
+def test_submit_two_files_gives_two_ids(world, tmp_path, serving):
     repo = world.repo("app")
     ids = {executor(world, "submit", str(job_file(tmp_path / f"j{i}.json", repo))).stdout.decode().strip()
            for i in range(2)}
     assert len(ids) == 2 and "" not in ids
-    assert {json.loads(p.read_text())["id"] for p in spool_files(world)} == ids
+    assert all(accepted(serving, job_id) for job_id in ids)
 
 
-def test_submit_from_stdin(world):
+def test_submit_from_stdin(world, serving):
     repo = world.repo("app")
     body = json.dumps({"runner": "scripted", "workspace": str(repo), "prompt": "from stdin"}).encode()
     done = executor(world, "submit", "-", input=body)
     assert done.returncode == 0, done.stderr.decode()
-    job_id = done.stdout.decode().strip()
-    (spooled,) = spool_files(world)
-    data = json.loads(spooled.read_text())
-    assert data["id"] == job_id and data["prompt"] == "from stdin"
+    assert accepted(serving, done.stdout.decode().strip()).prompt == "from stdin"
+
+
+def test_submit_refuses_without_a_serving_executor(world, tmp_path):
+    """No executor serves the state root: a submitted file would wait for nobody; nothing is spooled, and
+    no spool directory is created where the person happened to be."""
+    repo = world.repo("app")
+    done = executor(world, "submit", str(job_file(tmp_path / "job.json", repo)))
+    assert done.returncode != 0 and "no executor serves the state root" in done.stderr.decode()
+    assert not (world.home / "spool").exists()
+    elsewhere = subprocess.run([str(EXECUTOR), "submit", str(tmp_path / "job.json")], capture_output=True,
+                               cwd=tmp_path, env={k: v for k, v in world.env().items() if k != "EXECUTOR_HOME"})
+    assert elsewhere.returncode != 0 and not (tmp_path / "store").exists()
+
+
+def test_submit_judges_by_the_serving_executors_settings_not_its_own(world, tmp_path, serving):
+    """The daemon's budget is 4 cpus (the world's default); a submitter whose environment says 1 would
+    refuse a 2-cpu policy the daemon accepts, and one whose environment says 64 would accept what the
+    daemon refuses."""
+    world.write_policy("two", cpus=2.0)
+    world.write_policy("huge", cpus=16.0)
+    repo = world.repo("app")
+    env_small = {**world.env(), "EXECUTOR_BUDGET_CPUS": "1"}
+    ok = subprocess.run([str(EXECUTOR), "submit", str(job_file(tmp_path / "a.json", repo, policy="two"))],
+                        env=env_small, capture_output=True, text=True, timeout=60)
+    assert ok.returncode == 0, ok.stderr
+    env_big = {**world.env(), "EXECUTOR_BUDGET_CPUS": "64"}
+    refused = subprocess.run([str(EXECUTOR), "submit", str(job_file(tmp_path / "b.json", repo, policy="huge"))],
+                             env=env_big, capture_output=True, text=True, timeout=60)
+    assert refused.returncode != 0 and "whole budget is 4" in refused.stderr
 
 
 BAD_SUBMISSIONS = {
@@ -110,7 +146,7 @@ BAD_SUBMISSIONS = {
 
 @pytest.mark.parametrize("case", sorted(BAD_SUBMISSIONS))
 @pytest.mark.parametrize("via", ["file", "stdin"])
-def test_submit_bad_job_fails_clearly_and_spools_nothing(world, tmp_path, case, via):
+def test_submit_bad_job_fails_clearly_and_spools_nothing(world, tmp_path, case, via, serving):
     repo = world.repo("app")
     make, expected = BAD_SUBMISSIONS[case]
     raw = make(repo)
@@ -129,23 +165,56 @@ def test_submit_bad_job_fails_clearly_and_spools_nothing(world, tmp_path, case, 
         assert spool_files(world, sub) == [], sub
 
 
-def test_submit_missing_file(world, tmp_path):
+def test_a_file_the_executor_rejects_is_a_job_record_under_its_id(world, serving):
+    """A writer that bypassed `submit` (or a daemon whose policies changed meanwhile): the file the serving
+    executor refuses is still a job the person can look up, with the reason."""
+    from executor.intake.spool import Spool
+
+    Spool(world.home / "spool").write(json.dumps({"id": "bad-1", "runner": "ghost", "workspace": "/nowhere",
+                                                  "prompt": "p"}).encode())
+    job = wait_for(lambda: serving.get("bad-1"), 30, "the rejected file's record")
+    assert job.status == Status.rejected and "unknown runner 'ghost'" in job.error
+    shown = json.loads(executor(world, "show", "bad-1", "--json").stdout)
+    assert shown["status"] == "rejected" and shown["reason"] == "invalid_job"
+    listed = executor(world, "jobs", "--status", "rejected").stdout.decode()
+    assert "bad-1" in listed
+
+
+def test_submit_missing_file(world, tmp_path, serving):
     done = executor(world, "submit", str(tmp_path / "nope.json"))
     assert done.returncode != 0
     assert "nope.json" in done.stderr.decode()
     assert spool_files(world) == []
 
 
-def test_submit_of_an_existing_id_is_refused(world, tmp_path):
+def test_submit_of_an_existing_id_is_refused(world, tmp_path, serving):
     repo = world.repo("app")
-    store = world.store()
-    store.add_job(Job(id="taken", session_id="taken", runner="scripted", model_requested="claude-sonnet-4-5",
-                      workspace=str(repo), prompt="p", policy_name="default"))
-    store.close()
+    serving.add_job(Job(id="taken", session_id="taken", runner="scripted", model_requested="claude-sonnet-4-5",
+                        workspace=str(repo), prompt="p", policy_name="default"))
     done = executor(world, "submit", str(job_file(tmp_path / "job.json", repo, id="taken")))
     assert done.returncode != 0
     assert "already exists" in done.stderr.decode()
     assert spool_files(world) == []
+
+
+def test_a_runners_file_broken_while_serving_is_a_problem_in_status_logged_once(world, serving, caplog):
+    before = executor(world, "status", "--json")
+    assert json.loads(before.stdout)["problems"] == []
+    runners = world.policies / "runners.toml"
+    good = runners.read_text()
+    runners.write_text(good + "\n[broken\n")
+    wait_for(lambda: json.loads(executor(world, "status", "--json").stdout)["problems"], 30,
+             "the broken runners file shown by status")
+    shown = executor(world, "status")
+    assert "executor   running with problems" in shown.stdout.decode()
+    assert "runners.toml" in shown.stdout.decode() and "previous runners stay in use" in shown.stdout.decode()
+    ticks = json.loads((world.home / "status.json").read_text())["ts"]
+    wait_for(lambda: json.loads((world.home / "status.json").read_text())["ts"] > ticks + 2, 30, "more ticks")
+    logged = [r for r in caplog.records if "runners.toml unreadable" in r.getMessage()]
+    assert len(logged) == 1, f"logged {len(logged)} times; once per change is enough"
+    runners.write_text(good)  # fixed: the problem goes away
+    wait_for(lambda: json.loads(executor(world, "status", "--json").stdout)["problems"] == [], 30,
+             "the problem cleared")
 
 
 def test_show_of_an_unknown_job(world):
@@ -244,6 +313,8 @@ def leftovers(client, job_id: str) -> list[str]:
 
 
 def submit(world, path: Path) -> str:
+    # `submit` judges by the serving executor's settings: the executor must have written its first snapshot.
+    wait_for(lambda: (world.home / "status.json").exists(), 60, "the serving executor's first snapshot")
     done = executor(world, "submit", str(path))
     assert done.returncode == 0, done.stderr.decode()
     return done.stdout.decode().strip()
@@ -434,3 +505,97 @@ def test_sigterm_during_a_job_requeues_it_and_a_restart_finishes_it(world, tmp_p
     assert not (repo / "partial.txt").exists()  # nothing of the interrupted attempt leaked in
     assert (repo / "README.md").read_text() == "app\n"
     assert view["changed_files"] == ["final.txt"]
+
+
+def test_submit_wait_and_log_follow_track_a_job_to_its_end(world, tmp_path, serve):
+    """`submit --wait` prints the job's events as they come and exits 0 only for a success; `log -f` follows
+    a job someone else submitted and ends (non-zero) when it settles otherwise."""
+    ok_repo, bad_repo = world.repo("ok", {"a.txt": "a\n"}), world.repo("bad", {"a.txt": "a\n"})
+    script = {"wait-ok": [Turn.tool("Bash", {"command": "echo ok > b.txt", "description": "w"}), Turn.text("Done.")],
+              "wait-bad": [Turn.tool("Bash", {"command": "sleep 2; echo no > b.txt", "description": "w"}),
+                           Turn.text("Done.")]}
+    with ScriptedAPI(script) as api:
+        world.write_runners(api.base_url)
+        world.write_policy("failing", test_command="false")
+        serve()
+        wait_for(lambda: (world.home / "status.json").exists(), 60, "the serving executor's first snapshot")
+        waited = executor(world, "submit", "--wait", str(job_file(tmp_path / "ok.json", ok_repo, prompt="wait-ok: go")),
+                          timeout=240)
+        out = waited.stdout.decode()
+        assert waited.returncode == 0, (out, waited.stderr.decode())
+        assert "tool_call" in out and "Bash: echo ok > b.txt" in out and out.strip().endswith("succeeded")
+        bad_id = executor(world, "submit", str(job_file(tmp_path / "bad.json", bad_repo, prompt="wait-bad: go",
+                                                         policy="failing"))).stdout.decode().strip()
+        followed = executor(world, "log", "-f", bad_id, timeout=240)
+    text = followed.stdout.decode()
+    assert followed.returncode == 1 and "tests" in text and "rolled_back (tests_failed)" in text, text
+
+
+def test_jobs_table_filters_json_version_cancel_and_completion(world):
+    from executor.clock import utcnow
+
+    store = world.store()
+    for job_id, runner in (("alpha-1", "scripted"), ("alpha-2", "other"), ("beta-1", "scripted")):
+        store.add_job(Job(id=job_id, session_id="s-" + job_id[:5], runner=runner, model_requested="m",
+                          workspace="/w", prompt="p", policy_name="default"))
+    store.transition("alpha-1", Status.queued, Status.running, started_at=utcnow())
+    store.transition("alpha-1", Status.running, Status.rolled_back, reason="agent_error")
+    store.close()
+
+    table = executor(world, "jobs").stdout.decode().splitlines()
+    assert table[0].split()[:6] == ["ID", "STATUS", "RUNNER", "AGE", "RAN", "REASON"]
+    assert [line.split()[0] for line in table[1:]] == ["beta-1", "alpha-2", "alpha-1"]  # newest first
+    assert "agent_error" in table[3] and "\x1b[" not in "\n".join(table)  # no colour when not a terminal
+    assert [line.split()[0] for line in executor(world, "jobs", "--limit", "1").stdout.decode().splitlines()[1:]] \
+        == ["beta-1"]
+    assert [j["id"] for j in json.loads(executor(world, "jobs", "--runner", "other", "--json").stdout)] == ["alpha-2"]
+    assert [j["id"] for j in json.loads(executor(world, "jobs", "--status", "rolled_back", "--json").stdout)] \
+        == ["alpha-1"]
+
+    version = executor(world, "--version")
+    assert version.returncode == 0 and version.stdout.decode().startswith("executor, version ")
+
+    finished = executor(world, "cancel", "alpha-1")
+    assert finished.returncode == 1 and "already ended (rolled_back)" in finished.stderr.decode()
+    queued = executor(world, "cancel", "beta-1", "--json")
+    assert queued.returncode == 0 and json.loads(queued.stdout)["cancelled"] is True
+
+    env = {**world.env(), "_EXECUTOR_COMPLETE": "bash_complete", "COMP_WORDS": "executor show alp", "COMP_CWORD": "2"}
+    completed = subprocess.run([str(EXECUTOR)], env=env, capture_output=True, text=True, timeout=60)
+    assert sorted(line.split(",")[-1] for line in completed.stdout.split()) == ["alpha-1", "alpha-2"]
+
+
+def test_backup_while_serving_and_prune_what_is_old(world, serving, tmp_path):
+    import os
+    import sqlite3
+    from datetime import timedelta
+
+    from executor.clock import utcnow
+
+    old = utcnow() - timedelta(days=40)
+    for job_id, finished in (("old-done", old), ("new-done", utcnow())):
+        serving.add_job(Job(id=job_id, session_id=f"s-{job_id}", runner="scripted", model_requested="m",
+                            workspace="/w", prompt="p", policy_name="default", status=Status.failed,
+                            reason="conflict", finished_at=finished))
+        (world.home / "jobs" / job_id / "upper").mkdir(parents=True)
+        (world.home / "sessions" / f"s-{job_id}" / "home").mkdir(parents=True)
+    spool = world.home / "spool" / "accepted"
+    (spool / "ancient.json").write_text("{}")
+    os.utime(spool / "ancient.json", (time.time() - 40 * 86400,) * 2)
+    (spool / "fresh.json").write_text("{}")
+
+    target = tmp_path / "backup.db"
+    done = executor(world, "backup", str(target), "--json")
+    assert done.returncode == 0, done.stderr.decode()
+    assert json.loads(done.stdout)["integrity"] == "ok"
+    ids = {row[0] for row in sqlite3.connect(target).execute("SELECT id FROM job")}
+    assert {"old-done", "new-done"} <= ids
+    assert executor(world, "backup", str(target)).returncode != 0  # never over an existing file
+
+    dry = json.loads(executor(world, "prune", "--older-than", "30d", "--dry-run", "--json").stdout)
+    assert dry["jobs"] == ["old-done"] and dry["sessions"] == ["s-old-done"] and dry["spool"] == ["accepted/ancient.json"]
+    assert (world.home / "jobs" / "old-done").exists()
+    assert executor(world, "prune", "--older-than", "30d").returncode == 0
+    assert not (world.home / "jobs" / "old-done").exists() and (world.home / "jobs" / "new-done").exists()
+    assert not (world.home / "sessions" / "s-old-done").exists() and (world.home / "sessions" / "s-new-done").exists()
+    assert not (spool / "ancient.json").exists() and (spool / "fresh.json").exists()

@@ -1,11 +1,15 @@
 """The deployment as a person runs it: ``docker compose up -d --build`` with compose.yaml, then ``down``.
 
 The stack (the executor's image and the sandbox image, both built by compose with the classic builder)
-runs against a throwaway world: EXECUTOR_HOME, EXECUTOR_WORKSPACE_ROOTS and EXECUTOR_POLICIES are tmp
-directories, mounted at their host paths. tests/compose.test.yaml passes the test's runner token and
-makes the health check quick. The runners point at a scripted API on 127.0.0.1 in this process; the
-executor and (through the test's policy) the job containers use the host network. Jobs arrive the way
-any tool on the host submits them: a file written into the spool.
+runs against a throwaway world: the state root, the workspaces and the policies are tmp directories on the
+host (EXECUTOR_STATE_DIR, EXECUTOR_WORKSPACES_DIR, EXECUTOR_POLICIES_DIR), which the executor sees at its
+own fixed paths and translates by inspecting its own container. tests/compose.test.yaml passes the test's
+runner token and makes the health check quick. The runners point at a scripted API on 127.0.0.1 in this
+process; the executor uses the host network, and the jobs (sealed, the test's default policy) reach that
+API through their gateways' sockets, which the executor makes under the state root inside its container and
+the engine mounts into theirs by the translated host path. Jobs arrive the way any tool on the host submits
+them: a file written into the spool, naming the repository by its host path. A second test starts compose
+in a fresh clone with no .env at all.
 """
 
 from __future__ import annotations
@@ -38,8 +42,10 @@ class Stack:
     def __init__(self, world, project: str) -> None:
         self.world = world
         self.project = project
-        self.env = world.env()
+        self.env = {k: v for k, v in world.env().items() if not k.startswith("EXECUTOR_")}
         self.env.update({
+            "EXECUTOR_STATE_DIR": str(world.home), "EXECUTOR_WORKSPACES_DIR": str(world.repos),
+            "EXECUTOR_POLICIES_DIR": str(world.policies),
             "EXECUTOR_SANDBOX_IMAGE": SANDBOX_IMAGE,
             # Docker 20.10 without buildx: compose builds with the classic builder.
             "DOCKER_BUILDKIT": "0",
@@ -113,8 +119,7 @@ def test_compose_up_runs_a_spooled_job_and_down_requeues_the_running_one(stack, 
         assert config["Init"] is True
         assert config["Memory"] == 256 * 2**20  # the orchestration reserve (EXECUTOR_RESERVE_MEMORY default)
         binds = {m["Destination"]: m["Source"] for m in executor_container.attrs["Mounts"]}
-        for path in (world.home, world.repos):
-            assert binds.get(str(path)) == str(path), binds  # host path == container path
+        assert binds["/var/lib/executor"] == str(world.home) and binds["/srv/workspaces"] == str(world.repos)
         assert "/var/run/docker.sock" in binds
         (sandbox_container,) = stack.containers(docker_client, "sandbox")
         assert sandbox_container.attrs["State"]["ExitCode"] == 0  # `claude --version` in the built image
@@ -128,8 +133,8 @@ def test_compose_up_runs_a_spooled_job_and_down_requeues_the_running_one(stack, 
         doctor = stack.compose("exec", "-T", "executor", "executor", "doctor", "--json", timeout=120)
         report = json.loads(doctor.stdout)
         assert doctor.returncode == 0 and report["ok"], doctor.stdout + doctor.stderr
-        paths = next(c for c in report["checks"] if c["name"] == "host path == container path")
-        assert paths["detail"].startswith("in container ")
+        paths = next(c for c in report["checks"] if c["name"] == "host paths")
+        assert paths["detail"].startswith("in container ") and f"is host path {world.home}" in paths["detail"]
 
         # A job arrives through the spool, written from the host.
         spool = Spool(world.home / "spool")
@@ -175,23 +180,66 @@ def test_compose_up_runs_a_spooled_job_and_down_requeues_the_running_one(stack, 
     print(f"compose up {up_seconds:.1f}s, down {down_seconds:.1f}s")
 
 
-def test_compose_file_mounts_paths_identically():
-    """compose.yaml itself, as compose resolves it: identical host and container paths, no bridge."""
+def test_compose_file_needs_nothing_set():
+    """compose.yaml as compose resolves it with no variable at all: ./store, ./workspaces, ./policies at the
+    executor's fixed paths, no bridge network, log rotation."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("EXECUTOR_")}
-    env.update({"EXECUTOR_HOME": "/srv/executor", "EXECUTOR_WORKSPACE_ROOTS": "/srv/repos"})
     done = subprocess.run([*COMPOSE, "-p", "exectest-config", "-f", str(ROOT / "compose.yaml"), "config",
                            "--format", "json"], env=env, cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     services = json.loads(done.stdout)["services"]
     executor = services["executor"]
     volumes = {v["target"]: v["source"] for v in executor["volumes"]}
-    assert volumes["/srv/executor"] == "/srv/executor" and volumes["/srv/repos"] == "/srv/repos"
+    assert volumes["/var/lib/executor"] == str(ROOT / "store")
+    assert volumes["/srv/workspaces"] == str(ROOT / "workspaces")
+    assert volumes["/etc/executor/policies"] == str(ROOT / "policies")
     assert volumes["/var/run/docker.sock"] == "/var/run/docker.sock"
-    assert executor["environment"]["EXECUTOR_HOME"] == "/srv/executor"
-    assert executor["environment"]["EXECUTOR_WORKSPACE_ROOTS"] == "/srv/repos"
+    assert executor["environment"]["EXECUTOR_HOME"] == "/var/lib/executor"
+    assert executor["environment"]["EXECUTOR_WORKSPACE_ROOTS"] == "/srv/workspaces"
     assert executor["restart"] == "unless-stopped" and executor["init"] is True
+    assert executor["logging"]["options"]["max-size"] == "10m"
     assert executor["healthcheck"]["test"][1:3] == ["executor", "health"]
     assert executor["depends_on"]["sandbox"]["condition"] == "service_completed_successfully"
     assert {s["network_mode"] for s in services.values()} <= {"host", "none"}
     assert services["sandbox"]["image"] == "executor-sandbox:latest"
     assert shutil.which("docker")  # the socket's engine is what compose talks to
+
+
+def test_compose_up_in_a_fresh_clone_with_no_env_runs_a_job(tmp_path, docker_client):
+    """The README's first screen: clone, `docker compose up -d`, put a repository under ./workspaces, submit.
+    Nothing is set but the runner (a scripted API here) and its credential."""
+    clone = tmp_path / "executor"
+    done = subprocess.run(["git", "clone", "-q", str(ROOT), str(clone)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert not (clone / ".env").exists()
+    for cert in (ROOT / "sandbox" / "certs").glob("*.crt"):  # behind a TLS-intercepting proxy, as README says
+        shutil.copy(cert, clone / "sandbox" / "certs")
+    repo = clone / "workspaces" / "app"
+    repo.mkdir(parents=True)
+    (repo / "README.md").write_text("app\n")
+    chown_tree(repo)
+    project = f"exectest-{secrets.token_hex(4)}"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("EXECUTOR_")}
+    env.update({"DOCKER_BUILDKIT": "0", "COMPOSE_DOCKER_CLI_BUILD": "0", "COMPOSE_BAKE": "false",
+                "ANTHROPIC_API_KEY": "sk-fresh-clone-0000", "EXECUTOR_SANDBOX_IMAGE": SANDBOX_IMAGE})
+    compose = [*COMPOSE, "-p", project]
+    script = {"fresh": [Turn.tool("Write", {"file_path": "/workspace/hello.txt", "content": "hello\n"}),
+                        Turn.text("Done.")]}
+    with ScriptedAPI(script) as api:
+        (clone / "policies" / "runners.toml").write_text(
+            f'[runners.claude]\nmodel = "claude-sonnet-4-5"\nauth_env = "ANTHROPIC_API_KEY"\nbase_url = "{api.base_url}"\n')
+        (clone / "policies" / "default.toml").write_text('network = "host"\ntest_command = "test -f hello.txt"\n')
+        try:
+            up = subprocess.run([*compose, "up", "-d", "--build", "--wait"], cwd=clone, env=env, capture_output=True,
+                                text=True, timeout=1200)
+            assert up.returncode == 0, up.stdout[-3000:] + up.stderr[-3000:]
+            job = json.dumps({"runner": "claude", "workspace": "/srv/workspaces/app", "prompt": "fresh: say hello"})
+            submitted = subprocess.run([*compose, "exec", "-T", "executor", "executor", "submit", "--wait", "-"],
+                                       cwd=clone, env=env, input=job, capture_output=True, text=True, timeout=300)
+            logs = subprocess.run([*compose, "logs", "--tail", "60"], cwd=clone, env=env, capture_output=True,
+                                  text=True, timeout=60)
+            assert submitted.returncode == 0, submitted.stdout[-2000:] + submitted.stderr[-2000:] + logs.stdout[-3000:]
+            assert (repo / "hello.txt").read_text() == "hello\n"
+            assert (clone / "store" / "executor.db").exists()  # the state root is the clone's store/
+        finally:
+            subprocess.run([*compose, "down", "--timeout", "60"], cwd=clone, env=env, capture_output=True, timeout=180)

@@ -15,7 +15,6 @@ from pathlib import Path
 
 import pytest
 
-from executor.surfaces.doctor import path_mismatches
 from tests.conftest import SANDBOX_IMAGE, TOKEN_VALUE, TOKEN_VAR, chown_tree
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -43,15 +42,62 @@ def test_doctor_passes_a_healthy_setup(healthy, docker_client):
     code, report, stderr = doctor(healthy.env(), healthy.root)
     assert code == 0 and report["ok"], (report, stderr)
     checks = by_name(report)
-    assert {"engine", "sandbox image", "state root", "host path == container path", "overlay (userxattr)",
-            "runner tokens", f"workspace roots: {healthy.repos}"} == set(checks)
+    assert {"engine", "sandbox image", "state root", "host paths", "overlay (userxattr)", "runner tokens",
+            "compaction model", "policy default", f"workspace roots: {healthy.repos}"} == set(checks)
     assert all(c["status"] == "ok" and c["fix"] is None for c in checks.values()), checks
+    assert checks["policy default"]["detail"] == "network sealed; egress: nothing"
     assert TOKEN_VAR in checks["runner tokens"]["detail"]
     assert TOKEN_VALUE not in json.dumps(report)  # the variable's name, never its value
     # the probe cleaned up after itself: no probe dir, container or volume
     assert not list(healthy.home.glob(".doctor-*"))
     assert docker_client.containers.list(all=True, filters={"label": "io.executor.role=doctor"}) == []
     assert [v for v in docker_client.volumes.list() if v.name.startswith("executor-doctor-")] == []
+
+
+def test_doctor_flags_unsealed_policies_a_broken_one_and_an_unpinned_compaction_model(healthy, docker_client):
+    healthy.write_policy("open", network="host")
+    healthy.write_policy("bridged", network="bridge")
+    (healthy.policies / "broken.toml").write_text('egress = ["pypi.org"]\n')
+    env = {**healthy.env(), "EXECUTOR_COMPACTION_MODEL": "claude-haiku-4-5"}
+    code, report, stderr = doctor(env, healthy.root)
+    assert code == 1 and not report["ok"], (report, stderr)
+    checks = by_name(report)
+    for name, network in (("policy open", "host"), ("policy bridged", "bridge")):
+        assert checks[name]["status"] == "warning" and f"UNSEALED: network = '{network}'" in checks[name]["detail"]
+        assert 'network = "sealed"' in checks[name]["fix"]
+    broken = checks["policy broken"]
+    assert broken["status"] == "problem" and "'pypi.org' has no port" in broken["detail"]
+    model = checks["compaction model"]
+    assert model["status"] == "problem" and "'claude-haiku-4-5'" in model["detail"]
+    assert "claude-haiku-4-5-20251001" in model["fix"]
+    # warnings alone do not fail: with the model pinned and the broken policy gone, doctor passes and says so
+    (healthy.policies / "broken.toml").unlink()
+    done = subprocess.run([str(EXECUTOR), "doctor"], env=healthy.env(), capture_output=True, text=True, timeout=180,
+                          cwd=healthy.root)
+    assert done.returncode == 0, done.stdout
+    assert "(2 warning(s))" in done.stdout and "WARNING  policy open" in done.stdout
+
+
+def test_a_sandbox_image_built_from_another_dockerfile_is_named_by_doctor_and_refused_by_serve(healthy,
+                                                                                                docker_client):
+    """An image without this checkout's interface label (an old build) would fail every job obscurely
+    (exit 127: no forwarder); both doctor and serve say to rebuild it instead."""
+    from executor.errors import SandboxError
+    from executor.scheduling.service import Executor
+
+    stale = "executor-sandbox:stale-test"
+    docker_client.images.get("debian:bookworm-slim").tag(stale)
+    try:
+        code, report, stderr = doctor({**healthy.env(), "EXECUTOR_SANDBOX_IMAGE": stale}, healthy.root)
+        image = by_name(report)["sandbox image"]
+        assert code == 1 and image["status"] == "problem", (report, stderr)
+        assert "another sandbox/Dockerfile" in image["detail"] and "needs 2" in image["detail"]
+        assert "docker build" in image["fix"]
+        executor = Executor(healthy.settings(sandbox_image=stale), {}, docker_client)
+        with pytest.raises(SandboxError, match="interface none; this executor needs 2.*docker build"):
+            executor.sandbox.check_image()
+    finally:
+        docker_client.images.remove(stale)
 
 
 def test_doctor_names_each_problem_of_a_broken_setup(world, tmp_path, docker_client):
@@ -134,42 +180,62 @@ def run_doctor_in_container(docker_client, image: str, world, home_host: Path, h
     return report
 
 
-def test_doctor_in_a_container_names_a_host_path_mismatch(healthy, executor_image, docker_client):
-    inside = "/var/lib/executor-state"  # where the container sees the state root; the host has it elsewhere
+def test_doctor_in_a_container_with_other_host_paths_finds_them_and_the_overlay_works(healthy, executor_image,
+                                                                                      docker_client):
+    """The state root is at another path inside the container than on the host: the executor finds the host
+    path by inspecting its own container, and the engine mounts an overlay from it."""
+    inside = "/var/lib/executor-state"
     report = run_doctor_in_container(docker_client, executor_image, healthy, healthy.home, inside)
-    assert report["exit_code"] == 1 and report["ok"] is False, report
+    assert report["exit_code"] == 0 and report["ok"] is True, report
     checks = by_name(report)
-    paths = checks["host path == container path"]
-    assert paths["status"] == "problem", paths
-    assert str(healthy.home) in paths["detail"] and inside in paths["detail"] and "differ" in paths["detail"]
-    assert "same absolute path" in paths["fix"]
-    # the rest of the set-up is fine, and the overlay probe did not run on paths the engine cannot see
-    assert checks["overlay (userxattr)"]["status"] == "skipped"
-    assert all(checks[n]["status"] == "ok" for n in ("engine", "sandbox image", "state root", "runner tokens"))
+    paths = checks["host paths"]
+    assert paths["status"] == "ok" and f"EXECUTOR_HOME {inside} is host path {healthy.home}" in paths["detail"]
+    assert checks["overlay (userxattr)"]["status"] == "ok"  # the probe's overlay was built from host paths
+
+
+def test_doctor_in_a_container_names_a_state_root_the_engine_cannot_reach(healthy, executor_image, docker_client):
+    container = docker_client.containers.run(
+        executor_image, ["doctor", "--json"], detach=True, network_mode="none",
+        volumes={"/var/run/docker.sock": {"bind": "/var/run/docker.sock", "mode": "rw"},
+                 str(healthy.repos): {"bind": str(healthy.repos), "mode": "rw"},
+                 str(healthy.policies): {"bind": "/etc/executor/policies", "mode": "ro"}},
+        environment={"EXECUTOR_HOME": "/tmp/state", "EXECUTOR_WORKSPACE_ROOTS": str(healthy.repos),
+                     "EXECUTOR_POLICIES": "/etc/executor/policies", "EXECUTOR_SANDBOX_IMAGE": SANDBOX_IMAGE,
+                     TOKEN_VAR: TOKEN_VALUE},
+        labels={"io.executor.test": "doctor"})
+    try:
+        code = container.wait(timeout=180)["StatusCode"]
+        report = json.loads(container.logs(stdout=True, stderr=False).decode())
+    finally:
+        container.remove(force=True)
+    paths = by_name(report)["host paths"]
+    assert code == 1 and paths["status"] == "problem" and "only inside this container" in paths["detail"]
+    assert "bind-mount the state root" in paths["fix"]
 
 
 def test_doctor_in_a_container_with_identical_paths_passes(healthy, executor_image, docker_client):
     report = run_doctor_in_container(docker_client, executor_image, healthy, healthy.home, str(healthy.home))
     assert report["exit_code"] == 0 and report["ok"] is True, report
-    paths = by_name(report)["host path == container path"]
+    paths = by_name(report)["host paths"]
     assert paths["status"] == "ok" and paths["detail"].startswith("in container ")
     assert by_name(report)["overlay (userxattr)"]["status"] == "ok"
 
 
-def test_mount_comparison():
-    mounts = [
-        {"Type": "bind", "Source": "/srv/state", "Destination": "/srv/state"},
-        {"Type": "bind", "Source": "/data/repos", "Destination": "/srv/repos"},
+def test_host_paths_translate_both_ways_by_the_nearest_bind():
+    from executor.sandbox.hostpaths import HostPaths
+
+    paths = HostPaths.from_mounts([
+        {"Type": "bind", "Source": "/home/me/executor/store", "Destination": "/var/lib/executor"},
+        {"Type": "bind", "Source": "/data/repos", "Destination": "/srv/workspaces"},
         {"Type": "bind", "Source": "/srv", "Destination": "/srv"},
         {"Type": "volume", "Name": "vol", "Source": "/var/lib/docker/volumes/vol/_data", "Destination": "/vol"},
-    ]
-    assert path_mismatches(mounts, [("home", Path("/srv/state")), ("root", Path("/srv/other/x"))]) == []
-    (differ,) = path_mismatches(mounts, [("root", Path("/srv/repos/app"))])
-    assert "/data/repos" in differ and "differ" in differ  # the nearest mount decides, not /srv
-    (volume,) = path_mismatches(mounts, [("home", Path("/vol/home"))])
-    assert "volume mount" in volume
-    (unmounted,) = path_mismatches(mounts, [("home", Path("/opt/home"))])
-    assert "not mounted from the host" in unmounted
+    ], container="c" * 64)
+    assert paths.to_host("/var/lib/executor/jobs/j1/upper") == "/home/me/executor/store/jobs/j1/upper"
+    assert paths.to_host("/srv/workspaces/app") == "/data/repos/app"  # the nearest mount decides, not /srv
+    assert paths.to_host("/srv/other") == "/srv/other" and paths.to_host("/vol/x") == "/vol/x"
+    assert paths.to_container("/data/repos/app") == "/srv/workspaces/app"
+    assert paths.to_container("/home/me/executor/store") == "/var/lib/executor"
+    assert HostPaths().to_host("/x/y") == "/x/y"  # outside a container: the identity
 
 
 def _health(world, cwd: Path) -> subprocess.CompletedProcess:

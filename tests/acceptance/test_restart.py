@@ -1,4 +1,5 @@
-"""The executor killed with SIGKILL while jobs run: on restart nothing is lost and nothing runs twice."""
+"""The executor killed with SIGKILL while jobs run: on restart nothing is lost and nothing runs twice (and an
+adopted sealed job reaches its API again through sockets made anew at the same paths)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from executor.clock import aware, utcnow
 from executor.intake.spool import Spool
 from executor.store import Status
 from tests.conftest import wait_for, wait_status
@@ -54,6 +56,7 @@ def test_sigkill_then_restart_adopts_running_jobs(world, docker_client, tmp_path
         assert len([c for c in docker_client.containers.list(filters={"label": "io.executor=1"})
                     if c.labels.get("io.executor.job") in repos]) >= 1
 
+        restarted_at = utcnow()
         second = serve(world, log)
         try:
             for name in repos:
@@ -74,6 +77,8 @@ def test_sigkill_then_restart_adopts_running_jobs(world, docker_client, tmp_path
         assert sum(1 for e in events if e.kind == "result") == 1
         assert len(requests[name]) == 2  # the agent's conversation ran once: one tool call, one answer
         assert (repo / "out.txt").read_text() == "done\n"
+        # sealed: the adopted container's second call went through the job's sockets made again at the same path
+        assert any(aware(row.ts) >= restarted_at and row.status == 200 for row in store.api_requests(job_id=name))
 
 
 def test_sigkill_with_the_container_gone_requeues_from_clean(world, docker_client, tmp_path):

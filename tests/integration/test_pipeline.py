@@ -317,7 +317,9 @@ def test_bad_job_files_are_rejected_with_a_reason(world, run_executor, docker_cl
         runner = run_executor(world.settings())
         store = runner.executor.store
         wait_for(lambda: len(list(spool.rejected.iterdir())) == 2 * (len(bad) + 1), 30, "all files rejected")
-        time.sleep(1.0)  # a few more ticks: nothing may start later either
+        for _ in range(3):  # a few more ticks: nothing may start later either
+            ticked = runner.executor.last_tick
+            wait_for(lambda: runner.executor.last_tick > ticked, 30, "a tick of the loop")
         assert api.requests == []
 
     errors = _rejections(spool.rejected)
@@ -330,7 +332,10 @@ def test_bad_job_files_are_rejected_with_a_reason(world, run_executor, docker_cl
     assert linked.read_bytes() == job("via-link")
     assert (spool.rejected / "e-big.json").stat().st_size == len(big)  # rejected files are kept whole
     assert not list(spool.incoming.iterdir()) and not list(spool.accepted.iterdir())
-    assert store.jobs() == []
+    # The refused files that named an id are job records, rejected with their reason; none ever ran.
+    records = {j.id: j for j in store.jobs()}
+    assert set(records) == {f"{token}-runner", f"{token}-outside", f"{token}-field"}
+    assert all(j.status == Status.rejected and j.attempts == 0 and j.error for j in records.values())
     assert not (world.home / "jobs").exists() or not any((world.home / "jobs").iterdir())
     created = [n for n in container_creations(docker_client, started) if token in n]
     assert created == []

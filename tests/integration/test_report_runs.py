@@ -177,7 +177,10 @@ def test_metrics_endpoint_matches_the_store(ran):
     assert total(metrics, "executor_budget_memory_bytes") == settings.budget_memory
     assert total(metrics, "executor_reserved_memory_bytes") == settings.reserve_memory  # nothing runs now
     assert total(metrics, "executor_running_jobs") == 0 and total(metrics, "executor_queue_length") == 0
-    assert total(metrics, "executor_rss_bytes") > 0
+    assert total(metrics, "process_resident_memory_bytes") > 0
+    # every job of the run was observed as it settled: durations and queue waits, in seconds
+    assert total(metrics, "executor_job_duration_seconds_count") == 5
+    assert total(metrics, "executor_job_queue_wait_seconds_count") == 5
 
 
 # -- `executor serve` with EXECUTOR_LOG_FORMAT=json and EXECUTOR_METRICS_PORT -------------------------------

@@ -21,7 +21,7 @@ from executor.transaction import conflicts as conflicts_mod
 from executor.transaction.safefs import remove_tree
 from executor.transaction.upper import Change, Entry, scan_upper
 from tests.conftest import chown_tree
-from tests.unit.upper_tree import own_dirs, opaque, require_root, require_user_xattrs, whiteout, write
+from tests.unit.upper_tree import opaque, own_dirs, require_root, require_user_xattrs, whiteout, write
 
 
 @pytest.fixture(autouse=True)

@@ -12,7 +12,7 @@ import pytest
 from executor.clock import utcnow
 from executor.errors import CompactionUnavailable, InvalidJob
 from executor.intake.jobs import parse_spec, validate
-from executor.policy import Policy
+from executor.policy import Policy, Runner
 from executor.session import brief as session_brief
 from executor.session import compaction
 from executor.session import history as session_history
@@ -193,29 +193,35 @@ def test_the_real_sdk_path_writes_summaries(recorded):
     assert all(r.latency is not None and r.model == "claude-haiku-4-5" for r in brief.rows if r.kind != "skill")
 
 
+#: The job's runner: compaction goes through its endpoint with its credential (here: not set).
+RUNNER = Runner(name="r", model="claude-sonnet-4-5", auth_env="NO_SUCH_KEY_VAR")
+
+
 def _settings(tmp_path: Path, **kw) -> Settings:
-    return Settings(home=tmp_path / "home", policies=tmp_path / "policies", compaction_auth_env="NO_SUCH_KEY_VAR", **kw)
+    return Settings(home=tmp_path / "home", policies=tmp_path / "policies", **kw)
 
 
 def test_start_records_structural_with_the_reason_or_fails_when_required(recorded, tmp_path):
     store, _ = recorded
     job = _next(store)
     settings = _settings(tmp_path)
-    begun = compaction.start(store, settings, {}, job, Policy(), 1, transcript_ok=lambda sid: False)
+    begun = compaction.start(store, settings, {}, job, Policy(), 1, RUNNER, transcript_ok=lambda sid: False)
     assert begun.resume is None and "structural" in begun.brief
     record = store.get("j3").compaction
-    assert record.startswith("structural: the small model's key is missing: NO_SUCH_KEY_VAR")
+    assert record.startswith("structural: the small model's credential is missing: runner 'r''s NO_SUCH_KEY_VAR")
     event = [e for e in store.events(job_id="j3") if e.kind == "compaction"][-1]
     assert event.data["mode"] == "structural" and event.data["brief"] == begun.brief
     # a rate-limit resume of the same job goes on with its conversation (which holds the brief); a fresh
     # attempt (the executor stopped) gets the same brief again, without calling the model again
-    again = compaction.start(store, settings, {}, job, Policy(), 2, transcript_ok=lambda sid: False, resuming=True)
+    again = compaction.start(store, settings, {}, job, Policy(), 2, RUNNER, transcript_ok=lambda sid: False,
+                             resuming=True)
     assert again.brief is None and again.resume is None
-    again = compaction.start(store, settings, {}, job, Policy(), 2, transcript_ok=lambda sid: False)
+    again = compaction.start(store, settings, {}, job, Policy(), 2, RUNNER, transcript_ok=lambda sid: False)
     assert again.brief == begun.brief
     other = _job(store, "j4", 4, Status.queued)
     with pytest.raises(CompactionUnavailable):
-        compaction.start(store, settings, {}, other, Policy(compaction_required=True), 1, transcript_ok=lambda s: False)
+        compaction.start(store, settings, {}, other, Policy(compaction_required=True), 1, RUNNER,
+                         transcript_ok=lambda s: False)
     assert store.get("j4").compaction.startswith("failed: ")
 
 
@@ -224,20 +230,20 @@ def test_start_resume_mode_continues_the_previous_conversation(recorded, tmp_pat
     attempt = store.start_attempt("j2", 1)
     store.finish_attempt(attempt.id, claude_session_id="claude-abc")
     job = _next(store)
-    begun = compaction.start(store, _settings(tmp_path), {}, job, Policy(context="resume"), 1,
+    begun = compaction.start(store, _settings(tmp_path), {}, job, Policy(context="resume"), 1, RUNNER,
                              transcript_ok=lambda sid: sid == "claude-abc")
     assert begun.resume == "claude-abc" and begun.brief is None
     assert store.get("j3").compaction == "resume"
     # the skills a resumed job names still ride along in full (nothing else: the conversation goes on)
     skilled = _job(store, "j6", 6, Status.queued, skills=["release"])
-    begun = compaction.start(store, _settings(tmp_path), {}, skilled, Policy(context="resume"), 1,
+    begun = compaction.start(store, _settings(tmp_path), {}, skilled, Policy(context="resume"), 1, RUNNER,
                              transcript_ok=lambda sid: sid == "claude-abc")
     assert begun.resume == "claude-abc" and begun.brief is None
     assert "RELEASE-BODY" in begun.prompt_note and "app/utils.py" not in begun.prompt_note
     assert "- style: House code style for this repo" in begun.prompt_note
     # context "full" bypasses compaction: the raw history rides along, no model involved
     full = _job(store, "j5", 5, Status.queued, context="full")
-    begun = compaction.start(store, _settings(tmp_path), {}, full, Policy(context="resume"), 1,
+    begun = compaction.start(store, _settings(tmp_path), {}, full, Policy(context="resume"), 1, RUNNER,
                              transcript_ok=lambda sid: True)
     assert begun.resume is None and "UNIQUE_BODY_MARKER_42" in begun.brief
     assert store.compactions(job_id="j5") == []
@@ -246,7 +252,7 @@ def test_start_resume_mode_continues_the_previous_conversation(recorded, tmp_pat
 def test_first_job_of_a_session_gets_no_brief(tmp_path):
     store = Store(tmp_path / "executor.db")
     job = _job(store, "solo", 1, Status.queued)
-    begun = compaction.start(store, _settings(tmp_path), {}, job, Policy(), 1, transcript_ok=lambda s: False)
+    begun = compaction.start(store, _settings(tmp_path), {}, job, Policy(), 1, RUNNER, transcript_ok=lambda s: False)
     assert begun.brief is None and begun.resume is None and store.get("solo").compaction is None
 
 

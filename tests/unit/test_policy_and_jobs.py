@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,7 @@ from executor.errors import ConfigError, InvalidJob
 from executor.intake.jobs import JobSpec, parse_spec, validate
 from executor.policy import load_policy, load_runners, parse_duration
 from executor.settings import Settings, parse_size
+from tests.conftest import chown_tree
 
 GIB = 1024**3
 MIB = 1024**2
@@ -100,7 +102,7 @@ def test_policy_numbers_and_defaults(tmp_path):
     assert policy.timeout == 120.0
     assert policy.test_timeout == 300.0
     # what the file does not name keeps its default
-    assert policy.cpus == 1.0 and policy.network == "bridge" and policy.test_command is None
+    assert policy.cpus == 1.0 and policy.network == "sealed" and policy.egress == [] and policy.test_command is None
 
 
 def test_empty_policy_file_is_all_defaults(tmp_path):
@@ -524,3 +526,68 @@ def test_settings_bad_values(monkeypatch, var, value):
     monkeypatch.setenv(var, value)
     with pytest.raises(ValidationError):
         Settings()
+
+
+def test_a_policy_with_a_bad_egress_entry_is_rejected_at_intake_with_the_fix(tmp_path):
+    policies, repos = tmp_path / "policies", tmp_path / "repos"
+    (repos / "r").mkdir(parents=True)
+    chown_tree(repos)
+    policies.mkdir()
+    (policies / "runners.toml").write_text('[runners.r]\nmodel = "m"\nauth_env = "X"\n')
+    (policies / "default.toml").write_text('egress = ["pypi.org"]\n')
+    (policies / "open.toml").write_text('network = "bridge"\negress = ["pypi.org:443"]\n')
+    (policies / "good.toml").write_text('egress = ["pypi.org:443", "*.npmjs.org:443"]\n')
+    settings = Settings(home=tmp_path / "home", policies=policies, workspace_roots=[repos])
+    job = {"runner": "r", "workspace": str(repos / "r"), "prompt": "p"}
+    with pytest.raises(InvalidJob, match=r"egress.*'pypi.org' has no port; add it, e.g. \"pypi.org:443\""):
+        validate(parse_spec(job), settings)
+    with pytest.raises(InvalidJob, match='egress is enforced only for network = "sealed".*set network = "sealed"'):
+        validate(parse_spec({**job, "policy": "open"}), settings)
+    valid = validate(parse_spec({**job, "policy": "good"}), settings)
+    assert valid.policy.sealed and valid.policy.egress == ["pypi.org:443", "*.npmjs.org:443"]
+
+
+def test_compaction_settings_that_were_removed_are_unknown_settings(monkeypatch):
+    from executor.settings import UnknownSetting
+
+    _clear_env(monkeypatch)
+    monkeypatch.setenv("EXECUTOR_COMPACTION_BASE_URL", "https://example.invalid")  # the runner's base_url now
+    with pytest.raises(UnknownSetting, match="EXECUTOR_COMPACTION_BASE_URL"):
+        Settings()
+    monkeypatch.delenv("EXECUTOR_COMPACTION_BASE_URL")
+    assert Settings().compaction_model == "claude-haiku-4-5-20251001"
+
+
+def test_settings_refuse_an_unknown_executor_variable_and_name_the_close_one(monkeypatch):
+    from executor.settings import UnknownSetting
+
+    _clear_env(monkeypatch)
+    monkeypatch.setenv("EXECUTOR_BUDGET_CPU", "3")
+    with pytest.raises(UnknownSetting, match="EXECUTOR_BUDGET_CPU .did you mean EXECUTOR_BUDGET_CPUS"):
+        Settings()
+    monkeypatch.delenv("EXECUTOR_BUDGET_CPU")
+    monkeypatch.setenv("EXECUTOR_IMAGE", "executor:latest")  # compose's own: not a setting, not an error
+    assert Settings().budget_cpus == 4.0
+
+
+def test_settings_read_a_json_list_of_workspace_roots_and_refuse_relative_ones(monkeypatch, tmp_path):
+    from pydantic import ValidationError
+
+    _clear_env(monkeypatch)
+    monkeypatch.setenv("EXECUTOR_WORKSPACE_ROOTS", json.dumps([str(tmp_path / "a"), str(tmp_path / "b")]))
+    assert Settings().workspace_roots == [tmp_path / "a", tmp_path / "b"]
+    monkeypatch.setenv("EXECUTOR_WORKSPACE_ROOTS", "srv/repos")
+    with pytest.raises(ValidationError, match="absolute"):
+        Settings()
+    monkeypatch.setenv("EXECUTOR_WORKSPACE_ROOTS", '["/srv/repos",')
+    with pytest.raises(ValidationError, match="JSON list"):
+        Settings()
+
+
+def test_env_example_lists_every_setting():
+    """.env.example is what a person reads to configure the executor: it must name every setting."""
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[2] / ".env.example").read_text()
+    listed = set(re.findall(r"^# (EXECUTOR_[A-Z_]+)=", text, re.M))
+    assert {f"EXECUTOR_{name.upper()}" for name in Settings.model_fields} <= listed

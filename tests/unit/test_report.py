@@ -16,7 +16,7 @@ from click.testing import CliRunner
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from executor.store import Attempt, Job, RateLimitEvent, Status, Store
+from executor.store import ApiRequest, Attempt, Event, Job, RateLimitEvent, Status, Store
 from executor.surfaces.metrics import ExecutorMetrics, aggregate
 from executor.surfaces.report import BUSY_WINDOW_JOBS, build_report, percentile, read_footprint, render_text
 
@@ -268,7 +268,9 @@ def test_metrics_mirror_the_store_in_one_query(store):
     assert m[("executor_rate_limit_wait_seconds_total", (("runner", "scripted"),))] == 3.0
     assert m[("executor_tokens_total", (("direction", "input"),))] == 150
     assert m[("executor_cost_usd_total", ())] == 0.75
-    assert m[("executor_budget_cpus", ())] == 4.0 and m[("executor_rss_bytes", ())] == 64 * 2**20
+    assert m[("executor_budget_cpus", ())] == 4.0
+    assert m[("process_resident_memory_bytes", ())] > 0  # the standard process collector
+    assert m[("executor_build_info", (("version", "0.1.0"),))] == 1.0
     assert m[("executor_running_jobs", ())] == 1 and m[("executor_queue_length", ())] == 2
     from prometheus_client import REGISTRY
 
@@ -299,6 +301,66 @@ def test_every_host_of_the_store_is_in_the_metrics_and_the_report(store):
     assert [(h["host"], h["finished"]) for h in report["hosts"]] == [("box1", 0), ("box2", 1)]
     text = render_text(report)
     assert "box2 alive" in text and "2 of 8 cpus" in text
+
+
+def test_sealed_jobs_api_usage_egress_and_unsealed_jobs_are_counted(store):
+    t = NOW - timedelta(hours=1)
+    sealed = add(store, "sealed", Status.succeeded, finished=t, reason="committed")
+    add(store, "open", Status.succeeded, finished=t, reason="committed", runner="other")
+    store.update_job("sealed", policy={"network": "sealed", "egress": ["pypi.org:443"]})
+    store.update_job("open", policy={"network": "bridge"})
+    for status, tokens in ((200, (100, 20, 7, 50)), (200, (110, 30, 0, 60)), (429, (0, 0, 0, 0))):
+        store.add_api_request(ApiRequest(job_id="sealed", attempt=1, runner="scripted", ts=t, path="/v1/messages",
+                                         status=status, latency=0.1, duration=1.0, input_tokens=tokens[0],
+                                         output_tokens=tokens[1], cache_creation_input_tokens=tokens[2],
+                                         cache_read_input_tokens=tokens[3]))
+    store.add_api_request(ApiRequest(job_id="sealed", attempt=1, runner="scripted", ts=NOW - timedelta(days=9),
+                                     path="/v1/messages", status=200, latency=0.1, duration=1.0, input_tokens=999))
+    with store.session() as session:
+        for decision, host in (("denied", "example.org"), ("denied", "example.org"), ("allowed", "pypi.org")):
+            session.add(Event(job_id=sealed.id, session_id=sealed.session_id, attempt=1, ts=t, kind="egress",
+                              data={"decision": decision, "host": host, "port": 443}))
+        session.commit()
+    report = build_report(store, timedelta(days=7), now=NOW + timedelta(minutes=5))
+    assert report["api"] == {"requests": 3, "by_status": {"200": 2, "429": 1}, "input_tokens": 210,
+                             "output_tokens": 50, "cache_creation_input_tokens": 7, "cache_read_input_tokens": 110,
+                             "runners": {"scripted": {"requests": 3, "input_tokens": 210, "output_tokens": 50,
+                                                      "cache_creation_input_tokens": 7,
+                                                      "cache_read_input_tokens": 110}}}
+    assert report["egress"] == {"allowed": 1, "denied": 2, "denied_by_destination": {"example.org:443": 2}}
+    assert report["network"] == {"bridge": 1, "sealed": 1} and report["unsealed_jobs"] == 1
+    text = render_text(report)
+    assert "api usage    3 requests of sealed jobs, as the API reported them: 210 input + 50 output tokens" in text
+    assert "egress       1 allowed, 2 denied (example.org:443 x2)" in text
+    assert "network      1 bridge, 1 sealed; 1 UNSEALED (bridge/host opt-in)" in text
+    metrics = ExecutorMetrics()
+    metrics.refresh(store)
+    m = scrape(metrics)
+    assert m[("executor_api_requests_total", (("runner", "scripted"), ("status", "200")))] == 3  # all time
+    assert m[("executor_api_requests_total", (("runner", "scripted"), ("status", "429")))] == 1
+    assert m[("executor_api_tokens_total", (("kind", "input"),))] == 1209
+    assert m[("executor_api_tokens_total", (("kind", "cache_read"),))] == 110
+    assert m[("executor_egress_decisions_total", (("decision", "denied"),))] == 2
+    assert m[("executor_egress_decisions_total", (("decision", "allowed"),))] == 1
+
+
+def test_metrics_follow_prometheus_conventions(store):
+    """Durations and waits are histograms in seconds, shares are ratios, refused files a counter."""
+    metrics = ExecutorMetrics()
+    t = NOW - timedelta(hours=1)
+    job = add(store, "h1", Status.succeeded, finished=t, reason="committed")
+    job.started_at, job.created_at, job.finished_at = t - timedelta(seconds=90), t - timedelta(seconds=100), t
+    metrics.job_settled(job)
+    metrics.rejected.inc(3)
+    metrics.refresh(store, _snapshot(time.time()))
+    m = scrape(metrics)
+    assert m[("executor_job_duration_seconds_bucket", (("le", "60.0"), ("status", "succeeded")))] == 0
+    assert m[("executor_job_duration_seconds_bucket", (("le", "120.0"), ("status", "succeeded")))] == 1
+    assert m[("executor_job_duration_seconds_sum", (("status", "succeeded"),))] == 90
+    assert m[("executor_job_queue_wait_seconds_sum", ())] == 10
+    assert m[("executor_spool_rejected_files_total", ())] == 3
+    assert 0 < m[("executor_reserved_cpus_ratio", ())] <= 1
+    assert not any(name.endswith("_percent") for name, _ in m)
 
 
 def test_metrics_refresh_never_raises(store):

@@ -238,7 +238,7 @@ def pending_job(tmp_path: Path):
     time.sleep(0.05)  # the conflict check allows for a coarse clock (commit.CLOCK_SLACK_NS)
     start_ns = time.time_ns()
     store = Store(settings.db_path)
-    job = store.add_job(Job(id="rj", session_id="rj", runner="r", model_requested="m", workspace=str(repo),
+    store.add_job(Job(id="rj", session_id="rj", runner="r", model_requested="m", workspace=str(repo),
                             prompt="p", policy_name="default", repo_uid=UID, repo_gid=GID))
     store.transition("rj", Status.queued, Status.running, attempts=1, start_ns=start_ns, started_at=utcnow())
     store.transition("rj", Status.running, Status.testing)
@@ -508,3 +508,38 @@ def test_web_with_a_token_requires_it(tmp_path):
     finally:
         server.close()
         store.close()
+
+
+def test_notifications_come_for_every_unsuccessful_end_and_review_naming_runner_and_reason():
+    from executor.surfaces.notify import kind_of
+
+    endings = {
+        "tests_failed": _job(Status.rolled_back, reason="tests_failed", error="the tests failed (exit 1): make"),
+        "rolled_back": _job(Status.rolled_back, reason="agent_error", error="the agent did not succeed"),
+        "timeout": _job(Status.failed, reason="timeout", error="ran longer than 30m"),
+        "failed": _job(Status.failed, reason="rate_limited", error="r failed: rate limited after 4 attempts"),
+        "stalled": _job(Status.stalled, reason="stalled", error="no progress for 300s"),
+        "review": _job(Status.awaiting_review, review_reasons=[{"message": "changes tests/**"}]),
+        "succeeded": _job(Status.succeeded, reason="committed"),
+    }
+    assert {kind: kind_of(job) for kind, job in endings.items()} == {k: k for k in endings}
+    hook = Hook()
+    try:
+        notifier = Notifier(hook.url, backoff=0.05)
+        for job in endings.values():
+            notifier.job_event(job)
+        wait_for(lambda: len(hook.bodies) >= 6, 10, "six notifications", interval=0.05)
+        notifier.close()
+        picky = Notifier(hook.url, backoff=0.05, kinds=["succeeded"])
+        picky.job_event(endings["succeeded"])
+        picky.job_event(endings["stalled"])
+        wait_for(lambda: len(hook.bodies) >= 7, 10, "the succeeded notification", interval=0.05)
+        picky.close()
+    finally:
+        hook.close()
+    kinds = [b["kind"] for b in hook.bodies]
+    assert sorted(kinds[:6]) == sorted(k for k in endings if k != "succeeded") and kinds[6:] == ["succeeded"]
+    for body in hook.bodies[:6]:
+        assert "runner r" in body["title"] and "runner r" in body["message"]
+        if body["kind"] != "review":
+            assert body["reason"] in body["title"]

@@ -130,6 +130,16 @@ def test_a_successful_run_earns_its_tests_and_the_synthetic_model_is_not_a_misma
     assert judge_agent(RUNNER, Policy(), run_of(models=("claude-sonnet-4-5", "<synthetic>"))) is None
 
 
+def test_a_model_refused_at_the_gateway_fails_the_run_naming_both_models():
+    with pytest.raises(ModelMismatch) as raised:
+        judge_agent(RUNNER, Policy(), run_of(stopped="model_mismatch"), refused=["claude-opus-5-5"])
+    message = str(raised.value)
+    assert message.startswith("r failed: ModelMismatch:")
+    assert "'claude-sonnet-4-5'" in message and "'claude-opus-5-5'" in message and "refused" in message
+    with pytest.raises(Cancelled):  # a person's cancel still says what happened
+        judge_agent(RUNNER, Policy(), run_of(stopped="cancelled"), refused=["claude-opus-5-5"])
+
+
 def test_a_stall_with_retry_stalled_goes_back_to_the_queue():
     with pytest.raises(Stalled) as raised:
         judge_agent(RUNNER, Policy(retry_stalled=True), run_of(stopped="stalled", last_activity="tool call Bash"))
@@ -227,6 +237,25 @@ def test_a_wait_the_cli_announced_is_not_a_stall():
     assert dog.check(container) == "stalled"
 
 
+def test_gateway_activity_from_another_thread_is_progress_and_pings_only_is_not_a_stall():
+    import threading
+
+    dog, clock, beats = watchdog()
+    container = FakeContainer()
+    dog.start(container)
+    for _ in range(20):  # ten minutes of an answer that only pings: the gateway sees it move, the CLI prints nothing
+        clock.now += 30
+        pinger = threading.Thread(target=dog.saw_activity)  # the gateway's loop thread
+        pinger.start()
+        pinger.join()
+        assert dog.check(container) is None and beats[-1].state == "api_streaming"
+    for _ in range(9):
+        clock.now += 30
+        assert dog.check(container) is None and beats[-1].state == "idle"
+    clock.now += 30
+    assert dog.check(container) == "stalled"  # silence for stall_after after the last ping
+
+
 def test_a_heartbeat_that_cannot_be_written_does_not_stop_the_job():
     clock = Clock()
 
@@ -314,6 +343,21 @@ def test_a_dead_side_thread_stops_the_executor_loudly(tmp_path, monkeypatch):
     executor.store.close()
 
 
+def test_the_sealed_sandbox_threads_are_side_threads_whose_death_stops_the_executor(tmp_path, monkeypatch):
+    from executor.errors import InternalError
+
+    executor = _executor(tmp_path, monkeypatch, lambda ctx, job_id: None)
+    assert executor.side_threads() == {}  # not started before serve()
+    executor.sealer.start()
+    assert {"sandbox event loop", "sandbox recorder"} <= set(executor.side_threads())
+    executor.check_side_threads()
+    executor.sealer.recorder.stop()
+    with pytest.raises(InternalError, match="sandbox recorder"):
+        executor.check_side_threads()
+    executor.shutdown(grace=0.1)
+    assert not executor.sealer.loop.thread.is_alive()
+
+
 def test_shutdown_removes_what_outlives_the_grace_and_waits_for_it_before_closing_the_store(tmp_path, monkeypatch):
     """A job thread that does not stop by itself within the grace is cut off (its containers removed), and
     the store closes only after the thread has returned."""
@@ -340,3 +384,23 @@ def test_shutdown_removes_what_outlives_the_grace_and_waits_for_it_before_closin
     executor.shutdown(grace=0.2)
     assert ("remove_job_objects", "stuck") in deployment.calls
     assert finished == ["stuck"] and not executor.slots
+
+
+def test_the_loop_wakes_when_a_job_file_lands_or_a_slot_frees(tmp_path):
+    import time as clock
+
+    from executor.intake.spool import Spool
+    from executor.scheduling.wakeup import Wakeup
+
+    spool = Spool(tmp_path / "spool")
+    wakeup = Wakeup(spool.incoming)
+    try:
+        assert wakeup.wait(0.05) is False  # nothing happened: the poll interval passes
+        spool.write(b"{}")  # written in tmp/, renamed into incoming/
+        started = clock.monotonic()
+        assert wakeup.wait(5) is True and clock.monotonic() - started < 1
+        assert wakeup.wait(0.05) is False  # drained: one landing wakes the loop once
+        wakeup.wake()  # a job thread freed its slot
+        assert wakeup.wait(5) is True
+    finally:
+        wakeup.close()

@@ -213,3 +213,29 @@ def test_toolless_requests_are_scripted_when_keyed_or_when_the_filter_says_so():
         with c.messages.stream(model="m", max_tokens=50, messages=plain) as stream:
             texts.append(stream.get_final_message().content[0].text)
     assert texts == ["one", "two"]
+
+
+def test_a_second_model_on_the_same_endpoint_gets_its_own_turn_and_usage_is_recorded():
+    with ScriptedAPI([Turn.text("agent")], models={"small-1": Turn.text("summary")}, cache_tokens=True) as api:
+        c = client(api)
+        small = c.messages.create(model="small-1", max_tokens=50, messages=[{"role": "user", "content": "x"}])
+        with ask(c) as stream:
+            agent = stream.get_final_message()
+        again = c.messages.create(model="small-1", max_tokens=50, messages=[{"role": "user", "content": "y"}])
+    assert (small.content[0].text, agent.content[0].text, again.content[0].text) == ("summary", "agent", "summary")
+    assert [r.key for r in api.requests] == ["model:small-1", "", "model:small-1"]
+    assert [r.body["model"] for r in api.conversation] == ["claude-test-1"]  # the script's own requests only
+    for request, answer in zip(api.requests, (small, agent, again)):
+        assert request.usage == answer.usage.model_dump(include={
+            "input_tokens", "output_tokens", "cache_creation_input_tokens", "cache_read_input_tokens"})
+        assert request.usage["cache_read_input_tokens"] > 0 and request.usage["cache_creation_input_tokens"] == 11
+
+
+def test_pings_before_the_answer_take_their_time_and_pass_no_content():
+    with ScriptedAPI([Turn.after_pings(Turn.text("late"), count=4, interval=0.25)]) as api:
+        started = time.monotonic()
+        with ask(client(api)) as stream:
+            kinds = [e.type for e in stream]
+            msg = stream.get_final_message()
+    assert msg.content[0].text == "late" and time.monotonic() - started >= 1.0
+    assert kinds[0] == "message_start" and "text" in kinds

@@ -154,7 +154,7 @@ def test_intake_accepts_a_good_job(env):
     assert job.prompt == "write hello.txt" and job.priority == 3 and job.test_command == "make check"
     assert job.session_id == "good-1"
     assert job.repo_uid == 1000 and job.repo_gid == 1000
-    assert job.policy_name == "default" and job.policy["memory"] == 1024**3 and job.policy["network"] == "host"
+    assert job.policy_name == "default" and job.policy["memory"] == 1024**3 and job.policy["network"] == "sealed"
     assert listing(sp.incoming) == []
     assert listing(sp.accepted) == [path.name]
     assert (sp.accepted / path.name).read_bytes() == job_json(repo, id="good-1", priority=3,

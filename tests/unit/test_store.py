@@ -407,3 +407,38 @@ def test_event_data_is_stored_as_json(store, db):
         again.close()
     assert event.data == {"when": str(when), "path": "/x", "nested": {"a": [1, 2]}}
     assert event.session_id == "j1"
+
+
+def test_the_command_lines_plain_reads_know_every_json_and_time_column():
+    """store/reads.py decodes columns without the ORM: its lists must be the models' own."""
+    from sqlalchemy import JSON, DateTime
+
+    from executor.store import ApiRequest, Attempt, Event, Job
+    from executor.store.reads import JSON_COLUMNS, TIME_COLUMNS
+
+    for table, model in (("job", Job), ("attempt", Attempt), ("event", Event), ("apirequest", ApiRequest)):
+        columns = model.__table__.columns
+        assert JSON_COLUMNS[table] == {c.name for c in columns if isinstance(c.type, JSON)}
+        assert TIME_COLUMNS[table] == {c.name for c in columns if isinstance(getattr(c.type, "impl", c.type), DateTime)}
+
+
+def test_plain_reads_give_what_the_store_wrote(tmp_path):
+    from executor.clock import utcnow
+    from executor.store import reads
+
+    store = Store(tmp_path / "executor.db")
+    store.add_job(Job(id="r1", session_id="s", runner="r", model_requested="m", workspace="/w", prompt="p",
+                      policy_name="default", policy={"cpus": 1.0}, changed_files=["a.py"]))
+    store.transition("r1", Status.queued, Status.running, started_at=utcnow())
+    store.start_attempt("r1", 1)
+    store.add_event(store.get("r1"), 1, "egress", {"decision": "denied", "host": "example.org"})
+    conn = reads.connect(tmp_path / "executor.db")
+    job = reads.job(conn, "r1")
+    assert job.status == Status.running and job.policy == {"cpus": 1.0} and job.changed_files == ["a.py"]
+    assert job.started_at.tzinfo is not None and job.created_at <= job.started_at
+    assert [a.number for a in reads.attempts(conn, "r1")] == [1]
+    assert [j.id for j in reads.recent_jobs(conn, [Status.running])] == ["r1"] and reads.counts(conn) == {"running": 1}
+    assert reads.job(conn, "nope") is None
+    (event,) = reads.events(conn, "r1", ["egress", "gateway_refused"])
+    assert event.data == {"decision": "denied", "host": "example.org"} and event.ts.tzinfo is not None
+    assert reads.events(conn, "r1", ["turn"]) == [] and reads.api_requests(conn, "r1") == []

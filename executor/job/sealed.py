@@ -1,0 +1,133 @@
+"""A sealed attempt as the job sees it: its gateway and egress proxy opened before the container starts and
+closed when the agent ends, and what they report turned into rows, events, cooldowns and liveness.
+
+Owns: the attempt's upstream (the runner's model, endpoint and real credential), its egress rules, and the
+hooks the sealer calls: every API request becomes an ``ApiRequest`` row (usage and rate-limit headers as
+the API answered them); a 429 or 529 cools the runner down at once and is a rate-limit row (the pipeline
+completes it with the wait it decides); a refused request is a ``gateway_refused`` event (a refused model
+also stops the agent: the stop check reads ``refused``); every egress decision is an ``egress`` event; every
+chunk of an answer is progress for the liveness watchdog.
+
+Must never: let the credential reach the container or the store, write to the store on the event loop
+thread (the sealer runs these hooks on its recorder thread, ``activity`` excepted), or keep a socket open
+after the attempt's agent ended.
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import timedelta
+
+from ..agent.command import runner_credential
+from ..clock import utcnow
+from ..egress_rules import parse_egress
+from ..errors import ConfigError, SandboxError
+from ..policy import Policy, Runner
+from ..sandbox.egress import EgressEvent
+from ..sandbox.gateway import DEFAULT_BASE_URL, Refusal, RequestRecord, Upstream
+from ..sandbox.liveness import Watchdog
+from ..sandbox.seal import Hooks, Sealed
+from ..store import ApiRequest, Job, RateLimitEvent
+from ..transaction.workspace import Workspace
+from .context import Context
+
+log = logging.getLogger(__name__)
+
+#: Statuses of an answer that is weather: the runner rests at once (a rate limit is account-wide).
+LIMITED = {429: "rate_limited", 529: "overloaded"}
+
+
+class SealedAttempt:
+    """One attempt's sockets and what they report."""
+
+    def __init__(self, ctx: Context, job: Job, ws: Workspace, runner: Runner, policy: Policy) -> None:
+        self.ctx, self.job, self.attempt, self.runner, self.policy = ctx, job, ws.attempt, runner, policy
+        self.directory = ws.sockets
+        self.watchdog: Watchdog | None = None  # set once the agent is watched; gateway activity feeds it
+        self.sealed: Sealed | None = None
+
+    @classmethod
+    def open(cls, ctx: Context, job: Job, ws: Workspace, runner: Runner, policy: Policy) -> SealedAttempt | None:
+        """Serve the attempt's sockets (before its container starts, or again when it is adopted); None for an
+        unsealed policy."""
+        if not policy.sealed:
+            return None
+        if ctx.sealer is None:
+            raise ConfigError("a sealed job needs the executor's sealed-sandbox threads, which are not running")
+        attempt = cls(ctx, job, ws, runner, policy)
+        upstream = Upstream(model=runner.model, credential=runner_credential(runner, ctx.secrets),
+                            auth_type=runner.auth_type, base_url=runner.base_url or DEFAULT_BASE_URL)
+        hooks = Hooks(request=attempt._request, refusal=attempt._refusal, egress=attempt._egress,
+                      activity=attempt._activity)
+        try:
+            attempt.sealed = ctx.sealer.open(job.id, attempt.directory, upstream, parse_egress(policy.egress),
+                                             ws.uid, ws.gid, hooks)
+        except OSError as exc:
+            raise SandboxError(f"cannot serve the job's sockets in {attempt.directory}: {exc}") from None
+        return attempt
+
+    def close(self) -> None:
+        """Cut the sockets and wait until everything they reported is in the store (idempotent)."""
+        if self.sealed is not None and self.ctx.sealer is not None:
+            self.ctx.sealer.close(self.job.id)
+
+    def refused(self) -> bool:
+        return self.sealed is not None and self.sealed.refused()
+
+    @property
+    def refused_models(self) -> list[str]:
+        return list(dict.fromkeys(self.sealed.refused_models)) if self.sealed else []
+
+    # -- hooks (recorder thread, but activity) ------------------------------------------------------------
+
+    def _activity(self) -> None:
+        watchdog = self.watchdog
+        if watchdog is not None:
+            watchdog.saw_activity()
+
+    def _request(self, record: RequestRecord) -> None:
+        usage = record.usage
+        self.ctx.store.add_api_request(ApiRequest(
+            job_id=self.job.id, attempt=self.attempt, runner=self.runner.name, method=record.method,
+            path=record.path, status=record.status, model=record.model, latency=round(record.latency, 6),
+            duration=round(record.duration, 6), request_bytes=record.request_bytes,
+            response_bytes=record.response_bytes, input_tokens=usage.get("input_tokens"),
+            output_tokens=usage.get("output_tokens"),
+            cache_creation_input_tokens=usage.get("cache_creation_input_tokens"),
+            cache_read_input_tokens=usage.get("cache_read_input_tokens"), rate_limits=record.rate_limits,
+            request_id=record.request_id, error=record.error or record.message))
+        if record.status in LIMITED:
+            self._limited(record)
+
+    def _limited(self, record: RequestRecord) -> None:
+        kind = LIMITED[record.status]
+        retry_after = _seconds(record.rate_limits.get("retry-after"))
+        rest = max(retry_after or 0.0, self.policy.backoff_initial)
+        message = record.message or f"HTTP {record.status}"
+        self.ctx.store.add_rate_limit(RateLimitEvent(
+            runner=self.runner.name, job_id=self.job.id, attempt=self.attempt, kind=kind,
+            status_code=record.status, message=message[:500]))
+        label = kind.replace("_", " ")
+        self.ctx.store.cool_down(self.runner.name, utcnow() + timedelta(seconds=rest),
+                                 f"{label} (seen at the gateway): {message[:200]}")
+        log.info("runner cooling down", extra={"action": "cool_down", "job": self.job.id, "runner": self.runner.name,
+                                               "status": record.status, "seconds": rest})
+
+    def _refusal(self, refusal: Refusal) -> None:
+        self.ctx.store.add_event(self.job, self.attempt, "gateway_refused", {
+            "kind": refusal.kind, "method": refusal.method, "path": refusal.path, "status": refusal.status,
+            "reason": refusal.reason, "requested_model": refusal.requested_model,
+            "expected_model": refusal.expected_model})
+
+    def _egress(self, event: EgressEvent) -> None:
+        self.ctx.store.add_event(self.job, self.attempt, "egress", {
+            "decision": "allowed" if event.allowed else "denied", "method": event.method, "host": event.host,
+            "port": event.port, "status": event.status, "reason": event.reason, "address": event.address,
+            "bytes_up": event.bytes_up, "bytes_down": event.bytes_down, "duration": round(event.duration, 3)})
+
+
+def _seconds(value: str | None) -> float | None:
+    try:
+        return max(0.0, float(value)) if value is not None else None
+    except ValueError:
+        return None  # an HTTP date: the executor's own backoff decides
