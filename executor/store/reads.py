@@ -73,7 +73,7 @@ def _record(table: str, row: Any) -> SimpleNamespace:
             value = datetime.fromisoformat(value)
         if value is not None:
             data[name] = value.replace(tzinfo=timezone.utc) if value.tzinfo is None else value.astimezone(timezone.utc)
-    if "status" in data:
+    if table == "job":  # an apirequest's status is the HTTP status the API answered
         data["status"] = Status(data["status"])
     return SimpleNamespace(**data)
 
