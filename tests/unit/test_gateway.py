@@ -97,6 +97,7 @@ def test_other_routes_and_other_models_are_refused_before_the_api(host):
         assert conn.getresponse().status == 400
         conn.close()
         assert api.requests == []
+        assert wait_until(lambda: len(job.refusals) == 3)  # recorded after each response is sent
         assert [(r.kind, r.requested_model, r.expected_model) for r in job.refusals] == [
             ("route", None, None), ("model", "claude-opus-4-1", MODEL), ("body", None, None)]
         assert job.sealed.refused_models == ["claude-opus-4-1"] and job.sealed.refused()
