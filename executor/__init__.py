@@ -28,6 +28,7 @@ from .errors import (
     Rejected,
     ReviewError,
     SandboxError,
+    SchemaTooNew,
     Stalled,
     TestsFailed,
     TestsOutOfMemory,
@@ -43,8 +44,8 @@ __all__ = [
     "AgentFailed", "ApiError", "AuthFailed", "Cancelled", "CommitFailed", "CompactionUnavailable", "ConfigError",
     "Conflict", "EvaluationError", "EvaluationTimedOut", "ExecutorError", "IllegalTransition", "InternalError",
     "Interrupted", "InvalidJob", "ModelMismatch", "NoCoverageGain", "OutOfMemory", "Overloaded", "RateLimited",
-    "Regression", "Rejected", "ReviewError", "SandboxError", "Settings", "Stalled", "Status", "TestsFailed",
-    "TestsOutOfMemory", "TestsTimedOut", "TimedOut", "UnsafePath", "WeakTests", "WorkspaceError",
+    "Regression", "Rejected", "ReviewError", "SandboxError", "SchemaTooNew", "Settings", "Stalled", "Status",
+    "TestsFailed", "TestsOutOfMemory", "TestsTimedOut", "TimedOut", "UnsafePath", "WeakTests", "WorkspaceError",
 ]
 
 

@@ -11,6 +11,7 @@ Must never: grow a second base class, or hold secrets (tokens, keys) in a messag
 
     ExecutorError
     ├── ConfigError              settings, policy or runner files are wrong
+    │   └── SchemaTooNew         the database was migrated by a newer executor than this one
     ├── InvalidJob               a job file is wrong (the message says what and how to fix it)
     ├── IllegalTransition        the store refused a status change (someone else moved the job first)
     ├── InternalError            a bug in the executor ended the job (see its log)
@@ -78,6 +79,10 @@ class ExecutorError(Exception):
 
 class ConfigError(ExecutorError):
     reason = "config"
+
+
+class SchemaTooNew(ConfigError):
+    reason = "schema_too_new"
 
 
 class InvalidJob(ExecutorError):

@@ -12,6 +12,7 @@ from __future__ import annotations
 import difflib
 import json
 import re
+import socket
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -159,6 +160,21 @@ class Settings(BaseSettings):
     metrics_port: int | None = Field(default=None, ge=1, le=65535,
                                      description="Port of the Prometheus /metrics endpoint (off when unset).")
     metrics_host: str = Field(default="127.0.0.1", description="Address the metrics endpoint listens on.")
+    database_url: SecretStr | None = Field(
+        default=None,
+        description="The store: unset, the SQLite file executor.db under the state root; a postgresql+psycopg:// "
+                    "URL makes several hosts share one PostgreSQL queue (its password is redacted like a token).")
+    host_id: str = Field(
+        default_factory=socket.gethostname, min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$",
+        description="This host's name in the shared store (default: the hostname); unique per `executor serve`.")
+    host_heartbeat: float = Field(default=5.0, gt=0, description="Seconds between two heartbeats of this host.")
+    host_timeout: float = Field(
+        default=60.0, gt=0,
+        description="A host whose last heartbeat is older than this is lost: its running jobs are marked "
+                    "interrupted, and a host holding the same workspace root rolls them back and re-queues them.")
+    claim_poll: float = Field(
+        default=5.0, gt=0,
+        description="PostgreSQL: seconds an idle host waits for a NOTIFY before it looks at the queue anyway.")
 
     @field_validator("workspace_roots", mode="before")
     @classmethod
@@ -176,6 +192,13 @@ class Settings(BaseSettings):
             return [p.strip() for p in re.split(r"[:,]", value) if p.strip()]
         return value
 
+    @field_validator("database_url")
+    @classmethod
+    def _known_engine(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and not value.get_secret_value().startswith(("sqlite:///", "postgresql+psycopg://")):
+            raise ValueError("EXECUTOR_DATABASE_URL must be sqlite:///PATH or postgresql+psycopg://USER@HOST/DB")
+        return value
+
     @field_validator("notify_on", mode="before")
     @classmethod
     def _kinds(cls, value: object) -> object:
@@ -185,7 +208,7 @@ class Settings(BaseSettings):
             raise ValueError(f"unknown kind {', '.join(unknown)}: choose among {', '.join(NOTIFY_KINDS)}")
         return kinds
 
-    @field_validator("retention", mode="before")
+    @field_validator("retention", "host_heartbeat", "host_timeout", "claim_poll", mode="before")
     @classmethod
     def _duration(cls, value: object) -> object:
         return parse_duration(value) if isinstance(value, str) else value
@@ -214,6 +237,16 @@ class Settings(BaseSettings):
     @property
     def db_path(self) -> Path:
         return self.home / "executor.db"
+
+    @property
+    def db_url(self) -> str:
+        """The store's URL: ``EXECUTOR_DATABASE_URL``, or the SQLite file under the state root."""
+        return self.database_url.get_secret_value() if self.database_url is not None else f"sqlite:///{self.db_path}"
+
+    @property
+    def shared_store(self) -> bool:
+        """Whether the store is a PostgreSQL database other hosts may share."""
+        return self.db_url.startswith("postgresql")
 
     @property
     def spool_dir(self) -> Path:

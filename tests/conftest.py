@@ -264,3 +264,43 @@ def _no_leftover_containers(request):
     for v in volumes:
         v.remove(force=True)
     assert not leftovers, f"leftover containers/volumes: {leftovers}"
+
+
+# ------------------------------------------------------------------------------------- PostgreSQL
+
+
+@pytest.fixture(scope="session")
+def postgres_cluster():
+    """One throwaway PostgreSQL 15 cluster for the session (tests/postgres.py); missing is a failure."""
+    from tests.postgres import PostgresCluster
+
+    try:
+        cluster = PostgresCluster().start()
+    except RuntimeError as exc:
+        pytest.fail(str(exc), pytrace=False)
+    yield cluster
+    cluster.stop()
+
+
+@pytest.fixture
+def pg_url(postgres_cluster) -> Iterator[str]:
+    """The URL of a new database of the session's cluster, its schema at the code's head (dropped after)."""
+    url = postgres_cluster.migrated_database()
+    yield url
+    postgres_cluster.drop_database(url)
+
+
+@pytest.fixture
+def pg_empty_url(postgres_cluster) -> Iterator[str]:
+    """The URL of a new, empty database of the session's cluster (dropped after the test)."""
+    url = postgres_cluster.create_database()
+    yield url
+    postgres_cluster.drop_database(url)
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db_url(request, tmp_path: Path) -> str:
+    """A new store's URL on each engine: the store's contract holds on both."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'state' / 'executor.db'}"
+    return request.getfixturevalue("pg_url")

@@ -4,7 +4,9 @@ Owns ``$EXECUTOR_HOME/spool/{tmp,incoming,accepted,rejected}``. Writers put a fi
 and rename it into ``incoming/`` (so intake never sees half a file). Intake reads each incoming file
 without following symlinks, commits the job to the store, and only then moves the file to
 ``accepted/``; a bad file goes to ``rejected/`` beside ``NAME.error.json``. A crash between any two steps
-neither loses a job nor runs it twice: the store remembers which spool file a job came from.
+neither loses a job nor runs it twice: the store remembers which spool file a job came from, and through
+which host's spool (several hosts share one store, each with its own spool: a name another host's spool
+already used is taken as a new file here, never mistaken for this spool's half-finished move).
 
 Must never: delete a job file, run anything, or accept a file the store did not take.
 """
@@ -137,7 +139,7 @@ class Spool:
         return new
 
 
-def job_from(valid: ValidJob, spool_name: str | None) -> Job:
+def job_from(valid: ValidJob, spool_name: str | None, spool_host: str | None = None) -> Job:
     return Job(
         id=valid.id,
         session_id=valid.session_id,
@@ -153,6 +155,9 @@ def job_from(valid: ValidJob, spool_name: str | None) -> Job:
         context=valid.spec.context,
         follows=valid.spec.follows,
         spool_name=spool_name,
+        spool_host=spool_host,
+        cpus=valid.policy.cpus,
+        memory=valid.policy.memory,
         repo_uid=valid.identity.uid,
         repo_gid=valid.identity.gid,
         workspace_dev=valid.identity.dev,
@@ -189,7 +194,7 @@ def _take(spool: Spool, store: Store, settings: Settings, runners: dict[str, Run
           result: IntakeResult, translate: Callable[[str], str] | None = None) -> None:
     valid: list[tuple[str, ValidJob]] = []
     for name in names:
-        name = _fresh_name(spool, store, name)
+        name = _fresh_name(spool, store, name, settings.host_id)
         if name is None:
             continue
         raw = None
@@ -201,7 +206,7 @@ def _take(spool: Spool, store: Store, settings: Settings, runners: dict[str, Run
             valid.append((name, validate(spec, settings, runners)))
         except InvalidJob as exc:
             _reject(spool, name, exc, result, store, raw)
-    refused = store.add_jobs([job_from(v, name) for name, v in valid])
+    refused = store.add_jobs([job_from(v, name, settings.host_id) for name, v in valid])
     for index, (name, v) in enumerate(valid):
         if index in refused:
             _reject(spool, name, refused[index], result)
@@ -212,9 +217,11 @@ def _take(spool: Spool, store: Store, settings: Settings, runners: dict[str, Run
     spool.sync()
 
 
-def _fresh_name(spool: Spool, store: Store, name: str) -> str | None:
+def _fresh_name(spool: Spool, store: Store, name: str, host: str) -> str | None:
     """The name to take the file under, or None when it was taken already (only its move was left)."""
     known = store.find_by_spool_name(name)
+    if known is not None and known.spool_host not in (None, host):
+        return spool.rename_incoming(name)  # another host's spool had a file of that name: this one is new
     if known is not None:
         if not (spool.accepted / name).exists():
             # Crash after the job was committed but before the file moved: finish the move only.

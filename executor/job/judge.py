@@ -68,6 +68,8 @@ def _stopped(stopped: str | None, during: str) -> None:
     """The executor itself ended the run: it is stopping, or a person cancelled the job."""
     if stopped == "shutdown":
         raise Interrupted(f"the executor stopped during {during}")
+    if stopped == "taken_over":
+        raise Interrupted(f"this host was found lost during {during} and another host took the job over")
     if stopped == "cancelled":
         raise Cancelled(f"cancelled while {'the agent' if during == 'the attempt' else 'the tests'} ran")
 

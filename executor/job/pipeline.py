@@ -12,13 +12,15 @@ its agent ends. Only an agent that reported success *and* a passing test gate le
 rules (``grading.py``); anything else removes the job's overlay and leaves the repository as it was. Every
 ending is an error of the tree (``errors.py``) or one of its two non-error reasons.
 
-Must never: commit without a passing test run, run a job it did not move to ``running`` itself, or
-hide why a job ended.
+Every move an attempt makes is fenced by its owner (this host, this attempt number): a host found lost
+whose job was taken over meanwhile can move the job nowhere, above all not to ``committing``.
+
+Must never: commit without a passing test run, run a job this host did not claim (the claim moved it to
+``running``), or hide why a job ended.
 """
 
 from __future__ import annotations
 
-import time
 from datetime import timedelta
 
 from ..agent.command import agent_environment
@@ -57,20 +59,17 @@ REVISE_PROMPT = ("A person reviewed the change made for the task below and asked
 
 
 def run_job(ctx: Context, job_id: str) -> Job:
-    """Run one attempt of a queued job to a settled status (or back to queued on shutdown)."""
+    """Run one attempt of a job this host claimed (``Store.claim`` moved it to ``running``, counted the
+    attempt and kept, for a resumed one, the conversation and the moment its changes started) to a settled
+    status (or back to queued on shutdown)."""
     job = ctx.store.get(job_id)
-    assert job is not None
-    number = job.attempts + 1
-    resume = job.resume_session if job.status == Status.waiting_retry else None
-    # A resumed attempt continues the earlier attempt's changes: the repository is judged against
-    # the moment those started.
-    # A resumed attempt continues the earlier attempt's changes, and a revision the reviewed job's: the
-    # repository is judged against the moment those started.
-    start_ns = job.start_ns if (resume or job.builds_on) and job.start_ns else time.time_ns()
-    phase = Phase(job.status)
-    job = phase.move(ctx.store, job, Status.running, started_at=job.started_at or utcnow(), start_ns=start_ns,
-                     attempts=number, retry_at=None, resume_session=None)
-    ctx.store.start_attempt(job.id, number)
+    assert job is not None and job.status == Status.running and job.host_id == ctx.settings.host_id
+    number = job.attempts
+    resume = job.resume_session
+    phase = Phase(Status.running, owner=(ctx.settings.host_id, number))
+    if resume:
+        ctx.store.update_job(job.id, resume_session=None)
+    ctx.store.start_attempt(job.id, number, ctx.settings.host_id)
     ctx.store.add_event(job, number, "state", {"status": "running", "attempt": number, "resume": resume})
     log_state(job, Status.running, number)
     ws = Workspace.of(ctx.settings, job, number)
@@ -85,7 +84,7 @@ def adopt_job(ctx: Context, job_id: str, container) -> Job:
     ws = Workspace.of(ctx.settings, job)
     ctx.store.add_event(job, ws.attempt, "adopted", {"container": container.name})
     log_state(job, "adopted", ws.attempt)
-    phase = Phase(Status.running)
+    phase = Phase(Status.running, owner=(ctx.settings.host_id, job.attempts))
     skip = ctx.store.last_stream_line(job.id, ws.attempt)
 
     def adopt() -> Ending:
@@ -102,9 +101,9 @@ def retest_job(ctx: Context, job_id: str) -> Job:
     assert job is not None
     ws = Workspace.of(ctx.settings, job)
     ctx.store.add_event(job, ws.attempt, "adopted", {"phase": "testing"})
-    phase = Phase(Status.testing)
+    phase = Phase(Status.testing, owner=(ctx.settings.host_id, job.attempts))
     return _settled(ctx, job, ws, phase, lambda: _test_and_commit(ctx, job, ws, phase, Policy(**job.policy),
-                                                                 StopCheck(ctx, job.id)))
+                                                                 StopCheck(ctx, job.id, job.attempts)))
 
 
 def _settled(ctx: Context, job: Job, ws: Workspace, phase: Phase, attempt) -> Job:
@@ -179,7 +178,7 @@ def system_prompt_parts(policy: Policy, brief: str | None = None) -> list[str]:
 
 def _supervise(ctx: Context, job: Job, ws: Workspace, phase: Phase, runner: Runner, policy: Policy, container,
                skip_lines: int = 0, seal: SealedAttempt | None = None) -> Ending:
-    stop = StopCheck(ctx, job.id, refused=seal.refused if seal else None)
+    stop = StopCheck(ctx, job.id, ws.attempt, refused=seal.refused if seal else None)
     watchdog = Watchdog(policy, on_beat=lambda beat: record_beat(ctx, job, ws.attempt, beat),
                         disk=DiskMeter([ws.upper, ws.home_upper], policy.disk))
     ctx.watchdogs[job.id] = watchdog

@@ -7,7 +7,9 @@ requesting changes settles it rolled back *and* inserts, in the same transaction
 same session whose prompt is the reviewer's note and which continues the kept change (its upper dir moves
 to the follow-up when that starts). Every decision moves the job from ``awaiting_review`` through the
 store first, so two reviewers (the CLI and the web page, two processes) cannot both win. The diff the
-reviewer saw is kept (``kept.py``) before the decision, so it can be shown after it.
+reviewer saw is kept (``kept.py``) before the decision, so it can be shown after it. With several hosts
+the kept change lies on the host that ran the job: it is shown, approved and sent back there (its CLI or
+its web page; the follow-up runs there too); a rejection, which only discards, may come from any host.
 
 Must never: apply anything while the repository conflicts with the change, apply other paths than the
 ones approved, or touch the repository on reject.
@@ -58,10 +60,18 @@ class Pending:
         return changed_lines(self.diffs)
 
 
+def _here(job: Job, settings: Settings) -> None:
+    """The kept change must be on this host's disk."""
+    if job.host_id is not None and job.host_id != settings.host_id:
+        raise ReviewError(f"the change of job {job.id} is kept on host {job.host_id}, not on this host "
+                          f"({settings.host_id}): review it there (`executor review` or the web page on that host)")
+
+
 def pending(store: Store, settings: Settings, job_id: str) -> Pending:
     job = store.get(job_id)
     if job is None:
         raise ReviewError(f"no job {job_id!r}")
+    _here(job, settings)
     ws = Workspace.of(settings, job)
     if not ws.upper.is_dir():
         return Pending(job, job.review_reasons or [], [], [], True)
@@ -102,6 +112,7 @@ def approve(store: Store, settings: Settings, job_id: str, files: Iterable[str] 
     would apply changed in the repository since the job started; ``ReviewError`` when it cannot be done.
     """
     job = _awaiting(store, job_id)
+    _here(job, settings)
     ws = Workspace.of(settings, job)
     if not ws.upper.is_dir():
         raise ReviewError(f"the kept change of job {job.id} is gone ({ws.upper}); reject the job")
@@ -153,6 +164,7 @@ def request_changes(store: Store, settings: Settings, job_id: str, note: str, *,
     """End the job (rolled back, ``changes_requested``) and queue its follow-up in one transaction: the same
     session, the reviewer's note as prompt, the kept change as its starting point. Returns both jobs."""
     job = _awaiting(store, job_id)
+    _here(job, settings)
     ws = Workspace.of(settings, job)
     if not ws.upper.is_dir():
         raise ReviewError(f"the kept change of job {job.id} is gone ({ws.upper}); reject the job")

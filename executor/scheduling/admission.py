@@ -1,94 +1,150 @@
-"""Admission: which queued jobs start now, in what order, and why the head of the queue waits.
+"""Admission: which jobs this host starts now, claimed from the shared queue, and why its queue's head waits.
 
-Owns the order rule. Queued jobs (and waiting ones whose retry time has come) are considered in priority,
-then arrival order. Admission is strict head-of-line: when the first job that could run does not fit the
-budget (or the host's available memory), nothing behind it starts ahead of it, so a big job is never
-starved by a stream of small ones. A job held back by its runner's cooldown, its runner's
-``max_concurrent``, its busy workspace or its busy session does not block the others (one job of a session
-runs at a time: its home's committed state is the lower dir of the running job's home).
+Owns the order of a claim round: the governor's lease first (all that is free, capped by the host's
+available memory; nothing when the state root's disk is below its reserve), then the store's claim of the
+head of this host's queue if it fits the lease (``store/queue.py``: one conditional statement, ``FOR
+UPDATE SKIP LOCKED`` on PostgreSQL), then the lease narrowed to the claimed job's limits; again until
+nothing more fits. Queued jobs are considered in priority, then arrival order, among those whose
+workspace lies under one of this host's roots; a job waiting to retry here goes first. Admission is
+strict head-of-line per host: when the head does not fit, nothing behind it starts here ahead of it, so a
+big job is never starved by a stream of small ones. A job held back by its runner's cooldown (read from
+the shared store: a 429 seen by one host cools the runner on all), its runner's ``max_concurrent`` on
+this host, or a workspace or session another job holds (on any host) does not block the others.
 
-Every job left waiting gets its reason in words (``Plan.held``), which ``status``, ``show`` and the page show.
+``reasons`` puts in words why each job at the head of the queue has not started here (``status``, ``show``
+and the page show them), by the same rules, from what the store and the governor say after a round.
 
-Must never: start anything (it returns the plan and the permits it took), or read the environment.
+Must never: start anything (it returns the claimed jobs with their permits), claim without a lease, or
+read the environment.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 
-from ..clock import aware
+from ..clock import aware, utcnow
 from ..policy import Policy, Runner
-from ..store import Job, Status
+from ..store import Job, Status, Store
+from ..store.queue import HOLDING
 from .governor import Governor, Permit
 
 
 @dataclass
 class Plan:
-    """What to start now (each with its permit, already reserved), why the queue's head waits, and why each
-    job that does not start waits (by job id)."""
+    """What to start now (each claimed, with its permit reserved) and why this host's queue's head waits."""
 
     starts: list[tuple[Job, Permit]] = field(default_factory=list)
     waiting: str | None = None
-    held: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
-class Running:
-    """What admission needs to know of a running job."""
+class Host:
+    """Who claims: the host's id and the workspace roots it holds."""
 
-    runner: str
-    workspace: str
-    session: str = ""
+    id: str
+    roots: tuple[str, ...]
 
 
-def plan(candidates: Iterable[Job], running: Mapping[str, Running], runners: Mapping[str, Runner],
-         cooling: Iterable[str], governor: Governor, now: datetime) -> Plan:
-    """The jobs among ``candidates`` (in admission order) that start now."""
-    candidates = list(candidates)
-    cooling = set(cooling)
+def claim(store: Store, governor: Governor, host: Host, runners: Mapping[str, Runner],
+          per_runner: Mapping[str, int], busy: Sequence[str] = ()) -> Plan:
+    """Claim the jobs this host starts now. ``per_runner``: this host's running jobs by runner (for
+    ``max_concurrent``); ``busy``: jobs whose earlier thread still runs here (never claimed again meanwhile)."""
     result = Plan()
-    # One job per workspace and per session: running jobs hold theirs, and so do jobs waiting to resume
-    # on a kept upper dir and home layer.
-    holders = {r.workspace: job_id for job_id, r in running.items()}
-    holders.update({("session", r.session): job_id for job_id, r in running.items() if r.session})
-    for job in candidates:
-        if job.status == Status.waiting_retry:
-            holders.setdefault(job.workspace, job.id)
-            holders.setdefault(("session", job.session_id), job.id)
-    per_runner: dict[str, int] = {}
-    for r in running.values():
-        per_runner[r.runner] = per_runner.get(r.runner, 0) + 1
-    blocked_by: str | None = None  # the head-of-line job that does not fit the budget
-    for job in candidates:
-        if job.id in running:
-            continue
-        if blocked_by is not None:
-            result.held[job.id] = f"behind job {blocked_by}, which waits for room in the budget"
-            continue
-        why = _held(job, now, cooling, holders, runners, per_runner)
-        if why is not None:
-            result.held[job.id] = why
-            continue
-        policy = Policy(**job.policy)
-        host = governor.host_allows(policy)
-        permit = None if host else governor.try_reserve(job.id, policy)
-        if permit is None:
-            # Strict head-of-line: nothing behind a job that does not fit may overtake it.
-            reason = host or governor.why_not(policy)
-            result.waiting = f"job {job.id} waits: {reason}"
-            result.held[job.id] = reason
-            blocked_by = job.id
-            continue
+    counts = dict(per_runner)
+    short = governor.disk_short()
+    if short is not None:
+        head = store.head(host.id, host.roots, _saturated(runners, counts))
+        result.waiting = f"job {head.id} waits: {short}" if head is not None else None
+        return result
+    while True:
+        saturated = _saturated(runners, counts)
+        lease = governor.lease()
+        job = None
+        if lease is not None:
+            job = store.claim(host.id, host.roots, lease.cpus, lease.memory, saturated=saturated,
+                              exclude=[*busy, *(j.id for j, _ in result.starts)])
+            if job is None:
+                governor.release(lease)
+        if job is None:
+            result.waiting = _why_waiting(store, governor, host, saturated)
+            return result
+        permit = governor.narrow(lease, job.id, Policy(**job.policy))
         result.starts.append((job, permit))
+        counts[job.runner] = counts.get(job.runner, 0) + 1
+
+
+def _saturated(runners: Mapping[str, Runner], counts: Mapping[str, int]) -> list[str]:
+    """Runners at their ``max_concurrent`` on this host."""
+    return sorted(name for name, runner in runners.items()
+                  if runner.max_concurrent and counts.get(name, 0) >= runner.max_concurrent)
+
+
+def _why_waiting(store: Store, governor: Governor, host: Host, saturated: Sequence[str]) -> str | None:
+    """Why the head of this host's queue does not start (None when nothing waits here)."""
+    head = store.due_retry(host.id) or store.head(host.id, host.roots, saturated)
+    if head is None:
+        return None
+    policy = Policy(**head.policy)
+    why = governor.host_allows(policy) or governor.why_not(policy) or "another host is claiming it this instant"
+    return f"job {head.id} waits: {why}"
+
+
+def explain(store: Store, governor: Governor, host: Host, runners: Mapping[str, Runner],
+            per_runner: Mapping[str, int], limit: int) -> dict[str, str]:
+    """``reasons`` for the first ``limit`` jobs of the queue, from what the store says now."""
+    queue = store.jobs([Status.queued, Status.waiting_retry], limit=limit)
+    if not queue:
+        return {}
+    now = utcnow()
+    cooling = {name for name, st in store.runner_states().items() if st.cooldown_until and st.cooldown_until > now}
+    bases = {job.builds_on for job in queue if job.builds_on}
+    base_hosts = {base: (found.host_id if (found := store.get(base)) else None) for base in bases}
+    return reasons(queue, store.jobs(HOLDING), host, governor, cooling, set(_saturated(runners, per_runner)),
+                   base_hosts, now)
+
+
+def reasons(queue: Sequence[Job], holding: Sequence[Job], host: Host, governor: Governor, cooling: set[str],
+            saturated: set[str], base_hosts: Mapping[str, str | None], now: datetime) -> dict[str, str]:
+    """Why each job of ``queue`` (the head of the shared queue and this host's waiting retries, in admission
+    order) has not started here, by job id. ``holding``: the jobs that hold a workspace and a session (on any
+    host); ``base_hosts``: for revisions, the host that keeps the change each continues."""
+    holders: dict = {}
+    for job in holding:
         holders[job.workspace] = holders[("session", job.session_id)] = job.id
-        per_runner[job.runner] = per_runner.get(job.runner, 0) + 1
-    return result
+    held: dict[str, str] = {}
+    blocked: str | None = None  # the head of this host's queue, which waits for room
+    for job in queue:
+        why = _elsewhere(job, host, base_hosts)
+        if why is None and blocked is not None:
+            why = f"behind job {blocked}, which waits for room in the budget"
+        if why is None:
+            why = _held(job, holders, cooling, saturated, now)
+        if why is None:
+            policy = Policy(**job.policy)
+            why = governor.host_allows(policy) or governor.why_not(policy)
+            if why is not None:
+                blocked = job.id
+            else:
+                why = "starts at the next claim round"
+        held[job.id] = why
+    return held
 
 
-def _held(job: Job, now: datetime, cooling: set[str], holders: dict, runners: Mapping[str, Runner],
-          per_runner: dict[str, int]) -> str | None:
+def _elsewhere(job: Job, host: Host, base_hosts: Mapping[str, str | None]) -> str | None:
+    """Why the job is another host's to run, if it is."""
+    if job.status == Status.waiting_retry and job.host_id not in (None, host.id):
+        return f"it waits to retry on host {job.host_id}"
+    if not any(job.workspace == root or job.workspace.startswith(root.rstrip("/") + "/") for root in host.roots):
+        return "its workspace is under none of this host's roots: a host that holds it runs it"
+    kept = base_hosts.get(job.builds_on) if job.builds_on else None
+    if kept not in (None, host.id):
+        return f"the change it revises is kept on host {kept}, which runs it"
+    return None
+
+
+def _held(job: Job, holders: dict, cooling: set[str], saturated: set[str], now: datetime) -> str | None:
     """What other than the budget holds the job back, in words (these never block the jobs behind it)."""
     if job.status == Status.waiting_retry and job.retry_at and aware(job.retry_at) > now:
         return f"retries after a rate limit at {aware(job.retry_at):%H:%M:%S} UTC"
@@ -99,7 +155,6 @@ def _held(job: Job, now: datetime, cooling: set[str], holders: dict, runners: Ma
         return f"job {holders[job.workspace]} holds the workspace {job.workspace}"
     if holders.get(("session", job.session_id), job.id) != job.id:
         return f"job {holders[('session', job.session_id)]} of the same session {job.session_id} runs first"
-    runner = runners.get(job.runner)
-    if runner and runner.max_concurrent and per_runner.get(job.runner, 0) >= runner.max_concurrent:
-        return f"runner {job.runner} already runs its max_concurrent = {runner.max_concurrent} jobs"
+    if job.runner in saturated:
+        return f"runner {job.runner} already runs its max_concurrent jobs on this host"
     return None

@@ -6,6 +6,11 @@ construction. A permit remembers what it took, so releasing it can never free mo
 Admission is strict head-of-line: when the first queued job does not fit, nothing behind it starts
 ahead of it, so a big job is never starved by a stream of small ones.
 
+With a shared queue the permit comes first: ``lease`` reserves everything free (capped by the host's
+available memory) before the store is asked for a job that fits it, and ``narrow`` keeps of the lease
+exactly what the claimed job needs, releasing the rest (the order of temporal's slot suppliers: reserve,
+then poll, then mark used).
+
 Must never: start or stop anything, or read the environment.
 """
 
@@ -30,6 +35,9 @@ class Permit:
     pids: int
 
 
+LEASE = "\0lease"  # the key of the one lease the serving loop holds while it claims
+
+
 class Governor:
     def __init__(self, budget_cpus: float, budget_memory: int, reserve_memory: int,
                  disk_root: Path | None = None, disk_reserve: int = 0) -> None:
@@ -48,6 +56,11 @@ class Governor:
     @property
     def reserved_cpus(self) -> float:
         return sum(p.cpus for p in self._held.values())
+
+    @property
+    def held(self) -> int:
+        """How many job permits are held (the lease a claim holds for an instant not counted)."""
+        return sum(1 for p in self._held.values() if p.job_id != LEASE)
 
     @property
     def reserved_memory(self) -> int:
@@ -88,7 +101,7 @@ class Governor:
 
     def snapshot(self) -> dict:
         with self._lock:
-            held = list(self._held.values())
+            held = [p for p in self._held.values() if p.job_id != LEASE]
         return {
             "budget": {"cpus": self.budget_cpus, "memory": self.budget_memory,
                        "reserve_memory": self.reserve_memory},
@@ -102,6 +115,31 @@ class Governor:
         with self._lock:
             if job_id in self._held or self.why_not(policy) is not None:
                 return None
+            permit = Permit(job_id, policy.cpus, policy.memory, policy.pids)
+            self._held[job_id] = permit
+            return permit
+
+    def lease(self) -> Permit | None:
+        """Reserve all that is free now (memory also capped by what the host has available) for a claim;
+        None when nothing is free. Never waits."""
+        available = psutil.virtual_memory().available
+        with self._lock:
+            if LEASE in self._held:
+                return None
+            cpus = self.budget_cpus - self.reserved_cpus
+            memory = min(self.budget_memory - self.reserved_memory, available)
+            if cpus <= 1e-9 or memory <= 0:
+                return None
+            permit = Permit(LEASE, cpus, memory, 0)
+            self._held[LEASE] = permit
+            return permit
+
+    def narrow(self, lease: Permit, job_id: str, policy: Policy) -> Permit:
+        """Keep of ``lease`` what the claimed job needs (its policy's limits), release the rest."""
+        with self._lock:
+            if self._held.get(LEASE) is not lease or policy.cpus > lease.cpus + 1e-9 or policy.memory > lease.memory:
+                raise ValueError(f"job {job_id} does not fit the lease it was claimed with")
+            del self._held[LEASE]
             permit = Permit(job_id, policy.cpus, policy.memory, policy.pids)
             self._held[job_id] = permit
             return permit

@@ -1,12 +1,16 @@
 """Start-up recovery: resolving what a crash of the executor left behind, so nothing is lost or run twice.
 
-Owns the decision for every job found mid-flight: an agent container that still runs is adopted (its
-stream read again; events already stored are not stored twice); an interrupted test gate runs again; an
-interrupted commit is finished (the apply is idempotent; a job in ``committing`` without its upper dir had
-finished applying); an attempt whose container is gone is rolled back and re-queued. Then containers and
-volumes of this executor that no live job owns are swept, and expired job dirs removed.
+Owns the decision for every job of *this host* found mid-flight (the store says which host claimed each;
+jobs another host took over while this one was lost are no longer its own): an agent container that still
+runs is adopted (its stream read again; events already stored are not stored twice); an interrupted test
+gate runs again; an interrupted commit is finished (the apply is idempotent; a job in ``committing``
+without its upper dir had finished applying; no other host ever touches a committing job); an attempt
+whose container is gone is rolled back and re-queued. Every move is fenced by (host, attempt). Then
+containers and volumes of this executor that none of its live jobs owns are swept, and job dirs that are
+expired, or whose job is now another host's, removed.
 
-Must never: run a job twice at once, apply a change twice, or touch another executor's objects.
+Must never: run a job twice at once, apply a change twice, recover another host's job, or touch another
+executor's objects.
 """
 
 from __future__ import annotations
@@ -48,15 +52,18 @@ class Executor(Protocol):
 
 
 def recover(ex: Executor) -> None:
-    for job in ex.store.jobs([Status.running]):
+    def mine(status: Status) -> list[Job]:
+        return [job for job in ex.store.jobs([status]) if job.host_id == ex.settings.host_id]
+
+    for job in mine(Status.running):
         _running(ex, job)
-    for job in ex.store.jobs([Status.testing]):
+    for job in mine(Status.testing):
         _testing(ex, job)
-    for job in ex.store.jobs([Status.committing]):
+    for job in mine(Status.committing):
         _committing(ex, job)
-    live = {job.id for job in ex.store.jobs(ACTIVE)}
+    live = {job.id for job in ex.store.jobs(ACTIVE) if job.host_id == ex.settings.host_id}
     removed = ex.sandbox.sweep(live)
-    remove_expired(ex.settings, ex.store)
+    remove_expired(ex.settings, ex.store, host_id=ex.settings.host_id)
     if removed:
         log.info("swept leftovers", extra={"action": "sweep", "removed": removed})
 
@@ -88,11 +95,15 @@ def _committing(ex: Executor, job: Job) -> None:
     ws = Workspace.of(ex.settings, job)
     # The upper dir is removed only after a complete apply: without it, the commit had finished.
     ending = finish(ex.store, job, ws) if ws.upper.exists() else Ending(Status.succeeded, COMMITTED)
-    settle(ex.store, job, ws, ending, Phase(Status.committing), ex.sandbox, ex.ctx.settled)
+    settle(ex.store, job, ws, ending, _phase(ex, job, Status.committing), ex.sandbox, ex.ctx.settled)
+
+
+def _phase(ex: Executor, job: Job, status: Status) -> Phase:
+    return Phase(status, owner=(ex.settings.host_id, job.attempts))
 
 
 def _settle(ex: Executor, job: Job, error: Interrupted, phase: Status) -> None:
-    settle(ex.store, job, Workspace.of(ex.settings, job), Ending.of(error), Phase(phase), ex.sandbox,
+    settle(ex.store, job, Workspace.of(ex.settings, job), Ending.of(error), _phase(ex, job, phase), ex.sandbox,
            ex.ctx.settled)
 
 

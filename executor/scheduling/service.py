@@ -1,18 +1,20 @@
 """The serving loop: intake, admission, supervision of job threads and side threads, recovery, shutdown.
 
-Owns the executor's process-level life. Each tick it takes new job files from the spool, starts the
-queued jobs that fit the budget (one thread per job, each holding a governor permit), reaps finished
-threads, checks that its side threads (the sealed sandbox's event loop and recorder, web page, metrics,
-notifier) are alive, and writes its snapshot. At start-up it starts the sealed sandbox's threads (adopted
-sealed jobs need their sockets again) and then resolves what a crash left behind (``recovery.py``).
-Shutdown has phases: stop intake and
-admission and close the web page (no decision may start), tell running jobs to stop and wait a grace
-period for them to roll back and re-queue, then remove what still runs and wait for every thread that
-may still touch a repository, stop the sealed sandbox's threads (their last records written), and only then
-close the store.
+Owns the executor's process-level life as one host of the store (``EXECUTOR_HOST_ID``). Each tick it takes
+new job files from its spool into the (possibly shared) store, claims the jobs of its queue that fit its
+budget (``admission.py``; one thread per job, each holding a governor permit), reaps finished threads,
+checks that its side threads (the sealed sandbox's event loop and recorder, web page, metrics, notifier,
+heartbeat, listener) are alive, and writes its snapshot. With PostgreSQL an idle loop claims when a NOTIFY
+wakes it, after a slot freed, or every ``EXECUTOR_CLAIM_POLL`` seconds; with SQLite every tick. At start-up
+it starts the sealed sandbox's threads (adopted sealed jobs need their sockets again), registers its host
+row and then resolves what a crash left behind of its own jobs (``recovery.py``). Shutdown has phases: stop
+intake and admission and close the web page (no decision may start), tell running jobs to stop and wait a
+grace period for them to roll back and re-queue, then remove what still runs and wait for every thread that
+may still touch a repository, stop the sealed sandbox's threads (their last records written), record the
+host's stop, and only then close the store.
 
-Must never: start a job without a permit, run two jobs on one workspace, limp on with a dead side
-thread, or close the store while a job thread may still touch a repository.
+Must never: start a job without a permit and a claim, run two jobs on one workspace, limp on with a dead
+side thread, or close the store while a job thread may still touch a repository.
 """
 
 from __future__ import annotations
@@ -28,11 +30,11 @@ import psutil
 from docker.errors import DockerException
 
 from ..clock import utcnow
-from ..errors import ConfigError, ExecutorError, InternalError
+from ..errors import ExecutorError, IllegalTransition, InternalError
 from ..intake.spool import Spool, intake
 from ..job.context import Context
 from ..job.pipeline import run_job
-from ..policy import Runner, load_runners
+from ..policy import Runner
 from ..redact import RedactingFilter, Redactor
 from ..sandbox.deployment import Deployment, Sandbox, connect, instance_id
 from ..sandbox.disk import free_bytes
@@ -40,12 +42,15 @@ from ..sandbox.hostpaths import HostPaths
 from ..sandbox.seal import Sealer
 from ..settings import Settings
 from ..store import Job, Status, Store
+from ..store.engine import shown
 from ..transaction.commit import Ending, Phase, settle
 from ..transaction.retention import remove_expired
 from ..transaction.workspace import Workspace
 from . import admission, snapshot
 from .governor import Governor, Permit
+from .hosting import Presence
 from .recovery import ACTIVE, recover
+from .runners_file import RunnersFile
 from .wakeup import Wakeup
 
 log = logging.getLogger(__name__)
@@ -70,7 +75,13 @@ class Executor:
         self.settings = settings
         self.secrets = secrets
         self.redactor = Redactor()
-        self.store = Store(settings.db_path, redact=self.redactor)
+        if settings.database_url is not None:  # the database's password is a secret like a runner's token
+            from sqlalchemy.engine import make_url
+
+            password = make_url(settings.db_url).password
+            if password:
+                self.redactor.update({"EXECUTOR_DATABASE_URL": str(password)})
+        self.store = Store(settings.db_url, redact=self.redactor)
         self.spool = Spool(settings.spool_dir)
         self.wakeup = Wakeup(self.spool.incoming)  # a job file arriving, or a slot freed, wakes the loop at once
         if deployment is None:
@@ -83,15 +94,16 @@ class Executor:
             self.paths = HostPaths()
         self.sandbox = deployment
         self.governor = Governor.from_settings(settings)
-        self.problems: dict[str, str] = {}  # configuration the loop could not take, shown by `status`
-        self._runners_seen: tuple | None = None
+        self.runners_file = RunnersFile(settings.policies)
         self.sealer = Sealer()  # its threads start with serve()
         self.ctx = Context(settings=settings, store=self.store, sandbox=self.sandbox,
                            runners=self._load_runners(), secrets=secrets, redactor=self.redactor,
                            sealer=self.sealer)
         self.slots: dict[str, Slot] = {}
         self.waiting: str | None = None  # why the head of the queue is not running
-        self.held: dict[str, str] = {}  # why each queued job that did not start waits (admission order)
+        self.held: dict[str, str] = {}  # why each job at the head of the queue waits (admission order)
+        self._explained = 0.0
+        self.presence = Presence(settings, self.store, self._figures, on_wake=self.wakeup.wake)
         self.last_tick = 0.0
         self._last_retention = 0.0
         self._process = psutil.Process()
@@ -105,26 +117,12 @@ class Executor:
                 self.redactor.update({f"EXECUTOR_{name.upper()}": value.get_secret_value()})
 
     def _load_runners(self) -> dict[str, Runner]:
-        """The runners, re-read only when ``runners.toml`` changed. A broken file at start is fatal; a file
-        broken while serving keeps the previous runners, is logged once per change (not every tick) and
-        is shown by ``status`` as a problem until it is fixed."""
-        path = self.settings.policies / "runners.toml"
-        seen = _file_signature(path)
-        if hasattr(self, "ctx") and seen == self._runners_seen:
-            return self.ctx.runners
-        self._runners_seen = seen
-        try:
-            runners = load_runners(self.settings.policies)
-        except ConfigError as exc:
-            if not hasattr(self, "ctx"):
-                raise
-            self.problems["runners"] = f"{exc}; the previous runners stay in use until the file is fixed"
-            log.error("runners.toml unreadable; keeping the previous runners", extra={"error": str(exc)})
-            return self.ctx.runners
-        self.problems.pop("runners", None)
-        # Whatever a runner's credential is, it is scrubbed from everything stored or logged.
-        self.redactor.update({r.auth_env: self.secrets.get(r.auth_env, "") for r in runners.values()})
-        return runners
+        """The runners in use (``runners_file.py``: re-read when the file changed, kept when it broke)."""
+        if self.runners_file.reload() or not hasattr(self, "ctx"):
+            # Whatever a runner's credential is, it is scrubbed from everything stored or logged.
+            self.redactor.update({r.auth_env: self.secrets.get(r.auth_env, "")
+                                  for r in self.runners_file.runners.values()})
+        return self.runners_file.runners
 
     # -- life -----------------------------------------------------------------------------------------
 
@@ -136,9 +134,11 @@ class Executor:
             handler.addFilter(log_filter)
         self.sandbox.check_image()
         self.sealer.start()
+        self.presence.register()
         recover(self)
         self._start_side_threads()
-        log.info("executor serving", extra={"action": "serve", "home": str(self.settings.home)})
+        log.info("executor serving", extra={"action": "serve", "home": str(self.settings.home),
+                                            "host": self.settings.host_id, "store": shown(self.settings.db_url)})
         try:
             while not stop.is_set():
                 busy = self.tick()
@@ -153,6 +153,7 @@ class Executor:
         from ..surfaces.notify import Notifier
         from ..surfaces.web import serve_web, web_url
 
+        self.presence.start()
         self.metrics = serve_metrics(self.settings, self.store)
         self.web = serve_web(self.settings, self.store)
         if self.metrics is not None:
@@ -164,7 +165,7 @@ class Executor:
 
     def side_threads(self) -> dict[str, threading.Thread]:
         """The threads the executor needs besides its job threads, by name."""
-        threads = dict(self.sealer.threads())
+        threads = {**self.sealer.threads(), **self.presence.threads()}
         for name, owner in (("web page", self.web), ("metrics endpoint", self.metrics), ("notifier", self.notifier)):
             if owner is not None:
                 threads[name] = owner.thread
@@ -213,7 +214,7 @@ class Executor:
             for job_id in list(self.slots):
                 self.sandbox.remove_job_objects(job_id)
             self._join_jobs(None)
-        for closing in (self.metrics, self.notifier):
+        for closing in (self.metrics, self.notifier, self.presence):
             if closing is not None:
                 closing.close()
         self.sealer.stop()  # every job thread is done: no socket is open, the recorder writes its last rows
@@ -240,6 +241,8 @@ class Executor:
             **self.governor.snapshot(),
             "ts": time.time(),
             "pid": self._process.pid,
+            "host": self.settings.host_id,
+            "hosts": self.presence.hosts,
             "poll_interval": self.settings.poll_interval,  # how fresh a snapshot must be to say "running"
             # Where the engine finds what this executor sees (its container's bind mounts), for `submit` on the host.
             "host_paths": [list(pair) for pair in self.paths.binds],
@@ -263,7 +266,7 @@ class Executor:
             # Why queued jobs wait, for `show` and the page: the first HELD_SHOWN in admission order.
             "held": dict(list(self.held.items())[:HELD_SHOWN]),
             "runners": self.runner_view(),
-            "problems": sorted(self.problems.values()),
+            "problems": [p for p in (self.runners_file.problem,) if p],  # configuration the loop could not take
         }
 
     def _running_view(self, job_id: str, slot: Slot) -> dict:
@@ -306,12 +309,19 @@ class Executor:
 
     # -- scheduling -----------------------------------------------------------------------------------
 
+    def _figures(self) -> dict:
+        """What this host holds now, for its heartbeat."""
+        reserved = self.governor.snapshot()["reserved"]
+        return {"reserved_cpus": reserved["cpus"], "reserved_memory": reserved["memory"],
+                "running": len(self.slots), "waiting": self.waiting}
+
     def reap(self) -> None:
         for job_id, slot in list(self.slots.items()):
             if not slot.thread.is_alive():
                 self.governor.release(slot.permit)
                 del self.slots[job_id]
                 self.ctx.stop_requests.pop(job_id, None)
+                self.presence.claim_now = True
 
     def keep_disk_reserve(self) -> None:
         """When running jobs push the state root's free space below the reserve, stop the largest writer."""
@@ -327,19 +337,28 @@ class Executor:
             "action": "disk_reserve", "job": largest, "bytes": measured[largest], "why": short})
 
     def admit(self) -> None:
-        """Start the queued jobs that ``admission.plan`` lets start now."""
-        if self.ctx.shutdown.is_set():
+        """Claim and start the jobs of this host's queue that fit its budget now (``admission.claim``)."""
+        if self.ctx.shutdown.is_set() or not self.presence.claim_due():
             return
-        now = utcnow()
-        running = {job_id: admission.Running(slot.job.runner, slot.job.workspace, slot.job.session_id)
-                   for job_id, slot in self.slots.items()}
-        cooling = [name for name, st in self.store.runner_states().items()
-                   if st.cooldown_until and st.cooldown_until > now]
-        plan = admission.plan(self.store.jobs([Status.queued, Status.waiting_retry]), running, self.ctx.runners,
-                              cooling, self.governor, now)
-        self.waiting, self.held = plan.waiting, plan.held
+        per_runner: dict[str, int] = {}
+        for slot in self.slots.values():
+            per_runner[slot.job.runner] = per_runner.get(slot.job.runner, 0) + 1
+        plan = admission.claim(self.store, self.governor, self.presence.claimer, self.ctx.runners, per_runner,
+                               busy=list(self.slots))
+        self.presence.claimed(started=bool(plan.starts))
+        self.waiting = plan.waiting
+        self._explain_queue(per_runner)
         for job, permit in plan.starts:
             self.start(job, permit)
+
+    def _explain_queue(self, per_runner: dict[str, int]) -> None:
+        """Why the jobs at the head of the queue wait (for ``status``, ``show`` and the page), in words, at most
+        once a second (it reads the queue's head and the holding jobs: cheap, but not for every tick)."""
+        if time.monotonic() - self._explained < 1.0:
+            return
+        self._explained = time.monotonic()
+        self.held = admission.explain(self.store, self.governor, self.presence.claimer, self.ctx.runners,
+                                      per_runner, HELD_SHOWN)
 
     def start(self, job: Job, permit: Permit, target: Callable | None = None, *args) -> None:
         thread = threading.Thread(target=self._run, args=(target or run_job, job.id, *args),
@@ -348,30 +367,27 @@ class Executor:
         thread.start()
 
     def _run(self, target, job_id: str, *args) -> None:
+        attempt = self.slots[job_id].job.attempts if job_id in self.slots else None
         try:
             target(self.ctx, job_id, *args)
+        except IllegalTransition as exc:  # another actor moved the job first (a cancel, a host's take-over)
+            log.warning("job moved by another actor: this attempt ends", extra={
+                "action": "job_moved", "job": job_id, "error": str(exc)})
         except Exception:  # the job thread's boundary: a bug must fail the job loudly, not hang it
             log.exception("job thread failed", extra={"action": "job_crashed", "job": job_id})
-            self._fail_after_crash(job_id)
+            self._fail_after_crash(job_id, attempt)
         finally:
             self.wakeup.wake()  # its slot is free: the loop admits the next job now, not at its next tick
 
-    def _fail_after_crash(self, job_id: str) -> None:
+    def _fail_after_crash(self, job_id: str, attempt: int | None) -> None:
         job = self.store.get(job_id)
-        if job is None or job.status not in ACTIVE:
-            return  # settled, queued again, or awaiting review: its kept change is a person's to decide
+        if job is None or job.status not in ACTIVE or job.host_id != self.settings.host_id:
+            return  # settled, queued again, another host's now, or awaiting review (a person's to decide)
+        owner = (self.settings.host_id, attempt if attempt is not None else job.attempts)
         try:
             settle(self.store, job, Workspace.of(self.settings, job),
                    Ending.of(InternalError("the executor hit an internal error; see its log")),
-                   Phase(job.status), self.sandbox, self.ctx.settled)
+                   Phase(job.status, owner=owner), self.sandbox, self.ctx.settled)
         except (ExecutorError, OSError, DockerException):
             log.exception("cannot settle crashed job", extra={"job": job_id})
 
-
-def _file_signature(path: Path) -> tuple | None:
-    """What tells a changed file from the one read last (an editor's rename makes a new inode)."""
-    try:
-        st = path.stat()
-    except OSError:
-        return None
-    return (st.st_ino, st.st_size, st.st_mtime_ns)

@@ -9,8 +9,8 @@ from importlib import import_module
 from .status import TERMINAL, TRANSITIONS, Status
 
 _LAZY = {"ApiRequest": "models", "Attempt": "models", "Compaction": "models", "Event": "models",
-         "Heartbeat": "models", "Job": "models", "RateLimitEvent": "models", "RunnerState": "models",
-         "Store": "store"}
+         "Heartbeat": "models", "Host": "models", "Job": "models", "RateLimitEvent": "models",
+         "RunnerState": "models", "Store": "store"}
 
 __all__ = ["Status", "TERMINAL", "TRANSITIONS", *_LAZY]
 

@@ -1,20 +1,29 @@
 """The tables of the store: jobs, attempts, the per-session event log, heartbeats, rate limits, runner
-cooldowns, compaction audit rows and the API requests of sealed jobs (SQLModel).
+cooldowns, compaction audit rows, the API requests of sealed jobs and the hosts that share the store
+(SQLModel).
 
-Owns the schema. Every time column holds UTC (``clock.utcnow``).
+Owns the schema as the code sees it; the database gets it through the migrations (``migrations/``), and a
+test holds the two equal. Every time column holds UTC (``clock.utcnow``). Numbers that outgrow 32 bits
+(bytes, nanoseconds, inodes) are BIGINT, as PostgreSQL needs.
 
-Must never: hold a secret (the store redacts every free-text value it writes).
+Must never: hold a secret (the store redacts every free-text value it writes), or change without a new
+migration revision.
 """
 
 from __future__ import annotations
 
 from datetime import datetime
 
-from sqlalchemy import JSON, Column
+from sqlalchemy import JSON, BigInteger, Column, Index
+from sqlalchemy import Enum as SAEnum
 from sqlmodel import Field, SQLModel
 
 from ..clock import utcnow
 from .status import Status
+
+
+def _big(**kw) -> Column:
+    return Column(BigInteger, **kw)
 
 
 class Job(SQLModel, table=True):
@@ -28,18 +37,22 @@ class Job(SQLModel, table=True):
     policy: dict = Field(default_factory=dict, sa_column=Column(JSON))
     test_command: str | None = None
     priority: int = 0
-    status: Status = Field(default=Status.queued, index=True)
+    # Stored by name in a plain VARCHAR on both engines: a new status needs no migration.
+    status: Status = Field(default=Status.queued, sa_column=Column(
+        SAEnum(Status, native_enum=False, length=32, create_constraint=False), index=True, nullable=False))
     reason: str | None = None
     error: str | None = None
     spool_name: str | None = Field(default=None, unique=True)
     created_at: datetime = Field(default_factory=utcnow, index=True)  # `executor jobs` lists the newest first
     started_at: datetime | None = None
     finished_at: datetime | None = None
-    start_ns: int | None = None  # time.time_ns() before the attempt's overlay was mounted (conflict check)
+    # time.time_ns() before the attempt's overlay was mounted (conflict check)
+    start_ns: int | None = Field(default=None, sa_column=_big())
     repo_uid: int | None = None
     repo_gid: int | None = None
-    workspace_dev: int | None = None  # the repository's device and inode at intake: a swapped one is refused
-    workspace_ino: int | None = None
+    # the repository's device and inode at intake: a swapped one is refused
+    workspace_dev: int | None = Field(default=None, sa_column=_big())
+    workspace_ino: int | None = Field(default=None, sa_column=_big())
     attempts: int = 0
     cancel_requested: bool = False
     models_seen: list = Field(default_factory=list, sa_column=Column(JSON))
@@ -63,6 +76,23 @@ class Job(SQLModel, table=True):
     compaction: str | None = None  # how a follow-up started: model | structural | resume | full (+ why)
     follows: str | None = Field(default=None, index=True)  # the job this one was made from (a retry, a revision)
     builds_on: str | None = None  # the reviewed job whose kept change this one revises (its upper dir moves here)
+    # Several hosts (store/queue.py): the policy's hard limits as columns, so a claim picks what fits.
+    cpus: float | None = None
+    memory: int | None = Field(default=None, sa_column=_big())
+    host_id: str | None = Field(default=None, index=True)  # the host that claimed it (its upper dir is there)
+    spool_host: str | None = None  # the host whose spool the job file came in through
+    # Set while the job holds its workspace and session (running, testing, committing, waiting_retry):
+    # unique, so two hosts can never hold one workspace or one session at once.
+    workspace_lock: str | None = None
+    session_lock: str | None = None
+    interrupted_at: datetime | None = None  # its host was found lost (heartbeat older than the host timeout)
+
+
+#: The queue in admission order (priority high first, then arrival): a claim reads it from its head.
+Index("ix_job_queue", Job.__table__.c.status, Job.__table__.c.priority.desc(), Job.__table__.c.created_at,
+      Job.__table__.c.id)
+Index("ux_job_workspace_lock", Job.__table__.c.workspace_lock, unique=True)
+Index("ux_job_session_lock", Job.__table__.c.session_lock, unique=True)
 
 
 class RateLimitEvent(SQLModel, table=True):
@@ -117,6 +147,7 @@ class Attempt(SQLModel, table=True):
     id: int | None = Field(default=None, primary_key=True)
     job_id: str = Field(index=True, foreign_key="job.id")
     number: int
+    host_id: str | None = Field(default=None, index=True)  # the host that ran it
     started_at: datetime = Field(default_factory=utcnow)
     finished_at: datetime | None = None
     outcome: str | None = None
@@ -159,11 +190,11 @@ class Heartbeat(SQLModel, table=True):
     state: str  # progress | api_streaming | waiting_api | idle
     new_lines: int = 0
     cpu_cores: float | None = None
-    memory: int | None = None
+    memory: int | None = Field(default=None, sa_column=_big())
     pids: int | None = None
     idle_for: float = 0.0
     last_activity: str = ""
-    disk: int | None = None  # bytes the job's writable layers used
+    disk: int | None = Field(default=None, sa_column=_big())  # bytes the job's writable layers used
 
 
 class Event(SQLModel, table=True):
@@ -175,3 +206,24 @@ class Event(SQLModel, table=True):
     ts: datetime = Field(default_factory=utcnow)
     kind: str
     data: dict = Field(default_factory=dict, sa_column=Column(JSON))
+
+
+class Host(SQLModel, table=True):
+    """One ``executor serve`` sharing the store: what it offers, and when it was last seen alive."""
+
+    id: str = Field(primary_key=True)  # EXECUTOR_HOST_ID
+    version: str
+    machine: str | None = None  # the hostname it runs on (EXECUTOR_HOST_ID may differ)
+    pid: int | None = None
+    budget_cpus: float
+    budget_memory: int = Field(sa_column=_big(nullable=False))
+    reserve_memory: int = Field(sa_column=_big(nullable=False))
+    workspace_roots: list = Field(default_factory=list, sa_column=Column(JSON))
+    started_at: datetime = Field(default_factory=utcnow)
+    last_seen: datetime = Field(default_factory=utcnow)  # written with the database's clock
+    stopped_at: datetime | None = None  # a clean shutdown
+    lost_at: datetime | None = None  # when another host found its heartbeat too old
+    reserved_cpus: float = 0.0  # the permits it holds (as of its last heartbeat)
+    reserved_memory: int = Field(default=0, sa_column=_big(nullable=False))
+    running: int = 0
+    waiting: str | None = None  # why the head of its queue waits

@@ -7,6 +7,7 @@ job's current status is the expected one, so two actors racing (a watchdog and a
                  |          |-> awaiting_review -> committing (approved) / rolled_back (rejected)
                  |          |-> rolled_back (tests failed) / failed / cancelled / queued (interrupted)
                  |-> waiting_retry (rate limited: slot freed, upper kept) -> running (same runner)
+                 |                                       -> queued (its host was lost: from clean)
                  |-> rolled_back (agent error) / failed / stalled / cancelled / queued (interrupted)
     committing -> failed (the change could not be applied)
     (a job file refused at intake is recorded as rejected, and never moves)
@@ -50,7 +51,8 @@ TRANSITIONS: dict[Status, frozenset[Status]] = {
          Status.waiting_retry}
     ),
     # A rate-limited job waits (slot freed, workspace kept) and then runs again against the same runner.
-    Status.waiting_retry: frozenset({Status.running, Status.cancelled, Status.failed}),
+    # When its host is lost for good, another host holding the workspace root re-queues it from clean.
+    Status.waiting_retry: frozenset({Status.running, Status.cancelled, Status.failed, Status.queued}),
     Status.testing: frozenset(
         {Status.committing, Status.rolled_back, Status.failed, Status.cancelled, Status.queued,
          Status.awaiting_review}

@@ -1,8 +1,12 @@
 """Durable state: every read and write of the database (jobs, attempts, the per-session event log).
 
-Owns the engine and every query; the tables are ``models.py``, the status machine ``status.py``. A status changes only
-through ``transition``, which updates where the current status is the expected one; when another actor
-moved the job first, it raises ``IllegalTransition`` instead of overwriting the truth.
+Owns the engine and every query; the tables are ``models.py``, the status machine ``status.py``, the
+schema's versions ``schema.py``, the queries of the shared queue and of the hosts ``queue.py`` and
+``hosts.py`` (mixed into ``Store``). A status changes only through ``transition`` (or a claim), which
+updates where the current status is the expected one, and, for a job's owner, where the job is still the
+owner's attempt (``owner``: host and attempt number); when another actor moved the job first, it raises
+``IllegalTransition`` instead of overwriting the truth. A job leaving the statuses that hold its
+workspace and session gives up their locks in the same statement.
 
 Must never: store a secret (token values never reach this module), or let a terminal status change.
 """
@@ -16,68 +20,40 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import event, func, update
-from sqlalchemy.exc import IntegrityError, OperationalError
-from sqlmodel import Session, SQLModel, col, create_engine, select
+from sqlalchemy import func, text, update
+from sqlalchemy.exc import IntegrityError
+from sqlmodel import Session, col, select
 
 from ..clock import aware, utcnow
 from ..errors import IllegalTransition, InvalidJob
+from . import schema
+from .engine import CHANNEL, is_postgres, make_engine, sqlite_url
+from .hosts import HostQueries
 from .models import ApiRequest, Attempt, Compaction, Event, Heartbeat, Job, RateLimitEvent, RunnerState
+from .queue import HOLDING, QueueQueries
 from .status import TRANSITIONS, Status
 
-
-def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
-    # WAL lets readers (the CLI) run beside the writer; FULL makes a committed row survive power loss.
-    cursor = dbapi_connection.cursor()
-    cursor.execute("PRAGMA journal_mode=WAL")
-    cursor.execute("PRAGMA synchronous=FULL")
-    cursor.execute("PRAGMA busy_timeout=30000")
-    cursor.execute("PRAGMA foreign_keys=ON")
-    cursor.close()
+#: Moves that hand work to another host or free a workspace: idle hosts are woken (PostgreSQL NOTIFY).
+_WAKES = frozenset(Status) - HOLDING
 
 
-class Store:
+class Store(QueueQueries, HostQueries):
     """Every database operation of the executor."""
 
-    def __init__(self, db_path: Path, redact: Callable[[Any], Any] | None = None) -> None:
+    def __init__(self, target: Path | str, redact: Callable[[Any], Any] | None = None) -> None:
+        """``target``: a SQLite file's path, or a database URL (``EXECUTOR_DATABASE_URL``). The schema is
+        brought to the code's revision (or refused when it is newer: ``SchemaTooNew``)."""
         #: applied to every free-text value written (credential values must never be stored)
         self.redact = redact or (lambda value: value)
-        db_path.parent.mkdir(parents=True, exist_ok=True)
-        self.engine = create_engine(
-            f"sqlite:///{db_path}", connect_args={"check_same_thread": False, "timeout": 30}
-        )
-        event.listen(self.engine, "connect", _sqlite_pragmas)
-        self._create_schema()
-        self._add_missing_columns()
+        self.url = sqlite_url(target) if isinstance(target, Path) else target
+        self.engine = make_engine(self.url)
+        self.postgres = is_postgres(self.engine)
+        schema.ensure(self.engine)
 
-    def _add_missing_columns(self) -> None:
-        """A database made by an older version gains the nullable columns and the indexes added since
-        (create_all only makes missing tables)."""
-        with self.engine.begin() as conn:
-            for table in SQLModel.metadata.sorted_tables:
-                for index in table.indexes:
-                    index.create(conn, checkfirst=True)
-            for table in SQLModel.metadata.sorted_tables:
-                have = {row[1] for row in conn.exec_driver_sql(f'PRAGMA table_info("{table.name}")')}
-                for column in table.columns:
-                    if have and column.name not in have and column.nullable and not column.primary_key:
-                        kind = column.type.compile(dialect=self.engine.dialect)
-                        try:
-                            conn.exec_driver_sql(f'ALTER TABLE "{table.name}" ADD COLUMN "{column.name}" {kind}')
-                        except OperationalError as exc:  # another process added it a moment ago
-                            if "duplicate column" not in str(exc):
-                                raise
-
-    def _create_schema(self) -> None:
-        # `executor serve` and a CLI command may open a new database at the same moment: the loser of
-        # that race sees "table already exists"; the schema is then there, so look again.
-        for attempt in range(5):
-            try:
-                SQLModel.metadata.create_all(self.engine)
-                return
-            except OperationalError as exc:
-                if "already exists" not in str(exc) or attempt == 4:
-                    raise
+    def _notify(self, s: Session, payload: str = "") -> None:
+        """Wake the hosts that LISTEN, when this transaction commits (PostgreSQL; SQLite hosts poll)."""
+        if self.postgres:
+            s.exec(text("SELECT pg_notify(:channel, :payload)").bindparams(channel=CHANNEL, payload=payload))  # type: ignore[call-overload]
 
     @contextmanager
     def session(self) -> Iterator[Session]:
@@ -92,8 +68,9 @@ class Store:
     def add_job(self, job: Job) -> Job:
         """Insert a new job; a second job with the same id is refused (never run twice)."""
         with self.session() as s:
-            s.add(job)
+            s.add(_with_limits(job))
             try:
+                self._notify(s, "1")
                 s.commit()
             except IntegrityError:
                 s.rollback()
@@ -112,8 +89,9 @@ class Store:
         if not jobs:
             return {}
         with self.session() as s:
-            s.add_all(jobs)
+            s.add_all([_with_limits(job) for job in jobs])
             try:
+                self._notify(s, str(len(jobs)))
                 s.commit()
                 return {}
             except IntegrityError:
@@ -142,41 +120,63 @@ class Store:
         with self.session() as s:
             return s.exec(select(Job).where(Job.spool_name == name)).first()
 
-    def jobs(self, statuses: Iterable[Status] | None = None) -> list[Job]:
-        """Jobs in priority, then arrival order (the order admission considers them)."""
+    def jobs(self, statuses: Iterable[Status] | None = None, limit: int | None = None) -> list[Job]:
+        """Jobs in priority, then arrival order (the order admission considers them); at most ``limit``."""
         with self.session() as s:
             query = select(Job)
             if statuses is not None:
                 query = query.where(col(Job.status).in_([st.value for st in statuses]))
             query = query.order_by(col(Job.priority).desc(), col(Job.created_at), col(Job.id))
+            if limit:
+                query = query.limit(limit)
             return list(s.exec(query))
 
-    def transition(self, job_id: str, expected: Status | Iterable[Status], new: Status, *, add: Job | None = None,
-                   **fields: Any) -> Job:
+    def job_list(self, statuses: Iterable[Status] | None = None, host: str | None = None,
+                 limit: int | None = None) -> list[Any]:
+        """A light listing in admission order: rows of id, status, runner, host_id, session_id, reason and
+        created_at only (no prompt, policy or output is loaded: ``executor jobs`` stays quick at 100k jobs)."""
+        query = select(Job.id, Job.status, Job.runner, Job.host_id, Job.session_id, Job.reason, Job.created_at)
+        if statuses is not None:
+            query = query.where(col(Job.status).in_([st.name for st in statuses]))
+        if host is not None:
+            query = query.where(col(Job.host_id) == host)
+        query = query.order_by(col(Job.priority).desc(), col(Job.created_at), col(Job.id))
+        if limit:
+            query = query.limit(limit)
+        with self.session() as s:
+            return list(s.execute(query).all())
+
+    def transition(self, job_id: str, expected: Status | Iterable[Status], new: Status, *,
+                   owner: tuple[str, int] | None = None, add: Job | None = None, **fields: Any) -> Job:
         """Move a job from one of ``expected`` to ``new`` (and set ``fields``) or raise IllegalTransition.
-        ``add``: a new job inserted in the same transaction (a reviewer's follow-up exists exactly when the
-        reviewed job ended for it)."""
+        ``owner`` (host, attempt): the move is refused unless the job is still that host's attempt (a host
+        found lost may have had the job taken over meanwhile). ``add``: a new job inserted in the same
+        transaction (a reviewer's follow-up exists exactly when the reviewed job ended for it)."""
         allowed = {expected} if isinstance(expected, Status) else set(expected)
         sources = [st for st in allowed if new in TRANSITIONS.get(st, frozenset())]
         if not sources:
             raise IllegalTransition(f"job {job_id}: no legal move from {sorted(allowed)} to {new.value}")
         if new.terminal:
             fields.setdefault("finished_at", utcnow())
+        if new not in HOLDING:
+            fields.update(workspace_lock=None, session_lock=None)
+        where = [col(Job.id) == job_id, col(Job.status).in_([st.name for st in sources])]
+        if owner is not None:
+            where += [col(Job.host_id) == owner[0], col(Job.attempts) == owner[1]]
         with self.session() as s:
-            result = s.exec(  # type: ignore[call-overload]
-                update(Job)
-                .where(col(Job.id) == job_id, col(Job.status).in_([st.value for st in sources]))
-                .values(status=new, **self.redact(fields))
-            )
+            result = s.exec(update(Job).where(*where).values(status=new, **self.redact(fields)))  # type: ignore[call-overload]
             if result.rowcount == 1 and add is not None:
                 s.add(add)
+            if result.rowcount == 1 and (new in _WAKES or add is not None):
+                self._notify(s)
             s.commit()
             if result.rowcount != 1:
                 current = s.get(Job, job_id)
                 now = current.status.value if current else "missing"
+                held = f" (host {current.host_id}, attempt {current.attempts})" if current and owner else ""
                 raise IllegalTransition(
-                    f"job {job_id}: refused {'/'.join(st.value for st in sources)} -> {new.value}: "
-                    f"the job is {now}",
+                    f"job {job_id}: refused {'/'.join(st.value for st in sources)} -> {new.value}"
+                    f"{f' for host {owner[0]} attempt {owner[1]}' if owner else ''}: the job is {now}{held}",
                     job_id=job_id,
                     current=now,
                 )
@@ -223,9 +223,9 @@ class Store:
 
     # -- attempts -----------------------------------------------------------------------------------
 
-    def start_attempt(self, job_id: str, number: int) -> Attempt:
+    def start_attempt(self, job_id: str, number: int, host_id: str | None = None) -> Attempt:
         with self.session() as s:
-            attempt = Attempt(job_id=job_id, number=number)
+            attempt = Attempt(job_id=job_id, number=number, host_id=host_id)
             s.add(attempt)
             s.commit()
             s.refresh(attempt)
@@ -372,3 +372,17 @@ class Store:
             if session_id is not None:
                 query = query.where(Event.session_id == session_id)
             return list(s.exec(query.order_by(col(Event.id))))
+
+
+def _with_limits(job: Job) -> Job:
+    """The job with its policy's hard limits as columns (a claim compares them with what is free)."""
+    if job.cpus is None or job.memory is None:
+        from ..policy import Policy
+
+        try:
+            policy = Policy(**(job.policy or {}))
+        except Exception:  # noqa: BLE001 - a policy stored by an older version: its defaults then
+            policy = Policy()
+        job.cpus = job.cpus if job.cpus is not None else policy.cpus
+        job.memory = job.memory if job.memory is not None else policy.memory
+    return job

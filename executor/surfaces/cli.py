@@ -28,6 +28,7 @@ from ..errors import ExecutorError, InvalidJob
 from ..scheduling import snapshot as status_file
 from ..store import Status
 from .cli_common import get_job, load_settings, open_store, read_only, state_root
+from .cli_db import db
 from .cli_jobs import cancel, complete_job_id, follow_events, jobs, log_cmd, show
 from .cli_ops import backup, prune
 from .cli_review import review
@@ -109,7 +110,8 @@ def _spool(daemon, raw: bytes, wait: bool, as_json: bool) -> None:
         valid = validate(parse_spec(raw), daemon)
     except InvalidJob as exc:
         raise click.ClickException(str(exc)) from None
-    if daemon.db_path.exists() and open_store(daemon).get(valid.id) is not None:
+    # The shared store, when EXECUTOR_DATABASE_URL names one here too (status.json never holds its URL).
+    if (daemon.database_url is not None or daemon.db_path.exists()) and open_store(daemon).get(valid.id) is not None:
         raise click.ClickException(f"a job with id {valid.id!r} already exists; job ids are unique")
     data = json.loads(raw)
     data["id"] = valid.id  # fix the id now, so the person gets it and a re-read cannot change it
@@ -164,7 +166,8 @@ def _status_view() -> dict[str, Any]:
     disk = snapshot["measured"].get("disk") or {}
     counts = snapshot.get("counts") or {}
     return {
-        "executor": "running", "status_age_seconds": snapshot["age_seconds"], "budget": snapshot["budget"],
+        "executor": "running", "host": snapshot.get("host"), "hosts": snapshot.get("hosts", []),
+        "status_age_seconds": snapshot["age_seconds"], "budget": snapshot["budget"],
         "reserved": snapshot.get("reserved"), "measured": snapshot.get("measured"),
         "running": snapshot.get("running", []), "queue_length": counts.get(Status.queued.value, 0),
         "waiting": snapshot.get("waiting"), "runners": snapshot.get("runners", []), "counts": counts,
@@ -182,6 +185,7 @@ def _idle_view(home: Path, snapshot: dict | None) -> dict[str, Any]:
 
     with read_only() as conn:
         counts = reads.counts(conn)
+        hosts = reads.hosts(conn)
     if snapshot is not None:
         budget, reserve = snapshot["budget"], (snapshot["measured"].get("disk") or {}).get("reserve")
     else:
@@ -190,7 +194,8 @@ def _idle_view(home: Path, snapshot: dict | None) -> dict[str, Any]:
                   "reserve_memory": settings.reserve_memory}
         reserve = settings.disk_reserve
     return {
-        "executor": "not running", "status_age_seconds": snapshot["age_seconds"] if snapshot else None,
+        "executor": "not running", "host": (snapshot or {}).get("host"), "hosts": hosts,
+        "status_age_seconds": snapshot["age_seconds"] if snapshot else None,
         "budget": budget, "reserved": None, "measured": None, "running": [],
         "queue_length": counts.get(Status.queued.value, 0), "waiting": None, "runners": [], "counts": counts,
         "disk": {"state_root": str(home), "free": free_bytes(home), "reserve": reserve, "jobs": 0},
@@ -222,6 +227,12 @@ def _print_status(view: dict[str, Any]) -> None:
                    f"state={r['state']} idle={r['idle_for']} {r['last_activity'] or ''}")
     for r in view["runners"]:
         click.echo(f"runner     {r['runner']:12} {r['state']}; {r['running']} running, {r['waiting']} waiting")
+    for h in view.get("hosts") or []:
+        here = " (this host)" if h["host"] == view.get("host") else ""
+        click.echo(f"host       {h['host']:16} {h['state']:7} last seen {h['last_seen_seconds']:g}s ago; "
+                   f"{h['running']} running; {h['reserved']['cpus']:g} of {h['budget']['cpus']:g} cpus, "
+                   f"{mib(h['reserved']['memory'])} of {mib(h['budget']['memory'])}{here}"
+                   + (f"; {h['waiting']}" if h.get("waiting") else ""))
 
 
 @main.command()
@@ -242,9 +253,11 @@ def report(since: str, as_json: bool) -> None:
         raise click.ClickException(str(exc)) from None
     if window.total_seconds() <= 0:
         raise click.ClickException("--since must be longer than zero")
+    from ..scheduling.hosting import hosts_view
+
     store = open_store(settings)
     footprint = read_footprint(settings.status_path, fresh=max(10.0, 5 * settings.poll_interval))
-    view = build_report(store, window, footprint=footprint)
+    view = build_report(store, window, footprint=footprint, hosts=hosts_view(store, settings.host_timeout))
     click.echo(json.dumps(view, indent=2) if as_json else render_text(view))
 
 
@@ -284,7 +297,7 @@ def doctor(as_json: bool) -> None:
     sys.exit(1 if failed else 0)
 
 
-for command in (review, session, show, jobs, log_cmd, cancel, retry, backup, prune):
+for command in (db, review, session, show, jobs, log_cmd, cancel, retry, backup, prune):
     main.add_command(command)
 
 

@@ -45,12 +45,23 @@ def state_root() -> Path:
     return Path(os.environ.get("EXECUTOR_HOME") or "store").expanduser().absolute()
 
 
-def open_store(settings: Settings) -> Store:
-    if not settings.db_path.exists():
+def open_store(settings: Settings, create: bool = False) -> Store:
+    """The store ``EXECUTOR_DATABASE_URL`` (or the state root's SQLite file) names; a missing SQLite file is
+    an error unless ``create``, an unreachable or too new database a message."""
+    if settings.database_url is None and not create and not settings.db_path.exists():
         raise click.ClickException(f"no database at {settings.db_path}: is EXECUTOR_HOME right?")
-    from ..store import Store
+    from sqlalchemy.exc import OperationalError
 
-    return Store(settings.db_path)
+    from ..errors import SchemaTooNew
+    from ..store import Store
+    from ..store.engine import shown
+
+    try:
+        return Store(settings.db_url)
+    except SchemaTooNew as exc:
+        raise click.ClickException(str(exc)) from None
+    except OperationalError as exc:
+        raise click.ClickException(f"cannot open the store {shown(settings.db_url)}: {exc.orig}") from None
 
 
 def get_job(store: Store, job_id: str) -> Job:
@@ -61,11 +72,20 @@ def get_job(store: Store, job_id: str) -> Job:
 
 
 def read_only():
-    """The database opened read-only through plain sqlite3 (``store/reads.py``), for ``show`` and ``jobs``:
-    like ``state_root``, without loading pydantic-settings or SQLAlchemy."""
+    """The database opened read-only on its driver (``store/reads.py``: sqlite3, or psycopg for
+    ``EXECUTOR_DATABASE_URL``), for ``show``, ``jobs`` and an idle ``status``: like ``state_root``, without
+    loading pydantic-settings or SQLAlchemy."""
     from ..store import reads
 
-    path = state_root() / "executor.db"
+    url = os.environ.get("EXECUTOR_DATABASE_URL")
+    if url and url.startswith("postgresql"):
+        try:
+            return reads.connect(url)
+        except Exception as exc:  # noqa: BLE001 - psycopg's errors, without importing them up front
+            from ..store.engine import shown
+
+            raise click.ClickException(f"cannot open the store {shown(url)}: {exc}") from None
+    path = Path(url[len("sqlite:///"):]) if url and url.startswith("sqlite:///") else state_root() / "executor.db"
     if not path.exists():
         raise click.ClickException(f"no database at {path}: is EXECUTOR_HOME right?")
     return reads.connect(path)
@@ -86,6 +106,8 @@ def job_view(job: Job, attempts: list, events: list, api_requests: list, followe
         "model_requested": job.model_requested,
         "models_seen": job.models_seen,
         "workspace": job.workspace,
+        "host": job.host_id,
+        "interrupted_at": job.interrupted_at.isoformat() if job.interrupted_at else None,
         "policy": job.policy_name,
         "priority": job.priority,
         "prompt": job.prompt,
@@ -97,7 +119,7 @@ def job_view(job: Job, attempts: list, events: list, api_requests: list, followe
         "started_at": job.started_at.isoformat() if job.started_at else None,
         "finished_at": job.finished_at.isoformat() if job.finished_at else None,
         "attempts": [
-            {"number": a.number, "outcome": a.outcome, "exit_code": a.exit_code,
+            {"number": a.number, "host": a.host_id, "outcome": a.outcome, "exit_code": a.exit_code,
              "claude_session_id": a.claude_session_id, "models_seen": a.models_seen,
              "cost_usd": a.cost_usd, "input_tokens": a.input_tokens, "output_tokens": a.output_tokens,
              "started_at": a.started_at.isoformat(),

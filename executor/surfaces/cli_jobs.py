@@ -70,12 +70,14 @@ def show(job_id: str, as_json: bool) -> None:
         click.echo(json.dumps(view, indent=2))
         return
     for key in ("id", "session_id", "status", "waiting", "reason", "error", "runner", "model_requested",
-                "models_seen", "workspace", "policy", "follows", "builds_on", "followed_by", "created_at", "started_at",
-                "finished_at", "skills", "context", "compaction"):
+                "models_seen", "workspace", "host", "interrupted_at", "policy", "follows", "builds_on", "followed_by",
+                "created_at", "started_at", "finished_at", "skills", "context", "compaction"):
         if view[key] not in (None, [], ""):
             value = click.style(view[key], fg=COLOURS.get(view[key])) if key == "status" else view[key]
             click.echo(f"{key:16} {value}")
     click.echo(f"{'attempts':16} {len(view['attempts'])}")
+    for a in view["attempts"]:
+        click.echo(f"  {a['number']:>3} on {a['host'] or '-':16} {a['outcome'] or 'running':14} {a['started_at'][:19]}Z")
     _show_seal(view)
     if view["changed_files"]:
         click.echo("changed files:")
@@ -125,28 +127,31 @@ def _show_seal(view: dict) -> None:
               help="Only jobs in this status (repeat for several).")
 @click.option("--runner", default=None, help="Only jobs of this runner.")
 @click.option("--session", "session_id", default=None, help="Only jobs of this session.")
+@click.option("--host", default=None, help="Only jobs this host claimed (several hosts sharing one store).")
 @click.option("--limit", default=50, show_default=True, type=click.IntRange(min=1), help="At most this many.")
 @click.option("--json", "as_json", is_flag=True)
-def jobs(statuses: tuple[str, ...], runner: str | None, session_id: str | None, limit: int, as_json: bool) -> None:
-    """The most recent jobs, newest first: status, runner, age, how long they ran, why they ended."""
+def jobs(statuses: tuple[str, ...], runner: str | None, session_id: str | None, host: str | None, limit: int,
+         as_json: bool) -> None:
+    """The most recent jobs, newest first: status, runner, host, age, how long they ran, why they ended."""
     from ..store import reads
 
     with read_only() as conn:
         rows = reads.recent_jobs(conn, [Status(s) for s in statuses] or None, runner=runner, session_id=session_id,
-                                 limit=limit)
+                                 limit=limit, host=host)
     now = utcnow()
     if as_json:
-        click.echo(json.dumps([{"id": j.id, "status": j.status.value, "runner": j.runner, "session_id": j.session_id,
+        click.echo(json.dumps([{"id": j.id, "status": j.status.value, "runner": j.runner, "host": j.host_id,
+                                "session_id": j.session_id,
                                 "reason": j.reason, "created_at": aware(j.created_at).isoformat(),
                                 "age_seconds": round((now - aware(j.created_at)).total_seconds(), 1),
                                 "duration_seconds": None if (d := _duration(j, now)) is None else round(d, 1)}
                                for j in rows], indent=2))
         return
-    header = f"{'ID':24} {'STATUS':16} {'RUNNER':12} {'AGE':>7} {'RAN':>7}  REASON"
+    header = f"{'ID':24} {'STATUS':16} {'RUNNER':12} {'HOST':12} {'AGE':>7} {'RAN':>7}  REASON"
     click.echo(header)
     for j in rows:
         status = click.style(f"{j.status.value:16}", fg=COLOURS.get(j.status.value))
-        click.echo(f"{j.id:24} {status} {j.runner[:12]:12} {_ago(j.created_at, now):>7} "
+        click.echo(f"{j.id:24} {status} {j.runner[:12]:12} {(j.host_id or '-')[:12]:12} {_ago(j.created_at, now):>7} "
                    f"{span(_duration(j, now)):>7}  {j.reason or ''}")
 
 

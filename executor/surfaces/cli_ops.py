@@ -1,7 +1,7 @@
 """``executor backup`` and ``executor prune``: keeping a home server's state root safe and small.
 
 Owns the consistent copy of the database while the executor serves (SQLite's online backup API: the copy
-is one transaction's view, whatever the writer does meanwhile) and the removal of what is old: accepted
+is one transaction's view, whatever the writer does meanwhile; a PostgreSQL store is pg_dump's) and the removal of what is old: accepted
 and rejected spool files, session homes (Claude Code's transcripts) of sessions with no recent job, and
 kept upper dirs of ended jobs (a conflict's, a failed apply's) and decided reviews' diffs, every removal
 through pinned fds.
@@ -33,6 +33,9 @@ def backup(path: Path, as_json: bool) -> None:
     """A consistent copy of the database at PATH, taken while the executor serves (restore: stop the
     executor, copy it to $EXECUTOR_HOME/executor.db, start it)."""
     settings = load_settings()
+    if settings.shared_store:
+        raise click.ClickException("the store is a PostgreSQL database (EXECUTOR_DATABASE_URL): back it up with "
+                                   "pg_dump on the database's host (README: Several hosts)")
     if not settings.db_path.exists():
         raise click.ClickException(f"no database at {settings.db_path}: is EXECUTOR_HOME right?")
     if path.exists() or path.is_symlink():

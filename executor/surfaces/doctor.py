@@ -2,12 +2,13 @@
 
 Owns the read-mostly probes a person runs before (or instead of) reading a stack trace: the engine is
 reachable, the sandbox image exists, an overlay volume with ``userxattr`` mounts, the state root is
-writable, host paths equal container paths (when the executor runs in a container: the engine mounts the
-overlays by *host* path), the runners' token variables are set (the sealed jobs' gateways and compaction
-use them), the compaction model is a pinned id, every policy loads (one that leaves the sandbox unsealed,
-``network`` bridge or host, is flagged), and the workspace roots exist and belong to a regular user. Every
-check returns a ``Check``: ok, a warning (an explicit opt-in worth knowing about) or a problem, what was
-found, and how to fix it.
+writable, the store (``EXECUTOR_DATABASE_URL``) is reachable with a schema this executor knows, host paths
+equal container paths (when the executor runs in a container: the engine mounts the overlays by *host*
+path), the runners' token variables are set (the sealed jobs' gateways and compaction use them), the
+compaction model is a pinned id, every policy loads (one that leaves the sandbox unsealed, ``network``
+bridge or host, is flagged), and the workspace roots exist and belong to a regular user. Every check
+returns a ``Check``: ok, a warning (an explicit opt-in worth knowing about) or a problem, what was found,
+and how to fix it.
 
 Must never: change anything outside ``$EXECUTOR_HOME/.doctor-*`` and its own labelled probe container and
 volume (all removed before it returns), or print a credential's value (only the variable's name).
@@ -114,6 +115,7 @@ class Doctor:
         yield image
         state = self.check_state_root()
         yield state
+        yield self.check_store()
         paths = self.check_paths() if not engine.failed else _skipped("host path == container path", "engine")
         yield paths
         failed = [c.name for c in (engine, image, state, paths) if c.failed]
@@ -149,6 +151,32 @@ class Doctor:
             return _problem(name, problem, f"{rebuild_hint(image)}; or set EXECUTOR_SANDBOX_IMAGE to an image "
                                            "built from this checkout")
         return _ok(name, f"{image} present ({found.short_id}, interface {SANDBOX_INTERFACE})")
+
+    def check_store(self) -> Check:
+        """The store is reachable and its schema is one this executor knows (or it does not exist yet)."""
+        from sqlalchemy.exc import SQLAlchemyError
+
+        from ..store import schema
+        from ..store.engine import make_engine, shown
+
+        name, url = "store", self.settings.db_url
+        if self.settings.database_url is None and not self.settings.db_path.exists():
+            return _ok(name, f"{shown(url)}: no database yet (made at the first start)")
+        engine = make_engine(url)
+        try:
+            with engine.connect() as conn:
+                revision = schema.current(conn)
+        except SQLAlchemyError as exc:
+            return _problem(name, f"cannot reach the store {shown(url)}: {getattr(exc, 'orig', exc)}",
+                            "check EXECUTOR_DATABASE_URL (host, port, user, password, database) and that "
+                            "PostgreSQL runs and lets this host in (listen_addresses, pg_hba.conf)")
+        finally:
+            engine.dispose()
+        if revision not in (None, schema.HEAD) and revision not in schema.known_revisions():
+            return _problem(name, f"{shown(url)}: schema {revision} is newer than this executor ({schema.HEAD})",
+                            "run the same executor version on every host that shares the store")
+        return _ok(name, f"{shown(url)}: schema {revision or 'not made yet'} (this executor: {schema.HEAD}; "
+                         "older ones are upgraded at start)")
 
     def check_state_root(self) -> Check:
         name = "state root"

@@ -4,9 +4,10 @@ Owns one private ``prometheus_client`` registry (never the process-wide default 
 whose values are a snapshot the serving loop refreshes each tick: one aggregate SQL query over the store
 (jobs by status/reason/runner, rate-limit events by runner/kind, token and cost sums, sealed jobs' API
 requests by runner/status with the API's token counts, egress decisions) plus the status snapshot the loop
-already computed (budget, reservations, measured use, queue, each running job's disk). A scrape only reads
-that snapshot, so it never touches the database. Durations and waits are histograms in seconds observed as
-jobs settle; the process collector gives the executor's own CPU seconds and memory.
+already computed (budget, reservations, measured use, queue, each running job's disk, and every host sharing
+the store: its budget, what it holds, when it was last seen). A scrape only reads that snapshot, so it never
+touches the database. Durations and waits are histograms in seconds observed as jobs settle; the process
+collector gives the executor's own CPU seconds and memory.
 
 Must never: listen anywhere but the configured address (loopback by default), be started when
 ``EXECUTOR_METRICS_PORT`` is unset, expose a prompt, a path's content or a credential (labels are
@@ -40,10 +41,12 @@ from ..store import TERMINAL, Status, Store
 
 log = logging.getLogger(__name__)
 
-#: One statement, five aggregates (a scan of each table, no per-job work in Python).
-AGGREGATE = text("""
+#: One statement, five aggregates (a scan of each table, no per-job work in Python). The first branch types
+#: its NULLs (PostgreSQL matches a UNION's column types from it); ``{decision}`` is the engine's JSON access.
+AGGREGATE = """
     SELECT 'job' AS kind, status AS a, COALESCE(reason, '') AS b, runner AS c, COUNT(*) AS n,
-           NULL AS x, NULL AS y, NULL AS z, NULL AS w
+           CAST(NULL AS DOUBLE PRECISION) AS x, CAST(NULL AS DOUBLE PRECISION) AS y,
+           CAST(NULL AS DOUBLE PRECISION) AS z, CAST(NULL AS DOUBLE PRECISION) AS w
       FROM job GROUP BY status, reason, runner
     UNION ALL
     SELECT 'rate_limit', runner, kind, NULL, COUNT(*), SUM(COALESCE(retry_delay, 0)), NULL, NULL, NULL
@@ -58,9 +61,10 @@ AGGREGATE = text("""
            SUM(COALESCE(cache_creation_input_tokens, 0))
       FROM apirequest GROUP BY runner, status
     UNION ALL
-    SELECT 'egress', json_extract(data, '$.decision'), NULL, NULL, COUNT(*), NULL, NULL, NULL, NULL
-      FROM event WHERE kind = 'egress' GROUP BY json_extract(data, '$.decision')
-""")
+    SELECT 'egress', {decision}, NULL, NULL, COUNT(*), NULL, NULL, NULL, NULL
+      FROM event WHERE kind = 'egress' GROUP BY {decision}
+"""
+_JSON_DECISION = {"sqlite": "json_extract(data, '$.decision')", "postgresql": "(data ->> 'decision')"}
 
 _TERMINAL = {st.value for st in TERMINAL}
 
@@ -73,7 +77,8 @@ def aggregate(store: Store) -> dict[str, Any]:
     api: list[tuple[str, str, int, dict[str, int]]] = []
     egress: dict[str, int] = {}
     with store.engine.connect() as conn:
-        for kind, a, b, c, n, x, y, z, w in conn.execute(AGGREGATE):
+        statement = text(AGGREGATE.format(decision=_JSON_DECISION[conn.dialect.name]))
+        for kind, a, b, c, n, x, y, z, w in conn.execute(statement):
             if kind == "job":
                 # SQLAlchemy stores the enum by name, which is also its value
                 jobs.append((Status[a].value if a in Status.__members__ else str(a), b, c, int(n)))
@@ -226,6 +231,7 @@ class ExecutorMetrics:
         for r in status.get("runners") or []:
             cooling.add_metric([r["runner"]], 0.0 if r.get("state") == "ok" else 1.0)
         yield cooling
+        yield from _host_gauges(status.get("hosts") or [])
 
     @staticmethod
     def _sealed(data: dict[str, Any]) -> Iterator[Any]:
@@ -261,6 +267,30 @@ class ExecutorMetrics:
             self._server.shutdown()
             self._server.server_close()
             self._server = None
+
+
+def _host_gauges(hosts: list[dict]) -> Iterator[Any]:
+    """Every host sharing the store, as the serving loop's last heartbeat saw it."""
+    families = {
+        "up": ("executor_host_up", "1 while a host beats (0: stopped or lost)."),
+        "seen": ("executor_host_last_seen_seconds", "Seconds since a host's last heartbeat."),
+        "running": ("executor_host_running_jobs", "Jobs a host runs now."),
+        "budget_cpus": ("executor_host_budget_cpus", "A host's CPU budget."),
+        "reserved_cpus": ("executor_host_reserved_cpus", "CPU cores a host's running jobs reserve."),
+        "budget_memory": ("executor_host_budget_memory_bytes", "A host's memory budget."),
+        "reserved_memory": ("executor_host_reserved_memory_bytes", "Memory a host reserves (its reserve + jobs)."),
+    }
+    gauges = {key: GaugeMetricFamily(name, doc, labels=["host"]) for key, (name, doc) in families.items()}
+    for h in hosts:
+        label = [h["host"]]
+        gauges["up"].add_metric(label, 1.0 if h["state"] == "alive" else 0.0)
+        gauges["seen"].add_metric(label, float(h["last_seen_seconds"]))
+        gauges["running"].add_metric(label, float(h["running"]))
+        gauges["budget_cpus"].add_metric(label, float(h["budget"]["cpus"]))
+        gauges["reserved_cpus"].add_metric(label, float(h["reserved"]["cpus"]))
+        gauges["budget_memory"].add_metric(label, float(h["budget"]["memory"]))
+        gauges["reserved_memory"].add_metric(label, float(h["reserved"]["memory"]))
+    yield from gauges.values()
 
 
 def _ratio(part: float | None, whole: float | None) -> float | None:

@@ -27,6 +27,8 @@ Definitions:
     decided ones.
   * evaluation (the graded gate), over the same jobs: defined in ``evaluation/figures.py`` (share of jobs
     that wrote tests, their proof rate, weak-test rejections, regressions caught, flaky tests).
+  * hosts: every host sharing the store with its budget, what it holds and when it was last seen (as
+    ``executor status`` shows them), and the finished jobs each ran (the host of the job's last claim).
 
 Must never: write to the store or any file, start or signal anything, or print a credential (it reads
 only counts, times, names of runners and models, and the status snapshot's figures).
@@ -127,7 +129,7 @@ def _footprint_view(footprint: dict | None) -> dict[str, Any]:
 
 
 def build_report(store: Store, since: timedelta, now: datetime | None = None,
-                 footprint: dict | None = None) -> dict[str, Any]:
+                 footprint: dict | None = None, hosts: list[dict] | None = None) -> dict[str, Any]:
     """Every figure of ``executor report`` over the window ``[now - since, now]``, as plain JSON data."""
     now = aware(now) if now is not None else utcnow()
     start = now - since
@@ -150,13 +152,13 @@ def build_report(store: Store, since: timedelta, now: datetime | None = None,
                                .where(col(Attempt.started_at) >= lo, col(Attempt.started_at) <= hi)))
         awaiting = list(s.exec(select(Job).where(col(Job.status) == Status.awaiting_review.value)))
         stall_events = s.exec(select(func.count()).select_from(Event).where(
-            Event.kind == "state", func.json_extract(Event.data, "$.reason") == "stalled",
+            Event.kind == "state", col(Event.data)["reason"].as_string() == "stalled",
             col(Event.ts) >= lo, col(Event.ts) <= hi)).one()
         api_rows = list(s.exec(select(ApiRequest.runner, ApiRequest.status, func.count(),
                                       *(func.sum(func.coalesce(getattr(ApiRequest, k), 0)) for k in API_TOKENS))
                                .where(col(ApiRequest.ts) >= lo, col(ApiRequest.ts) <= hi)
                                .group_by(ApiRequest.runner, ApiRequest.status)))
-        where = [func.json_extract(Event.data, f"$.{key}") for key in ("decision", "host", "port")]
+        where = [col(Event.data)[key].as_string() for key in ("decision", "host", "port")]  # both engines
         egress_rows = list(s.exec(select(*where, func.count())
                                   .where(Event.kind == "egress", col(Event.ts) >= lo, col(Event.ts) <= hi)
                                   .group_by(*where)))
@@ -254,7 +256,15 @@ def build_report(store: Store, since: timedelta, now: datetime | None = None,
         "duration_seconds": _summary(durations),
         "queue_wait_seconds": _summary(waits),
         "footprint": _footprint_view(footprint),
+        "hosts": _hosts_view(hosts or [], finished),
     }
+
+
+def _hosts_view(hosts: list[dict], finished: list[Job]) -> list[dict[str, Any]]:
+    ran = Counter(job.host_id for job in finished)
+    view = [{**h, "finished": ran.pop(h["host"], 0)} for h in hosts]
+    view += [{"host": name, "state": "unknown", "finished": n} for name, n in sorted(ran.items(), key=str) if name]
+    return view
 
 
 API_TOKENS = ("input_tokens", "output_tokens", "cache_creation_input_tokens", "cache_read_input_tokens")
@@ -360,6 +370,13 @@ def render_text(report: dict[str, Any]) -> str:
         statuses = ", ".join(f"{n} {s}" for s, n in r["by_status"].items()) or "no finished jobs"
         lines.append(f"runner       {name}: {r['jobs']} jobs ({statuses}); models {', '.join(r['models']) or '-'}; "
                      f"{r['rate_limit_events']} rate limits; ${r['cost_usd']:.4f}")
+    for h in report.get("hosts") or []:
+        if h["state"] == "unknown":
+            lines.append(f"host         {h['host']}: {h['finished']} jobs finished (no host row)")
+            continue
+        lines.append(f"host         {h['host']} {h['state']}, last seen {_secs(h['last_seen_seconds'])} ago: "
+                     f"{h['finished']} jobs finished, {h['running']} running; {h['reserved']['cpus']:g} of "
+                     f"{h['budget']['cpus']:g} cpus, {_mib(h['reserved']['memory'])} of {_mib(h['budget']['memory'])}")
     f = report["footprint"]
     if f.get("budget"):
         b = f["budget"]

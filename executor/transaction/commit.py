@@ -62,12 +62,15 @@ class Ending:
 @dataclass
 class Phase:
     """The status an attempt's owner knows the job is in. Every move the owner makes goes through it, so
-    the store refuses the move (``IllegalTransition``) when someone else moved the job meanwhile."""
+    the store refuses the move (``IllegalTransition``) when someone else moved the job meanwhile. ``owner``
+    (host, attempt) fences a host's attempt: once another host took the job over, the old attempt can move
+    it nowhere (above all not to ``committing``)."""
 
     status: Status
+    owner: tuple[str, int] | None = None
 
     def move(self, store: Store, job: Job, new: Status, add: Job | None = None, **fields: object) -> Job:
-        moved = store.transition(job.id, self.status, new, add=add, **fields)
+        moved = store.transition(job.id, self.status, new, owner=self.owner, add=add, **fields)
         self.status = new
         return moved
 

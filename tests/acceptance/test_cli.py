@@ -562,10 +562,12 @@ def test_jobs_table_filters_json_version_cancel_and_completion(world):
                           workspace="/w", prompt="p", policy_name="default"))
     store.transition("alpha-1", Status.queued, Status.running, started_at=utcnow())
     store.transition("alpha-1", Status.running, Status.rolled_back, reason="agent_error")
+    store.update_job("alpha-2", host_id="box2")  # claimed by another host sharing the store
     store.close()
 
     table = executor(world, "jobs").stdout.decode().splitlines()
-    assert table[0].split()[:6] == ["ID", "STATUS", "RUNNER", "AGE", "RAN", "REASON"]
+    assert table[0].split()[:7] == ["ID", "STATUS", "RUNNER", "HOST", "AGE", "RAN", "REASON"]
+    assert [j["id"] for j in json.loads(executor(world, "jobs", "--host", "box2", "--json").stdout)] == ["alpha-2"]
     assert [line.split()[0] for line in table[1:]] == ["beta-1", "alpha-2", "alpha-1"]  # newest first
     assert "agent_error" in table[3] and "\x1b[" not in "\n".join(table)  # no colour when not a terminal
     assert [line.split()[0] for line in executor(world, "jobs", "--limit", "1").stdout.decode().splitlines()[1:]] \

@@ -42,8 +42,9 @@ def test_doctor_passes_a_healthy_setup(healthy, docker_client):
     code, report, stderr = doctor(healthy.env(), healthy.root)
     assert code == 0 and report["ok"], (report, stderr)
     checks = by_name(report)
-    assert {"engine", "sandbox image", "state root", "host paths", "overlay (userxattr)", "runner tokens",
+    assert {"engine", "sandbox image", "state root", "store", "host paths", "overlay (userxattr)", "runner tokens",
             "compaction model", "policy default", f"workspace roots: {healthy.repos}"} == set(checks)
+    assert "no database yet" in checks["store"]["detail"] or "schema" in checks["store"]["detail"]
     assert all(c["status"] == "ok" and c["fix"] is None for c in checks.values()), checks
     assert checks["policy default"]["detail"] == "network sealed; egress: nothing"
     assert TOKEN_VAR in checks["runner tokens"]["detail"]

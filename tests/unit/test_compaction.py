@@ -4,7 +4,6 @@ model cannot be had; every summary a row beside the event ids it replaced."""
 
 from __future__ import annotations
 
-import sqlite3
 from datetime import timedelta
 from pathlib import Path
 
@@ -283,19 +282,6 @@ def test_job_files_name_skills_that_exist_and_context_full(tmp_path):
         parse_spec({**base, "context": "resume"})
     with pytest.raises(Exception):
         Policy(context="sometimes")
-
-
-def test_an_older_database_gains_the_new_columns(tmp_path):
-    db = tmp_path / "executor.db"
-    Store(db).close()
-    con = sqlite3.connect(db)
-    con.execute("ALTER TABLE job DROP COLUMN compaction")
-    con.execute("ALTER TABLE job DROP COLUMN skills")
-    con.commit()
-    con.close()
-    store = Store(db)
-    _job(store, "old", 1, Status.queued, skills=["a"], compaction="model")
-    assert store.get("old").skills == ["a"]
 
 
 def test_session_context_and_full_print_the_brief_and_the_history(recorded, tmp_path):

@@ -1,5 +1,6 @@
 """Tests for executor.report (figures, percentiles, 24 h windows, the empty store, the footprint) and the
-metrics collector of executor.metrics, against a real SQLite store filled with hand-written rows.
+metrics collector of executor.metrics, against a real store filled with hand-written rows (the store's
+tests on both engines: a SQLite file and a PostgreSQL database).
 
 The same figures from real runs are checked in tests/integration/test_report_runs.py."""
 
@@ -8,7 +9,6 @@ from __future__ import annotations
 import json
 import time
 from datetime import datetime, timedelta, timezone
-from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
@@ -23,8 +23,8 @@ NOW = datetime(2025, 6, 10, 12, 0, tzinfo=timezone.utc)
 
 
 @pytest.fixture
-def store(tmp_path: Path):
-    s = Store(tmp_path / "home" / "executor.db")
+def store(db_url: str):
+    s = Store(db_url)
     yield s
     s.close()
 
@@ -223,6 +223,7 @@ def test_report_command_json_and_text(store, tmp_path, monkeypatch):
     from executor.surfaces.cli import main
 
     monkeypatch.setenv("EXECUTOR_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("EXECUTOR_DATABASE_URL", store.url)
     done = CliRunner().invoke(main, ["report", "--since", "2d", "--json"])
     assert done.exit_code == 0, done.output
     view = json.loads(done.output)
@@ -273,6 +274,32 @@ def test_metrics_mirror_the_store_in_one_query(store):
     from prometheus_client import REGISTRY
 
     assert "executor_jobs_finished" not in {name for name in REGISTRY._names_to_collectors}  # private registry
+
+
+def test_every_host_of_the_store_is_in_the_metrics_and_the_report(store):
+    from executor.scheduling.hosting import hosts_view
+    from executor.store import Host
+
+    for name, cpus in (("box1", 4.0), ("box2", 8.0)):
+        store.register_host(Host(id=name, version="test", budget_cpus=cpus, budget_memory=8 * 2**30,
+                                 reserve_memory=2**28, workspace_roots=["/r"]))
+    store.beat("box2", 2.0, 3 * 2**30, 2, "job x waits: needs 4 cpus, 2 of 8 free")
+    store.stop_host("box1")
+    hosts = hosts_view(store, timeout=60)
+    assert [(h["host"], h["state"], h["running"]) for h in hosts] == [("box1", "stopped", 0), ("box2", "alive", 2)]
+    metrics = ExecutorMetrics()
+    metrics.refresh(store, {**_snapshot(time.time()), "hosts": hosts})
+    m = scrape(metrics)
+    assert m[("executor_host_up", (("host", "box1"),))] == 0 and m[("executor_host_up", (("host", "box2"),))] == 1
+    assert m[("executor_host_reserved_cpus", (("host", "box2"),))] == 2.0
+    assert m[("executor_host_budget_cpus", (("host", "box2"),))] == 8.0
+    assert m[("executor_host_running_jobs", (("host", "box2"),))] == 2
+    add(store, "done-on-2", Status.succeeded, finished=NOW - timedelta(hours=1))
+    store.update_job("done-on-2", host_id="box2")
+    report = build_report(store, timedelta(days=1), now=NOW, hosts=hosts)
+    assert [(h["host"], h["finished"]) for h in report["hosts"]] == [("box1", 0), ("box2", 1)]
+    text = render_text(report)
+    assert "box2 alive" in text and "2 of 8 cpus" in text
 
 
 def test_sealed_jobs_api_usage_egress_and_unsealed_jobs_are_counted(store):

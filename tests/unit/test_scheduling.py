@@ -1,6 +1,7 @@
-"""Scheduling logic without an engine: admission order, settling from the phase the caller knows, the
-judgement of agent and test runs, and the liveness watchdog on a fake clock. The integration tier proves
-the same behaviours on the real engine."""
+"""Scheduling logic without an engine: settling from the phase the caller knows, the judgement of agent and
+test runs, the liveness watchdog on a fake clock, and the serving loop on a fake deployment. Admission (the
+claim from the shared queue) is tests/unit/test_claim.py, on both engines. The integration tier proves the
+same behaviours on the real engine."""
 
 from __future__ import annotations
 
@@ -55,66 +56,48 @@ def governor(cpus: float = 2.0) -> Governor:
     return Governor(cpus, parse_size("64g"), parse_size("256m"))
 
 
-def started(plan: admission.Plan) -> list[str]:
-    return [j.id for j, _ in plan.starts]
+HOST = admission.Host("h1", ("/w",))
 
 
-# ------------------------------------------------------------------------------------------ admission
+def reasons(queue, holding=(), *, gov=None, cooling=(), saturated=(), base_hosts=None, now=NOW):
+    return admission.reasons(list(queue), list(holding), HOST, gov or governor(), set(cooling), set(saturated),
+                             base_hosts or {}, now)
 
 
-def test_jobs_start_in_the_order_given_while_they_fit():
-    plan = admission.plan([job("a"), job("b"), job("c")], {}, {"r": RUNNER}, [], governor(2.0), NOW)
-    assert started(plan) == ["a", "b"]
-    assert plan.waiting is not None and "job c waits" in plan.waiting and "cpus" in plan.waiting
+# ------------------------------------------------------------------------------- why a queued job waits
 
 
-def test_a_head_that_does_not_fit_is_never_overtaken():
+def test_the_head_that_does_not_fit_is_named_and_those_behind_it_say_so():
     gov = governor(2.0)
     assert gov.try_reserve("running", Policy(cpus=1.0)) is not None
-    plan = admission.plan([job("big", cpus=2.0), job("small", cpus=1.0)], {}, {"r": RUNNER}, [], gov, NOW)
-    assert started(plan) == []
-    assert "job big waits" in plan.waiting
-    assert "cpus" in plan.held["big"] and plan.held["small"] == "behind job big, which waits for room in the budget"
+    held = reasons([job("big", cpus=2.0), job("small", cpus=1.0)], gov=gov)
+    assert "cpus" in held["big"] and held["small"] == "behind job big, which waits for room in the budget"
 
 
-def test_cooldown_concurrency_and_busy_workspaces_do_not_block_the_line():
-    limited = Runner(name="limited", model="m", auth_env="T", max_concurrent=1)
-    candidates = [job("cool", runner="cooling"), job("busy", workspace="/w/shared"),
-                  job("limited2", runner="limited"), job("free")]
-    running = {"holder": admission.Running("r", "/w/shared"), "lim1": admission.Running("limited", "/w/l")}
-    plan = admission.plan(candidates, running, {"r": RUNNER, "limited": limited, "cooling": RUNNER},
-                          ["cooling"], governor(8.0), NOW)
-    assert started(plan) == ["free"]
-    assert plan.waiting is None
-    assert plan.held == {"cool": "runner cooling is cooling down after a rate limit",
-                         "busy": "job holder holds the workspace /w/shared",
-                         "limited2": "runner limited already runs its max_concurrent = 1 jobs"}
+def test_cooldown_concurrency_and_busy_workspaces_and_sessions_are_named_and_do_not_block_the_line():
+    holding = [job("holder", workspace="/w/shared", status=Status.running),
+               job("first", workspace="/w/a", session_id="sess", status=Status.running)]
+    held = reasons([job("cool", runner="cooling"), job("busy", workspace="/w/shared"),
+                    job("limited2", runner="limited"), job("second", session_id="sess"), job("free")],
+                   holding, cooling={"cooling"}, saturated={"limited"})
+    assert held == {"cool": "runner cooling is cooling down after a rate limit",
+                    "busy": "job holder holds the workspace /w/shared",
+                    "limited2": "runner limited already runs its max_concurrent jobs on this host",
+                    "second": "job first of the same session sess runs first",
+                    "free": "starts at the next claim round"}
 
 
-def test_a_waiting_retry_job_holds_its_workspace_until_its_time():
-    waiting = job("w", status=Status.waiting_retry, workspace="/w/x", retry_at=NOW + timedelta(minutes=5))
-    later = job("later", workspace="/w/x")
-    plan = admission.plan([waiting, later], {}, {"r": RUNNER}, [], governor(), NOW)
-    assert started(plan) == []  # not yet its time, and the newer job may not take its kept upper's workspace
-    assert plan.held == {"w": "retries after a rate limit at 12:05:00 UTC", "later": "job w holds the workspace /w/x"}
-    plan = admission.plan([waiting, later], {}, {"r": RUNNER}, [], governor(), NOW + timedelta(minutes=6))
-    assert started(plan) == ["w"]
-
-
-def test_one_job_of_a_session_runs_at_a_time_and_the_others_say_so():
-    running = {"first": admission.Running("r", "/w/a", "sess")}
-    plan = admission.plan([job("second", session_id="sess")], running, {"r": RUNNER}, [], governor(), NOW)
-    assert started(plan) == [] and plan.held == {"second": "job first of the same session sess runs first"}
-
-
-def test_permits_taken_by_a_plan_are_held_until_released():
-    gov = governor(2.0)
-    plan = admission.plan([job("a"), job("b")], {}, {"r": RUNNER}, [], gov, NOW)
-    assert gov.reserved_cpus == 2.0
-    for _, permit in plan.starts:
-        gov.release(permit)
-        gov.release(permit)  # a second release frees nothing more
-    assert gov.reserved_cpus == 0.0
+def test_a_waiting_retry_says_when_and_jobs_of_other_hosts_say_whose_they_are():
+    waiting = job("w", status=Status.waiting_retry, workspace="/w/x", retry_at=NOW + timedelta(minutes=5),
+                  host_id="h1")
+    held = reasons([waiting, job("later", workspace="/w/x"), job("outside", workspace="/srv/other"),
+                    job("theirs", status=Status.waiting_retry, host_id="h2"),
+                    job("revision", builds_on="base")], [waiting], base_hosts={"base": "h2"})
+    assert held == {"w": "retries after a rate limit at 12:05:00 UTC",
+                    "later": "job w holds the workspace /w/x",
+                    "outside": "its workspace is under none of this host's roots: a host that holds it runs it",
+                    "theirs": "it waits to retry on host h2",
+                    "revision": "the change it revises is kept on host h2, which runs it"}
 
 
 # --------------------------------------------------------------------------------------------- settle
@@ -354,14 +337,14 @@ def test_the_serving_loop_admits_within_the_budget_and_frees_slots(tmp_path, mon
     policies = tmp_path / "policies"
     policies.mkdir()
     (policies / "runners.toml").write_text('[runners.r]\nmodel = "m"\nauth_env = "T"\n')
-    settings = Settings(home=tmp_path / "home", policies=policies, workspace_roots=[tmp_path], budget_cpus=2.0,
+    settings = Settings(home=tmp_path / "home", policies=policies, workspace_roots=["/w"], budget_cpus=2.0,
                         budget_memory="8g")
     release = threading.Event()
     ran: list[str] = []
 
-    def fake_run_job(ctx, job_id):  # moves the job as the pipeline would, without a container
+    def fake_run_job(ctx, job_id):  # settles the claimed job as the pipeline would, without a container
         ran.append(job_id)
-        ctx.store.transition(job_id, Status.queued, Status.running)
+        assert ctx.store.get(job_id).status == Status.running  # the claim moved it
         release.wait(10)
         ctx.store.transition(job_id, Status.running, Status.rolled_back, reason="agent_error")
 
@@ -391,7 +374,7 @@ def _executor(tmp_path, monkeypatch, run_job, deployment=None):
     policies.mkdir(exist_ok=True)
     (policies / "runners.toml").write_text('[runners.r]\nmodel = "m"\nauth_env = "T"\n')
     monkeypatch.setattr(service, "run_job", run_job)
-    settings = Settings(home=tmp_path / "home", policies=policies, workspace_roots=[tmp_path])
+    settings = Settings(home=tmp_path / "home", policies=policies, workspace_roots=["/w"])
     return service.Executor(settings, {}, deployment=deployment or FakeDeployment())
 
 

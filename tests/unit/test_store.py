@@ -1,5 +1,6 @@
-"""Tests for executor.store: the job status machine, durability settings and the event log, against a
-real SQLite file."""
+"""Tests for executor.store: the job status machine, durability settings and the event log. The store's
+contract is tested on both engines, a real SQLite file and a real PostgreSQL 15 database (``db_url``);
+SQLite's durability settings on SQLite alone."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from sqlalchemy import text
 
 from executor.errors import IllegalTransition, InvalidJob
 from executor.store import TERMINAL, TRANSITIONS, Job, Status, Store
+from executor.store.engine import make_engine
 
 LEGAL = sorted(((src, dst) for src, dsts in TRANSITIONS.items() for dst in dsts), key=lambda p: (p[0].value, p[1].value))
 ILLEGAL = sorted(((src, dst) for src in Status for dst in Status if dst not in TRANSITIONS.get(src, frozenset())),
@@ -27,34 +29,43 @@ def make_job(job_id: str = "j1", **fields) -> Job:
 
 
 @pytest.fixture
-def db(tmp_path: Path) -> Path:
+def db(db_url: str) -> str:
+    """The store's URL: each test runs on SQLite and on PostgreSQL."""
+    return db_url
+
+
+@pytest.fixture
+def sqlite_db(tmp_path: Path) -> Path:
     return tmp_path / "state" / "executor.db"
 
 
 @pytest.fixture
-def store(db: Path):
+def store(db: str):
     s = Store(db)
     yield s
     s.close()
 
 
-def raw_row(db: Path, job_id: str) -> tuple:
-    """The job's row straight from SQLite (no ORM, no cache)."""
-    con = sqlite3.connect(db)
+def _sql(db: str, statement: str, **params) -> list[tuple]:
+    """A statement on a connection of its own (no ORM, no cache, no pool shared with the store)."""
+    engine = make_engine(db)
     try:
-        return con.execute("SELECT * FROM job WHERE id = ?", (job_id,)).fetchone()
+        with engine.begin() as con:
+            result = con.execute(text(statement), params)
+            return [tuple(row) for row in result] if result.returns_rows else []
     finally:
-        con.close()
+        engine.dispose()
 
 
-def force_status(db: Path, job_id: str, status: Status) -> None:
+def raw_row(db: str, job_id: str) -> tuple:
+    """The job's row straight from the database."""
+    rows = _sql(db, "SELECT * FROM job WHERE id = :id", id=job_id)
+    return rows[0] if rows else None
+
+
+def force_status(db: str, job_id: str, status: Status) -> None:
     """Put a job in any status directly (set-up for a transition test)."""
-    con = sqlite3.connect(db)
-    try:
-        con.execute("UPDATE job SET status = ? WHERE id = ?", (status.name, job_id))
-        con.commit()
-    finally:
-        con.close()
+    _sql(db, "UPDATE job SET status = :status WHERE id = :id", status=status.name, id=job_id)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -236,9 +247,7 @@ def test_duplicate_job_id_is_invalid(store, db):
         store.add_job(make_job(prompt="second"))
     assert "'j1' already exists" in str(info.value) and "queued" in str(info.value)
     assert store.get("j1").prompt == "first"
-    con = sqlite3.connect(db)
-    assert con.execute("SELECT count(*) FROM job").fetchone() == (1,)
-    con.close()
+    assert _sql(db, "SELECT count(*) FROM job") == [(1,)]
 
 
 def test_find_by_spool_name(store):
@@ -262,7 +271,9 @@ def test_jobs_in_priority_then_arrival_order(store):
 # durability
 
 
-def test_wal_and_synchronous_full(store, db):
+def test_wal_and_synchronous_full(sqlite_db):
+    db = sqlite_db
+    store = Store(db)
     store.add_job(make_job())
     with store.engine.connect() as con:
         assert con.execute(text("PRAGMA journal_mode")).scalar().lower() == "wal"
@@ -276,9 +287,10 @@ def test_wal_and_synchronous_full(store, db):
     finally:
         raw.close()
     assert Path(f"{db}-wal").exists()
+    store.close()
 
 
-def test_each_new_connection_asks_for_wal_and_full_sync(store):
+def test_each_new_connection_asks_for_wal_and_full_sync(sqlite_db):
     """SQLite's compiled-in default may already be FULL, so the value alone proves little: watch the
     statements a fresh connection runs before it is used."""
     from sqlalchemy import event
@@ -288,6 +300,7 @@ def test_each_new_connection_asks_for_wal_and_full_sync(store):
     def trace(dbapi_connection, _record):
         dbapi_connection.set_trace_callback(statements.append)
 
+    store = Store(sqlite_db)
     event.listen(store.engine, "connect", trace, insert=True)  # runs before the store's own listener
     store.engine.dispose()  # the next use opens a new connection
     store.add_job(make_job())
@@ -295,10 +308,12 @@ def test_each_new_connection_asks_for_wal_and_full_sync(store):
     assert "PRAGMA JOURNAL_MODE=WAL" in upper
     assert "PRAGMA SYNCHRONOUS=FULL" in upper
     assert upper.index("PRAGMA SYNCHRONOUS=FULL") < next(i for i, s in enumerate(upper) if "INSERT" in s)
+    store.close()
 
 
-def test_every_pooled_connection_gets_the_pragmas(store):
+def test_every_pooled_connection_gets_the_pragmas(sqlite_db):
     """Pragmas other than journal_mode are per connection: each new one must set them."""
+    store = Store(sqlite_db)
     conns = [store.engine.connect() for _ in range(3)]
     try:
         for con in conns:
@@ -306,6 +321,7 @@ def test_every_pooled_connection_gets_the_pragmas(store):
     finally:
         for con in conns:
             con.close()
+        store.close()
 
 
 def test_committed_job_is_visible_to_another_connection(store, db):

@@ -5,7 +5,8 @@ live updates: no JavaScript framework, no build step). A waiting job's page show
 Approve (all files or a subset), Reject and Request changes side by side, calling the same ``review``
 decisions as the CLI; a decided job's page shows the diff as the reviewer saw it and how the review ended;
 a queued job's page says why it waits (the serving loop's snapshot); Cancel and Retry are offered where
-they apply. ``/jobs/ID/live`` streams a running job's new event rows and its status changes as
+they apply; the index shows every host sharing the store (budget use, last seen) and which host runs each
+job. ``/jobs/ID/live`` streams a running job's new event rows and its status changes as
 server-sent events; the page appends the rows (the stream's raw rows collapsed) and reloads when the
 status changes. Every form carries a CSRF token; a decision records who made it and with which credential
 (the token's fingerprint).
@@ -38,6 +39,7 @@ from ...clock import aware, span
 from ...errors import Conflict, InvalidJob, ReviewError
 from ...intake import followup
 from ...scheduling import snapshot
+from ...scheduling.hosting import hosts_view
 from ...settings import Settings
 from ...store import TERMINAL, Status, Store
 from ..seal_view import denial_line, egress_denials, network_view
@@ -81,11 +83,12 @@ def create_app(settings: Settings, store: Store, closing: threading.Event | None
             active = store.jobs(ACTIVE)
             settled = store.jobs(TERMINAL)
             settled.sort(key=lambda j: aware(j.finished_at or j.created_at), reverse=True)
-            return waiting, active, settled[:RECENT], review.review_stats(store.jobs()), held()
+            return (waiting, active, settled[:RECENT], review.review_stats(store.jobs()), held(),
+                    hosts_view(store, settings.host_timeout))
 
-        waiting, active, recent, stats, why = await run_in_threadpool(gather)
+        waiting, active, recent, stats, why, hosts = await run_in_threadpool(gather)
         return page(request, "index.html", waiting=waiting, active=active, recent=recent, stats=stats,
-                    since=review.since, reason_text=review.reason_text, held=why)
+                    since=review.since, reason_text=review.reason_text, held=why, hosts=hosts)
 
     async def job_page(request: Request, error: str | None = None, conflicts: list[str] | None = None,
                        status_code: int = 200) -> Response:
@@ -145,11 +148,17 @@ def _job_view(store: Store, settings: Settings, job_id: str, held) -> dict | Non
     job = store.get(job_id)
     if job is None:
         return None
-    pending = review.pending(store, settings, job_id) if job.status == Status.awaiting_review else None
+    pending, elsewhere = None, None
+    if job.status == Status.awaiting_review:
+        try:
+            pending = review.pending(store, settings, job_id)
+        except ReviewError as exc:  # kept on another host: reviewed there
+            elsewhere = str(exc)
     kept = review.kept.load(settings, job_id) if job.reviewed_at and pending is None else None
     events = store.events(job_id=job_id)
     return {
-        "job": job, "pending": pending, "decision": decision(job),
+        "job": job, "pending": pending, "decision": decision(job), "elsewhere": elsewhere,
+        "attempts": store.attempts(job_id),
         "diffs": [diff_view(d) for d in pending.diffs] if pending else
                  [kept_view(f, job.review_files) for f in kept or []],
         "kept": kept is not None,
