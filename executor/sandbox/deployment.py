@@ -231,12 +231,21 @@ class Sandbox:
             raise SandboxError(f"cannot create overlay volume {self.named(name)}: {exc}") from None
 
     def remove_volume(self, name: str) -> None:
+        """Remove one of our volumes by the name we gave it (``named`` adds the instance); absent is fine."""
         try:
-            self.client.volumes.get(self.named(name)).remove(force=True)
+            self._remove_volume_object(self.client.volumes.get(self.named(name)))
+        except NotFound:
+            pass
+
+    @staticmethod
+    def _remove_volume_object(volume) -> None:
+        # Objects listed from the engine already carry their real name: translating it again would miss.
+        try:
+            volume.remove(force=True)
         except NotFound:
             pass
         except APIError as exc:
-            raise SandboxError(f"cannot remove volume {name}: {exc}") from None
+            raise SandboxError(f"cannot remove volume {volume.name}: {exc}") from None
 
     def _filters(self, job_id: str | None) -> dict:
         labels = [f"{LABEL}=1", f"{LABEL_INSTANCE}={self.instance}"]
@@ -253,7 +262,7 @@ class Sandbox:
         for container in self.containers(job_id):
             self.remove(container)
         for volume in self.volumes(job_id):
-            self.remove_volume(volume.name)
+            self._remove_volume_object(volume)
 
     def sweep(self, live_jobs: Iterable[str]) -> list[str]:
         """Remove containers and volumes labelled as ours that no live job owns; returns their names."""
@@ -265,6 +274,6 @@ class Sandbox:
                 removed.append(container.name)
         for volume in self.volumes():
             if (volume.attrs.get("Labels") or {}).get(LABEL_JOB) not in live:
-                self.remove_volume(volume.name)
+                self._remove_volume_object(volume)
                 removed.append(volume.name)
         return removed

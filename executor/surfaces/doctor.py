@@ -234,7 +234,8 @@ class Doctor:
                 user=f"{PROBE_UID}:{PROBE_UID}", network_mode="none",
                 cap_drop=["ALL"], security_opt=["no-new-privileges"],
                 labels={LABEL: "1", LABEL_INSTANCE: sandbox.instance, **labels},
-                mounts=[docker.types.Mount(target="/workspace", source=volume, type="volume", no_copy=True)],
+                mounts=[docker.types.Mount(target="/workspace", source=sandbox.named(volume), type="volume",
+                                            no_copy=True)],
             )
             container.start()
             code = container.wait(timeout=60).get("StatusCode")

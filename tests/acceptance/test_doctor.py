@@ -52,7 +52,7 @@ def test_doctor_passes_a_healthy_setup(healthy, docker_client):
     # the probe cleaned up after itself: no probe dir, container or volume
     assert not list(healthy.home.glob(".doctor-*"))
     assert docker_client.containers.list(all=True, filters={"label": "io.executor.role=doctor"}) == []
-    assert [v for v in docker_client.volumes.list() if v.name.startswith("executor-doctor-")] == []
+    assert docker_client.volumes.list(filters={"label": "io.executor.role=doctor"}) == []
 
 
 def test_doctor_flags_unsealed_policies_a_broken_one_and_an_unpinned_compaction_model(healthy, docker_client):

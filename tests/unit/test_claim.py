@@ -104,6 +104,16 @@ def test_cooldown_runner_limit_and_busy_workspace_or_session_do_not_block_the_li
     assert {store.get(j).status for j in ("cool", "busy", "same-session", "limited2")} == {Status.queued}
 
 
+def test_a_revision_is_claimed_only_by_the_host_that_keeps_its_change_and_judged_from_when_it_began(store):
+    b = admission.Host("host-b", ("/w",))
+    add(store, job("base", status=Status.rolled_back, host_id="host-b", reason="changes_requested"),
+        job("rev", builds_on="base", follows="base", start_ns=1234))
+    assert started(admission.claim(store, governor(), A, RUNNERS, {})) == []  # the change is on host B's disk
+    assert started(admission.claim(store, governor(), b, RUNNERS, {})) == ["rev"]
+    claimed = store.get("rev")
+    assert claimed.host_id == "host-b" and claimed.start_ns == 1234
+
+
 def test_a_cooldown_that_ended_lets_the_runner_start_again(store):
     store.cool_down("r", utcnow() + timedelta(seconds=1), "rate limited")
     add(store, job("after"))
