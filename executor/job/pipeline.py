@@ -90,7 +90,8 @@ def adopt_job(ctx: Context, job_id: str, container) -> Job:
     def adopt() -> Ending:
         runner, policy = _runner_of(ctx, job), Policy(**job.policy)
         seal = SealedAttempt.open(ctx, job, ws, runner, policy)
-        return _supervise(ctx, job, ws, phase, runner, policy, container, skip_lines=skip, seal=seal)
+        return _supervise(ctx, job, ws, phase, runner, policy, container, skip_lines=skip, seal=seal,
+                          adopted=True)
 
     return _settled(ctx, job, ws, phase, adopt)
 
@@ -177,7 +178,7 @@ def system_prompt_parts(policy: Policy, brief: str | None = None) -> list[str]:
 
 
 def _supervise(ctx: Context, job: Job, ws: Workspace, phase: Phase, runner: Runner, policy: Policy, container,
-               skip_lines: int = 0, seal: SealedAttempt | None = None) -> Ending:
+               skip_lines: int = 0, seal: SealedAttempt | None = None, adopted: bool = False) -> Ending:
     stop = StopCheck(ctx, job.id, ws.attempt, refused=seal.refused if seal else None)
     watchdog = Watchdog(policy, on_beat=lambda beat: record_beat(ctx, job, ws.attempt, beat),
                         disk=DiskMeter([ws.upper, ws.home_upper], policy.disk))
@@ -189,7 +190,7 @@ def _supervise(ctx: Context, job: Job, ws: Workspace, phase: Phase, runner: Runn
             ctx.sandbox, container, policy,
             on_events=lambda batch: record_events(ctx, job, ws.attempt, batch),
             should_stop=stop, result_grace=ctx.settings.result_grace, watchdog=watchdog,
-            skip_lines=skip_lines,
+            skip_lines=skip_lines, adopted=adopted,
         )
     finally:
         ctx.watchdogs.pop(job.id, None)

@@ -182,9 +182,13 @@ class Watchdog:
         self.last_progress = now
         self.last_progress_wall = time.time()
 
-    def start(self, container: Container) -> None:
-        """Take the CPU baseline the first beat measures against (no exec: nothing has forked yet)."""
-        stats = sample(container, pids_events=False)
+    def start(self, container: Container, fresh: bool = True) -> None:
+        """Take the CPU baseline the first beat measures against: zero for a container started just now
+        (asking the engine would cost it CPU the agent's start-up needs), sampled for an adopted one."""
+        if fresh:
+            self._cpu_at_beat = 0
+            return
+        stats = sample(container, pids_events=False)  # no exec: the pids are read at the beats
         self._cpu_at_beat = stats.cpu_ns
 
     @property

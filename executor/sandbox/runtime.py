@@ -150,9 +150,10 @@ def tmpfs_size(policy: Policy) -> int:
 
 def watch_agent(sandbox: Deployment, container: Container, policy: Policy, *, on_events: EventSink,
                 should_stop: StopCheck, result_grace: float, watchdog: Watchdog,
-                skip_lines: int = 0) -> AgentRun:
+                skip_lines: int = 0, adopted: bool = False) -> AgentRun:
     """Read the agent's stream to its end (or stop it), then classify how it ended.
 
+    ``adopted``: the container was started before a restart of the executor (not just now);
     ``skip_lines``: when adopting a container after a restart, its stream is read again from the start;
     the first ``skip_lines`` lines only rebuild the state, their events are already in the store.
     """
@@ -161,7 +162,7 @@ def watch_agent(sandbox: Deployment, container: Container, policy: Policy, *, on
     reader = threading.Thread(target=_pump_lines, args=(container, lines), daemon=True,
                               name=f"stream-{container.name}")
     reader.start()
-    watchdog.start(container)
+    watchdog.start(container, fresh=not adopted)
     deadline = time.monotonic() + policy.timeout
     result_seen_at: float | None = None
     stopped: str | None = None

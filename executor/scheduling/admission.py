@@ -20,7 +20,7 @@ read the environment.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 
@@ -48,9 +48,11 @@ class Host:
 
 
 def claim(store: Store, governor: Governor, host: Host, runners: Mapping[str, Runner],
-          per_runner: Mapping[str, int], busy: Sequence[str] = ()) -> Plan:
+          per_runner: Mapping[str, int], busy: Sequence[str] = (),
+          start: Callable[[Job, Permit], None] | None = None) -> Plan:
     """Claim the jobs this host starts now. ``per_runner``: this host's running jobs by runner (for
-    ``max_concurrent``); ``busy``: jobs whose earlier thread still runs here (never claimed again meanwhile)."""
+    ``max_concurrent``); ``busy``: jobs whose earlier thread still runs here (never claimed again meanwhile);
+    ``start``: called with each job as soon as it is claimed (it need not wait for the rest of the round)."""
     result = Plan()
     counts = dict(per_runner)
     short = governor.disk_short()
@@ -72,6 +74,8 @@ def claim(store: Store, governor: Governor, host: Host, runners: Mapping[str, Ru
             return result
         permit = governor.narrow(lease, job.id, Policy(**job.policy))
         result.starts.append((job, permit))
+        if start is not None:
+            start(job, permit)
         counts[job.runner] = counts.get(job.runner, 0) + 1
 
 

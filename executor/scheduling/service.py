@@ -344,12 +344,10 @@ class Executor:
         for slot in self.slots.values():
             per_runner[slot.job.runner] = per_runner.get(slot.job.runner, 0) + 1
         plan = admission.claim(self.store, self.governor, self.presence.claimer, self.ctx.runners, per_runner,
-                               busy=list(self.slots))
+                               busy=list(self.slots), start=self.start)
         self.presence.claimed(started=bool(plan.starts))
         self.waiting = plan.waiting
         self._explain_queue(per_runner)
-        for job, permit in plan.starts:
-            self.start(job, permit)
 
     def _explain_queue(self, per_runner: dict[str, int]) -> None:
         """Why the jobs at the head of the queue wait (for ``status``, ``show`` and the page), in words, at most

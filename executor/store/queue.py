@@ -43,6 +43,11 @@ TAKEN_OVER = (Status.running, Status.testing, Status.waiting_retry)
 #: Marked interrupted when their host is lost.
 MARKED = (Status.running, Status.testing, Status.committing, Status.waiting_retry)
 FIT_SLACK = 1e-9
+# The queue's aliases of the job table, made once: an alias builds its column collections when first used,
+# which cost more than the whole query when it was made anew for every claim (5 ms a round).
+_QUEUED = aliased(Job, name="queued_job")
+_HOLDER = aliased(Job, name="holder")
+_REVIEWED = aliased(Job, name="reviewed")
 
 
 def under_roots(column: Any, roots: Sequence[str]) -> Any:
@@ -69,7 +74,7 @@ class QueueQueries:
 
     def _eligible(self, q: Any, host: str, roots: Sequence[str], saturated: Sequence[str],
                   exclude: Sequence[str]) -> list:
-        holder = aliased(Job)
+        holder = _HOLDER
         cooling = select(RunnerState.name).where(col(RunnerState.cooldown_until) > self._db_now())
         where = [q.status == Status.queued, under_roots(q.workspace, roots), q.runner.not_in(cooling),
                  ~exists().where(holder.workspace_lock == q.workspace),
@@ -79,7 +84,7 @@ class QueueQueries:
         if exclude:
             where.append(q.id.not_in(list(exclude)))
         # A reviewer's revision continues a change kept on the reviewed job's host: only that host may run it.
-        reviewed = aliased(Job)
+        reviewed = _REVIEWED
         where.append(or_(q.builds_on.is_(None),
                          exists().where(reviewed.id == q.builds_on, reviewed.host_id == host),
                          exists().where(reviewed.id == q.builds_on, reviewed.host_id.is_(None))))
@@ -87,7 +92,7 @@ class QueueQueries:
 
     def head(self, host: str, roots: Sequence[str], saturated: Sequence[str] = ()) -> Job | None:
         """The job this host would claim next if it fitted (to say why the queue waits)."""
-        q = aliased(Job)
+        q = _QUEUED
         with self.session() as s:
             return s.execute(select(q).where(*self._eligible(q, host, roots, saturated, ()))
                           .order_by(q.priority.desc(), q.created_at, q.id).limit(1)).scalars().first()
@@ -101,7 +106,7 @@ class QueueQueries:
         retry = self._due_retry(host, saturated, exclude)
         if retry is not None:
             return self._claim_retry(retry, host, cpus, memory)
-        q = aliased(Job)
+        q = _QUEUED
         head = (select(q.id).where(*self._eligible(q, host, roots, saturated, exclude))
                 .order_by(q.priority.desc(), q.created_at, q.id).limit(1))
         if self.postgres:

@@ -270,10 +270,12 @@ def fresh_run_dir(ws: Workspace, name: str) -> Path:
 
 
 def discard_view(sandbox: Deployment, ws: Workspace, view: str) -> None:
+    paths = [p for p in (ws.view_upper(view), ws.view_work(view)) if p.exists() or p.is_symlink()]
+    if not paths:
+        return  # never made: its dirs come before its volume, and go after it
     sandbox.remove_volume(ws.view_volume(view))
-    for path in (ws.view_upper(view), ws.view_work(view)):
-        if path.exists() or path.is_symlink():
-            remove_tree(path)
+    for path in paths:
+        remove_tree(path)
 
 
 def discard_test_view(sandbox: Deployment, ws: Workspace) -> None:

@@ -280,6 +280,17 @@ def test_stream_lines_and_real_cpu_work_are_progress_but_timer_noise_is_not():
     assert dog.check(container) == "stalled"
 
 
+def test_a_fresh_container_counts_its_cpu_from_zero_and_an_adopted_one_from_when_it_was_adopted():
+    for fresh, state in ((True, "progress"), (False, "idle")):
+        dog, clock, beats = watchdog(stall_cpu_threshold=0.05)
+        container = FakeContainer()
+        container.cpu_ns = int(20 * 1e9)  # twenty CPU seconds used before the watchdog started
+        dog.start(container, fresh=fresh)
+        clock.now += 30
+        assert dog.check(container) is None
+        assert beats[-1].state == state, (fresh, beats[-1])
+
+
 def test_a_wait_the_cli_announced_is_not_a_stall():
     dog, clock, _ = watchdog()
     container = FakeContainer()
