@@ -4,8 +4,8 @@ The tables and the ``Store`` load on first use (SQLAlchemy takes a fifth of a se
 that only reads the serving loop's snapshot never pays for it.
 """
 
-from importlib import import_module
 
+from ..lazy import loader
 from .status import TERMINAL, TRANSITIONS, Status
 
 _LAZY = {"ApiRequest": "models", "Attempt": "models", "Compaction": "models", "Event": "models",
@@ -14,10 +14,4 @@ _LAZY = {"ApiRequest": "models", "Attempt": "models", "Compaction": "models", "E
 
 __all__ = ["Status", "TERMINAL", "TRANSITIONS", *_LAZY]
 
-
-def __getattr__(name: str):
-    if name not in _LAZY:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(import_module(f".{_LAZY[name]}", __name__), name)
-    globals()[name] = value
-    return value
+__getattr__ = loader(__name__, _LAZY, globals())

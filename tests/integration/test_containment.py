@@ -17,7 +17,11 @@ import stat
 import subprocess
 import sys
 import textwrap
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from executor.intake.spool import Spool
 from executor.sandbox.disk import free_bytes
@@ -138,23 +142,42 @@ APPROVE = textwrap.dedent("""\
     """)
 
 
-def test_a_host_network_job_cannot_approve_another_jobs_review(world, run_executor):
+@dataclass
+class Review:
+    """A victim job waiting for review on a running executor's page, and an attacker's repository."""
+
+    api: ScriptedAPI
+    store: Any
+    url: str
+    attacker: Path
+    target: Path
+    before: str
+
+
+@contextmanager
+def victim_in_review(world, run_executor, attacker: str) -> Iterator[Review]:
     world.write_policy("always", review="always")
-    world.write_policy("hostnet", network="host")
     target = world.repo("victim-job", {"a.txt": "a\n"})
     before = tree_digest(target)
-    attacker = world.repo("attacker", {"approve.py": APPROVE})
-    with ScriptedAPI({"victim-job": [bash("echo evil > a.txt"), Turn.text("Done.")],
-                      "attacker": []}) as api:
+    attacker_repo = world.repo(attacker, {"approve.py": APPROVE})
+    with ScriptedAPI({"victim-job": [bash("echo evil > a.txt"), Turn.text("Done.")], attacker: []}) as api:
         world.write_runners(api.base_url)
         running = run_executor(world.settings(ui_port=0))
         store = running.executor.store
         web = wait_for(lambda: running.executor.web, 60, "the web page")
         submit(world, "victim-job", target, policy="always")
         assert wait_status(store, "victim-job", SETTLED).status == Status.awaiting_review
-        api.add("attacker", [bash(f"python3 approve.py http://127.0.0.1:{web.port}; "
-                                  "find / -name ui-token 2>/dev/null | head; echo FOUND-END"), Turn.text("Done.")])
-        job = wait_status(store, submit(world, "attacker", attacker, policy="hostnet"), SETTLED)
+        yield Review(api, store, f"http://127.0.0.1:{web.port}", attacker_repo, target, before)
+
+
+def test_a_host_network_job_cannot_approve_another_jobs_review(world, run_executor):
+    world.write_policy("hostnet", network="host")
+    with victim_in_review(world, run_executor, "attacker") as review:
+        store, target, before = review.store, review.target, review.before
+        review.api.add("attacker", [bash(f"python3 approve.py {review.url}; "
+                                         "find / -name ui-token 2>/dev/null | head; echo FOUND-END"),
+                                    Turn.text("Done.")])
+        job = wait_status(store, submit(world, "attacker", review.attacker, policy="hostnet"), SETTLED)
     output = tool_results(store, "attacker")
     assert "INDEX 403" in output  # the page needs its token, on loopback too
     assert "POST /jobs/victim-job/approve 403" in output and "POST /jobs/victim-job/reject 403" in output
@@ -167,22 +190,11 @@ def test_a_host_network_job_cannot_approve_another_jobs_review(world, run_execut
 
 def test_a_sealed_job_cannot_reach_the_review_page_at_all(world, run_executor):
     """Sealed (the default): no route to loopback, and its egress proxy refuses loopback addresses."""
-    world.write_policy("always", review="always")
-    target = world.repo("victim-job", {"a.txt": "a\n"})
-    before = tree_digest(target)
-    attacker = world.repo("sealed-attacker", {"approve.py": APPROVE})
-    with ScriptedAPI({"victim-job": [bash("echo evil > a.txt"), Turn.text("Done.")],
-                      "sealed-attacker": []}) as api:
-        world.write_runners(api.base_url)
-        running = run_executor(world.settings(ui_port=0))
-        store = running.executor.store
-        web = wait_for(lambda: running.executor.web, 60, "the web page")
-        submit(world, "victim-job", target, policy="always")
-        assert wait_status(store, "victim-job", SETTLED).status == Status.awaiting_review
-        url = f"http://127.0.0.1:{web.port}"
-        api.add("sealed-attacker", [bash(f"python3 approve.py {url}; echo VIA-PROXY; python3 approve.py {url} proxy"),
-                                    Turn.text("Done.")])
-        job = wait_status(store, submit(world, "sealed-attacker", attacker), SETTLED)
+    with victim_in_review(world, run_executor, "sealed-attacker") as review:
+        store, target, before, url = review.store, review.target, review.before, review.url
+        review.api.add("sealed-attacker", [
+            bash(f"python3 approve.py {url}; echo VIA-PROXY; python3 approve.py {url} proxy"), Turn.text("Done.")])
+        job = wait_status(store, submit(world, "sealed-attacker", review.attacker), SETTLED)
     output = tool_results(store, "sealed-attacker")
     direct, proxied = output.split("VIA-PROXY")
     assert "INDEX None" in direct and "Connection refused" in direct  # network none: nothing listens there

@@ -5,17 +5,11 @@ as the templates show them), ``app`` (the Starlette routes), ``server`` (uvicorn
 Names load on first use: ``executor review url`` needs the token, not Starlette.
 """
 
-from importlib import import_module
+from ...lazy import loader
 
 _LAZY = {"fingerprint": "access", "page_token": "access", "web_url": "access", "create_app": "app",
          "WebServer": "server", "serve_web": "server"}
 
 __all__ = [*_LAZY]
 
-
-def __getattr__(name: str):
-    if name not in _LAZY:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(import_module(f".{_LAZY[name]}", __name__), name)
-    globals()[name] = value
-    return value
+__getattr__ = loader(__name__, _LAZY, globals())
