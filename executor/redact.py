@@ -62,7 +62,7 @@ def scrub_tree(root: Path, redactor: Redactor, uid: int, gid: int, max_size: int
     The CLI writes what its tools printed into its session transcript; a transcript that says
     ``[REDACTED:VAR]`` still resumes. The tree is the agent's: it is walked from pinned directory fds
     without following a link, and rewritten with the owner's rights (a link planted to a host file is
-    never written through, and nothing is written as root). Returns the rewritten paths, relative.
+    never written through, and nothing is written as root). Returns the rewritten files' names.
     """
     try:
         top = os.open(root, DIR_FLAGS)

@@ -244,6 +244,11 @@ class Settings(BaseSettings):
         return self.database_url.get_secret_value() if self.database_url is not None else f"sqlite:///{self.db_path}"
 
     @property
+    def store_exists(self) -> bool:
+        """Whether there is a store to open: a database URL names one, or the SQLite file is there."""
+        return self.database_url is not None or self.db_path.exists()
+
+    @property
     def shared_store(self) -> bool:
         """Whether the store is a PostgreSQL database other hosts may share."""
         return self.db_url.startswith("postgresql")
@@ -251,6 +256,11 @@ class Settings(BaseSettings):
     @property
     def spool_dir(self) -> Path:
         return self.home / "spool"
+
+    @property
+    def reviews_dir(self) -> Path:
+        """The diffs kept for decided reviews (``review/kept.py``)."""
+        return self.home / "reviews"
 
     @property
     def sessions_dir(self) -> Path:

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from ..errors import EvaluationError
 from ..globs import matching
-from ..transaction.safefs import DIR_FLAGS, as_owner, open_dir_path, remove_tree
+from ..transaction.safefs import DIR_FLAGS, as_owner, copy_fd, open_dir_path, remove_tree
 from ..transaction.upper import OPAQUE_XATTR, Change, Entry, split_path
 
 _READ = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
@@ -125,7 +125,7 @@ def _place_at(upper_parent: int, layer_parent: int, name: str, entry: Entry, uid
             with as_owner(uid, gid):
                 dst = os.open(name, _CREATE, 0o600, dir_fd=layer_parent)
                 try:
-                    _copy(src, dst)
+                    copy_fd(src, dst)
                     os.fchmod(dst, stat.S_IMODE(entry.mode) & 0o777)
                 finally:
                     os.close(dst)
@@ -148,10 +148,3 @@ def _place_at(upper_parent: int, layer_parent: int, name: str, entry: Entry, uid
                     os.close(fd)
             return True
     return False
-
-
-def _copy(src: int, dst: int) -> None:
-    while chunk := os.read(src, 1 << 20):
-        view = memoryview(chunk)
-        while view:
-            view = view[os.write(dst, view):]

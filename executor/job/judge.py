@@ -106,8 +106,8 @@ def judge_run_end(tests: TestRun, policy: Policy | None = None) -> None:
     """Raise when a test run did not end by itself (stopped, timed out, out of memory, over the disk cap);
     its exit code is not judged (the graded gate reads the report instead)."""
     _stopped(tests.stopped, "the tests")
-    if tests.stopped == "disk_limit":
-        raise _disk("disk_limit", policy or Policy(), tests.disk_used, "the tests")
+    if tests.stopped in ("disk_limit", "disk_reserve"):
+        raise _disk(tests.stopped, policy or Policy(), tests.disk_used, "the tests")
     if tests.timed_out:
         raise TestsTimedOut("the tests ran longer than the policy's test_timeout")
     if tests.oom_killed:

@@ -26,7 +26,7 @@ MAX_REMOVED_PATHS = 200
 
 
 def path_of(settings: Settings, job_id: str) -> Path:
-    return settings.home / "reviews" / f"{job_id}.json"
+    return settings.reviews_dir / f"{job_id}.json"
 
 
 def keep(settings: Settings, job_id: str, diffs: list[FileDiff]) -> None:

@@ -26,15 +26,13 @@ from urllib.parse import SplitResult, urlsplit
 import h11
 
 from ..egress_rules import IPAddress, Rule, forbidden_reason, ip_or_none
-from .loop import JobServers, notify
+from .loop import HOP_BY_HOP, JobServers, notify
 
 log = logging.getLogger(__name__)
 
 CHUNK = 64 * 1024
 HEAD_TIMEOUT = 30.0  # a client that has not sent its request head by then is not a real client
 CONNECT_TIMEOUT = 10.0
-_HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te",
-                         "trailer", "transfer-encoding", "upgrade", "proxy-connection"})
 
 
 # ------------------------------------------------------------------------------------------- events
@@ -244,7 +242,7 @@ async def _forward_http(conn: h11.Connection, request: h11.Request, path: str, r
     if conn.they_are_waiting_for_100_continue:
         # Answered here, so that the destination never sees "Expect" (dropped below) and never pauses.
         writer.write(conn.send(h11.InformationalResponse(status_code=100, headers=[])))
-    headers = [(k, v) for k, v in request.headers if k.decode("latin-1") not in _HOP_BY_HOP | {"host", "expect"}]
+    headers = [(k, v) for k, v in request.headers if k.decode("latin-1") not in HOP_BY_HOP | {"host", "expect"}]
     headers = [(b"host", _hostport(ex.host, ex.port).encode())] + headers + [(b"connection", b"close")]
     out = upstream.send(h11.Request(method=request.method, target=path.encode(), headers=headers))
     while True:  # the request body, as it arrives
@@ -263,7 +261,7 @@ async def _forward_http(conn: h11.Connection, request: h11.Request, path: str, r
         event = await _next_event(upstream, up_reader, ex.counts, 1)
         if isinstance(event, h11.Response):
             ex.status = event.status_code
-            kept = [(k, v) for k, v in event.headers if k.decode("latin-1") not in _HOP_BY_HOP]
+            kept = [(k, v) for k, v in event.headers if k.decode("latin-1") not in HOP_BY_HOP]
             writer.write(conn.send(h11.Response(status_code=event.status_code, reason=event.reason,
                                                 headers=kept + [(b"connection", b"close")])))
         elif isinstance(event, h11.Data):

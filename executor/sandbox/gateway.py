@@ -27,7 +27,7 @@ import httpx2
 import uvicorn
 from uvicorn.server import ServerState
 
-from .loop import JobServers, LoopThread, notify
+from .loop import HOP_BY_HOP, JobServers, LoopThread, notify
 from .usage import ResponseMeter, api_error, loads, rate_limit_headers
 
 log = logging.getLogger(__name__)
@@ -53,10 +53,8 @@ MAX_BODY = 32 * 1024 * 1024  # the API's own request limit
 
 # Hop-by-hop headers (RFC 9110 7.6.1) belong to one connection and are never forwarded; host and
 # content-length are recomputed by httpx for the upstream connection.
-_HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te",
-                         "trailer", "transfer-encoding", "upgrade", "proxy-connection"})
-_REQUEST_DROP = _HOP_BY_HOP | {"host", "content-length", "x-api-key", "authorization", "accept-encoding"}
-_RESPONSE_DROP = _HOP_BY_HOP
+_REQUEST_DROP = HOP_BY_HOP | {"host", "content-length", "x-api-key", "authorization", "accept-encoding"}
+_RESPONSE_DROP = HOP_BY_HOP
 
 
 @dataclass(frozen=True)

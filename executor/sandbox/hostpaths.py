@@ -56,6 +56,7 @@ class HostPaths:
     binds: tuple[tuple[str, str], ...] = ()
     container: str | None = None  # the executor's own container id, when it runs in one
     notes: list[str] = field(default_factory=list, compare=False)
+    problem: str | None = field(default=None, compare=False)  # why our own mounts could not be learned
 
     @classmethod
     def from_mounts(cls, mounts: Iterable[Mapping[str, Any]], container: str | None = None) -> HostPaths:
@@ -74,7 +75,7 @@ class HostPaths:
         except NotFound:
             return cls(notes=[f"container {container[:12]} is not one of this engine's: it sees our paths"])
         except DockerException as exc:
-            return cls(notes=[f"cannot inspect our own container {container[:12]}: {exc}"])
+            return cls(problem=f"cannot inspect our own container {container[:12]}: {exc}")
         return cls.from_mounts(mounts, container)
 
     def to_host(self, path: str) -> str:
@@ -88,7 +89,8 @@ class HostPaths:
     def describe(self) -> list[str]:
         """What was found, for ``doctor``."""
         if self.container is None:
-            return self.notes or ["not in a container: the engine sees the executor's own paths"]
+            return ([self.problem] if self.problem else []) + self.notes or \
+                ["not in a container: the engine sees the executor's own paths"]
         lines = [f"in container {self.container[:12]}"]
         lines += [f"{inside} is host path {host}" for inside, host in self.binds if inside != host] or \
             ["every bind mount is at its host path"]

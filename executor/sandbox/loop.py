@@ -31,6 +31,9 @@ T = TypeVar("T")
 
 # sun_path is 108 bytes on Linux, one of them the terminating NUL.
 MAX_SOCKET_PATH = 107
+#: Headers of one connection, never forwarded by a proxy (RFC 9110 7.6.1, with the proxy-era names).
+HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te",
+                        "trailer", "transfer-encoding", "upgrade", "proxy-connection"})
 SOCKET_MODE = 0o600
 
 

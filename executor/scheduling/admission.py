@@ -70,7 +70,7 @@ def claim(store: Store, governor: Governor, host: Host, runners: Mapping[str, Ru
             if job is None:
                 governor.release(lease)
         if job is None:
-            result.waiting = _why_waiting(store, governor, host, saturated)
+            result.waiting = _why_waiting(store, governor, host, saturated, busy)
             return result
         permit = governor.narrow(lease, job.id, Policy(**job.policy))
         result.starts.append((job, permit))
@@ -85,9 +85,11 @@ def _saturated(runners: Mapping[str, Runner], counts: Mapping[str, int]) -> list
                   if runner.max_concurrent and counts.get(name, 0) >= runner.max_concurrent)
 
 
-def _why_waiting(store: Store, governor: Governor, host: Host, saturated: Sequence[str]) -> str | None:
-    """Why the head of this host's queue does not start (None when nothing waits here)."""
-    head = store.due_retry(host.id) or store.head(host.id, host.roots, saturated)
+def _why_waiting(store: Store, governor: Governor, host: Host, saturated: Sequence[str],
+                 busy: Sequence[str]) -> str | None:
+    """Why the head of this host's queue does not start (None when nothing waits here): the jobs the claim
+    looked at, with its rules (a retry passed over for its runner or its running thread is not the head)."""
+    head = store.due_retry(host.id, saturated, busy) or store.head(host.id, host.roots, saturated)
     if head is None:
         return None
     policy = Policy(**head.policy)

@@ -58,11 +58,6 @@ class Governor:
         return sum(p.cpus for p in self._held.values())
 
     @property
-    def held(self) -> int:
-        """How many job permits are held (the lease a claim holds for an instant not counted)."""
-        return sum(1 for p in self._held.values() if p.job_id != LEASE)
-
-    @property
     def reserved_memory(self) -> int:
         return self.reserve_memory + sum(p.memory for p in self._held.values())
 

@@ -110,7 +110,8 @@ class Presence:
         (SQLite, or the LISTEN connection is down); with it, when a NOTIFY came, after a slot freed or a round
         that started something, and every ``claim_poll`` seconds (cooldowns and retries end by the clock)."""
         woken = self.wake.is_set()
-        self.wake.clear()
+        if woken:  # cleared only once seen: a NOTIFY arriving between the two would be lost
+            self.wake.clear()
         return (woken or self.claim_now or not self.listening
                 or time.monotonic() - self._last_claim >= self.settings.claim_poll)
 

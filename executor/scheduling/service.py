@@ -23,7 +23,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import psutil
@@ -67,6 +67,7 @@ class Slot:
     job: Job
     permit: Permit
     thread: threading.Thread
+    done: threading.Event = field(default_factory=threading.Event)  # its work is over (the thread may linger)
 
 
 class Executor:
@@ -317,7 +318,7 @@ class Executor:
 
     def reap(self) -> None:
         for job_id, slot in list(self.slots.items()):
-            if not slot.thread.is_alive():
+            if slot.done.is_set() or not slot.thread.is_alive():
                 self.governor.release(slot.permit)
                 del self.slots[job_id]
                 self.ctx.stop_requests.pop(job_id, None)
@@ -375,6 +376,8 @@ class Executor:
             log.exception("job thread failed", extra={"action": "job_crashed", "job": job_id})
             self._fail_after_crash(job_id, attempt)
         finally:
+            if (slot := self.slots.get(job_id)) is not None:
+                slot.done.set()  # set before the wake: the woken round frees the slot though the thread lingers
             self.wakeup.wake()  # its slot is free: the loop admits the next job now, not at its next tick
 
     def _fail_after_crash(self, job_id: str, attempt: int | None) -> None:

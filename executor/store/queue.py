@@ -52,8 +52,10 @@ _REVIEWED = aliased(Job, name="reviewed")
 
 def under_roots(column: Any, roots: Sequence[str]) -> Any:
     """SQL: ``column`` is one of ``roots`` or lies below one (exact and case-sensitive, on both engines)."""
-    tests = [or_(column == root, func.substr(column, 1, len(root) + 1) == root.rstrip("/") + "/")
-             for root in (str(r).rstrip("/") or "/" for r in roots)]
+    tests = []
+    for root in (str(r).rstrip("/") or "/" for r in roots):
+        below = root.rstrip("/") + "/"  # "/" itself: every absolute path lies below it
+        tests.append(or_(column == root, func.substr(column, 1, len(below)) == below))
     return or_(*tests) if tests else false()
 
 
@@ -172,9 +174,9 @@ class QueueQueries:
         )
         return self._run_claim(statement)
 
-    def due_retry(self, host: str) -> Job | None:
+    def due_retry(self, host: str, saturated: Sequence[str] = (), exclude: Sequence[str] = ()) -> Job | None:
         """The job waiting to retry on this host that is due now (it goes before new work)."""
-        return self._due_retry(host, (), ())
+        return self._due_retry(host, saturated, exclude)
 
     # -- a lost host's jobs --------------------------------------------------------------------------
 

@@ -20,7 +20,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import func, text, update
+from sqlalchemy import func, or_, text, update
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, select
 
@@ -277,14 +277,19 @@ class Store(QueueQueries, HostQueries):
         return self._rows(RateLimitEvent, RateLimitEvent.id, runner=runner, job_id=job_id)
 
     def cool_down(self, runner: str, until: datetime, reason: str) -> None:
-        """Extend (never shorten) a runner's cooldown."""
+        """Extend (never shorten) a runner's cooldown. One statement: several jobs and hosts see the same
+        account's 429 at once, and a read-then-write would race (a duplicate row, or a longer cooldown
+        overwritten by a shorter one)."""
+        if self.postgres:
+            from sqlalchemy.dialects.postgresql import insert
+        else:
+            from sqlalchemy.dialects.sqlite import insert
+        table, reason = RunnerState.__table__, self.redact(reason)
+        statement = insert(table).values(name=runner, cooldown_until=until, reason=reason).on_conflict_do_update(
+            index_elements=[table.c.name], set_={"cooldown_until": until, "reason": reason},
+            where=or_(table.c.cooldown_until.is_(None), table.c.cooldown_until < until))
         with self.session() as s:
-            state = s.get(RunnerState, runner) or RunnerState(name=runner)
-            current = aware(state.cooldown_until) if state.cooldown_until else None
-            if current is None or until > current:
-                state.cooldown_until = until
-                state.reason = self.redact(reason)
-            s.add(state)
+            s.execute(statement)
             s.commit()
 
     def runner_states(self) -> dict[str, RunnerState]:

@@ -111,7 +111,7 @@ def _spool(daemon, raw: bytes, wait: bool, as_json: bool) -> None:
     except InvalidJob as exc:
         raise click.ClickException(str(exc)) from None
     # The shared store, when EXECUTOR_DATABASE_URL names one here too (status.json never holds its URL).
-    if (daemon.database_url is not None or daemon.db_path.exists()) and open_store(daemon).get(valid.id) is not None:
+    if daemon.store_exists and open_store(daemon).get(valid.id) is not None:
         raise click.ClickException(f"a job with id {valid.id!r} already exists; job ids are unique")
     data = json.loads(raw)
     data["id"] = valid.id  # fix the id now, so the person gets it and a re-read cannot change it

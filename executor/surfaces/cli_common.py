@@ -48,7 +48,7 @@ def state_root() -> Path:
 def open_store(settings: Settings, create: bool = False) -> Store:
     """The store ``EXECUTOR_DATABASE_URL`` (or the state root's SQLite file) names; a missing SQLite file is
     an error unless ``create``, an unreachable or too new database a message."""
-    if settings.database_url is None and not create and not settings.db_path.exists():
+    if not create and not settings.store_exists:
         raise click.ClickException(f"no database at {settings.db_path}: is EXECUTOR_HOME right?")
     from sqlalchemy.exc import OperationalError
 

@@ -162,20 +162,22 @@ def jobs(statuses: tuple[str, ...], runner: str | None, session_id: str | None, 
 def log_cmd(job_id: str, as_json: bool, follow: bool) -> None:
     """The job's event log: turns, tool calls, file edits, shell commands, results, state changes."""
     settings = load_settings()
-    get_job(open_store(settings), job_id)
-    job = follow_events(settings, job_id, as_json=as_json, once=not follow)
+    store = open_store(settings)
+    get_job(store, job_id)
+    job = follow_events(settings, job_id, as_json=as_json, once=not follow, store=store)
     if follow:
         sys.exit(0 if job.status == Status.succeeded else 1)
 
 
-def follow_events(settings, job_id: str, quiet: bool = False, as_json: bool = False, once: bool = False):
+def follow_events(settings, job_id: str, quiet: bool = False, as_json: bool = False, once: bool = False,
+                  store=None):
     """Print the job's events (as they arrive, until it settles or waits for a person; ``once``: those there
-    are now); returns the job."""
+    are now); returns the job. ``store``: one already open (else it is opened once there is one)."""
     from ..agent.describe import clipped
 
-    store, last = None, 0
+    last = 0
     while True:
-        if store is None and settings.db_path.exists():
+        if store is None and settings.store_exists:
             store = open_store(settings)
         job = store.get(job_id) if store is not None else None
         if job is not None:

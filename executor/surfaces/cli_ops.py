@@ -84,7 +84,7 @@ def prune(older_than: str, dry_run: bool, as_json: bool) -> None:
         if job is not None and job.status.terminal and job.finished_at and aware(job.finished_at) < cutoff \
                 and not any(not f.status.terminal for f in store.followers(name)):  # a revision still to take it
             gone["jobs"].append(name)
-    for name in _entries(settings.home / "reviews"):
+    for name in _entries(settings.reviews_dir):
         job = store.get(name.removesuffix(".json"))
         if job is None or (job.status.terminal and job.finished_at and aware(job.finished_at) < cutoff):
             gone["reviews"].append(name)
@@ -100,7 +100,7 @@ def prune(older_than: str, dry_run: bool, as_json: bool) -> None:
         for name in gone["sessions"]:
             remove_tree(settings.sessions_dir / name)
         for name in gone["reviews"]:
-            os.unlink(settings.home / "reviews" / name)  # written by the executor alone, in a root-only dir
+            os.unlink(settings.reviews_dir / name)  # written by the executor alone, in a root-only dir
     if as_json:
         click.echo(json.dumps({"dry_run": dry_run, "older_than": older_than, **gone}))
         return

@@ -23,7 +23,6 @@ import socket
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path, PurePosixPath
-from typing import Any
 
 import docker
 from docker.errors import DockerException
@@ -45,7 +44,6 @@ from ..settings import COMPACTION_MODEL, Settings
 from ..transaction.safefs import remove_tree
 
 PROBE_UID = 1000  # the probe's files belong to a regular user, like a repository's
-_CONTAINER_ID = re.compile(r"[0-9a-f]{64}")
 PINNED_MODEL = re.compile(r"^[a-z0-9][a-z0-9.-]*-\d{8}$")  # e.g. claude-haiku-4-5-20251001
 
 
@@ -80,15 +78,14 @@ def _skipped(name: str, needs: str) -> Check:
 # -- running in a container --------------------------------------------------------------------------
 
 
-def unmounted(paths: HostPaths, mounts: list[Mapping[str, Any]], wanted: list[tuple[str, Path]]) -> list[str]:
+def unmounted(paths: HostPaths, wanted: list[tuple[str, Path]]) -> list[str]:
     """The named paths that live only inside this container (not under a bind mount): the engine, which
     resolves overlay paths on the host, cannot reach them."""
     problems = []
     for what, path in wanted:
         target = PurePosixPath(str(path))
-        covering = [m for m in mounts if m.get("Type") == "bind" and (
-            PurePosixPath(m.get("Destination", "")) == target or PurePosixPath(m.get("Destination", "")) in
-            target.parents)]
+        covering = [inside for inside, _ in paths.binds
+                    if PurePosixPath(inside) == target or PurePosixPath(inside) in target.parents]
         if not covering:
             problems.append(f"{what} {path} is not mounted from the host (it lives only inside this container)")
     return problems
@@ -160,7 +157,7 @@ class Doctor:
         from ..store.engine import make_engine, shown
 
         name, url = "store", self.settings.db_url
-        if self.settings.database_url is None and not self.settings.db_path.exists():
+        if not self.settings.store_exists:
             return _ok(name, f"{shown(url)}: no database yet (made at the first start)")
         engine = make_engine(url)
         try:
@@ -199,10 +196,13 @@ class Doctor:
         wanted = [("EXECUTOR_HOME", self.settings.home)]
         wanted += [("workspace root", root) for root in self.settings.workspace_roots]
         paths = HostPaths.discover(self.client)
+        if paths.problem is not None:  # paths would reach the engine untranslated
+            return _problem(name, paths.problem,
+                            "let the executor inspect its own container (mount the engine's socket it runs on); "
+                            "job overlays are given to the engine by host path")
         if paths.container is None:
             return _ok(name, "; ".join(paths.describe()))
-        mounts = [{"Type": "bind", "Destination": inside, "Source": host} for inside, host in paths.binds]
-        problems = unmounted(paths, mounts, wanted)
+        problems = unmounted(paths, wanted)
         if problems:
             return _problem(name, "; ".join(problems),
                             "the engine mounts each job's overlay from the host: bind-mount the state root and "

@@ -32,10 +32,9 @@ from pathlib import Path
 
 from ..errors import UnsafePath, WorkspaceError
 from .journal import Plan, load, save
-from .safefs import DIR_FLAGS, as_owner, lstat_at, remove_at, syncfs
+from .safefs import DIR_FLAGS, as_owner, copy_fd, lstat_at, remove_at, syncfs
 from .upper import KINDS, Change, Entry, is_git_path, split_path
 
-_COPY_CHUNK = 1 << 20
 #: Up to this many files a commit fsyncs each file and directory; beyond, one syncfs is cheaper.
 FSYNC_EACH = 200
 
@@ -65,6 +64,8 @@ def apply_change(change: Change, upper: Path, repo_fd: int, uid: int, gid: int, 
                 syncfs(repo_fd)
             if not plan.structure_done:
                 _run(plan.entries, upper_fd, repo_fd, uid, gid, _Mode(files=False, move=False, each=each))
+                if not each:
+                    syncfs(repo_fd)  # the deletions and directories are on disk before the journal says so
         if not plan.structure_done:
             plan.structure_done = True
             save(journal, plan)
@@ -312,7 +313,7 @@ def _apply_file(frame: _Frame, entry: Entry, name: str, uid: int, gid: int, mode
             return
         tmp, dst = _make_temp(frame.repo_fd, name, 0o600)
         try:
-            _copy_fd(src, dst)
+            copy_fd(src, dst)
             os.fchown(dst, uid, gid)
             os.fchmod(dst, _file_mode(entry.mode))
             if mode.each:
@@ -357,18 +358,6 @@ def _check_moved(frame: _Frame, entry: Entry, name: str) -> None:
     if not (entry.ino and here is not None and here.st_ino == entry.ino):
         raise UnsafePath(f"upper file {name!r} is gone and the repository does not hold it: the change cannot "
                          "be completed")
-
-
-def _copy_fd(src: int, dst: int) -> None:
-    # Plain read/write: works across filesystems and for every file the scan accepted. A file
-    # with several hard links in the upper simply lands as independent copies.
-    while True:
-        chunk = os.read(src, _COPY_CHUNK)
-        if not chunk:
-            return
-        view = memoryview(chunk)
-        while view:
-            view = view[os.write(dst, view) :]
 
 
 def _apply_symlink(frame: _Frame, name: str, uid: int, gid: int) -> None:

@@ -121,8 +121,9 @@ def has_conflicts(ws: Workspace, change: Change, since_ns: int) -> bool:
 
 def finish(store: Store, job: Job, ws: Workspace) -> Ending:
     """Apply the kept upper dir again after a crash: the journal says what was planned and done."""
-    # A partial approval applies only the approved paths, also when redone after a crash.
-    change = select(scan_upper(ws.upper), job.review_files)
+    # With a journal its plan is what is carried out: the upper dir may already have lost moved files, so a
+    # partial approval's paths could not be selected from it again. Without one, nothing was applied yet.
+    change = Change() if ws.journal.exists() else select(scan_upper(ws.upper), job.review_files)
     try:
         repo_fd = ws.open_repo()
     except WorkspaceChanged as exc:

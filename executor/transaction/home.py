@@ -23,10 +23,12 @@ from pathlib import Path
 from ..globs import matching
 from .apply import apply_change
 from .safefs import DIR_FLAGS, lstat_at, open_dir_path
+from .tree import Tree
 from .upper import Change, Entry, scan_upper
 
 #: What a job's home may hand on to the next job of its session unless its policy says otherwise.
 DEFAULT_CARRY = (".claude/projects/**/*.jsonl",)
+TRANSCRIPT_LIMIT = 256 * 2**20  # a transcript read to check it resumes; a bigger one is judged on its start
 
 
 def prepare_committed(home: Path, uid: int, gid: int) -> None:
@@ -99,9 +101,9 @@ def _read_transcript(top_fd: int, name: str) -> bool | None:
             st = lstat_at(projects, project)
             if st is None or not stat.S_ISDIR(st.st_mode):
                 continue
-            text = _read_at(projects, [project, name])
-            if text is not None:
-                lines = text.splitlines()
+            data = Tree(projects).read(f"{project}/{name}", TRANSCRIPT_LIMIT)
+            if data is not None:
+                lines = data.decode("utf-8", "replace").splitlines()
                 try:
                     return bool(lines) and all(json.loads(line) is not None for line in lines if line.strip())
                 except json.JSONDecodeError:
@@ -110,21 +112,3 @@ def _read_transcript(top_fd: int, name: str) -> bool | None:
     finally:
         os.close(projects)
 
-
-def _read_at(dir_fd: int, parts: list[str], limit: int = 256 * 2**20) -> str | None:
-    try:
-        parent = open_dir_path(dir_fd, parts[:-1])
-    except OSError:
-        return None
-    try:
-        fd = os.open(parts[-1], os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=parent)
-    except OSError:
-        return None
-    finally:
-        os.close(parent)
-    try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            return None
-        return os.read(fd, limit).decode("utf-8", "replace")
-    finally:
-        os.close(fd)

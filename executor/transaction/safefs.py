@@ -155,6 +155,15 @@ def usage(top_fd: int) -> int:
     return sum(st.st_blocks * 512 for _fd, _name, st in walk(top_fd))
 
 
+def copy_fd(src: int, dst: int) -> None:
+    """Copy what is left of ``src`` to ``dst``: plain read/write, which works across file systems and for
+    every regular file (a file with several hard links lands as an independent copy)."""
+    while chunk := os.read(src, 1 << 20):
+        view = memoryview(chunk)
+        while view:
+            view = view[os.write(dst, view):]
+
+
 def syncfs(fd: int) -> None:
     """Flush the whole filesystem holding ``fd`` to disk: one call instead of one fsync per file."""
     if _libc.syncfs(fd) != 0:

@@ -160,10 +160,6 @@ class Workspace:
     def volume(self) -> str:
         return f"executor-{self.job_id}-a{self.attempt}"
 
-    @property
-    def test_volume(self) -> str:
-        return self.view_volume("test")
-
     def labels(self, role: str) -> dict[str, str]:
         return {LABEL_JOB: self.job_id, LABEL_ATTEMPT: str(self.attempt), LABEL_ROLE: role}
 

@@ -529,6 +529,23 @@ def test_sigterm_during_a_job_requeues_it_and_a_restart_finishes_it(world, tmp_p
     assert view["changed_files"] == ["final.txt"]
 
 
+def test_log_reads_the_store_its_url_names_when_the_state_root_holds_no_database(world, tmp_path):
+    """EXECUTOR_DATABASE_URL (a shared store) with no SQLite file under the state root: ``log`` reads the
+    named store and returns, instead of waiting for a file that will never appear."""
+    url = f"sqlite:///{tmp_path / 'shared.db'}"
+    store = Store(url)
+    store.add_jobs([Job(id="elsewhere", session_id="elsewhere", runner="scripted", model_requested="m",
+                        workspace=str(world.repos / "app"), prompt="p", policy_name="default")])
+    store.add_event(store.get("elsewhere"), 1, "note", {"text": "seen on the shared store"})
+    store.close()
+    assert not (world.home / "executor.db").exists()
+    done = subprocess.run([str(EXECUTOR), "log", "elsewhere", "--json"], env={**world.env(), "EXECUTOR_DATABASE_URL": url},
+                          capture_output=True, timeout=30, cwd=world.root)
+    assert done.returncode == 0, done.stderr.decode()
+    events = [json.loads(line) for line in done.stdout.decode().splitlines()]
+    assert [(e["kind"], e["data"]) for e in events] == [("note", {"text": "seen on the shared store"})]
+
+
 def test_submit_wait_and_log_follow_track_a_job_to_its_end(world, tmp_path, serve):
     """`submit --wait` prints the job's events as they come and exits 0 only for a success; `log -f` follows
     a job someone else submitted and ends (non-zero) when it settles otherwise."""

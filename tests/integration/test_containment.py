@@ -26,7 +26,7 @@ from typing import Any
 from executor.intake.spool import Spool
 from executor.sandbox.disk import free_bytes
 from executor.store import Status
-from tests.conftest import TOKEN_VALUE, tree_digest, wait_for, wait_status
+from tests.conftest import TOKEN_VALUE, TOKEN_VAR, tree_digest, wait_for, wait_status
 from tests.scripted_api import ScriptedAPI, Turn
 
 SETTLED = {Status.succeeded, Status.rolled_back, Status.failed, Status.cancelled, Status.stalled,
@@ -70,20 +70,26 @@ def test_a_link_in_the_session_home_is_never_written_through(world, run_executor
     other = victim(tmp_path, "other")
     # The credential in a file (so the scrub rewrites it), and links beside it to host files under every name
     # a scrub might write: its old temp name, and names of files that hold the credential too.
+    # Unsealed (network host): the real credential is in the agent's environment, so the scrub has files to
+    # rewrite; printed, it is in the CLI's transcript too (which is carried on, scrubbed).
+    world.write_policy("hostnet", network="host")
     plant = (f'printenv ANTHROPIC_API_KEY > ~/.leak; ln -s {target} ~/.leak.redact; '
-             f'mkdir -p ~/.claude; ln -s {other} ~/.claude/creds; printenv ANTHROPIC_API_KEY > ~/.claude/real')
+             f'mkdir -p ~/.claude; ln -s {other} ~/.claude/creds; printenv ANTHROPIC_API_KEY > ~/.claude/real; '
+             f'printenv ANTHROPIC_API_KEY')
     with ScriptedAPI({"scrub": [bash(plant), Turn.text("Done.")]}) as api:
         world.write_runners(api.base_url)
         running = run_executor(world.settings())
-        job = wait_status(running.executor.store, submit(world, "scrub", world.repo("scrub")), SETTLED)
+        job = wait_status(running.executor.store, submit(world, "scrub", world.repo("scrub"), policy="hostnet"),
+                          SETTLED)
     assert job.status == Status.succeeded, (job.reason, job.error)
     assert unchanged(target) and unchanged(other)
     committed_home = world.home / "sessions" / "scrub" / "home"
-    # Only transcripts are carried on, and the credential never reaches what is kept.
-    for dirpath, _dirs, files in os.walk(committed_home):
-        for name in files:
-            path = Path(dirpath, name)
-            assert path.suffix == ".jsonl" and TOKEN_VALUE not in path.read_text(), path
+    # Only transcripts are carried on, and the credential never reaches what is kept: the scrub rewrote it.
+    kept = [Path(d, name) for d, _dirs, files in os.walk(committed_home) for name in files]
+    assert kept and all(path.suffix == ".jsonl" for path in kept), kept
+    texts = [path.read_text() for path in kept]
+    assert not any(TOKEN_VALUE in text for text in texts)
+    assert any(f"[REDACTED:{TOKEN_VAR}]" in text for text in texts), texts
 
 
 # --------------------------------------------------------------------------- 2. the swapped workspace
@@ -185,7 +191,7 @@ def test_a_host_network_job_cannot_approve_another_jobs_review(world, run_execut
     victim_job = store.get("victim-job")
     assert victim_job.status == Status.awaiting_review and victim_job.reviewed_by is None
     assert tree_digest(target) == before
-    assert job.status in (Status.succeeded, Status.awaiting_review, Status.rolled_back)
+    assert job.status == Status.succeeded, (job.reason, job.error)  # its attack changed nothing of its own
 
 
 def test_a_sealed_job_cannot_reach_the_review_page_at_all(world, run_executor):
@@ -202,7 +208,7 @@ def test_a_sealed_job_cannot_reach_the_review_page_at_all(world, run_executor):
     denied = [e.data for e in store.events(job_id="sealed-attacker") if e.kind == "egress"]
     assert denied and all(d["decision"] == "denied" and d["host"] == "127.0.0.1" for d in denied)
     assert store.get("victim-job").status == Status.awaiting_review and tree_digest(target) == before
-    assert job.status in (Status.succeeded, Status.rolled_back)
+    assert job.status == Status.succeeded, (job.reason, job.error)
 
 
 # ------------------------------------------------------------------------------ 4. the poisoned session

@@ -9,7 +9,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -252,7 +251,6 @@ def test_a_hostile_report_is_refused_cleanly_and_the_executor_is_unharmed(world,
     # the executor went on: the next job was graded and committed, and its memory did not balloon
     assert jobs["next"].status == Status.succeeded, (jobs["next"].reason, jobs["next"].error)
     assert psutil.Process().memory_info().rss - rss_before < 150 * 2**20
-    assert threading.active_count() > 1
 
 
 def test_before_runs_are_cached_per_clean_repository_state(world, run_executor):

@@ -11,6 +11,7 @@ from datetime import timedelta
 
 import pytest
 from sqlalchemy import text
+from sqlalchemy.exc import IntegrityError
 
 from executor.clock import utcnow
 from executor.errors import IllegalTransition
@@ -164,6 +165,40 @@ def test_a_job_under_a_root_only_host_b_holds_is_never_claimed_by_host_a(store):
     assert store.get("b-only").host_id == "host-b"
 
 
+def test_a_host_whose_root_is_the_whole_file_system_claims_any_absolute_workspace(store):
+    add(store, job("deep", workspace="/srv/b/repo"))
+    plan = admission.claim(store, governor(8.0), admission.Host("host-all", ("/",)), RUNNERS, {})
+    assert started(plan) == ["deep"] and store.get("deep").host_id == "host-all"
+
+
+def test_a_cooldown_is_extended_never_shortened_even_by_hosts_setting_it_at_once(store, db_url):
+    now = utcnow()
+    ends = [now + timedelta(seconds=s) for s in (30, 90, 60, 10, 75, 45)]
+    barrier = threading.Barrier(len(ends))
+    errors: list[Exception] = []
+
+    def host(until) -> None:
+        mine = Store(db_url)
+        barrier.wait()
+        try:
+            mine.cool_down("shared", until, f"429 until {until:%H:%M:%S}")
+        except Exception as exc:  # noqa: BLE001 - the assertion below names it
+            errors.append(exc)
+        finally:
+            mine.close()
+
+    threads = [threading.Thread(target=host, args=(until,)) for until in ends]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    state = store.runner_states()["shared"]
+    assert state.cooldown_until == max(ends) and state.reason == f"429 until {max(ends):%H:%M:%S}"
+    store.cool_down("shared", now + timedelta(seconds=5), "a shorter one")
+    assert store.runner_states()["shared"].cooldown_until == max(ends)
+
+
 def test_no_job_is_claimed_twice_by_racing_hosts(store, db_url):
     add(store, *[job(f"j{i:03d}") for i in range(60)])
     claims: dict[str, list[str]] = {}
@@ -192,7 +227,7 @@ def test_one_workspace_is_never_held_by_two_hosts(store):
     add(store, job("first", workspace="/w/one"), job("second", workspace="/w/one"))
     assert store.claim("host-a", ["/w"], 8, 2**34).id == "first"
     assert store.claim("host-b", ["/w"], 8, 2**34) is None
-    with pytest.raises(Exception):  # the unique index refuses a second holder, whoever asks
+    with pytest.raises(IntegrityError):  # the unique index refuses a second holder, whoever asks
         with store.engine.begin() as conn:
             conn.execute(text("UPDATE job SET workspace_lock = '/w/one' WHERE id = 'second'"))
     store.transition("first", Status.running, Status.rolled_back, reason="agent_error")

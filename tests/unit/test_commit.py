@@ -431,6 +431,25 @@ def test_rerun_after_crash_cleans_up_and_finishes(repo: Path, upper: Path) -> No
     assert tree_hash(repo) == expected
 
 
+def test_a_large_change_has_its_deletions_on_disk_before_the_journal_says_they_are_done(
+        repo: Path, upper: Path, base: Path, monkeypatch) -> None:
+    """Beyond FSYNC_EACH files nothing is fsynced one by one: a syncfs must come between the structure phase
+    and the journal's ``structure_done``, or a power loss could undo deletions a restart then skips."""
+    for i in range(apply_mod.FSYNC_EACH + 1):
+        write(upper / f"many/f{i}.txt", str(i))
+    whiteout(upper / "docs")
+    log: list[str] = []
+    real_syncfs, real_save, real_remove = apply_mod.syncfs, apply_mod.save, apply_mod.remove_at
+    monkeypatch.setattr(apply_mod, "syncfs", lambda fd: (log.append("syncfs"), real_syncfs(fd))[1])
+    monkeypatch.setattr(apply_mod, "save", lambda journal, plan: (
+        log.append(f"save done={plan.structure_done}"), real_save(journal, plan))[1])
+    monkeypatch.setattr(apply_mod, "remove_at", lambda fd, name: (log.append(f"remove {name}"), real_remove(fd, name))[1])
+    apply_change(scan_upper(upper), upper, repo, UID, GID, journal=base / "journal.json")
+    assert not (repo / "docs").exists() and (repo / "many/f0.txt").read_text() == "0"
+    removed, done = log.index("remove docs"), log.index("save done=True")
+    assert removed < done and "syncfs" in log[removed:done], log
+
+
 # ---------------------------------------------------------------------------------------------
 # conflicts
 

@@ -355,8 +355,16 @@ def test_finish_commit_redoes_only_the_approved_part(pending_job):
     store, settings, repo = pending_job
     store.transition("rj", Status.awaiting_review, Status.committing, review_files=["a.txt"], changed_files=["a.txt"])
     job = store.get("rj")
-    ending = finish(store, job, Workspace.of(settings, job))
+    ws = Workspace.of(settings, job)
+    ending = finish(store, job, ws)
     assert ending.status == Status.succeeded
+    assert (repo / "a.txt").read_text() == "A\n" and (repo / "b.txt").read_text() == "b\n"
+    assert (repo / "c.txt").exists()
+    # A crash after the apply (a.txt was moved out of the upper dir), before the job settled: the next
+    # restart finishes again, from the journal, to the same repository.
+    assert ws.journal.exists() and not (ws.upper / "a.txt").exists()
+    again = finish(store, job, ws)
+    assert again.status == Status.succeeded
     assert (repo / "a.txt").read_text() == "A\n" and (repo / "b.txt").read_text() == "b\n"
     assert (repo / "c.txt").exists()
 

@@ -17,6 +17,7 @@ from executor.errors import (
     AgentFailed,
     ApiError,
     Cancelled,
+    DiskReserve,
     IllegalTransition,
     Interrupted,
     ModelMismatch,
@@ -207,6 +208,7 @@ def test_a_stall_with_retry_stalled_goes_back_to_the_queue():
     (TestRun("t", 137, "", oom_killed=True), TestsOutOfMemory),
     (TestRun("t", None, "", stopped="cancelled"), Cancelled),
     (TestRun("t", None, "", stopped="shutdown"), Interrupted),
+    (TestRun("t", None, "", stopped="disk_reserve"), DiskReserve),
 ])
 def test_a_test_run_that_did_not_pass_raises_why(tests, error):
     with pytest.raises(error):
@@ -452,8 +454,6 @@ def test_shutdown_removes_what_outlives_the_grace_and_waits_for_it_before_closin
 
 
 def test_the_loop_wakes_when_a_job_file_lands_or_a_slot_frees(tmp_path):
-    import time as clock
-
     from executor.intake.spool import Spool
     from executor.scheduling.wakeup import Wakeup
 
@@ -462,8 +462,7 @@ def test_the_loop_wakes_when_a_job_file_lands_or_a_slot_frees(tmp_path):
     try:
         assert wakeup.wait(0.05) is False  # nothing happened: the poll interval passes
         spool.write(b"{}")  # written in tmp/, renamed into incoming/
-        started = clock.monotonic()
-        assert wakeup.wait(5) is True and clock.monotonic() - started < 1
+        assert wakeup.wait(5) is True  # True: woken by the landing, not by the timeout passing
         assert wakeup.wait(0.05) is False  # drained: one landing wakes the loop once
         wakeup.wake()  # a job thread freed its slot
         assert wakeup.wait(5) is True
