@@ -122,7 +122,7 @@ def approve(store: Store, settings: Settings, job_id: str, files: Iterable[str] 
     phase = Phase(Status.awaiting_review)
     try:
         ending = commit(store, job, ws, phase, chosen, reviewed_by=by, reviewed_at=now, review_note=note)
-    except IllegalTransition as exc:
+    except (IllegalTransition, FileNotFoundError) as exc:  # a racing reject removes the change while it is read
         raise _decided_meanwhile(store, job, exc) from None
     outcome = "approved" if ending.reason == COMMITTED else ending.reason
     record = {"action": "approve", "by": by, "at": now.isoformat(), "note": note, "files": chosen,
@@ -197,8 +197,10 @@ def _keep_diff(store: Store, settings: Settings, job: Job) -> None:
         log.warning("review diff not kept", extra={"action": "review", "job": job.id, "error": str(exc)})
 
 
-def _decided_meanwhile(store: Store, job: Job, exc: IllegalTransition) -> ReviewError:
+def _decided_meanwhile(store: Store, job: Job, exc: Exception) -> ReviewError:
     current = store.get(job.id)
+    if current is not None and current.status == Status.awaiting_review:  # undecided: its change went by hand
+        return ReviewError(f"the kept change of job {job.id} is gone ({exc}); reject the job")
     return ReviewError(f"job {job.id} was decided meanwhile: it is "
                        f"{current.status.value if current else 'gone'} ({exc})")
 

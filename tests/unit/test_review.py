@@ -331,13 +331,32 @@ def test_two_reviewers_cannot_both_win(pending_job):
         t.start()
     for t in threads:
         t.join()
-    assert len([r for r in results if not r.startswith("refused")]) == 1, results
+    # both answered: one won, the other was refused cleanly (never an unhandled error of a half-read change)
+    assert len(results) == 2 and len([r for r in results if not r.startswith("refused")]) == 1, results
     final = store.get("rj").status
     assert final in (Status.succeeded, Status.rolled_back)
     if final == Status.rolled_back:
         assert (repo / "a.txt").read_text() == "a\n"
     else:
         assert (repo / "a.txt").read_text() == "A\n"
+
+
+def test_a_reject_landing_while_an_approve_reads_the_change_refuses_the_approve_cleanly(pending_job, monkeypatch):
+    """The race of two reviewers at its worst instant: the approve has checked the job and its kept change,
+    then the reject settles (and removes the change) before the approve's commit reads it."""
+    from executor.review import decisions
+
+    store, settings, repo = pending_job
+    real_commit = decisions.commit
+
+    def commit_after_a_reject(*args, **kwargs):
+        review.reject(store, settings, "rj", by="bob")
+        return real_commit(*args, **kwargs)
+
+    monkeypatch.setattr(decisions, "commit", commit_after_a_reject)
+    with pytest.raises(ReviewError, match="was decided meanwhile: it is rolled_back"):
+        review.approve(store, settings, "rj", by="alice")
+    assert store.get("rj").reviewed_by == "bob" and (repo / "a.txt").read_text() == "a\n"
 
 
 def test_cancel_of_a_job_awaiting_review(pending_job):
