@@ -205,6 +205,8 @@ def _read_toml(path: Path) -> dict:
         raise ConfigError(f"{path} does not exist") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path} is not valid TOML: {exc}") from None
+    except RecursionError:
+        raise ConfigError(f"{path} is not valid TOML: nested too deeply to be read") from None
 
 
 def _explain(path: Path, exc: ValidationError) -> str:

@@ -24,6 +24,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..untrusted import load_json
+
 # The CLI's name for messages it writes itself (API errors): never a model that answered.
 SYNTHETIC_MODEL = "<synthetic>"
 
@@ -121,8 +123,8 @@ def parse_line(raw: bytes | str) -> dict | None:
     if not text:
         return None
     try:
-        msg = json.loads(text)
-    except ValueError:
+        msg = load_json(text)
+    except ValueError:  # Unparsable: deep nesting included, a line the agent forged must not end the job
         return {"type": "_text", "text": text}
     # ``42`` or ``"hello"`` are valid JSON but not stream messages
     if not isinstance(msg, dict):

@@ -13,7 +13,6 @@ files as a gain.
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 
@@ -21,6 +20,7 @@ from ..errors import EvaluationError
 from ..globs import matching
 from ..sandbox.runtime import RUN_DIR_MOUNT
 from ..transaction.safefs import as_owner
+from ..untrusted import load_json
 from .junit import MAX_REPORT, open_file
 
 RC_NAME = "coveragerc"
@@ -94,7 +94,7 @@ def read(run_dir_fd: int) -> Coverage | None:
         raise EvaluationError("the coverage report grew past the size the executor reads: refused")
     raw = b"".join(chunks)
     try:
-        data = json.loads(raw)
+        data = load_json(raw)  # the test run wrote it: deep nesting is an Unparsable, like bad syntax
         return _checked(data)
     except (ValueError, TypeError, AttributeError, KeyError) as exc:
         raise EvaluationError(f"the coverage report is not what coverage.py writes: {str(exc)[:200]}") from None

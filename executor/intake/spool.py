@@ -8,15 +8,23 @@ neither loses a job nor runs it twice: the store remembers which spool file a jo
 which host's spool (several hosts share one store, each with its own spool: a name another host's spool
 already used is taken as a new file here, never mistaken for this spool's half-finished move).
 
-Must never: delete a job file, run anything, or accept a file the store did not take.
+Every file is read inside a boundary: whatever reading, parsing or validating it raises (deep nesting, a
+name that is not UTF-8, a bug of ours) rejects that file alone, and the serving loop goes on. The name of the
+file being read is noted in ``.reading`` first, so a file that crashes the whole process (a segfault, the
+kernel's OOM killer) is quarantined in ``rejected/`` at the next start instead of being read again.
+
+Must never: delete a job file, run anything, accept a file the store did not take, or let one file's
+failure stop the intake of the others.
 """
 
 from __future__ import annotations
 
 import errno
+import heapq
 import json
 import logging
 import os
+import re
 import secrets
 import socket
 import stat
@@ -29,11 +37,18 @@ from ..errors import InvalidJob
 from ..policy import Runner
 from ..settings import Settings
 from ..store import Job, Status, Store
+from ..untrusted import load_json
 from .jobs import JOB_ID, ValidJob, parse_spec, validate
 
 log = logging.getLogger(__name__)
 
 MAX_JOB_FILE = 1024 * 1024  # 1 MiB: a prompt is text, not a payload
+#: Names intake takes as they are: printable ASCII without a path separator, short enough that the names the
+#: spool derives from them (``NAME.error.json``, a fresh prefix) still fit a file name (255 bytes).
+_PLAIN_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._+=@,-]{0,179}$")
+#: What a file that stopped the executor while it was read is rejected with.
+CRASHED = ("reading this file stopped the executor (it was being read when the process died), so it was "
+           "quarantined instead of being read again; check it, and submit a fixed copy under a new name")
 
 
 def _fsync_dir(path: Path) -> None:
@@ -47,6 +62,12 @@ def _fsync_dir(path: Path) -> None:
 def _unique_name(suffix: str = ".json") -> str:
     # maildir-style: time, host, pid and randomness, so concurrent writers never collide
     return f"{time.time_ns()}.{socket.gethostname()}.{os.getpid()}.{secrets.token_hex(4)}{suffix}"
+
+
+def _plain_suffix(name: str) -> str:
+    """What of a writer's name a fresh name keeps: printable characters only, clipped."""
+    kept = re.sub(r"[^A-Za-z0-9._+=@,-]", "_", name)[-80:]
+    return "." + kept if kept else ".json"
 
 
 @dataclass
@@ -64,6 +85,7 @@ class Spool:
         self.incoming = root / "incoming"
         self.accepted = root / "accepted"
         self.rejected = root / "rejected"
+        self.reading = root / ".reading"  # the name of the file intake is reading now (see the docstring)
         for d in (self.tmp, self.incoming, self.accepted, self.rejected):
             d.mkdir(parents=True, exist_ok=True)
 
@@ -86,9 +108,55 @@ class Spool:
 
     # -- intake -------------------------------------------------------------------------------------
 
-    def pending(self) -> list[str]:
-        """Names in ``incoming/``, oldest first (maildir names start with the time)."""
-        return sorted(n for n in os.listdir(self.incoming) if not n.startswith("."))
+    def pending(self, limit: int | None = None) -> list[str]:
+        """Names in ``incoming/``, oldest first (maildir names start with the time); the oldest ``limit`` only
+        when given, so a flood of a million files costs one pass over the directory, not a list of it."""
+        with os.scandir(self.incoming) as entries:
+            names = (e.name for e in entries if not e.name.startswith("."))
+            return heapq.nsmallest(limit, names) if limit is not None else sorted(names)
+
+    def plain(self, name: str) -> str:
+        """The name to take the file under: its own when it is plain, else a fresh one (a name that is not
+        UTF-8, holds control characters or is so long that ``NAME.error.json`` could not be made)."""
+        if _PLAIN_NAME.match(name):
+            return name
+        fresh = _unique_name(suffix=_plain_suffix(name))
+        os.rename(self.incoming / name, self.incoming / fresh)
+        log.warning("job file renamed", extra={"action": "renamed", "file": repr(name), "to": fresh})
+        return fresh
+
+    def note_reading(self, name: str | None) -> None:
+        """Note the file about to be read (None: none is). Not fsynced: it guards against the process dying
+        while it reads, not the machine; the page cache outlives the process."""
+        if name is None:
+            try:
+                os.unlink(self.reading)
+            except FileNotFoundError:
+                pass
+            return
+        fd = os.open(self.reading, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        try:
+            os.write(fd, os.fsencode(name))
+        finally:
+            os.close(fd)
+
+    def crashed_while_reading(self) -> str | None:
+        """The incoming file a previous process was reading when it died, if it is still there."""
+        try:
+            fd = os.open(self.reading, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return None
+        except OSError:
+            os.unlink(self.reading)  # not a file of ours (a link, a directory): nothing to learn from it
+            return None
+        try:
+            name = os.fsdecode(os.read(fd, 4096))
+        finally:
+            os.close(fd)
+        if not name or "/" in name or not os.path.lexists(self.incoming / name):
+            self.note_reading(None)
+            return None
+        return name
 
     def read(self, name: str) -> bytes:
         """The file's bytes, refusing anything that is not a small regular file (no symlinks, fifos)."""
@@ -134,7 +202,7 @@ class Spool:
 
     def rename_incoming(self, name: str) -> str:
         """Give an incoming file a fresh unique name (its old name was already used by an earlier job)."""
-        new = _unique_name(suffix=f".{name}")
+        new = _unique_name(suffix=_plain_suffix(name))
         os.rename(self.incoming / name, self.incoming / new)
         return new
 
@@ -167,6 +235,8 @@ def job_from(valid: ValidJob, spool_name: str | None, spool_host: str | None = N
 
 #: Files validated and committed to the store in one transaction (one fsync for the lot).
 BATCH = 100
+#: The oldest files one intake call looks at (the rest wait for the next call).
+PENDING_WINDOW = 20 * BATCH
 
 
 def intake(spool: Spool, store: Store, settings: Settings, runners: dict[str, Runner] | None = None,
@@ -176,11 +246,18 @@ def intake(spool: Spool, store: Store, settings: Settings, runners: dict[str, Ru
     Works in batches (validated, committed in one transaction, then moved, with one fsync of each spool
     directory per batch) and stops after ``budget`` seconds, so a flood of files never holds up the serving
     loop: ``IntakeResult.more`` says files are left for the next tick. ``translate`` maps a workspace written
-    as a host path to the path this executor sees (when it runs in a container).
+    as a host path to the path this executor sees (when it runs in a container). A file that a previous
+    process died reading is rejected first, unread.
     """
     started = time.monotonic()
     result = IntakeResult(accepted=[], rejected=[])
-    pending = spool.pending()
+    crashed = spool.crashed_while_reading()
+    if crashed is not None:
+        log.error("job file quarantined", extra={"action": "quarantined", "file": crashed})
+        _reject(spool, crashed, InvalidJob(CRASHED), result)
+        spool.note_reading(None)
+    pending = spool.pending(limit=PENDING_WINDOW)
+    result.more = len(pending) == PENDING_WINDOW
     while pending:
         batch, pending = pending[:BATCH], pending[BATCH:]
         _take(spool, store, settings, runners, batch, result, translate)
@@ -194,10 +271,14 @@ def _take(spool: Spool, store: Store, settings: Settings, runners: dict[str, Run
           result: IntakeResult, translate: Callable[[str], str] | None = None) -> None:
     valid: list[tuple[str, ValidJob]] = []
     for name in names:
-        name = _fresh_name(spool, store, name, settings.host_id)
+        try:
+            name = _fresh_name(spool, store, spool.plain(name), settings.host_id)
+        except FileNotFoundError:
+            continue  # taken out of incoming/ meanwhile (by a person): nothing to read
         if name is None:
             continue
         raw = None
+        spool.note_reading(name)
         try:
             raw = spool.read(name)
             spec = parse_spec(raw)
@@ -206,6 +287,12 @@ def _take(spool: Spool, store: Store, settings: Settings, runners: dict[str, Run
             valid.append((name, validate(spec, settings, runners)))
         except InvalidJob as exc:
             _reject(spool, name, exc, result, store, raw)
+        except Exception as exc:  # the boundary: nothing one file does may stop the intake of the others
+            log.exception("job file could not be read", extra={"action": "intake_failed", "file": name})
+            _reject(spool, name, InvalidJob(f"the executor could not read this job file ({type(exc).__name__}: "
+                                            f"{str(exc)[:200]}); check it and submit it again"), result, store, raw)
+        finally:
+            spool.note_reading(None)
     refused = store.add_jobs([job_from(v, name, settings.host_id) for name, v in valid])
     for index, (name, v) in enumerate(valid):
         if index in refused:
@@ -238,19 +325,27 @@ def _fresh_name(spool: Spool, store: Store, name: str, host: str) -> str | None:
 
 def _reject(spool: Spool, name: str, exc: InvalidJob, result: IntakeResult, store: Store | None = None,
             raw: bytes | None = None) -> None:
+    """Move the file to ``rejected/`` with its error first; then, best effort, record it as a job."""
     log.warning("job file rejected", extra={"action": "rejected", "file": name, "error": str(exc)})
-    if store is not None and (recorded := _record_rejection(store, name, raw, exc)) is not None:
-        result.rejected_ids.append(recorded)
     spool.reject(name, str(exc))
     result.rejected.append(name)
+    if store is None:
+        return
+    try:
+        recorded = _record_rejection(store, name, raw, exc)
+    except Exception:  # the file is safe in rejected/ with its error file: a record that fails loses nothing
+        log.exception("rejected job file not recorded", extra={"action": "rejected", "file": name})
+        return
+    if recorded is not None:
+        result.rejected_ids.append(recorded)
 
 
 def _record_rejection(store: Store, name: str, raw: bytes | None, exc: InvalidJob) -> str | None:
     """A refused file becomes a job record (status ``rejected``, its error) under the id its submitter was
     given, so ``executor show ID`` tells the truth; a file without a usable id is known by its spool name."""
     try:
-        data = json.loads(raw) if raw else {}
-    except (ValueError, UnicodeDecodeError):
+        data = load_json(raw) if raw else {}
+    except ValueError:
         data = {}
     data = data if isinstance(data, dict) else {}
     job_id = data.get("id")

@@ -327,9 +327,10 @@ class Executor:
     def keep_disk_reserve(self) -> None:
         """When running jobs push the state root's free space below the reserve, stop the largest writer."""
         short = self.governor.disk_short()
-        if short is None or any(why == "disk_reserve" for why in self.ctx.stop_requests.values()):
+        if short is None or "disk_reserve" in self.ctx.stop_requests.snapshot().values():
             return
-        measured = {job_id: dog.disk.bytes for job_id, dog in self.ctx.watchdogs.items() if dog.disk is not None}
+        measured = {job_id: dog.disk.bytes for job_id, dog in self.ctx.watchdogs.snapshot().items()
+                    if dog.disk is not None}
         if not measured:
             return
         largest = max(measured, key=measured.get)

@@ -15,12 +15,12 @@ a link the agent planted, or write the committed home with root's rights.
 
 from __future__ import annotations
 
-import json
 import os
 import stat
 from pathlib import Path
 
-from ..globs import matching
+from ..globs import matching_files
+from ..untrusted import load_json
 from .apply import apply_change
 from .safefs import DIR_FLAGS, lstat_at, open_dir_path
 from .tree import Tree
@@ -63,14 +63,21 @@ def carry(home_upper: Path, committed: Path, patterns: tuple[str, ...] | list[st
 
 
 def _allowed(change: Change, patterns) -> Change:
-    """Files and deletions the patterns name, with the plain directories above them; never symlinks,
-    replaced directories or anything the scan refused."""
-    picked = [e for e in change.entries if e.kind in ("file", "delete") and matching(e.path, patterns)]
+    """Regular, non-executable files and deletions the patterns name by their own path, with the plain
+    directories above them; never a symlink, an executable, a special file, a replaced directory, anything
+    below a directory that merely has a matching name, or anything the scan refused."""
+    picked = [e for e in change.entries if _carried(e) and matching_files(e.path, patterns)]
     parents = {"/".join(e.path.split("/")[:n]) for e in picked for n in range(1, e.path.count("/") + 1)}
     dirs = [Entry(e.path, "dir", e.mode & 0o700 or 0o700) for e in change.entries
             if e.kind in ("dir", "opaque_dir") and e.path in parents]
     order = {e.path: i for i, e in enumerate(change.entries)}
     return Change(entries=sorted(dirs + picked, key=lambda e: order[e.path]))
+
+
+def _carried(entry: Entry) -> bool:
+    if entry.kind == "delete":
+        return True
+    return entry.kind == "file" and not entry.mode & 0o111  # "file": a regular file (the scan's kinds)
 
 
 def transcript_readable(tops: list[Path], claude_session_id: str) -> bool:
@@ -105,8 +112,8 @@ def _read_transcript(top_fd: int, name: str) -> bool | None:
             if data is not None:
                 lines = data.decode("utf-8", "replace").splitlines()
                 try:
-                    return bool(lines) and all(json.loads(line) is not None for line in lines if line.strip())
-                except json.JSONDecodeError:
+                    return bool(lines) and all(load_json(line) is not None for line in lines if line.strip())
+                except ValueError:  # Unparsable, deep nesting included: the agent wrote this file
                     return False
         return None
     finally:

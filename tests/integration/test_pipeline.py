@@ -306,6 +306,8 @@ def test_bad_job_files_are_rejected_with_a_reason(world, run_executor, docker_cl
         "c-outside.json": (job("outside", workspace=str(elsewhere)), ["not under a workspace root"]),
         "d-field.json": (job("field", colour="red"), ["unknown field", "colour"]),
         "e-big.json": (big, ["1 mib"]),
+        # 200,000 nested brackets under 1 MiB, in incoming/ when the executor starts: it must start and serve
+        "g-nested.json": (b"[" * 200_000 + b"]" * 200_000, ["recursion"]),
     }
     started = time.time()
     with ScriptedAPI({token: [Turn.text("Done.")]}) as api:

@@ -468,3 +468,53 @@ def test_the_loop_wakes_when_a_job_file_lands_or_a_slot_frees(tmp_path):
         assert wakeup.wait(5) is True
     finally:
         wakeup.close()
+
+
+def test_the_disk_reserve_check_reads_the_watchdogs_while_job_threads_come_and_go(tmp_path, monkeypatch):
+    """Job threads add and remove their watchdogs while the serving loop looks for the largest writer: on a
+    plain dict that loop died of "dictionary changed size during iteration"."""
+    import sys
+    import threading
+
+    from executor.sandbox.disk import DiskMeter
+
+    executor = _executor(tmp_path, monkeypatch, run_job=lambda ctx, job_id: None)
+    executor.governor.disk_reserve = 2**60  # below the reserve, always: every call looks at the writers
+    stop = threading.Event()
+    errors: list[BaseException] = []
+
+    def job_threads(offset: int) -> None:
+        dogs = []
+        for n in range(200):
+            dog = Watchdog(Policy(), on_beat=lambda beat: None, disk=DiskMeter([], 1))
+            dog.disk.bytes = n
+            dogs.append(dog)
+        while not stop.is_set():
+            for n, dog in enumerate(dogs):
+                executor.ctx.watchdogs[f"job-{offset}-{n}"] = dog
+            for n in range(len(dogs)):
+                executor.ctx.watchdogs.pop(f"job-{offset}-{n}", None)
+
+    threads = [threading.Thread(target=job_threads, args=(i,)) for i in range(2)]
+    switch = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # threads switch every few bytecodes: the race shows within a few calls
+    for thread in threads:
+        thread.start()
+    stops = 0
+    try:
+        for _ in range(3000):
+            try:
+                executor.keep_disk_reserve()
+            except RuntimeError as exc:
+                errors.append(exc)
+                break
+            stops += len(executor.ctx.stop_requests) > 0
+            executor.ctx.stop_requests = type(executor.ctx.stop_requests)()  # the stop was taken: look again
+    finally:
+        sys.setswitchinterval(switch)
+        stop.set()
+        for thread in threads:
+            thread.join(10)
+        executor.store.close()
+    assert errors == []
+    assert stops > 0  # it did find writers to stop while they came and went

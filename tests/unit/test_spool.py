@@ -442,3 +442,102 @@ def test_reused_name_of_a_rejected_dangling_symlink_keeps_both(env):
     intake(sp, store, settings)
     targets = {os.readlink(sp.rejected / n) for n in listing(sp.rejected) if not n.endswith(".error.json")}
     assert targets == {"/nonexistent/a", "/nonexistent/b"}
+
+
+# ---------------------------------------------------------------------------------------------
+# hostile input: nothing one file does stops intake
+
+
+def test_deeply_nested_file_is_rejected_and_intake_goes_on(env):
+    """200,000 nested brackets (under 1 MiB) made recording the refusal raise RecursionError out of intake."""
+    world, repo, settings, sp, store = env
+    nested = sp.write(b"[" * 200_000 + b"]" * 200_000)
+    nested_object = sp.write(b'{"id": "deep", "x": ' + b"[" * 200_000 + b"]" * 200_000 + b"}")
+    good = sp.write(job_json(repo, id="after-the-bomb"))
+    result = intake(sp, store, settings)
+    assert result.accepted == ["after-the-bomb"]
+    assert result.rejected == [nested.name, nested_object.name]
+    for path in (nested, nested_object):
+        report = json.loads((sp.rejected / f"{path.name}.error.json").read_text())
+        assert "recursion" in report["error"] and "JSON" in report["error"]
+    assert listing(sp.accepted) == [good.name] and listing(sp.incoming) == []
+    assert store.get("deep") is None  # its id could not be read safely, so it names no job
+
+
+def test_names_that_are_not_plain_are_taken_under_a_fresh_name(env):
+    """A name that is not UTF-8, or too long to carry ``.error.json``, must neither crash intake nor be lost."""
+    world, repo, settings, sp, store = env
+    undecodable = os.fsdecode(b"job-\xff\xfe.json")
+    long_bad = "x" * 250  # NAME.error.json would pass the 255-byte limit of a file name
+    (sp.incoming / undecodable).write_bytes(job_json(repo, id="from-binary-name"))
+    (sp.incoming / long_bad).write_bytes(b"not json")
+    result = intake(sp, store, settings)
+    assert result.accepted == ["from-binary-name"] and len(result.rejected) == 1
+    kept = store.get("from-binary-name").spool_name
+    assert kept.isprintable() and kept.isascii() and kept in listing(sp.accepted)
+    rejected = result.rejected[0]
+    assert len(rejected) < 200 and rejected.endswith("x" * 80)
+    assert (sp.rejected / rejected).read_bytes() == b"not json"
+    assert (sp.rejected / f"{rejected}.error.json").is_file()
+    assert listing(sp.incoming) == []
+
+
+QUARANTINE_PROBE = r"""
+import os, signal, sys
+from pathlib import Path
+from executor.intake.spool import Spool, intake
+from executor.settings import Settings
+from executor.store import Store
+
+target = sys.argv[1]
+def die_on_reading(event, args):
+    # the process dies the moment it opens the poisoned file: what a segfault in a parser looks like from outside
+    if event == "open" and isinstance(args[0], (str, Path)) and str(args[0]).endswith(target):
+        os.kill(os.getpid(), signal.SIGKILL)
+sys.addaudithook(die_on_reading)
+settings = Settings()
+intake(Spool(settings.spool_dir), Store(settings.db_url), settings)
+"""
+
+
+def test_a_file_that_killed_the_process_is_quarantined_at_the_next_start(env, tmp_path):
+    world, repo, settings, sp, store = env
+    first = sp.write(job_json(repo, id="before"))
+    poison = sp.write(job_json(repo, id="poison"))
+    after = sp.write(job_json(repo, id="after"))
+    probe = tmp_path / "probe.py"
+    probe.write_text(QUARANTINE_PROBE)
+    import subprocess
+    import sys
+    died = subprocess.run([sys.executable, str(probe), poison.name],
+                          env=world.env(), capture_output=True, timeout=60)
+    assert died.returncode == -9, died.stderr.decode()[-2000:]
+    assert poison.name in listing(sp.incoming)  # it died reading it: nothing was accepted of its batch
+
+    result = intake(sp, store, settings)
+    assert poison.name in result.rejected
+    assert sorted(result.accepted) == ["after", "before"]
+    report = json.loads((sp.rejected / f"{poison.name}.error.json").read_text())
+    assert "stopped the executor" in report["error"]
+    assert (sp.rejected / poison.name).read_bytes() == job_json(repo, id="poison")  # kept whole, unread
+    assert store.get("poison") is None
+    assert not sp.reading.exists()
+    assert listing(sp.accepted) == sorted([first.name, after.name])
+
+
+def test_a_clean_run_leaves_no_reading_mark(env):
+    world, repo, settings, sp, store = env
+    sp.write(job_json(repo, id="one"))
+    sp.write(b"[" * 5000)
+    intake(sp, store, settings)
+    assert not sp.reading.exists()
+    assert intake(sp, store, settings).rejected == []  # nothing is quarantined by a mark left behind
+
+
+def test_pending_holds_only_the_oldest_window(tmp_path):
+    sp = Spool(tmp_path / "spool")
+    names = [f"{n:05d}.json" for n in range(50)]
+    for name in reversed(names):
+        (sp.incoming / name).write_bytes(b"{}")
+    assert sp.pending(limit=7) == names[:7]
+    assert sp.pending() == names
