@@ -35,8 +35,28 @@ from .cli_review import review
 from .cli_session import session
 
 
+def _asked_version(ctx: click.Context, _param: click.Parameter, value: bool) -> None:
+    """``--version`` (eager): noted here, printed once ``--json`` (wherever it stands) is known."""
+    if value:
+        ctx.meta["executor.version"] = True
+
+
+def _print_version(ctx: click.Context, _param: click.Parameter, as_json: bool) -> None:
+    """Print the version (as JSON with ``--json``) and exit, when ``--version`` was given."""
+    if not ctx.meta.get("executor.version"):
+        return
+    from importlib.metadata import version
+
+    number = version("executor")
+    click.echo(json.dumps({"version": number}) if as_json else f"executor, version {number}")
+    ctx.exit(0)
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option(package_name="executor", prog_name="executor")
+@click.option("--version", is_flag=True, is_eager=True, expose_value=False, callback=_asked_version,
+              help="Show the version and exit.")
+@click.option("--json", is_flag=True, expose_value=False, callback=_print_version,
+              help="With --version: print it as JSON.")
 def main() -> None:
     """Run Claude Code jobs in containers on overlay workspaces; commit only what passed its tests."""
 

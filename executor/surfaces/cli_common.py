@@ -23,7 +23,8 @@ if TYPE_CHECKING:  # loaded when a command needs them: pydantic-settings and SQL
 def load_settings() -> Settings:
     from pydantic import ValidationError
 
-    from ..settings import Settings, UnknownSetting
+    from ..errors import UnknownSetting
+    from ..settings import Settings
 
     try:
         return Settings()

@@ -595,6 +595,11 @@ def test_jobs_table_filters_json_version_cancel_and_completion(world):
 
     version = executor(world, "--version")
     assert version.returncode == 0 and version.stdout.decode().startswith("executor, version ")
+    number = version.stdout.decode().split()[-1]
+    for args in (("--version", "--json"), ("--json", "--version")):  # like every command, it takes --json
+        as_json = executor(world, *args)
+        assert as_json.returncode == 0, as_json.stderr.decode()
+        assert json.loads(as_json.stdout) == {"version": number}
 
     finished = executor(world, "cancel", "alpha-1")
     assert finished.returncode == 1 and "already ended (rolled_back)" in finished.stderr.decode()

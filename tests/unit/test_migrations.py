@@ -144,3 +144,19 @@ def test_executor_db_upgrade_and_current(tmp_path):
     assert again.exit_code == 0 and f"at {schema.HEAD} already" in again.output
     after = CliRunner().invoke(main, ["db", "current"], env=env)
     assert after.exit_code == 0 and f"{schema.HEAD} (this executor: {schema.HEAD})" in after.output
+
+
+def test_a_migration_at_start_logs_one_line_not_alembics_chatter(tmp_path):
+    """The start-up log of a new store: the store's own line per upgrade, none of Alembic's plugin and step
+    lines (a process configured as ``executor serve`` configures its logging)."""
+    import subprocess
+    import sys
+
+    program = ("import sys; from pathlib import Path; from executor import logs; logs.configure('text', 'INFO'); "
+               "from executor.store import Store; Store(Path(sys.argv[1])).close(); Store(Path(sys.argv[1])).close()")
+    done = subprocess.run([sys.executable, "-c", program, str(tmp_path / "executor.db")], capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    lines = done.stderr.splitlines()
+    assert len(lines) == 1, lines  # the second open finds the schema current: nothing to say
+    assert "store schema upgraded" in lines[0] and f"before=empty after={schema.HEAD}" in lines[0]
