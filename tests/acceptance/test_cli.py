@@ -342,6 +342,23 @@ def submit(world, path: Path) -> str:
     return done.stdout.decode().strip()
 
 
+def test_show_says_how_an_attempt_that_could_not_start_ended(world, tmp_path, serve):
+    """An attempt that ends before its agent runs (here the engine refuses the container: more CPUs than the
+    machine has) is shown failed with why, never ``running``."""
+    world.write_policy("huge", cpus=1000)
+    repo = world.repo("huge")
+    server = serve(extra_env={"EXECUTOR_BUDGET_CPUS": "2000"})  # the budget admits it; the engine does not
+    job_id = submit(world, job_file(tmp_path / "job.json", repo, policy="huge"))
+    view = wait_cli_status(world, server, job_id, TERMINAL, timeout=120)
+    assert (view["status"], view["reason"]) == ("failed", "sandbox"), view["error"]
+    [attempt] = view["attempts"]
+    assert (attempt["status"], attempt["reason"], attempt["outcome"]) == ("failed", "sandbox", None)
+    assert attempt["finished_at"] is not None
+    lines = executor(world, "show", job_id).stdout.decode().splitlines()
+    [line] = [line for line in lines if line.strip().startswith("1 on ")]
+    assert "failed (sandbox)" in line and "running" not in line, line
+
+
 def test_serve_runs_a_submitted_job_to_success(world, tmp_path, serve, docker_client):
     repo = world.repo("app", {"README.md": "app\n"})
     script = {

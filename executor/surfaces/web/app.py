@@ -42,6 +42,7 @@ from ...scheduling import snapshot
 from ...scheduling.hosting import hosts_view
 from ...settings import Settings
 from ...store import TERMINAL, Status, Store
+from ...store.status import attempt_text
 from ..seal_view import denial_line, egress_denials, network_view
 from .access import Guard, fingerprint, page_token
 from .views import PYGMENTS_CSS, decision, diff_view, event_row, kept_view
@@ -64,7 +65,7 @@ def _when(moment) -> str:
 
 def create_app(settings: Settings, store: Store, closing: threading.Event | None = None) -> ASGIApp:
     templates = Jinja2Templates(directory=str(TEMPLATES))
-    templates.env.globals.update(when=_when, ago=span, pygments_css=PYGMENTS_CSS)
+    templates.env.globals.update(when=_when, ago=span, pygments_css=PYGMENTS_CSS, attempt_text=attempt_text)
     csrf = secrets.token_urlsafe(24)
     token = page_token(settings)
     credential = fingerprint(token)
