@@ -29,9 +29,10 @@ from sqlmodel import Session, col, select
 from ..clock import aware, utcnow
 from ..errors import IllegalTransition, InvalidJob
 from . import schema
+from .aggregates import AggregateQueries
+from .attempts import AttemptQueries
 from .engine import CHANNEL, is_postgres, make_engine, sqlite_url
 from .hosts import HostQueries
-from .attempts import AttemptQueries
 from .models import ApiRequest, Compaction, Event, Heartbeat, Job, RateLimitEvent, RunnerState
 from .queue import HOLDING, QueueQueries
 from .status import TRANSITIONS, Status
@@ -40,7 +41,7 @@ from .status import TRANSITIONS, Status
 _WAKES = frozenset(Status) - HOLDING
 
 
-class Store(QueueQueries, HostQueries, AttemptQueries):
+class Store(QueueQueries, HostQueries, AttemptQueries, AggregateQueries):
     """Every database operation of the executor."""
 
     def __init__(self, target: Path | str, redact: Callable[[Any], Any] | None = None) -> None:
