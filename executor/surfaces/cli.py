@@ -69,6 +69,7 @@ def serve() -> None:
 
     settings = load_settings()
     logs.configure(settings.log_format, settings.log_level)
+    _note_history(settings)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
@@ -76,6 +77,20 @@ def serve() -> None:
         Executor(settings, os.environ).serve(stop)
     except ExecutorError as exc:
         raise click.ClickException(str(exc)) from None
+
+
+def _note_history(settings) -> None:
+    """Say at start when the PostgreSQL store in use holds no job while the state root's SQLite file does."""
+    import logging
+
+    from .cli_db import HISTORY_FIX, history_left_behind
+
+    left = history_left_behind(settings)
+    if left:
+        logging.getLogger("executor.store").warning(
+            "this PostgreSQL store starts an empty history: the SQLite store in the state root holds jobs it does "
+            "not", extra={"action": "store_history", "sqlite": str(settings.db_path), "jobs": left,
+                          "fix": HISTORY_FIX})
 
 
 @main.command()

@@ -359,6 +359,19 @@ def test_show_says_how_an_attempt_that_could_not_start_ended(world, tmp_path, se
     assert "failed (sandbox)" in line and "running" not in line, line
 
 
+def test_serve_says_at_start_that_its_postgresql_store_starts_an_empty_history(world, serve, pg_empty_url):
+    store = world.store()  # the history this host had while its store was the SQLite file
+    store.add_job(Job(id="before-the-switch", session_id="s", runner="scripted", model_requested="m", workspace="/w",
+                      prompt="p", policy_name="default"))
+    store.close()
+    server = serve(extra_env={"EXECUTOR_DATABASE_URL": pg_empty_url})
+    wait_for(lambda: "starts an empty history" in server.stderr(), 60, "the start-up note")
+    [line] = [line for line in server.stderr().splitlines() if "starts an empty history" in line]
+    assert "warning" in line and "jobs=1" in line and "executor db copy" in line
+    assert str(world.home / "executor.db") in line
+    assert server.stop() == 0
+
+
 def test_serve_runs_a_submitted_job_to_success(world, tmp_path, serve, docker_client):
     repo = world.repo("app", {"README.md": "app\n"})
     script = {
