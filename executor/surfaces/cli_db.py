@@ -22,7 +22,6 @@ import click
 
 from .cli_common import load_settings
 
-
 #: What to do about a SQLite history left behind by a switch to PostgreSQL (``doctor`` and ``serve`` say it).
 HISTORY_FIX = ("to carry the jobs over, stop the executor and run `executor db copy` (compose: `docker compose stop "
                "executor && docker compose run --rm executor db copy`), then start it; to start afresh on purpose, "
