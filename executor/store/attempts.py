@@ -59,5 +59,6 @@ class AttemptQueries:
             values.update(reason=reason or (INTERRUPTED if new == Status.queued else None),
                           finished_at=func.coalesce(col(Attempt.finished_at), utcnow()))
         current = select(Job.attempts).where(col(Job.id) == job_id).scalar_subquery()
-        s.exec(update(Attempt).where(col(Attempt.job_id) == job_id, col(Attempt.number) == current,  # type: ignore[call-overload]
-                                     col(Attempt.status).in_(ATTEMPT_OPEN)).values(**values))
+        statement = update(Attempt).where(col(Attempt.job_id) == job_id, col(Attempt.number) == current,
+                                          col(Attempt.status).in_(ATTEMPT_OPEN)).values(**values)
+        s.exec(statement)  # type: ignore[call-overload]

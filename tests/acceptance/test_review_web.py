@@ -293,7 +293,8 @@ def test_a_failed_follow_up_shows_failed_on_the_reviewed_jobs_page_and_cancel_st
     first = [Turn.tool("Bash", {"command": "sed -i 's/return 1/return 42/' app.py", "description": "edit"}),
              Turn.text("Changed the answer.")]
     refused = [Turn.error(401, "authentication_error", "invalid x-api-key")] * 4
-    with ScriptedAPI({"web-rcf-note": refused, "web-rcf": first}, models={COMPACTION_MODEL: Turn.text("summary")}) as api:
+    script = {"web-rcf-note": refused, "web-rcf": first}  # the note's key first: the revision also names the task
+    with ScriptedAPI(script, models={COMPACTION_MODEL: Turn.text("summary")}) as api:
         world.write_runners(api.base_url)
         runner = run_executor(world.settings(ui_port=0))
         store = runner.executor.store

@@ -49,7 +49,8 @@ def test_a_sqlite_history_is_carried_into_an_empty_postgresql_store(tmp_path, pg
 
     store_check = Doctor(settings, {}).check_store()
     assert store_check.status == "warning", store_check
-    assert f"the SQLite store {settings.db_path} holds 2" in store_check.detail and "empty history" in store_check.detail
+    assert f"the SQLite store {settings.db_path} holds 2" in store_check.detail
+    assert "empty history" in store_check.detail
     assert "executor db copy" in store_check.fix
 
     env = {"EXECUTOR_HOME": str(home), "EXECUTOR_DATABASE_URL": pg_empty_url}

@@ -407,7 +407,8 @@ def test_an_attempt_moves_with_its_job_and_then_says_how_it_ended(store, db):
     _running(store, "again")
     store.transition("again", Status.running, Status.queued)
     _running(store, "again", 2)
-    assert [(a.status, a.reason) for a in store.attempts("again")] == [("interrupted", "interrupted"), ("running", None)]
+    assert [(a.status, a.reason) for a in store.attempts("again")] == [("interrupted", "interrupted"),
+                                                                        ("running", None)]
 
     # reviewed: the attempt waits with its job, and ends as the decision ends the job
     store.add_job(make_job("reviewed", workspace="/repos/d"))

@@ -23,6 +23,8 @@ depends_on = None
 
 _JOB = "(SELECT {column} FROM job WHERE job.id = attempt.job_id)"
 _EARLIER = f"attempt.number < {_JOB.format(column='attempts')}"
+_LAST_REASON = ("CASE WHEN job.status = 'queued' THEN 'interrupted' WHEN job.status IN "
+                "('running', 'testing', 'committing', 'awaiting_review') THEN NULL ELSE job.reason END")
 BACKFILL = f"""
     UPDATE attempt SET
       status = CASE
@@ -32,8 +34,7 @@ BACKFILL = f"""
       END,
       reason = CASE
         WHEN {_EARLIER} THEN attempt.outcome
-        ELSE {_JOB.format(column="CASE WHEN job.status = 'queued' THEN 'interrupted' WHEN job.status IN "
-                                "('running', 'testing', 'committing', 'awaiting_review') THEN NULL ELSE job.reason END")}
+        ELSE {_JOB.format(column=_LAST_REASON)}
       END
     WHERE attempt.status IS NULL
 """
