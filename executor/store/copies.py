@@ -5,7 +5,8 @@ Owns ``backup_sqlite`` (SQLite's online backup API, in steps: the serving execut
 them; the copy is one transaction's view), ``copy_history`` (every table, in the order their foreign keys
 need, in one transaction on the target, which must hold no job; PostgreSQL's id sequences then continue
 after the copied rows) and ``left_behind`` (how many jobs a SQLite file holds beside a PostgreSQL store that
-holds none: a switch that started an empty history).
+holds none: a switch that started an empty history) and ``serving_hosts`` (a copy waits until no host serves
+its source).
 
 Must never: write to the source, write over an existing file or into a store that already holds jobs, or
 log or return a URL with its password.
@@ -80,6 +81,17 @@ def _continue_sequences(conn) -> None:
             continue
         conn.execute(text(f"SELECT setval(pg_get_serial_sequence('{table.name}', 'id'), "
                           f"COALESCE((SELECT MAX(id) FROM {table.name}), 0) + 1, false)"))
+
+
+def serving_hosts(url: str, timeout: float) -> list[str]:
+    """The hosts that still serve the store ``url`` (their heartbeat is recent and they did not stop)."""
+    from . import reads
+
+    conn = reads.connect(Path(url[len("sqlite:///"):]) if url.startswith("sqlite:///") else url)
+    try:
+        return [h["host"] for h in reads.hosts(conn, timeout) if h["state"] == "alive"]
+    finally:
+        conn.close()
 
 
 def left_behind(sqlite_path: Path, url: str) -> int:

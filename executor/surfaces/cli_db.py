@@ -8,8 +8,8 @@ the next migration by comparing ``models.py`` with a scratch SQLite database at 
 carries the state root's SQLite history (or another store's) into the store ``EXECUTOR_DATABASE_URL`` names,
 which must hold no job yet (a host switching to a shared PostgreSQL store keeps its jobs).
 
-Must never: print the database's password, migrate past the code (``SchemaTooNew``), or copy while an
-executor serves the state root, or into a store that holds jobs.
+Must never: print the database's password, migrate past the code (``SchemaTooNew``), or copy while a host
+serves the store copied, or into a store that holds jobs.
 """
 
 from __future__ import annotations
@@ -116,8 +116,7 @@ def copy_cmd(source: str | None, as_json: bool) -> None:
     first (docker compose stop executor; then docker compose run --rm executor db copy)."""
     import json
 
-    from ..scheduling import snapshot
-    from ..store.copies import TargetNotEmpty, copy_history
+    from ..store.copies import TargetNotEmpty, copy_history, serving_hosts
     from ..store.engine import shown
 
     settings = load_settings()
@@ -127,10 +126,11 @@ def copy_cmd(source: str | None, as_json: bool) -> None:
                                    "set EXECUTOR_DATABASE_URL to the new store, or --from to another")
     if source.startswith("sqlite:///") and not Path(source[len("sqlite:///"):]).is_file():
         raise click.ClickException(f"no database at {source[len('sqlite:///'):]}: is EXECUTOR_HOME right?")
-    current = snapshot.read(settings.status_path)
-    if current is not None and current["age_seconds"] < max(10.0, 5 * settings.poll_interval):
-        raise click.ClickException(f"an executor serves the state root {settings.home}: stop it first "
-                                   "(`docker compose stop executor`), so the history does not change while copied")
+    serving = serving_hosts(source, settings.host_timeout)
+    if serving:
+        raise click.ClickException(f"host {', '.join(serving)} still serves {shown(source)}: stop it first "
+                                   "(`docker compose stop executor`), so the history does not change while copied "
+                                   f"(a host that stopped without saying so counts for {settings.host_timeout:g} s)")
     try:
         copied = copy_history(source, settings.db_url)
     except TargetNotEmpty as exc:

@@ -5,7 +5,6 @@ every table into the empty PostgreSQL store (a real SQLite file, a real PostgreS
 from __future__ import annotations
 
 import json
-import time
 from datetime import timedelta
 from pathlib import Path
 
@@ -54,10 +53,11 @@ def test_a_sqlite_history_is_carried_into_an_empty_postgresql_store(tmp_path, pg
     assert "executor db copy" in store_check.fix
 
     env = {"EXECUTOR_HOME": str(home), "EXECUTOR_DATABASE_URL": pg_empty_url}
-    (home / "status.json").write_text(json.dumps({"ts": time.time()}))  # an executor serves the state root
-    serving = CliRunner().invoke(main, ["db", "copy"], env=env)
-    assert serving.exit_code == 1 and "stop it first" in serving.output
-    (home / "status.json").unlink()
+    serving = CliRunner().invoke(main, ["db", "copy"], env=env)  # box1 still beats
+    assert serving.exit_code == 1 and "host box1 still serves" in serving.output and "stop it first" in serving.output
+    old = Store(settings.db_path)
+    old.stop_host("box1")  # a clean stop, as `docker compose stop executor` makes
+    old.close()
 
     done = CliRunner().invoke(main, ["db", "copy", "--json"], env=env)
     assert done.exit_code == 0, done.output
