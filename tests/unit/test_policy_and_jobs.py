@@ -399,6 +399,7 @@ def test_validate_workspace_outside_roots(world, tmp_path):
     message = invalid(spec(workspace=str(outside)), world.settings())
     assert "not under a workspace root" in message
     assert str(world.repos) in message and "EXECUTOR_WORKSPACE_ROOTS" in message
+    assert "with compose" in message and "EXECUTOR_WORKSPACES_DIR" in message  # compose sets the roots itself
 
 
 def test_validate_workspace_dotdot_escape(world, tmp_path):
