@@ -20,9 +20,14 @@ WORKDIR /src
 # Dependencies first (a layer that survives code changes): the runtime dependencies of pyproject.toml,
 # pinned by requirements.lock (the lock also pins the test extras, which the image does not need).
 COPY pyproject.toml requirements.lock README.md ./
+# pip's own error is shown (-q hides only its progress), then what usually causes it.
 RUN python3 -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']))" \
       > /tmp/requirements.txt \
- && pip install -q -c requirements.lock -r /tmp/requirements.txt \
+ && { pip install -q -c requirements.lock -r /tmp/requirements.txt || { \
+      echo "executor: installing the executor's Python dependencies failed (pip's error is above)." >&2; \
+      echo "executor: behind a proxy that intercepts TLS (pip says CERTIFICATE_VERIFY_FAILED), put the proxy's CA" >&2; \
+      echo "executor: certificate (PEM, named *.crt) into sandbox/certs/ and build again (README: Quick start)." >&2; \
+      exit 1; }; } \
  && rm /tmp/requirements.txt
 COPY executor/ executor/
 RUN pip install -q --no-deps . && rm -rf /src/build && executor --help >/dev/null

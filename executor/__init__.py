@@ -34,6 +34,7 @@ from .errors import (
     TestsOutOfMemory,
     TestsTimedOut,
     TimedOut,
+    UnknownSetting,
     UnsafePath,
     WeakTests,
     WorkspaceError,
@@ -45,7 +46,8 @@ __all__ = [
     "Conflict", "EvaluationError", "EvaluationTimedOut", "ExecutorError", "IllegalTransition", "InternalError",
     "Interrupted", "InvalidJob", "ModelMismatch", "NoCoverageGain", "OutOfMemory", "Overloaded", "RateLimited",
     "Regression", "Rejected", "ReviewError", "SandboxError", "SchemaTooNew", "Settings", "Stalled", "Status",
-    "TestsFailed", "TestsOutOfMemory", "TestsTimedOut", "TimedOut", "UnsafePath", "WeakTests", "WorkspaceError",
+    "TestsFailed", "TestsOutOfMemory", "TestsTimedOut", "TimedOut", "UnknownSetting", "UnsafePath", "WeakTests",
+    "WorkspaceError",
 ]
 
 

@@ -11,6 +11,7 @@ Must never: grow a second base class, or hold secrets (tokens, keys) in a messag
 
     ExecutorError
     ├── ConfigError              settings, policy or runner files are wrong
+    │   ├── UnknownSetting       an EXECUTOR_* variable that names no setting (a typo that would do nothing)
     │   └── SchemaTooNew         the database was migrated by a newer executor than this one
     ├── InvalidJob               a job file is wrong (the message says what and how to fix it)
     ├── IllegalTransition        the store refused a status change (someone else moved the job first)
@@ -79,6 +80,12 @@ class ExecutorError(Exception):
 
 class ConfigError(ExecutorError):
     reason = "config"
+
+
+class UnknownSetting(ConfigError):
+    """An ``EXECUTOR_*`` variable that names no setting: a typo that would silently do nothing."""
+
+    reason = "unknown_setting"
 
 
 class SchemaTooNew(ConfigError):
@@ -273,12 +280,3 @@ class WeakTests(TestsFailed):
 class NoCoverageGain(WeakTests):
     reason = "no_coverage_gain"
 
-
-#: Every ending reason there is: the classes' reasons and the two endings that are not errors.
-def ending_reasons() -> set[str]:
-    found, todo = set(), [ExecutorError]
-    while todo:
-        cls = todo.pop()
-        found.add(cls.reason)
-        todo.extend(cls.__subclasses__())
-    return found | {COMMITTED, AWAITING_REVIEW}

@@ -51,7 +51,8 @@ def configure(fmt: str = "text", level: str = "INFO") -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
-    for noisy in ("urllib3", "docker"):
+    # Alembic announces each plugin and migration step at INFO; the store logs one line per upgrade itself.
+    for noisy in ("urllib3", "docker", "alembic"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 

@@ -19,6 +19,8 @@ from typing import Annotated, Literal
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, EnvSettingsSource, NoDecode, SettingsConfigDict
 
+from .errors import UnknownSetting
+
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)i?b?\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3, "t": 1024**4}
 
@@ -75,11 +77,7 @@ DEFAULT_NOTIFY = ("review", "failed", "timeout", "rolled_back", "tests_failed", 
 #: Variables that compose.yaml reads on the host (image names, host directories) and that may reach the
 #: executor's environment through ``.env``; they are not the executor's settings, and not errors.
 DEPLOYMENT_VARIABLES = frozenset({"EXECUTOR_IMAGE", "EXECUTOR_STATE_DIR", "EXECUTOR_WORKSPACES_DIR",
-                                  "EXECUTOR_POLICIES_DIR"})
-
-
-class UnknownSetting(ValueError):
-    """An ``EXECUTOR_*`` variable that names no setting: a typo that would silently do nothing."""
+                                  "EXECUTOR_POLICIES_DIR", "EXECUTOR_POSTGRES_IMAGE", "EXECUTOR_POSTGRES_DATA"})
 
 
 class _StrictEnvironment(EnvSettingsSource):

@@ -183,8 +183,9 @@ def _check_workspace(raw: str, settings: Settings) -> tuple[Path, Identity]:
             raise InvalidJob(f"workspace {raw!r} reaches its workspace root through a symlink; give its real path "
                              f"{str(real)!r}")
         raise InvalidJob(
-            f"workspace {raw!r} is not under a workspace root ({roots}); "
-            "add its parent to EXECUTOR_WORKSPACE_ROOTS or move the repository"
+            f"workspace {raw!r} is not under a workspace root ({roots}); move the repository under one, or add "
+            "its parent to EXECUTOR_WORKSPACE_ROOTS (with compose, which sets that itself: put the repository "
+            "under EXECUTOR_WORKSPACES_DIR, the host directory mounted at the root, ./workspaces by default)"
         )
     try:
         identity = open_identity(root, path)

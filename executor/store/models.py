@@ -149,8 +149,11 @@ class Attempt(SQLModel, table=True):
     number: int
     host_id: str | None = Field(default=None, index=True)  # the host that ran it
     started_at: datetime = Field(default_factory=utcnow)
-    finished_at: datetime | None = None
-    outcome: str | None = None
+    finished_at: datetime | None = None  # when its agent ended (or the attempt, when it ended before one ran)
+    # The attempt's own status (status.py ATTEMPT_OPEN while it lasts; then how it ended) and why it ended.
+    status: str | None = "running"
+    reason: str | None = None
+    outcome: str | None = None  # how its agent's run ended (success, agent_error, rate_limited, ...)
     exit_code: int | None = None
     claude_session_id: str | None = None
     models_seen: list = Field(default_factory=list, sa_column=Column(JSON))

@@ -34,7 +34,7 @@ from sqlmodel import col
 
 from ..clock import utcnow
 from .models import Attempt, Host, Job, RunnerState
-from .status import Status
+from .status import ATTEMPT_OPEN, INTERRUPTED, Status
 
 #: Statuses in which a job holds its workspace and its session (their locks are set).
 HOLDING = frozenset({Status.running, Status.testing, Status.committing, Status.waiting_retry})
@@ -213,8 +213,10 @@ class QueueQueries:
             moved = s.execute(statement).scalars().first()
             if moved is not None:
                 s.execute(update(Attempt).where(col(Attempt.job_id) == job.id, col(Attempt.number) == job.attempts,
-                                                col(Attempt.finished_at).is_(None))
-                          .values(finished_at=utcnow(), outcome="host_lost"))
+                                                col(Attempt.status).in_(ATTEMPT_OPEN))
+                          .values(finished_at=func.coalesce(col(Attempt.finished_at), utcnow()),
+                                  outcome=func.coalesce(col(Attempt.outcome), "host_lost"),
+                                  status=INTERRUPTED, reason="host_lost"))
                 self._notify(s, "1")  # type: ignore[attr-defined]
             s.commit()
             return moved

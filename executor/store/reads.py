@@ -47,11 +47,14 @@ class _Postgres:
     def execute(self, sql: str, params: tuple = ()) -> Any:
         return self.conn.execute(sql.replace("?", "%s"), params)
 
+    def close(self) -> None:
+        self.conn.close()
+
     def __enter__(self) -> _Postgres:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self.conn.close()
+        self.close()
 
 
 def connect(target: Path | str) -> Any:

@@ -12,6 +12,7 @@ lock.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -21,9 +22,11 @@ from sqlalchemy.engine import Connection, Engine
 
 from ..errors import SchemaTooNew
 
+log = logging.getLogger(__name__)
+
 MIGRATIONS = Path(__file__).parent / "migrations"
 #: The revision this code's models describe: a new revision changes it (tests/unit/test_migrations.py).
-HEAD = "0004"
+HEAD = "0005"
 _LOCK_KEY = 0x6578_6563  # PostgreSQL advisory lock of schema changes ("exec")
 
 
@@ -66,6 +69,7 @@ def upgrade(engine: Engine) -> tuple[str | None, str]:
         config.set_main_option("script_location", str(MIGRATIONS))
         config.attributes["connection"] = conn
         command.upgrade(config, "head")
+    log.info("store schema upgraded", extra={"action": "schema", "before": before or "empty", "after": HEAD})
     return before, HEAD
 
 

@@ -12,7 +12,12 @@ job's current status is the expected one, so two actors racing (a watchdog and a
     committing -> failed (the change could not be applied)
     (a job file refused at intake is recorded as rejected, and never moves)
 
-Must never: let a terminal status change.
+An attempt has a status of its own, which follows its job's while the attempt lasts (running, testing,
+committing, awaiting_review: ``ATTEMPT_OPEN``) and then says how it ended: the job's ending (succeeded,
+rolled_back, failed, stalled, cancelled), ``waiting_retry`` (a rate limit: the next attempt resumes) or
+``interrupted`` (the job went back to the queue). An ended attempt never changes again.
+
+Must never: let a terminal status change, or an ended attempt's.
 """
 
 from __future__ import annotations
@@ -61,3 +66,21 @@ TRANSITIONS: dict[Status, frozenset[Status]] = {
     Status.awaiting_review: frozenset({Status.committing, Status.rolled_back, Status.failed, Status.cancelled}),
     Status.committing: frozenset({Status.succeeded, Status.failed}),
 }
+
+#: The statuses of an attempt that has not ended; every other status of an attempt is how it ended.
+ATTEMPT_OPEN = frozenset({Status.running.value, Status.testing.value, Status.committing.value,
+                          Status.awaiting_review.value})
+#: How an attempt ended when its job went back to the queue (the executor stopped, its host was lost).
+INTERRUPTED = "interrupted"
+
+
+def attempt_status(job_status: Status) -> str:
+    """The status of a job's current attempt when the job moves to ``job_status``."""
+    return INTERRUPTED if job_status == Status.queued else job_status.value
+
+
+def attempt_text(status: str | None, reason: str | None) -> str:
+    """An attempt's status as a person reads it: the phase it is in, or how it ended and why
+    (``failed (sandbox)``)."""
+    status = status or "unknown"  # read from a database not yet migrated to attempt statuses
+    return status + (f" ({reason})" if reason and reason != status else "")

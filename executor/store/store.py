@@ -1,12 +1,14 @@
 """Durable state: every read and write of the database (jobs, attempts, the per-session event log).
 
 Owns the engine and every query; the tables are ``models.py``, the status machine ``status.py``, the
-schema's versions ``schema.py``, the queries of the shared queue and of the hosts ``queue.py`` and
-``hosts.py`` (mixed into ``Store``). A status changes only through ``transition`` (or a claim), which
-updates where the current status is the expected one, and, for a job's owner, where the job is still the
-owner's attempt (``owner``: host and attempt number); when another actor moved the job first, it raises
+schema's versions ``schema.py``, the queries of the shared queue, of the hosts and of the attempts
+``queue.py``, ``hosts.py`` and ``attempts.py`` (mixed into ``Store``), the report's and the metrics'
+aggregates ``aggregates.py``. A status changes only through ``transition`` (or a claim), which updates
+where the current status is the expected one, and, for a job's owner, where the job is still the owner's
+attempt (``owner``: host and attempt number); when another actor moved the job first, it raises
 ``IllegalTransition`` instead of overwriting the truth. A job leaving the statuses that hold its
-workspace and session gives up their locks in the same statement.
+workspace and session gives up their locks in the same statement, and its current attempt moves (or ends)
+with it in the same transaction.
 
 Must never: store a secret (token values never reach this module), or let a terminal status change.
 """
@@ -27,9 +29,11 @@ from sqlmodel import Session, col, select
 from ..clock import aware, utcnow
 from ..errors import IllegalTransition, InvalidJob
 from . import schema
+from .aggregates import AggregateQueries
+from .attempts import AttemptQueries
 from .engine import CHANNEL, is_postgres, make_engine, sqlite_url
 from .hosts import HostQueries
-from .models import ApiRequest, Attempt, Compaction, Event, Heartbeat, Job, RateLimitEvent, RunnerState
+from .models import ApiRequest, Compaction, Event, Heartbeat, Job, RateLimitEvent, RunnerState
 from .queue import HOLDING, QueueQueries
 from .status import TRANSITIONS, Status
 
@@ -37,7 +41,7 @@ from .status import TRANSITIONS, Status
 _WAKES = frozenset(Status) - HOLDING
 
 
-class Store(QueueQueries, HostQueries):
+class Store(QueueQueries, HostQueries, AttemptQueries, AggregateQueries):
     """Every database operation of the executor."""
 
     def __init__(self, target: Path | str, redact: Callable[[Any], Any] | None = None) -> None:
@@ -165,6 +169,8 @@ class Store(QueueQueries, HostQueries):
             where += [col(Job.host_id) == owner[0], col(Job.attempts) == owner[1]]
         with self.session() as s:
             result = s.exec(update(Job).where(*where).values(status=new, **self.redact(fields)))  # type: ignore[call-overload]
+            if result.rowcount == 1:  # the job's current attempt moves with it, or ends with it
+                self._follow_attempt(s, job_id, new, fields.get("reason"))
             if result.rowcount == 1 and add is not None:
                 s.add(add)
             if result.rowcount == 1 and (new in _WAKES or add is not None):
@@ -220,26 +226,6 @@ class Store(QueueQueries, HostQueries):
                 pass  # it started meanwhile: flag it like a running job
         self.update_job(job_id, cancel_requested=True)
         return self.get(job_id)  # type: ignore[return-value]
-
-    # -- attempts -----------------------------------------------------------------------------------
-
-    def start_attempt(self, job_id: str, number: int, host_id: str | None = None) -> Attempt:
-        with self.session() as s:
-            attempt = Attempt(job_id=job_id, number=number, host_id=host_id)
-            s.add(attempt)
-            s.commit()
-            s.refresh(attempt)
-            return attempt
-
-    def finish_attempt(self, attempt_id: int, **fields: Any) -> None:
-        with self.session() as s:
-            s.exec(  # type: ignore[call-overload]
-                update(Attempt).where(col(Attempt.id) == attempt_id).values(finished_at=utcnow(), **self.redact(fields))
-            )
-            s.commit()
-
-    def attempts(self, job_id: str) -> list[Attempt]:
-        return self._rows(Attempt, Attempt.number, job_id=job_id)
 
     def _rows(self, table: Any, order: Any, **filters: Any) -> list:
         """Rows of ``table`` matching every filter that is not None, in ``order``."""

@@ -35,8 +35,28 @@ from .cli_review import review
 from .cli_session import session
 
 
+def _asked_version(ctx: click.Context, _param: click.Parameter, value: bool) -> None:
+    """``--version`` (eager): noted here, printed once ``--json`` (wherever it stands) is known."""
+    if value:
+        ctx.meta["executor.version"] = True
+
+
+def _print_version(ctx: click.Context, _param: click.Parameter, as_json: bool) -> None:
+    """Print the version (as JSON with ``--json``) and exit, when ``--version`` was given."""
+    if not ctx.meta.get("executor.version"):
+        return
+    from importlib.metadata import version
+
+    number = version("executor")
+    click.echo(json.dumps({"version": number}) if as_json else f"executor, version {number}")
+    ctx.exit(0)
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option(package_name="executor", prog_name="executor")
+@click.option("--version", is_flag=True, is_eager=True, expose_value=False, callback=_asked_version,
+              help="Show the version and exit.")
+@click.option("--json", is_flag=True, expose_value=False, callback=_print_version,
+              help="With --version: print it as JSON.")
 def main() -> None:
     """Run Claude Code jobs in containers on overlay workspaces; commit only what passed its tests."""
 
@@ -49,6 +69,7 @@ def serve() -> None:
 
     settings = load_settings()
     logs.configure(settings.log_format, settings.log_level)
+    _note_history(settings)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
@@ -58,6 +79,20 @@ def serve() -> None:
         raise click.ClickException(str(exc)) from None
 
 
+def _note_history(settings) -> None:
+    """Say at start when the PostgreSQL store in use holds no job while the state root's SQLite file does."""
+    import logging
+
+    from .cli_db import HISTORY_FIX, history_left_behind
+
+    left = history_left_behind(settings)
+    if left:
+        logging.getLogger("executor.store").warning(
+            "this PostgreSQL store starts an empty history: the SQLite store in the state root holds jobs it does "
+            "not", extra={"action": "store_history", "sqlite": str(settings.db_path), "jobs": left,
+                          "fix": HISTORY_FIX})
+
+
 @main.command()
 @click.argument("file", type=click.File("rb"))
 @click.option("--wait", is_flag=True, help="Follow the job to its end; exit 0 only if it succeeded.")
@@ -65,8 +100,8 @@ def serve() -> None:
 def submit(file: Any, wait: bool, as_json: bool) -> None:
     """Validate a job file (or - for stdin) against the serving executor's own settings and put it into its
     spool; prints the job id. Refuses when no executor serves the state root (EXECUTOR_HOME)."""
-    daemon = _serving_settings()
-    _spool(daemon, file.read(), wait, as_json)
+    daemon, translate = _serving_settings()
+    _spool(daemon, file.read(), wait, as_json, translate)
 
 
 @main.command()
@@ -79,16 +114,19 @@ def retry(job_id: str, wait: bool, as_json: bool) -> None:
     judged by the runner, the policy and the workspace as they are now. Prints the new job's id."""
     from ..intake.followup import retry_spec
 
-    daemon = _serving_settings()
+    daemon, translate = _serving_settings()
     try:
         spec = retry_spec(get_job(open_store(daemon), job_id))
     except InvalidJob as exc:
         raise click.ClickException(str(exc)) from None
-    _spool(daemon, json.dumps(spec).encode(), wait, as_json)
+    _spool(daemon, json.dumps(spec).encode(), wait, as_json, translate)
 
 
 def _serving_settings():
-    """The serving executor's settings, its paths as this process sees them; refuses when none serves."""
+    """The serving executor's settings, its paths as this process sees them, and how a job file's workspace
+    is to be read here (a host path inside the executor's container, a container path on the host: the
+    serving loop's intake reads both); refuses when none serves."""
+    from ..sandbox.hostpaths import HostPaths
     from ..settings import Settings
 
     home = state_root()
@@ -98,16 +136,22 @@ def _serving_settings():
             f"no executor serves the state root {home} (no fresh {home / 'status.json'}): start `executor serve` "
             "(or `docker compose up -d`, then submit with `docker compose exec -T executor executor submit -`), "
             "or set EXECUTOR_HOME to the state root it serves")
-    return Settings(**_as_seen_here(snapshot, home))  # judged as the executor that will run it would judge it
+    paths = HostPaths(tuple(tuple(pair) for pair in snapshot.get("host_paths") or []))
+    beside = Path(snapshot["settings"]["home"]) == home  # in its container (or both on the host)
+    # judged as the executor that will run it would judge it
+    return Settings(**_as_seen_here(snapshot, home)), paths.to_container if beside else paths.to_host
 
 
-def _spool(daemon, raw: bytes, wait: bool, as_json: bool) -> None:
-    """Validate a job file as ``daemon`` would and put it into its spool; print the id (or follow the job)."""
+def _spool(daemon, raw: bytes, wait: bool, as_json: bool, translate) -> None:
+    """Validate a job file as ``daemon`` would and put it into its spool; print the id (or follow the job).
+    ``translate``: the workspace as a path ``daemon`` sees (the file keeps what the person wrote: the serving
+    loop's intake translates it in the same way)."""
     from ..intake.jobs import parse_spec, validate
     from ..intake.spool import Spool
 
     try:
-        valid = validate(parse_spec(raw), daemon)
+        spec = parse_spec(raw)
+        valid = validate(spec.model_copy(update={"workspace": translate(spec.workspace)}), daemon)
     except InvalidJob as exc:
         raise click.ClickException(str(exc)) from None
     # The shared store, when EXECUTOR_DATABASE_URL names one here too (status.json never holds its URL).

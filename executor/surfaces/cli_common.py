@@ -23,7 +23,8 @@ if TYPE_CHECKING:  # loaded when a command needs them: pydantic-settings and SQL
 def load_settings() -> Settings:
     from pydantic import ValidationError
 
-    from ..settings import Settings, UnknownSetting
+    from ..errors import UnknownSetting
+    from ..settings import Settings
 
     try:
         return Settings()
@@ -119,7 +120,8 @@ def job_view(job: Job, attempts: list, events: list, api_requests: list, followe
         "started_at": job.started_at.isoformat() if job.started_at else None,
         "finished_at": job.finished_at.isoformat() if job.finished_at else None,
         "attempts": [
-            {"number": a.number, "host": a.host_id, "outcome": a.outcome, "exit_code": a.exit_code,
+            {"number": a.number, "host": a.host_id, "status": getattr(a, "status", None),
+             "reason": getattr(a, "reason", None), "outcome": a.outcome, "exit_code": a.exit_code,
              "claude_session_id": a.claude_session_id, "models_seen": a.models_seen,
              "cost_usd": a.cost_usd, "input_tokens": a.input_tokens, "output_tokens": a.output_tokens,
              "started_at": a.started_at.isoformat(),

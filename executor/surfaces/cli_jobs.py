@@ -21,6 +21,7 @@ from click.shell_completion import CompletionItem
 from ..clock import aware, span, utcnow
 from ..errors import InvalidJob
 from ..store import TERMINAL, Status
+from ..store.status import attempt_text
 from .cli_common import evaluation_lines, get_job, job_view, load_settings, open_store, read_only, state_root
 from .seal_view import SEAL_EVENTS, denial_line
 
@@ -77,7 +78,10 @@ def show(job_id: str, as_json: bool) -> None:
             click.echo(f"{key:16} {value}")
     click.echo(f"{'attempts':16} {len(view['attempts'])}")
     for a in view["attempts"]:
-        click.echo(f"  {a['number']:>3} on {a['host'] or '-':16} {a['outcome'] or 'running':14} {a['started_at'][:19]}Z")
+        agent = f"agent {a['outcome']}" + (f", exit {a['exit_code']}" if a["exit_code"] is not None else "") \
+            if a["outcome"] else ""
+        click.echo(f"  {a['number']:>3} on {a['host'] or '-':16} {attempt_text(a['status'], a['reason']):28} "
+                   f"{agent:26} {a['started_at'][:19]}Z")
     _show_seal(view)
     if view["changed_files"]:
         click.echo("changed files:")

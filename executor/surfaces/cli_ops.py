@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import sqlite3
 import stat
 import time
 from datetime import timedelta
@@ -40,16 +39,10 @@ def backup(path: Path, as_json: bool) -> None:
         raise click.ClickException(f"no database at {settings.db_path}: is EXECUTOR_HOME right?")
     if path.exists() or path.is_symlink():
         raise click.ClickException(f"{path} exists: a backup never overwrites; choose a new name")
+    from ..store.copies import backup_sqlite
+
     started = time.monotonic()
-    source = sqlite3.connect(f"file:{settings.db_path}?mode=ro", uri=True, timeout=30)
-    target = sqlite3.connect(path)
-    try:
-        source.backup(target, pages=4096)  # in steps: the serving executor keeps writing between them
-        jobs = target.execute("SELECT COUNT(*) FROM job").fetchone()[0]
-        check = target.execute("PRAGMA integrity_check").fetchone()[0]
-    finally:
-        target.close()
-        source.close()
+    jobs, check = backup_sqlite(settings.db_path, path)  # in steps: the serving executor keeps writing
     os.chmod(path, 0o600)  # prompts and logs are the operator's business only
     result = {"path": str(path), "bytes": path.stat().st_size, "jobs": jobs, "integrity": check,
               "seconds": round(time.monotonic() - started, 3)}

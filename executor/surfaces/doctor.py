@@ -172,8 +172,15 @@ class Doctor:
         if revision not in (None, schema.HEAD) and revision not in schema.known_revisions():
             return _problem(name, f"{shown(url)}: schema {revision} is newer than this executor ({schema.HEAD})",
                             "run the same executor version on every host that shares the store")
-        return _ok(name, f"{shown(url)}: schema {revision or 'not made yet'} (this executor: {schema.HEAD}; "
-                         "older ones are upgraded at start)")
+        found = (f"{shown(url)}: schema {revision or 'not made yet'} (this executor: {schema.HEAD}; older ones are "
+                 "upgraded at start)")
+        from .cli_db import HISTORY_FIX, history_left_behind
+
+        left = history_left_behind(self.settings)
+        if left:
+            return _warning(name, f"{found}; it holds no job while the SQLite store {self.settings.db_path} holds "
+                                  f"{left}: switching to it started an empty history", HISTORY_FIX)
+        return _ok(name, found)
 
     def check_state_root(self) -> Check:
         name = "state root"

@@ -1,18 +1,18 @@
 """The Prometheus text endpoint: the report's counters and gauges for a scraper (e.g. Grafana on a home server).
 
 Owns one private ``prometheus_client`` registry (never the process-wide default one) holding a collector
-whose values are a snapshot the serving loop refreshes each tick: one aggregate SQL query over the store
-(jobs by status/reason/runner, rate-limit events by runner/kind, token and cost sums, sealed jobs' API
-requests by runner/status with the API's token counts, egress decisions) plus the status snapshot the loop
-already computed (budget, reservations, measured use, queue, each running job's disk, and every host sharing
-the store: its budget, what it holds, when it was last seen). A scrape only reads that snapshot, so it never
-touches the database. Durations and waits are histograms in seconds observed as jobs settle; the process
-collector gives the executor's own CPU seconds and memory.
+whose values are a snapshot the serving loop refreshes each tick: the store's counters, one aggregate query
+(``store/aggregates.py``: jobs by status/reason/runner, rate-limit events by runner/kind, token and cost
+sums, sealed jobs' API requests by runner/status with the API's token counts, egress decisions) plus the
+status snapshot the loop already computed (budget, reservations, measured use, queue, each running job's
+disk, and every host sharing the store: its budget, what it holds, when it was last seen). A scrape only
+reads that snapshot, so it never touches the database. Durations and waits are histograms in seconds
+observed as jobs settle; the process collector gives the executor's own CPU seconds and memory.
 
-Must never: listen anywhere but the configured address (loopback by default), be started when
-``EXECUTOR_METRICS_PORT`` is unset, expose a prompt, a path's content or a credential (labels are
-statuses, reasons, runner names, rate-limit kinds and the ids of running jobs only), or raise into the
-serving loop.
+Must never: query the database itself, listen anywhere but the configured address (loopback by default),
+be started when ``EXECUTOR_METRICS_PORT`` is unset, expose a prompt, a path's content or a credential
+(labels are statuses, reasons, runner names, rate-limit kinds and the ids of running jobs only), or raise
+into the serving loop.
 """
 
 from __future__ import annotations
@@ -33,67 +33,14 @@ from prometheus_client import (
     start_http_server,
 )
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
-from sqlalchemy import text
 
 from ..clock import aware
 from ..errors import ConfigError
-from ..store import TERMINAL, Status, Store
+from ..store import TERMINAL, Store
 
 log = logging.getLogger(__name__)
 
-#: One statement, five aggregates (a scan of each table, no per-job work in Python). The first branch types
-#: its NULLs (PostgreSQL matches a UNION's column types from it); ``{decision}`` is the engine's JSON access.
-AGGREGATE = """
-    SELECT 'job' AS kind, status AS a, COALESCE(reason, '') AS b, runner AS c, COUNT(*) AS n,
-           CAST(NULL AS DOUBLE PRECISION) AS x, CAST(NULL AS DOUBLE PRECISION) AS y,
-           CAST(NULL AS DOUBLE PRECISION) AS z, CAST(NULL AS DOUBLE PRECISION) AS w
-      FROM job GROUP BY status, reason, runner
-    UNION ALL
-    SELECT 'rate_limit', runner, kind, NULL, COUNT(*), SUM(COALESCE(retry_delay, 0)), NULL, NULL, NULL
-      FROM ratelimitevent GROUP BY runner, kind
-    UNION ALL
-    SELECT 'usage', NULL, NULL, NULL, COUNT(*), SUM(COALESCE(input_tokens, 0)),
-           SUM(COALESCE(output_tokens, 0)), SUM(COALESCE(cost_usd, 0)), NULL
-      FROM attempt
-    UNION ALL
-    SELECT 'api', runner, CAST(status AS TEXT), NULL, COUNT(*), SUM(COALESCE(input_tokens, 0)),
-           SUM(COALESCE(output_tokens, 0)), SUM(COALESCE(cache_read_input_tokens, 0)),
-           SUM(COALESCE(cache_creation_input_tokens, 0))
-      FROM apirequest GROUP BY runner, status
-    UNION ALL
-    SELECT 'egress', {decision}, NULL, NULL, COUNT(*), NULL, NULL, NULL, NULL
-      FROM event WHERE kind = 'egress' GROUP BY {decision}
-"""
-_JSON_DECISION = {"sqlite": "json_extract(data, '$.decision')", "postgresql": "(data ->> 'decision')"}
-
 _TERMINAL = {st.value for st in TERMINAL}
-
-
-def aggregate(store: Store) -> dict[str, Any]:
-    """The store's counters in one query."""
-    jobs: list[tuple[str, str, str, int]] = []
-    limits: list[tuple[str, str, int, float]] = []
-    usage = {"attempts": 0, "input_tokens": 0, "output_tokens": 0, "cost_usd": 0.0}
-    api: list[tuple[str, str, int, dict[str, int]]] = []
-    egress: dict[str, int] = {}
-    with store.engine.connect() as conn:
-        statement = text(AGGREGATE.format(decision=_JSON_DECISION[conn.dialect.name]))
-        for kind, a, b, c, n, x, y, z, w in conn.execute(statement):
-            if kind == "job":
-                # SQLAlchemy stores the enum by name, which is also its value
-                jobs.append((Status[a].value if a in Status.__members__ else str(a), b, c, int(n)))
-            elif kind == "rate_limit":
-                limits.append((a, b, int(n), float(x or 0)))
-            elif kind == "api":
-                api.append((a, b, int(n), {"input": int(x or 0), "output": int(y or 0), "cache_read": int(z or 0),
-                                           "cache_creation": int(w or 0)}))
-            elif kind == "egress":
-                egress[str(a)] = int(n)
-            else:
-                usage = {"attempts": int(n or 0), "input_tokens": int(x or 0), "output_tokens": int(y or 0),
-                         "cost_usd": float(z or 0)}
-    return {"jobs": jobs, "rate_limits": limits, "usage": usage, "api": api, "egress": egress}
-
 
 #: Seconds: a job runs from seconds (a rejected or trivial one) to hours; so does its wait in the queue.
 BUCKETS = (1, 5, 15, 30, 60, 120, 300, 600, 1200, 1800, 3600, 7200, 14400, float("inf"))
@@ -134,7 +81,7 @@ class ExecutorMetrics:
     def refresh(self, store: Store, status: dict[str, Any] | None = None) -> None:
         """Re-read the store's aggregates and take the loop's status snapshot; never raises."""
         try:
-            data = aggregate(store)
+            data = store.metric_counters()
         except Exception:  # noqa: BLE001 - a metrics failure must not stop the serving loop
             log.exception("metrics refresh failed", extra={"action": "metrics"})
             return

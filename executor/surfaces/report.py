@@ -30,8 +30,11 @@ Definitions:
   * hosts: every host sharing the store with its budget, what it holds and when it was last seen (as
     ``executor status`` shows them), and the finished jobs each ran (the host of the job's last claim).
 
-Must never: write to the store or any file, start or signal anything, or print a credential (it reads
-only counts, times, names of runners and models, and the status snapshot's figures).
+The rows come from the store (``store/aggregates.py``: the queries are the store's, on either engine);
+this module only turns them into figures.
+
+Must never: write to the store or any file, query the database itself, start or signal anything, or print
+a credential (it reads only counts, times, names of runners and models, and the status snapshot's figures).
 """
 
 from __future__ import annotations
@@ -42,14 +45,12 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import func
-from sqlmodel import col, select
-
 from ..clock import aware, utcnow
 from ..evaluation.figures import evaluation_stats
 from ..review.decisions import review_stats
 from ..scheduling import snapshot as status_file
-from ..store import TERMINAL, ApiRequest, Attempt, Event, Job, RateLimitEvent, Status, Store
+from ..store import TERMINAL, Job, Status, Store
+from ..store.aggregates import API_TOKENS
 from .seal_view import UNSEALED
 
 DAY = timedelta(days=1)
@@ -136,32 +137,8 @@ def build_report(store: Store, since: timedelta, now: datetime | None = None,
     days = since.total_seconds() / 86400.0
     lo, hi = start, now
 
-    with store.session() as s:
-        finished = list(s.exec(select(Job).where(
-            col(Job.status).in_([st.value for st in RAN]),
-            col(Job.finished_at) >= lo, col(Job.finished_at) <= hi)))
-        refused = s.exec(select(func.count()).select_from(Job).where(
-            col(Job.status) == Status.rejected.value, col(Job.finished_at) >= lo, col(Job.finished_at) <= hi)).one()
-        active = dict(s.exec(select(Job.status, func.count()).where(
-            col(Job.status).not_in([st.value for st in TERMINAL])).group_by(Job.status)).all())
-        limits = list(s.exec(select(RateLimitEvent).where(
-            col(RateLimitEvent.ts) >= lo, col(RateLimitEvent.ts) <= hi).order_by(col(RateLimitEvent.id))))
-        attempts = list(s.exec(select(Attempt.job_id, Attempt.input_tokens, Attempt.output_tokens,
-                                      Attempt.cost_usd, Job.runner)
-                               .join(Job, col(Job.id) == col(Attempt.job_id))
-                               .where(col(Attempt.started_at) >= lo, col(Attempt.started_at) <= hi)))
-        awaiting = list(s.exec(select(Job).where(col(Job.status) == Status.awaiting_review.value)))
-        stall_events = s.exec(select(func.count()).select_from(Event).where(
-            Event.kind == "state", col(Event.data)["reason"].as_string() == "stalled",
-            col(Event.ts) >= lo, col(Event.ts) <= hi)).one()
-        api_rows = list(s.exec(select(ApiRequest.runner, ApiRequest.status, func.count(),
-                                      *(func.sum(func.coalesce(getattr(ApiRequest, k), 0)) for k in API_TOKENS))
-                               .where(col(ApiRequest.ts) >= lo, col(ApiRequest.ts) <= hi)
-                               .group_by(ApiRequest.runner, ApiRequest.status)))
-        where = [col(Event.data)[key].as_string() for key in ("decision", "host", "port")]  # both engines
-        egress_rows = list(s.exec(select(*where, func.count())
-                                  .where(Event.kind == "egress", col(Event.ts) >= lo, col(Event.ts) <= hi)
-                                  .group_by(*where)))
+    rows = store.report_rows(lo, hi)
+    finished, limits, attempts, awaiting = rows.finished, rows.limits, rows.attempts, rows.awaiting
 
     by_status = Counter(job.status.value for job in finished)
     n_finished = len(finished)
@@ -216,9 +193,9 @@ def build_report(store: Store, since: timedelta, now: datetime | None = None,
         "jobs": {
             "finished": n_finished,
             "by_status": {st.value: by_status.get(st.value, 0) for st in Status if st in RAN},
-            "rejected_at_intake": refused,
+            "rejected_at_intake": rows.refused,
             "by_reason": dict(sorted(reasons.items())),
-            "active": {Status(st).value: n for st, n in sorted(active.items())},
+            "active": dict(sorted(rows.active.items())),
         },
         "completion_rate": round(succeeded / n_finished, 4) if n_finished else None,
         "rollbacks": {
@@ -227,7 +204,7 @@ def build_report(store: Store, since: timedelta, now: datetime | None = None,
             "agent_error": rollback_reasons.get("agent_error", 0),
             "by_reason": dict(sorted(rollback_reasons.items())),
         },
-        "stalls": {"events": int(stall_events or 0), "jobs_stalled": by_status.get(Status.stalled.value, 0)},
+        "stalls": {"events": rows.stall_events, "jobs_stalled": by_status.get(Status.stalled.value, 0)},
         "timeouts": {"agent": reasons.get("timeout", 0), "tests": reasons.get("tests_timeout", 0),
                      "total": sum(n for reason, n in reasons.items() if reason in TIMEOUT_REASONS)},
         "rate_limits": {
@@ -247,8 +224,8 @@ def build_report(store: Store, since: timedelta, now: datetime | None = None,
         },
         "usage": {"attempts": len(attempts), "input_tokens": input_tokens, "output_tokens": output_tokens,
                   "cost_usd": round(cost, 6)},
-        "api": _api_view(api_rows),
-        "egress": _egress_view(egress_rows),
+        "api": _api_view(rows.api),
+        "egress": _egress_view(rows.egress),
         "network": dict(sorted(Counter((job.policy or {}).get("network", "sealed") for job in finished).items())),
         "unsealed_jobs": sum(1 for job in finished if (job.policy or {}).get("network") in UNSEALED),
         "review": review_stats(finished + awaiting),
@@ -265,9 +242,6 @@ def _hosts_view(hosts: list[dict], finished: list[Job]) -> list[dict[str, Any]]:
     view = [{**h, "finished": ran.pop(h["host"], 0)} for h in hosts]
     view += [{"host": name, "state": "unknown", "finished": n} for name, n in sorted(ran.items(), key=str) if name]
     return view
-
-
-API_TOKENS = ("input_tokens", "output_tokens", "cache_creation_input_tokens", "cache_read_input_tokens")
 
 
 def _api_view(rows: list) -> dict[str, Any]:

@@ -342,6 +342,36 @@ def submit(world, path: Path) -> str:
     return done.stdout.decode().strip()
 
 
+def test_show_says_how_an_attempt_that_could_not_start_ended(world, tmp_path, serve):
+    """An attempt that ends before its agent runs (here the engine refuses the container: more CPUs than the
+    machine has) is shown failed with why, never ``running``."""
+    world.write_policy("huge", cpus=1000)
+    repo = world.repo("huge")
+    server = serve(extra_env={"EXECUTOR_BUDGET_CPUS": "2000"})  # the budget admits it; the engine does not
+    job_id = submit(world, job_file(tmp_path / "job.json", repo, policy="huge"))
+    view = wait_cli_status(world, server, job_id, TERMINAL, timeout=120)
+    assert (view["status"], view["reason"]) == ("failed", "sandbox"), view["error"]
+    [attempt] = view["attempts"]
+    assert (attempt["status"], attempt["reason"], attempt["outcome"]) == ("failed", "sandbox", None)
+    assert attempt["finished_at"] is not None
+    lines = executor(world, "show", job_id).stdout.decode().splitlines()
+    [line] = [line for line in lines if line.strip().startswith("1 on ")]
+    assert "failed (sandbox)" in line and "running" not in line, line
+
+
+def test_serve_says_at_start_that_its_postgresql_store_starts_an_empty_history(world, serve, pg_empty_url):
+    store = world.store()  # the history this host had while its store was the SQLite file
+    store.add_job(Job(id="before-the-switch", session_id="s", runner="scripted", model_requested="m", workspace="/w",
+                      prompt="p", policy_name="default"))
+    store.close()
+    server = serve(extra_env={"EXECUTOR_DATABASE_URL": pg_empty_url})
+    wait_for(lambda: "starts an empty history" in server.stderr(), 60, "the start-up note")
+    [line] = [line for line in server.stderr().splitlines() if "starts an empty history" in line]
+    assert "warning" in line and "jobs=1" in line and "executor db copy" in line
+    assert str(world.home / "executor.db") in line
+    assert server.stop() == 0
+
+
 def test_serve_runs_a_submitted_job_to_success(world, tmp_path, serve, docker_client):
     repo = world.repo("app", {"README.md": "app\n"})
     script = {
@@ -595,6 +625,11 @@ def test_jobs_table_filters_json_version_cancel_and_completion(world):
 
     version = executor(world, "--version")
     assert version.returncode == 0 and version.stdout.decode().startswith("executor, version ")
+    number = version.stdout.decode().split()[-1]
+    for args in (("--version", "--json"), ("--json", "--version")):  # like every command, it takes --json
+        as_json = executor(world, *args)
+        assert as_json.returncode == 0, as_json.stderr.decode()
+        assert json.loads(as_json.stdout) == {"version": number}
 
     finished = executor(world, "cancel", "alpha-1")
     assert finished.returncode == 1 and "already ended (rolled_back)" in finished.stderr.decode()

@@ -1,11 +1,13 @@
 """``executor doctor`` and ``executor health`` as a person runs them (subprocesses; doctor with the real
 engine). A healthy set-up passes every check; each deliberately broken one is named, with a fix. The
 path-mismatch case runs doctor where it matters: inside the executor's image, in a container whose state
-root is mounted from a different host path.
+root is mounted from a different host path; so does ``executor submit`` beside ``executor serve`` in such
+a container (a job file naming the repository by its host path).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -15,11 +17,12 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import SANDBOX_IMAGE, TOKEN_VALUE, TOKEN_VAR, chown_tree
+from tests.conftest import SANDBOX_IMAGE, TOKEN_VALUE, TOKEN_VAR, chown_tree, wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
 EXECUTOR = ROOT / ".venv" / "bin" / "executor"
-EXECUTOR_IMAGE = "executor:latest"
+# Built from this checkout under a name of its own: other checkouts' test runs may share the engine.
+EXECUTOR_IMAGE = f"executor:test-{hashlib.sha256(str(ROOT).encode()).hexdigest()[:12]}"
 
 
 def doctor(env: dict[str, str], cwd: Path) -> tuple[int, dict, str]:
@@ -221,6 +224,47 @@ def test_doctor_in_a_container_with_identical_paths_passes(healthy, executor_ima
     paths = by_name(report)["host paths"]
     assert paths["status"] == "ok" and paths["detail"].startswith("in container ")
     assert by_name(report)["overlay (userxattr)"]["status"] == "ok"
+
+
+def test_submit_in_the_executors_container_takes_a_host_path_as_the_spool_does(healthy, executor_image,
+                                                                             docker_client):
+    """``executor serve`` in its container sees the workspaces at /srv/workspaces (compose's layout); a job
+    file naming the repository by its host path is accepted by ``executor submit`` there, as the spool would
+    accept it, and the job's workspace is the path the executor sees."""
+    repo = healthy.repo("app")
+    container = docker_client.containers.run(
+        executor_image, ["serve"], detach=True, network_mode="none",
+        volumes={"/var/run/docker.sock": {"bind": "/var/run/docker.sock", "mode": "rw"},
+                 str(healthy.home): {"bind": "/var/lib/executor", "mode": "rw"},
+                 str(healthy.repos): {"bind": "/srv/workspaces", "mode": "rw"},
+                 str(healthy.policies): {"bind": "/etc/executor/policies", "mode": "ro"}},
+        environment={"EXECUTOR_HOME": "/var/lib/executor", "EXECUTOR_WORKSPACE_ROOTS": "/srv/workspaces",
+                     "EXECUTOR_POLICIES": "/etc/executor/policies", "EXECUTOR_SANDBOX_IMAGE": SANDBOX_IMAGE,
+                     "EXECUTOR_DISK_RESERVE": str(2**62), "EXECUTOR_POLL_INTERVAL": "0.2",  # holds every job
+                     TOKEN_VAR: TOKEN_VALUE},
+        labels={"io.executor.test": "submit"})
+
+    def in_container(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
+        return subprocess.run(["docker", "exec", "-i", container.id, "executor", *args], input=stdin,
+                              capture_output=True, text=True, timeout=120)
+
+    try:
+        wait_for(lambda: (healthy.home / "status.json").exists() or container.reload() or
+                 container.status == "exited", 120, "the executor's first snapshot")
+        assert (healthy.home / "status.json").exists(), container.logs().decode()[-3000:]
+        job = {"runner": "scripted", "workspace": str(repo), "prompt": "p"}  # the host's path
+        done = in_container("submit", "-", stdin=json.dumps(job))
+        assert done.returncode == 0, done.stderr
+        job_id = done.stdout.strip()
+        view = wait_for(lambda: json.loads(in_container("show", job_id, "--json").stdout or "null"), 60,
+                        f"job {job_id} taken in")
+        assert view["workspace"] == "/srv/workspaces/app" and view["status"] == "queued"
+        # a path that is under no bind mount is still refused, naming the roots
+        outside = in_container("submit", "-", stdin=json.dumps({**job, "workspace": "/elsewhere/app"}))
+        assert outside.returncode == 1 and "not under a workspace root (/srv/workspaces)" in outside.stderr
+    finally:
+        container.stop(timeout=60)
+        container.remove(force=True)
 
 
 def test_host_paths_translate_both_ways_by_the_nearest_bind():

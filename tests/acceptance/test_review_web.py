@@ -283,6 +283,58 @@ def test_request_changes_in_the_browser_queues_a_revision_of_the_kept_change(wor
     assert (repo / "app.py").read_text() == app.replace("return 1", "return 43")
 
 
+def test_a_failed_follow_up_shows_failed_on_the_reviewed_jobs_page_and_cancel_stands_apart(world, run_executor,
+                                                                                           browser):
+    """The banner of a job sent back follows its follow-up's real status, live (here: the follow-up's API
+    refuses its key, so it fails); Cancel is not offered beside the decision; the recent jobs name their host."""
+    world.write_policy("always", review="always", cli_max_retries=0)
+    app = "def answer():\n    return 1\n"
+    repo = world.repo("web-rcf", {"app.py": app})
+    first = [Turn.tool("Bash", {"command": "sed -i 's/return 1/return 42/' app.py", "description": "edit"}),
+             Turn.text("Changed the answer.")]
+    refused = [Turn.error(401, "authentication_error", "invalid x-api-key")] * 4
+    script = {"web-rcf-note": refused, "web-rcf": first}  # the note's key first: the revision also names the task
+    with ScriptedAPI(script, models={COMPACTION_MODEL: Turn.text("summary")}) as api:
+        world.write_runners(api.base_url)
+        runner = run_executor(world.settings(ui_port=0))
+        store = runner.executor.store
+        base = page_url(runner)
+        submit(world, "web-rcf", repo, "always")
+        assert wait_status(store, "web-rcf", SETTLED, timeout=180).status == Status.awaiting_review
+        browser.get(base + f"/jobs/web-rcf?token={page_token(runner.executor.settings)}")
+
+        # Cancel ends the job without a decision: it is not among the decision's buttons, but below the change
+        cancel = browser.find_element(By.ID, "cancel")
+        assert not browser.find_element(By.ID, "decide").find_elements(By.ID, "cancel")
+        diff = browser.find_element(By.CSS_SELECTOR, "table.diff")
+        assert browser.find_element(By.ID, "request-changes").location["y"] < diff.location["y"] < cancel.location["y"]
+
+        browser.find_element(By.ID, "note").send_keys("web-rcf-note: make it 43")
+        browser.find_element(By.ID, "request-changes").click()
+        wait_for(lambda: decision_banner(browser, "sent-back"), 30, "the changes-requested banner")
+        [follow] = store.followers("web-rcf")
+        browser.execute_script("window.notReloaded = true;")
+        ended = wait_status(store, follow.id, SETTLED, timeout=180)
+        assert ended.status == Status.failed, (ended.reason, ended.error)
+        shown = wait_for(lambda: _follower_status(browser, "failed"), 60, "the follow-up's status on the banner")
+        assert shown == "failed"
+        assert browser.execute_script("return window.notReloaded === true;")  # followed live, not reloaded
+        browser.get(base + "/jobs/web-rcf")
+        assert f"{follow.id} (failed)" in browser.find_element(By.ID, "decision").text
+
+        # the recent jobs name the host each ran on
+        browser.get(base + "/")
+        recent = browser.find_element(By.ID, "recent")
+        assert [th.text for th in recent.find_elements(By.TAG_NAME, "th")][:4] == ["job", "status", "reason", "host"]
+        [row] = [r for r in recent.find_elements(By.TAG_NAME, "tr") if follow.id in r.text]
+        assert row.find_element(By.CSS_SELECTOR, "td.host").text == runner.executor.settings.host_id
+
+
+def _follower_status(browser, wanted: str) -> str | None:
+    found = browser.find_elements(By.CSS_SELECTOR, "#decision .follow-status")
+    return found[0].text if found and found[0].text == wanted else None
+
+
 def test_the_job_page_follows_a_running_job_says_why_a_queued_one_waits_cancels_and_retries(world, run_executor,
                                                                                            browser):
     world.write_policy("slow", timeout="10m")

@@ -13,7 +13,6 @@ from datetime import timedelta
 from pathlib import Path
 
 from executor.store import Status
-from executor.surfaces.metrics import aggregate
 from executor.surfaces.report import build_report
 from tests.conftest import TOKEN_VALUE, wait_for, wait_status
 from tests.scripted_api import ScriptedAPI, Turn
@@ -212,7 +211,7 @@ def test_inside_a_sealed_job_only_the_egress_list_is_reachable(world, run_execut
     assert 'id="egress-denied"' in page and "CONNECT example.org:443 -&gt; 403" in page
     assert build_report(store, timedelta(days=1))["egress"] == {
         "allowed": 2, "denied": 2, "denied_by_destination": {"example.org:443": 1, f"localhost:{origin.port}": 1}}
-    assert aggregate(store)["egress"] == {"allowed": 2, "denied": 2}
+    assert store.metric_counters()["egress"] == {"allowed": 2, "denied": 2}
 
 
 def _fetch(url: str) -> str:

@@ -255,7 +255,8 @@ def test_a_lost_hosts_running_job_is_taken_over_only_by_a_host_with_its_root(sto
     requeued = store.take_over(orphan, "host-b", 60)
     assert (requeued.status, requeued.host_id, requeued.reason) == (Status.queued, None, "interrupted")
     assert requeued.workspace_lock is None and "host-a was lost" in requeued.error
-    assert store.attempts("lost-run")[0].outcome == "host_lost"
+    lost_attempt = store.attempts("lost-run")[0]
+    assert (lost_attempt.outcome, lost_attempt.status, lost_attempt.reason) == ("host_lost", "interrupted", "host_lost")
     # the lost host's attempt, still running somewhere, can move the job nowhere any more
     with pytest.raises(IllegalTransition):
         Phase(Status.running, owner=("host-a", 1)).move(store, requeued, Status.testing)
@@ -263,6 +264,22 @@ def test_a_lost_hosts_running_job_is_taken_over_only_by_a_host_with_its_root(sto
     assert (again.id, again.host_id, again.attempts) == ("lost-run", "host-b", 2)
     with pytest.raises(IllegalTransition):  # not even after host-b claimed it: the attempt number differs
         Phase(Status.running, owner=("host-a", 1)).move(store, again, Status.testing)
+
+
+def test_a_lost_hosts_attempt_in_its_tests_ends_interrupted_keeping_its_agents_outcome(store):
+    register(store, "host-a")
+    register(store, "host-b")
+    add(store, job("lost-testing"))
+    store.claim("host-a", ["/w"], 8, 2**34)
+    attempt = store.start_attempt("lost-testing", 1, "host-a")
+    store.finish_attempt(attempt.id, outcome="success", exit_code=0)  # its agent ended; its tests ran
+    store.transition("lost-testing", Status.running, Status.testing)
+    silence(store, "host-a")
+    store.mark_lost(60)
+    (orphan,) = store.orphans("host-b", ["/w"], 60)
+    assert store.take_over(orphan, "host-b", 60).status == Status.queued
+    ended = store.attempts("lost-testing")[0]
+    assert (ended.status, ended.reason, ended.outcome) == ("interrupted", "host_lost", "success")
 
 
 def test_a_committing_job_of_a_lost_host_waits_for_that_host(store):

@@ -87,3 +87,30 @@ def test_the_public_surface_is_what_the_package_exports():
         assert getattr(executor, name) is not None, name
     assert issubclass(executor.TestsFailed, executor.ExecutorError)
     assert {"Settings", "Status", "ExecutorError"} <= set(executor.__all__)
+
+
+def test_the_store_owns_every_query():
+    """SQL, table access and each engine's dialect live in ``executor/store``: elsewhere the database is only
+    opened (``store.engine``), its errors caught (``sqlalchemy.exc``) and its URL read."""
+    import re
+
+    allowed = {"sqlalchemy.exc", "sqlalchemy.engine"}
+    sql = re.compile(r"\bSELECT\b[\s\S]*\bFROM\b|\bUPDATE\b\s+\w+\s+SET\b|\bINSERT\s+INTO\b")
+    found = []
+    for name, path in modules().items():
+        if name == "executor.store" or name.startswith("executor.store."):
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] in ("sqlalchemy",
+                                                                                              "sqlmodel"):
+                if node.module not in allowed:
+                    found.append(f"{name} imports {node.module}")
+            elif isinstance(node, ast.Import) and any(a.name.split(".")[0] in ("sqlalchemy", "sqlmodel")
+                                                      for a in node.names):
+                found.append(f"{name} imports {', '.join(a.name for a in node.names)}")
+            elif isinstance(node, ast.Attribute) and node.attr in ("session", "connect") and \
+                    isinstance(node.value, ast.Attribute) and node.value.attr in ("store", "engine"):
+                found.append(f"{name} uses {node.value.attr}.{node.attr}")
+            elif isinstance(node, ast.Constant) and isinstance(node.value, str) and sql.search(node.value):
+                found.append(f"{name} holds SQL: {node.value.strip()[:60]!r}")
+    assert not found, found

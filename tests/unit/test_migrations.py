@@ -144,3 +144,57 @@ def test_executor_db_upgrade_and_current(tmp_path):
     assert again.exit_code == 0 and f"at {schema.HEAD} already" in again.output
     after = CliRunner().invoke(main, ["db", "current"], env=env)
     assert after.exit_code == 0 and f"{schema.HEAD} (this executor: {schema.HEAD})" in after.output
+
+
+def test_a_migration_at_start_logs_one_line_not_alembics_chatter(tmp_path):
+    """The start-up log of a new store: the store's own line per upgrade, none of Alembic's plugin and step
+    lines (a process configured as ``executor serve`` configures its logging)."""
+    import subprocess
+    import sys
+
+    program = ("import sys; from pathlib import Path; from executor import logs; logs.configure('text', 'INFO'); "
+               "from executor.store import Store; Store(Path(sys.argv[1])).close(); Store(Path(sys.argv[1])).close()")
+    done = subprocess.run([sys.executable, "-c", program, str(tmp_path / "executor.db")], capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    lines = done.stderr.splitlines()
+    assert len(lines) == 1, lines  # the second open finds the schema current: nothing to say
+    assert "store schema upgraded" in lines[0] and f"before=empty after={schema.HEAD}" in lines[0]
+
+
+@pytest.mark.parametrize("engine", ["sqlite", "postgresql"])
+def test_attempts_recorded_before_their_status_existed_get_how_they_ended(engine, tmp_path, request):
+    """Revision 0005's backfill: an earlier attempt ended waiting for a retry (its agent was rate limited) or
+    interrupted; a job's last attempt has the job's status (an interrupted one when the job is queued again)."""
+    from alembic import command
+    from alembic.config import Config
+
+    url = f"sqlite:///{tmp_path / 'old.db'}" if engine == "sqlite" else request.getfixturevalue("pg_empty_url")
+    old = make_engine(url)
+    with old.begin() as conn:
+        config = Config()
+        config.set_main_option("script_location", str(schema.MIGRATIONS))
+        config.attributes["connection"] = conn
+        command.upgrade(config, "0004")
+        for job_id, status, reason, attempts in (("failed", "failed", "sandbox", 3), ("queued", "queued", None, 1),
+                                                 ("running", "running", "interrupted", 2)):
+            conn.execute(text(
+                "INSERT INTO job (id, session_id, runner, model_requested, workspace, prompt, policy_name, priority, "
+                "status, reason, created_at, attempts, cancel_requested, limited_attempts) VALUES (:id, :id, 'r', "
+                "'m', '/w', 'p', 'default', 0, :status, :reason, '2026-01-01 00:00:00', :attempts, false, 0)"),
+                {"id": job_id, "status": status, "reason": reason, "attempts": attempts})
+        for job_id, number, outcome in (("failed", 1, "rate_limited"), ("failed", 2, None), ("failed", 3, None),
+                                        ("queued", 1, "success"), ("running", 1, "overloaded"), ("running", 2, None)):
+            conn.execute(text("INSERT INTO attempt (job_id, number, started_at, outcome) VALUES "
+                              "(:job, :number, '2026-01-01 00:00:00', :outcome)"),
+                         {"job": job_id, "number": number, "outcome": outcome})
+    old.dispose()
+    store = Store(url)
+    try:
+        seen = {(j, a.number): (a.status, a.reason) for j in ("failed", "queued", "running")
+                for a in store.attempts(j)}
+    finally:
+        store.close()
+    assert seen == {("failed", 1): ("waiting_retry", "rate_limited"), ("failed", 2): ("interrupted", None),
+                    ("failed", 3): ("failed", "sandbox"), ("queued", 1): ("interrupted", "interrupted"),
+                    ("running", 1): ("waiting_retry", "overloaded"), ("running", 2): ("running", None)}

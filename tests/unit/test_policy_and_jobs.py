@@ -399,6 +399,7 @@ def test_validate_workspace_outside_roots(world, tmp_path):
     message = invalid(spec(workspace=str(outside)), world.settings())
     assert "not under a workspace root" in message
     assert str(world.repos) in message and "EXECUTOR_WORKSPACE_ROOTS" in message
+    assert "with compose" in message and "EXECUTOR_WORKSPACES_DIR" in message  # compose sets the roots itself
 
 
 def test_validate_workspace_dotdot_escape(world, tmp_path):
@@ -548,7 +549,7 @@ def test_a_policy_with_a_bad_egress_entry_is_rejected_at_intake_with_the_fix(tmp
 
 
 def test_compaction_settings_that_were_removed_are_unknown_settings(monkeypatch):
-    from executor.settings import UnknownSetting
+    from executor.errors import UnknownSetting
 
     _clear_env(monkeypatch)
     monkeypatch.setenv("EXECUTOR_COMPACTION_BASE_URL", "https://example.invalid")  # the runner's base_url now
@@ -559,12 +560,15 @@ def test_compaction_settings_that_were_removed_are_unknown_settings(monkeypatch)
 
 
 def test_settings_refuse_an_unknown_executor_variable_and_name_the_close_one(monkeypatch):
-    from executor.settings import UnknownSetting
+    from executor.errors import ConfigError, ExecutorError, UnknownSetting
 
     _clear_env(monkeypatch)
     monkeypatch.setenv("EXECUTOR_BUDGET_CPU", "3")
-    with pytest.raises(UnknownSetting, match="EXECUTOR_BUDGET_CPU .did you mean EXECUTOR_BUDGET_CPUS"):
+    with pytest.raises(UnknownSetting, match="EXECUTOR_BUDGET_CPU .did you mean EXECUTOR_BUDGET_CPUS") as raised:
         Settings()
+    # one exception tree: a caller catching the executor's configuration errors catches this one too
+    assert isinstance(raised.value, ConfigError) and isinstance(raised.value, ExecutorError)
+    assert raised.value.reason == "unknown_setting"
     monkeypatch.delenv("EXECUTOR_BUDGET_CPU")
     monkeypatch.setenv("EXECUTOR_IMAGE", "executor:latest")  # compose's own: not a setting, not an error
     assert Settings().budget_cpus == 4.0
@@ -582,6 +586,24 @@ def test_settings_read_a_json_list_of_workspace_roots_and_refuse_relative_ones(m
     monkeypatch.setenv("EXECUTOR_WORKSPACE_ROOTS", '["/srv/repos",')
     with pytest.raises(ValidationError, match="JSON list"):
         Settings()
+
+
+def test_every_executor_variable_compose_reads_is_a_setting_or_a_deployment_variable(monkeypatch):
+    """compose.yaml reads some EXECUTOR_* variables for itself (images, host directories); .env hands them to
+    the executor too, which must not refuse them as unknown settings."""
+    from pathlib import Path
+
+    from executor.settings import DEPLOYMENT_VARIABLES
+
+    text = (Path(__file__).resolve().parents[2] / "compose.yaml").read_text()
+    read = set(re.findall(r"\$\{(EXECUTOR_[A-Z_]+)", text))
+    assert {"EXECUTOR_POSTGRES_DATA", "EXECUTOR_POSTGRES_IMAGE", "EXECUTOR_STATE_DIR"} <= read
+    settings = {f"EXECUTOR_{name.upper()}" for name in Settings.model_fields}
+    assert read <= settings | DEPLOYMENT_VARIABLES, read - settings - DEPLOYMENT_VARIABLES
+    _clear_env(monkeypatch)
+    for name in sorted(read - settings):
+        monkeypatch.setenv(name, "x")
+    assert Settings().budget_cpus == 4.0  # none of them is refused
 
 
 def test_env_example_lists_every_setting():

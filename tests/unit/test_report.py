@@ -16,7 +16,7 @@ from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from executor.store import ApiRequest, Attempt, Event, Job, RateLimitEvent, Status, Store
-from executor.surfaces.metrics import ExecutorMetrics, aggregate
+from executor.surfaces.metrics import ExecutorMetrics
 from executor.surfaces.report import BUSY_WINDOW_JOBS, build_report, percentile, read_footprint, render_text
 
 NOW = datetime(2025, 6, 10, 12, 0, tzinfo=timezone.utc)
@@ -253,7 +253,7 @@ def test_metrics_mirror_the_store_in_one_query(store):
     add(store, "q", Status.queued, finished=None)
     limit(store, "rb", t, delay=1.0)
     limit(store, "rb", t, delay=2.0)
-    agg = aggregate(store)
+    agg = store.metric_counters()
     assert agg["usage"] == {"attempts": 2, "input_tokens": 150, "output_tokens": 15, "cost_usd": 0.75}
     metrics = ExecutorMetrics()
     metrics.refresh(store, _snapshot(time.time()))

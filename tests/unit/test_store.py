@@ -373,6 +373,68 @@ def test_attempts_in_order(store):
     assert attempts[0].finished_at is not None and attempts[1].finished_at is None
 
 
+def _attempt(store: Store, job_id: str, number: int = 1):
+    return store.attempts(job_id)[number - 1]
+
+
+def _running(store: Store, job_id: str, number: int = 1) -> None:
+    """The job claimed for its ``number``-th attempt, whose row exists (as ``run_job`` makes it)."""
+    store.transition(job_id, [Status.queued, Status.waiting_retry], Status.running, attempts=number)
+    store.start_attempt(job_id, number, "box2")
+
+
+def test_an_attempt_moves_with_its_job_and_then_says_how_it_ended(store, db):
+    store.add_job(make_job("tested"))
+    _running(store, "tested")
+    assert (_attempt(store, "tested").status, _attempt(store, "tested").reason) == ("running", None)
+    store.transition("tested", Status.running, Status.testing)
+    assert _attempt(store, "tested").status == "testing"
+    store.transition("tested", Status.testing, Status.rolled_back, reason="tests_failed")
+    ended = _attempt(store, "tested")
+    assert (ended.status, ended.reason) == ("rolled_back", "tests_failed") and ended.finished_at is not None
+
+    # an attempt that ended before its agent's end was recorded (a container that could not start) is not
+    # left running: it failed, and says why
+    store.add_job(make_job("no-start", workspace="/repos/b"))
+    _running(store, "no-start")
+    store.transition("no-start", Status.running, Status.failed, reason="sandbox", error="cannot start container")
+    failed = _attempt(store, "no-start")
+    assert (failed.status, failed.reason, failed.outcome) == ("failed", "sandbox", None)
+    assert failed.finished_at is not None
+
+    # re-queued (the executor stopped): interrupted; the next attempt is a row of its own
+    store.add_job(make_job("again", workspace="/repos/c"))
+    _running(store, "again")
+    store.transition("again", Status.running, Status.queued)
+    _running(store, "again", 2)
+    assert [(a.status, a.reason) for a in store.attempts("again")] == [("interrupted", "interrupted"),
+                                                                        ("running", None)]
+
+    # reviewed: the attempt waits with its job, and ends as the decision ends the job
+    store.add_job(make_job("reviewed", workspace="/repos/d"))
+    _running(store, "reviewed")
+    for src, dst in ((Status.running, Status.testing), (Status.testing, Status.awaiting_review),
+                     (Status.awaiting_review, Status.committing)):
+        store.transition("reviewed", src, dst)
+        assert _attempt(store, "reviewed").status == dst.value
+    store.transition("reviewed", Status.committing, Status.succeeded, reason="committed")
+    assert (_attempt(store, "reviewed").status, _attempt(store, "reviewed").reason) == ("succeeded", "committed")
+
+
+def test_an_attempt_that_ended_never_changes_again(store, db):
+    store.add_job(make_job("limited"))
+    _running(store, "limited")
+    store.transition("limited", Status.running, Status.waiting_retry, reason="rate_limited")
+    store.transition("limited", Status.waiting_retry, Status.cancelled, reason="cancelled")
+    # the cancel ended the job, not the attempt: that one ended waiting for its retry
+    assert (_attempt(store, "limited").status, _attempt(store, "limited").reason) == ("waiting_retry", "rate_limited")
+    store.add_job(make_job("queued-cancel", workspace="/repos/e"))
+    _running(store, "queued-cancel")
+    store.transition("queued-cancel", Status.running, Status.queued)
+    store.request_cancel("queued-cancel")
+    assert _attempt(store, "queued-cancel").status == "interrupted"
+
+
 def test_events_in_order_per_job_and_per_session(store):
     a1 = store.add_job(make_job("a1", session_id="sess-a"))
     b1 = store.add_job(make_job("b1", session_id="sess-b"))

@@ -3,13 +3,14 @@
 Owns the Starlette app (Jinja2 templates in ``templates/``, plain HTML forms and a few lines of script for
 live updates: no JavaScript framework, no build step). A waiting job's page shows its diff first, with
 Approve (all files or a subset), Reject and Request changes side by side, calling the same ``review``
-decisions as the CLI; a decided job's page shows the diff as the reviewer saw it and how the review ended;
-a queued job's page says why it waits (the serving loop's snapshot); Cancel and Retry are offered where
-they apply; the index shows every host sharing the store (budget use, last seen) and which host runs each
-job. ``/jobs/ID/live`` streams a running job's new event rows and its status changes as
-server-sent events; the page appends the rows (the stream's raw rows collapsed) and reloads when the
-status changes. Every form carries a CSRF token; a decision records who made it and with which credential
-(the token's fingerprint).
+decisions as the CLI; a decided job's page shows the diff as the reviewer saw it and how the review ended,
+with the status of the follow-up it queued as that changes; a queued job's page says why it waits (the
+serving loop's snapshot); Cancel (apart from a review's decision) and Retry are offered where they apply;
+the index shows every host sharing the store (budget use, last seen) and which host runs or ran each job.
+``/jobs/ID/live`` streams a running job's new event rows and its status changes as server-sent events;
+the page appends the rows (the stream's raw rows collapsed) and reloads when the status changes. Every
+form carries a CSRF token; a decision records who made it and with which credential (the token's
+fingerprint).
 
 Must never: change a job other than through the review decisions, the store's cancel and intake's checks (a
 retry), or raise into the serving loop.
@@ -42,6 +43,7 @@ from ...scheduling import snapshot
 from ...scheduling.hosting import hosts_view
 from ...settings import Settings
 from ...store import TERMINAL, Status, Store
+from ...store.status import attempt_text
 from ..seal_view import denial_line, egress_denials, network_view
 from .access import Guard, fingerprint, page_token
 from .views import PYGMENTS_CSS, decision, diff_view, event_row, kept_view
@@ -51,6 +53,8 @@ log = logging.getLogger(__name__)
 TEMPLATES = Path(__file__).parent / "templates"
 ACTIVE = (Status.queued, Status.waiting_retry, Status.running, Status.testing, Status.committing)
 QUEUED = (Status.queued, Status.waiting_retry)
+#: The statuses a job's page stops following a job made from it at.
+SETTLED = sorted(st.value for st in TERMINAL)
 RECENT = 30
 #: Event rows a job page shows at first (the newest); the live view adds the rest as they come.
 ROWS = 500
@@ -64,7 +68,7 @@ def _when(moment) -> str:
 
 def create_app(settings: Settings, store: Store, closing: threading.Event | None = None) -> ASGIApp:
     templates = Jinja2Templates(directory=str(TEMPLATES))
-    templates.env.globals.update(when=_when, ago=span, pygments_css=PYGMENTS_CSS)
+    templates.env.globals.update(when=_when, ago=span, pygments_css=PYGMENTS_CSS, attempt_text=attempt_text)
     csrf = secrets.token_urlsafe(24)
     token = page_token(settings)
     credential = fingerprint(token)
@@ -97,7 +101,7 @@ def create_app(settings: Settings, store: Store, closing: threading.Event | None
         if view is None:
             return PlainTextResponse(f"no job {job_id!r}\n", status_code=404)
         return page(request, "job.html", status_code=status_code, error=error, conflicts=conflicts,
-                    since=review.since, denial_line=denial_line, **view)
+                    since=review.since, denial_line=denial_line, settled_statuses=SETTLED, **view)
 
     async def live(request: Request) -> Response:
         job_id = request.path_params["job_id"]
@@ -106,7 +110,9 @@ def create_app(settings: Settings, store: Store, closing: threading.Event | None
         except ValueError:
             return PlainTextResponse("after: an event id\n", status_code=400)
         shown = request.query_params.get("status")  # the status the page was made with
-        return StreamingResponse(_live(request, store, job_id, after, shown, closing), media_type="text/event-stream",
+        rows = request.query_params.get("rows") != "0"  # rows=0: the status alone (a follower's, on another page)
+        return StreamingResponse(_live(request, store, job_id, after, shown, closing, rows),
+                                 media_type="text/event-stream",
                                  headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"})
 
     async def act(request: Request) -> Response:
@@ -174,16 +180,17 @@ def _job_view(store: Store, settings: Settings, job_id: str, held) -> dict | Non
 
 
 async def _live(request: Request, store: Store, job_id: str, after: int, shown: str | None,
-                closing: threading.Event) -> AsyncIterator[str]:
-    """Server-sent events: ``row`` for each new event (oldest first), ``status`` once the job's status is no
-    longer the one the page was made with (the page then reloads); the stream ends there, when the job is
-    gone, when the browser leaves, or when the executor stops."""
+                closing: threading.Event, rows: bool = True) -> AsyncIterator[str]:
+    """Server-sent events: ``row`` for each new event (oldest first; none when not ``rows``), ``status`` once
+    the job's status is no longer the one the page was made with (the page then reloads, or shows a
+    follower's new status); the stream ends there, when the job is gone, when the browser leaves, or when
+    the executor stops."""
     yield "retry: 3000\n\n"
     while not closing.is_set() and not await request.is_disconnected():
         job = await run_in_threadpool(store.get, job_id)
         if job is None:
             return
-        events = await run_in_threadpool(lambda: store.events(job_id=job_id, after=after))
+        events = await run_in_threadpool(lambda: store.events(job_id=job_id, after=after)) if rows else []
         for event in events:
             after = event.id
             yield f"event: row\nid: {event.id}\ndata: {json.dumps(event_row(event))}\n\n"
