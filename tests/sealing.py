@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import http.client
 import http.server
+import itertools
 import json
 import os
 import shutil
@@ -22,7 +23,8 @@ from pathlib import Path
 from executor.egress_rules import parse_egress
 from executor.sandbox.egress import EgressEvent
 from executor.sandbox.gateway import Refusal, RequestRecord, Upstream
-from executor.sandbox.seal import Hooks, Sealed, Sealer
+from executor.sandbox.journal import Batch, Entry
+from executor.sandbox.seal import Hooks, Sealed, Sealer, SealLimits
 
 MODEL = "claude-sonnet-4-5"
 REAL_KEY = "sk-ant-api03-REAL-test-credential"
@@ -82,9 +84,14 @@ def post(socket_path: Path, body: str | None = None) -> tuple[http.client.HTTPRe
         conn.close()
 
 
+_ids = itertools.count(1)
+
+
 @dataclass
 class Job:
-    """One job's host side as a test sees it: its socket directory and everything reported."""
+    """One job's host side as a test sees it: its socket directory and everything reported, as the journal
+    handed it over (``refusals`` and ``egress``: the first report of each aggregate; ``events``: each
+    aggregate as last written, by its id; ``batches``: the batches written, in order)."""
 
     job_id: str
     directory: Path
@@ -93,6 +100,28 @@ class Job:
     refusals: list[Refusal] = field(default_factory=list)
     egress: list[EgressEvent] = field(default_factory=list)
     activity: list[float] = field(default_factory=list)
+    events: dict[int, Entry] = field(default_factory=dict)
+    batches: list[Batch] = field(default_factory=list)
+
+    def write(self, batch: Batch) -> list[int]:
+        """The test's store: keeps what it is given; an event's id is its place in a global sequence."""
+        self.batches.append(batch)
+        self.records.extend(batch.requests)
+        ids = []
+        for entry in batch.entries:
+            if entry.event_id is None:
+                event_id = next(_ids)
+                ids.append(event_id)
+                if entry.kind == "gateway_refused":
+                    self.refusals.append(entry.first)
+                elif entry.kind == "egress":
+                    self.egress.append(entry.first)
+            self.events[entry.event_id or event_id] = entry
+        return ids
+
+    def counts(self, kind: str) -> list[int]:
+        """The counts of this job's aggregates of ``kind``, as last written."""
+        return [entry.count for entry in self.events.values() if entry.kind == kind]
 
     @property
     def api_socket(self) -> Path:
@@ -111,12 +140,15 @@ class HostSide:
         self.root = Path(tempfile.mkdtemp(prefix="seal-"))
         self.jobs: list[Job] = []
 
-    def add_job(self, job_id: str, upstream: Upstream, egress: list[str] = (), uid: int = UID) -> Job:
+    def add_job(self, job_id: str, upstream: Upstream, egress: list[str] = (), uid: int = UID,
+                limits: SealLimits | None = None, write=None) -> Job:
+        """``write``: the job's batch writer instead of ``Job.write`` (it must call ``Job.write`` to keep the
+        job's view)."""
         job = Job(job_id, self.root / job_id / "sock")
         job.directory.parent.mkdir(parents=True)
-        hooks = Hooks(request=job.records.append, refusal=job.refusals.append, egress=job.egress.append,
-                      activity=lambda: job.activity.append(time.monotonic()))
-        job.sealed = self.sealer.open(job_id, job.directory, upstream, parse_egress(egress), uid, uid, hooks)
+        hooks = Hooks(write=write or job.write, activity=lambda: job.activity.append(time.monotonic()))
+        job.sealed = self.sealer.open(job_id, job.directory, upstream, parse_egress(egress), uid, uid, hooks,
+                                      limits)
         self.jobs.append(job)
         return job
 
