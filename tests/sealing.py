@@ -7,6 +7,7 @@ Every server here listens on 127.0.0.1 only; every job directory is removed by `
 
 from __future__ import annotations
 
+import hashlib
 import http.client
 import http.server
 import itertools
@@ -241,5 +242,36 @@ class PingsOnly(_Server):
             def chunk(self, data: bytes) -> None:
                 self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
                 self.wfile.flush()
+
+        super().__init__(Handler)
+
+
+class Sink(_Server):
+    """An upstream that reads each request body in small pieces, keeps only its size and SHA-256, and answers
+    a small Messages reply: what the gateway forwarded, without holding it in this process's memory."""
+
+    def __init__(self) -> None:
+        self.bodies: list[tuple[int, str]] = []
+        outer = self
+
+        class Handler(_Quiet):
+            def do_POST(self) -> None:
+                left, digest = int(self.headers.get("content-length") or 0), hashlib.sha256()
+                size = left
+                while left:
+                    piece = self.rfile.read(min(left, 65536))
+                    if not piece:
+                        return
+                    digest.update(piece)
+                    left -= len(piece)
+                outer.bodies.append((size, digest.hexdigest()))
+                body = json.dumps({"id": "msg_sink", "type": "message", "role": "assistant", "model": MODEL,
+                                   "content": [{"type": "text", "text": "ok"}], "stop_reason": "end_turn",
+                                   "usage": {"input_tokens": 1, "output_tokens": 1}}).encode()
+                self.send_response(200)
+                self.send_header("content-type", "application/json")
+                self.send_header("content-length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
 
         super().__init__(Handler)

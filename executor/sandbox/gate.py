@@ -55,7 +55,12 @@ class Gate:
             while self.open >= self.connections:
                 self._room.clear()
                 await self._room.wait()
-            conn, _ = await loop.sock_accept(self.sock)
+            try:
+                conn, _ = await loop.sock_accept(self.sock)
+            except OSError as exc:  # out of descriptors, a connection aborted before it was taken: go on
+                log.warning("cannot accept a connection: %s", exc)
+                await asyncio.sleep(0.1)
+                continue
             self.open += 1
             self.accepted += 1
             counted = _Counted(self, self.protocol())

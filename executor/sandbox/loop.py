@@ -235,6 +235,15 @@ class JobServers:
         with self._lock:
             return [job_id for job_id, entry in self._jobs.items() if entry is not None]
 
+    def connections(self, job_id: str) -> tuple[int, int]:
+        """How many connections ``job_id``'s server has open now, and how many it accepted in all."""
+        with self._lock:
+            entry = self._jobs.get(job_id)
+        if entry is None:
+            return 0, 0
+        gate = entry[0].gate
+        return gate.open, gate.accepted
+
     async def _stop(self, served: Any) -> None:
         raise NotImplementedError
 

@@ -61,10 +61,12 @@ AGGREGATE = """
            SUM(COALESCE(cache_creation_input_tokens, 0))
       FROM apirequest GROUP BY runner, status
     UNION ALL
-    SELECT 'egress', {decision}, NULL, NULL, COUNT(*), NULL, NULL, NULL, NULL
+    SELECT 'egress', {decision}, NULL, NULL, SUM(COALESCE({count}, 1)), NULL, NULL, NULL, NULL
       FROM event WHERE kind = 'egress' GROUP BY {decision}
 """
+# An egress event stands for ``count`` identical decisions (sandbox/journal.py); older ones for one.
 _JSON_DECISION = {"sqlite": "json_extract(data, '$.decision')", "postgresql": "(data ->> 'decision')"}
+_JSON_COUNT = {"sqlite": "json_extract(data, '$.count')", "postgresql": "CAST(data ->> 'count' AS INTEGER)"}
 
 _TERMINAL = {st.value for st in TERMINAL}
 
@@ -77,7 +79,8 @@ def aggregate(store: Store) -> dict[str, Any]:
     api: list[tuple[str, str, int, dict[str, int]]] = []
     egress: dict[str, int] = {}
     with store.engine.connect() as conn:
-        statement = text(AGGREGATE.format(decision=_JSON_DECISION[conn.dialect.name]))
+        dialect = conn.dialect.name
+        statement = text(AGGREGATE.format(decision=_JSON_DECISION[dialect], count=_JSON_COUNT[dialect]))
         for kind, a, b, c, n, x, y, z, w in conn.execute(statement):
             if kind == "job":
                 # SQLAlchemy stores the enum by name, which is also its value

@@ -159,7 +159,8 @@ def build_report(store: Store, since: timedelta, now: datetime | None = None,
                                .where(col(ApiRequest.ts) >= lo, col(ApiRequest.ts) <= hi)
                                .group_by(ApiRequest.runner, ApiRequest.status)))
         where = [col(Event.data)[key].as_string() for key in ("decision", "host", "port")]  # both engines
-        egress_rows = list(s.exec(select(*where, func.count())
+        counted = func.sum(func.coalesce(col(Event.data)["count"].as_integer(), 1))  # one event: count decisions
+        egress_rows = list(s.exec(select(*where, counted)
                                   .where(Event.kind == "egress", col(Event.ts) >= lo, col(Event.ts) <= hi)
                                   .group_by(*where)))
 
