@@ -46,7 +46,7 @@ def one():
     connected.release()
     s.sendall(b"POST /v1/messages HTTP/1.1\r\nhost: sandbox\r\ncontent-type: application/json\r\n"
               b"content-length: %d\r\n\r\n" % len(body))
-    s.sendall(body[:-1] if mode == "hold" else body)
+    s.sendall(memoryview(body)[:-1] if mode == "hold" else body)
     if mode == "send":
         answer = b""
         while b"\r\n" not in answer:
