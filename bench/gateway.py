@@ -284,7 +284,11 @@ def container_start(client, network: str) -> float:
 
 def hostile_client(path: str, count: int, mode: str, size: int) -> None:
     """``count`` connections to a gateway socket: "hold" sends a head and one byte short of a ``size`` body and
-    holds on until stdin closes; "send" sends whole legitimate bodies (one large string) and prints statuses."""
+    holds on until stdin closes; "send" sends whole legitimate bodies (one large string) and prints statuses;
+    "flood" sends refused requests until stdin closes and prints how many."""
+    if mode == "flood":
+        flood_client(path, count)
+        return
     if mode == "hold":
         body = b"x" * size
     else:
@@ -318,6 +322,27 @@ def hostile_client(path: str, count: int, mode: str, size: int) -> None:
         for t in threads:
             t.join()
         print(json.dumps(statuses), flush=True)
+
+
+def flood_client(path: str, count: int) -> None:
+    stop, sent = threading.Event(), [0]
+
+    def one(i: int) -> None:
+        conn = UnixHTTPConnection(path)
+        while not stop.is_set():
+            conn.request("GET", f"/v1/models-{i}-{sent[0] % 500}")  # distinct ones too: the cap is reached
+            conn.getresponse().read()
+            sent[0] += 1
+        conn.close()
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(count)]
+    for t in threads:
+        t.start()
+    sys.stdin.read()
+    stop.set()
+    for t in threads:
+        t.join()
+    print(sent[0], flush=True)
 
 
 def body_parts() -> tuple[bytes, bytes]:
@@ -458,24 +483,11 @@ def quiet_beside_flood() -> None:
         (tmp / "flood").mkdir()
         flood = sealer.open("flood", tmp / "flood" / "sock", Upstream(MODEL, "sk-real", base_url=api.base_url), [],
                             os.getuid(), os.getgid(), hooks("flood"))
-        stop, sent = threading.Event(), [0]
-
-        def flooder(i: int) -> None:
-            conn = UnixHTTPConnection(str(flood.directory / "api.sock"))
-            while not stop.is_set():
-                conn.request("GET", f"/v1/models-{i}-{sent[0] % 500}")  # distinct too: the cap is reached
-                conn.getresponse().read()
-                sent[0] += 1
-            conn.close()
-
-        threads = [threading.Thread(target=flooder, args=(i,)) for i in range(4)]
-        for t in threads:
-            t.start()
+        flooder = subprocess.Popen([sys.executable, __file__, "--client", "hostile", str(flood.directory / "api.sock"),
+                                    "4", "flood", "0"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         time.sleep(3)
         beside = [quiet_close(f"beside-{i}", api) for i in range(5)]
-        stop.set()
-        for t in threads:
-            t.join()
+        sent = int(flooder.communicate("")[0])
         started = time.perf_counter()
         sealer.close("flood")
         flood_close = time.perf_counter() - started
@@ -486,7 +498,7 @@ def quiet_beside_flood() -> None:
     print(f"a quiet job's end (Sealer.close, its records in SQLite), median of 5: alone "
           f"{statistics.median(t for t, _ in alone) * 1000:.1f} ms, beside a job flooding its gateway "
           f"{statistics.median(t for t, _ in beside) * 1000:.1f} ms (max {max(t for t, _ in beside) * 1000:.1f})")
-    print(f"  the flood: {sent[0]} refused requests -> {len(events)} events (counts {counted} + {capped} past the "
+    print(f"  the flood: {sent} refused requests -> {len(events)} events (counts {counted} + {capped} past the "
           f"cap); its own close {flood_close * 1000:.1f} ms")
 
 

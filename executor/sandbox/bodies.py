@@ -12,12 +12,14 @@ other job).
 
 Must never: hold more than ``IN_MEMORY`` bytes of one body in memory outside the parse worker, name a spool
 file, parse a large body on the event loop, or block the event loop on a file (spool writes and reads run on
-a small I/O pool: a page-cache write can block when the disk is busy).
+a small I/O pool: a page-cache write can block when the disk is busy), or hand a parsed body to the loop
+(the worker returns what the caller asks of it, e.g. the model, and drops the rest).
 """
 
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import errno
 import logging
 import os
@@ -180,6 +182,7 @@ class ParsePool:
         self.thread = threading.Thread(target=self._run, name=name, daemon=True)
 
     def start(self) -> ParsePool:
+        _return_large_blocks()
         self.thread.start()
         return self
 
@@ -218,17 +221,38 @@ class ParsePool:
 
     def _run(self) -> None:
         while (item := self._next()) is not None:
-            future, work = item
-            if future.cancelled():  # the client hung up or the job closed while it waited
-                continue
-            try:
-                result, error = work(), None
-            except BaseException as exc:  # noqa: BLE001 - handed to the waiting request, which answers it
-                result, error = None, exc
-            try:
-                future.get_loop().call_soon_threadsafe(_settle, future, result, error)
-            except RuntimeError:
-                pass  # the loop is closed: nobody waits any more
+            self._serve(*item)
+            del item  # nothing of a served body may stay alive while the thread waits for the next one
+
+    @staticmethod
+    def _serve(future: asyncio.Future, work: Callable[[], Any]) -> None:
+        if future.cancelled():  # the client hung up or the job closed while it waited
+            return
+        try:
+            result, error = work(), None
+        except BaseException as exc:  # noqa: BLE001 - handed to the waiting request, which answers it
+            result, error = None, exc
+        try:
+            future.get_loop().call_soon_threadsafe(_settle, future, result, error)
+        except RuntimeError:
+            pass  # the loop is closed: nobody waits any more
+
+
+def _return_large_blocks() -> None:
+    """Have glibc map every block of 1 MiB or more on its own, so that a parsed body's memory goes back to the
+    system when it is freed. Its default threshold moves up to the largest block freed (32 MiB), and below it
+    each thread's arena keeps what it once held (up to twice the threshold untrimmed): a few large bodies would
+    leave the process that much bigger for good. Process-wide; nothing on other C libraries."""
+    try:
+        libc = ctypes.CDLL(None)
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return
+    mallopt(_M_MMAP_THRESHOLD, 1024 * 1024)
+    mallopt(_M_TRIM_THRESHOLD, 2 * 1024 * 1024)
+
+
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's malloc.h
 
 
 def _settle(future: asyncio.Future, result: Any, error: BaseException | None) -> None:

@@ -118,10 +118,9 @@ class JobApp:
             _check_head(scope)
             body = await read_body(receive, self.bodies.spool, self.bodies.io)
             call.request_bytes = body.size
-            parsed = await _until_hangup(self._parse(body), receive)
-            if route in MODEL_ROUTES and not await self._model_ok(send, call, parsed):
+            shape = await _until_hangup(self._parse(body), receive)
+            if route in MODEL_ROUTES and not await self._model_ok(send, call, shape):
                 return
-            del parsed  # only the bytes go on
             await self._forward(scope, receive, send, call, body)
         except BodyRefused as refused:
             await self._refuse(send, call, "body", refused.status, refused.type_, refused.message)
@@ -131,17 +130,18 @@ class JobApp:
             if body is not None:
                 body.close()
 
-    async def _parse(self, body: Body) -> Any:
-        """The body's one strict parse: here when it is small, else in the parse pool, in this job's turn."""
+    async def _parse(self, body: Body) -> tuple[bool, Any]:
+        """The body's one strict parse, here when it is small, else in the parse pool in this job's turn:
+        whether it is an object, and its model (nothing else of it is kept)."""
         if body.data is not None and strict_json.small(body.data, INLINE_CONTAINERS):
-            return strict_json.parse(body.data, self.limits.parse_memory)
-        return await self.bodies.parser.run(self.job_id, partial(body.parse, self.limits.parse_memory))
+            return _shape(strict_json.parse(body.data, self.limits.parse_memory))
+        return await self.bodies.parser.run(self.job_id, lambda: _shape(body.parse(self.limits.parse_memory)))
 
-    async def _model_ok(self, send: Callable, call: _Call, parsed: Any) -> bool:
-        if not isinstance(parsed, dict):
+    async def _model_ok(self, send: Callable, call: _Call, shape: tuple[bool, Any]) -> bool:
+        is_object, requested = shape
+        if not is_object:
             await self._refuse(send, call, "body", 400, "invalid_request_error", "request body is not a JSON object")
             return False
-        requested = parsed.get("model")
         call.model = requested[:_SHOWN] if isinstance(requested, str) else None
         if requested == self.upstream.model:
             return True
@@ -235,6 +235,10 @@ class JobApp:
             model=(meter.model if meter else None) or call.model,
             request_id=response.headers.get("request-id") if response else None, error=error,
             message=meter.error if meter else None))
+
+
+def _shape(value: Any) -> tuple[bool, Any]:
+    return (True, value.get("model")) if isinstance(value, dict) else (False, None)
 
 
 def _check_head(scope: dict) -> None:

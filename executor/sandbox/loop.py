@@ -3,12 +3,14 @@ every job's API gateway and egress proxy; one recorder thread that takes their b
 off that loop; and the Unix sockets they listen on.
 
 Owns: the loop thread's and the recorder's lifecycle, running a coroutine on the loop from any other
-thread and waiting for its result, making a job's listening Unix socket (path checks, owner, mode) before
-anything can connect, and calling the executor's callbacks so that a faulty callback cannot take a job's
-server down.
+thread and waiting for its result, the recorder's per-job lanes (each job's journal, written a batch at a
+time, the jobs in turn; a job's close writes its own rest in the closing thread), making a job's listening
+Unix socket (path checks, owner, mode) before anything can connect, and calling the executor's callbacks so
+that a faulty callback cannot take a job's server down.
 
 Must never: block the loop (everything here that can block runs in the caller's thread or the recorder's),
-know about HTTP, or remove a file at a socket path that is not a socket.
+know about HTTP, make a job's close wait for another job's records, or remove a file at a socket path that
+is not a socket.
 """
 
 from __future__ import annotations
