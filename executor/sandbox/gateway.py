@@ -11,7 +11,8 @@ What a job can make it hold is bounded per job, whatever the job sends: at most 
 connections (``gate.py``: the next ones wait, not accepted, in the kernel's backlog); per connection at
 most ``bodies.IN_MEMORY`` bytes of a body in memory (the rest goes to an unnamed file in the job's own
 directory, on the job's disk), uvicorn's read buffer (64 KiB, plus one socket read of up to 256 KiB before it
-pauses) and the answer's relay buffer (64 KiB plus one upstream chunk). A body is parsed once, strictly
+pauses), the answer's relay buffer (64 KiB plus one upstream chunk) and what ``usage.ResponseMeter`` keeps of
+it (at most 64 KiB, or 1 MiB of a JSON answer). A body is parsed once, strictly
 (``strict_json``): on the loop when it is small, else by the one ``bodies.ParsePool`` thread that serves the
 jobs in turn, and only if its estimated parse fits ``Limits.parse_memory``; what is forwarded is the very
 bytes that were checked. So the executor holds at most, per job, ``connections x (IN_MEMORY + 320 KiB +
