@@ -18,6 +18,12 @@ Run by hand (as root, with the Docker engine up and the sandbox image built):
    what a bare container's start costs with network none against host (the sealed job's own network
    namespace, which any isolated network, bridge included, pays).
 
+4. Hostile (``--hostile 1,4,8``): N hostile jobs, each with its gateway's every connection (and as many again
+   waiting in the backlog) holding a body one byte short of 32 MiB, then each sending that many complete
+   24 MiB bodies (checked one at a time, forwarded to a sink): this process's RSS growth (peak, sampled)
+   per hostile job. And a quiet job's end (``Sealer.close``: its gateway and proxy stopped, its records
+   written to a real SQLite store) beside a job flooding its gateway with refused requests, against alone.
+
 Must never: talk to anything but 127.0.0.1 and its own sockets, or run unbounded (fixed counts). Nothing
 here asserts on timing.
 """
@@ -105,7 +111,9 @@ def client_throughput(target: str) -> dict:
 
 def client_main(argv: list[str]) -> None:
     mode, target = argv[0], argv[1]
-    if mode == "latency":
+    if mode == "hostile":
+        hostile_client(target, int(argv[2]), argv[3], int(argv[4]))
+    elif mode == "latency":
         print(json.dumps(client_latencies(target, int(argv[2]), argv[3] == "stream")))
     else:
         print(json.dumps(client_throughput(target)))
@@ -153,7 +161,11 @@ def per_request(args) -> None:
     sealer = Sealer().start()
     tmp = Path(tempfile.mkdtemp(prefix="bench-gw-"))
     recorded: list = []
-    hooks = Hooks(request=recorded.append, refusal=lambda r: None, egress=lambda e: None, activity=lambda: None)
+    def write(batch) -> list[int]:
+        recorded.extend(batch.requests)
+        return [0] * len(batch.new())
+
+    hooks = Hooks(write=write, activity=lambda: None)
     with ScriptedAPI({BIG_KEY: [big] * 10}) as api:
         sealed = sealer.open("bench", tmp / "sock", Upstream(MODEL, "sk-real", base_url=api.base_url), [],
                              os.getuid(), os.getgid(), hooks)
@@ -267,13 +279,243 @@ def container_start(client, network: str) -> float:
     return elapsed
 
 
+# ------------------------------------------------------------------------------------------- hostile
+
+
+def hostile_client(path: str, count: int, mode: str, size: int) -> None:
+    """``count`` connections to a gateway socket: "hold" sends a head and one byte short of a ``size`` body and
+    holds on until stdin closes; "send" sends whole legitimate bodies (one large string) and prints statuses;
+    "flood" sends refused requests until stdin closes and prints how many."""
+    if mode == "flood":
+        flood_client(path, count)
+        return
+    if mode == "hold":
+        body = b"x" * size
+    else:
+        a, b = body_parts()
+        body = a + b"Q" * (size - len(a) - len(b)) + b
+    conns, statuses, connected = [], [], threading.Semaphore(0)
+
+    def one() -> None:
+        s = socket.socket(socket.AF_UNIX)
+        conns.append(s)
+        s.connect(path)
+        connected.release()
+        s.sendall(b"POST /v1/messages HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+                  b"content-length: %d\r\n\r\n" % len(body))
+        s.sendall(memoryview(body)[:-1] if mode == "hold" else body)
+        if mode == "send":
+            answer = b""
+            while b"\r\n" not in answer:
+                answer += s.recv(4096)
+            statuses.append(int(answer.split()[1]))
+
+    threads = [threading.Thread(target=one, daemon=True) for _ in range(count)]
+    for t in threads:
+        t.start()
+    for _ in threads:
+        connected.acquire()
+    if mode == "hold":
+        print("connected", flush=True)
+        sys.stdin.read()
+    else:
+        for t in threads:
+            t.join()
+        print(json.dumps(statuses), flush=True)
+
+
+def flood_client(path: str, count: int) -> None:
+    stop, sent = threading.Event(), [0]
+
+    def one(i: int) -> None:
+        conn = UnixHTTPConnection(path)
+        while not stop.is_set():
+            conn.request("GET", f"/v1/models-{i}-{sent[0] % 500}")  # distinct ones too: the cap is reached
+            conn.getresponse().read()
+            sent[0] += 1
+        conn.close()
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(count)]
+    for t in threads:
+        t.start()
+    sys.stdin.read()
+    stop.set()
+    for t in threads:
+        t.join()
+    print(sent[0], flush=True)
+
+
+def body_parts() -> tuple[bytes, bytes]:
+    head = json.dumps({"model": MODEL, "max_tokens": 8, "messages": [{"role": "user", "content": "%s"}]})
+    a, b = head.encode().split(b"%s")
+    return a, b
+
+
+class PeakRSS:
+    """This process's RSS, sampled every 20 ms in a thread: the peak since ``start``."""
+
+    def __init__(self) -> None:
+        import psutil
+
+        self.process, self.peak, self.base = psutil.Process(), 0, 0
+        self.stop = threading.Event()
+
+    def __enter__(self) -> PeakRSS:
+        self.base = self.peak = self.process.memory_info().rss
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+        return self
+
+    def _run(self) -> None:
+        while not self.stop.wait(0.02):
+            self.peak = max(self.peak, self.process.memory_info().rss)
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        self.thread.join()
+
+    @property
+    def grown(self) -> float:
+        return (self.peak - self.base) / 2**20
+
+
+def spooled_bodies(directory: Path) -> int:
+    count = 0
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            if os.readlink(f"/proc/self/fd/{fd}").startswith(f"{directory}/"):
+                count += 1
+        except OSError:
+            continue
+    return count
+
+
+def hostile(args) -> None:
+    from executor.sandbox.gateway import Upstream
+    from executor.sandbox.seal import Hooks, Sealer, SealLimits
+    from executor.settings import Settings
+    from tests.sealing import Sink
+
+    limits, reserve = SealLimits(), Settings().reserve_memory
+    print(f"hostile jobs: each opens 2 x {limits.gateway_connections} connections to its gateway (the limit, "
+          f"and as many waiting); reserve {reserve >> 20} MiB")
+    for n in [int(x) for x in args.hostile.split(",")]:
+        sealer = Sealer().start()
+        tmp = Path(tempfile.mkdtemp(prefix="bench-hostile-"))
+        hooks = Hooks(write=lambda batch: [0] * len(batch.new()), activity=lambda: None)
+        with Sink() as sink:
+            sockets = []
+            for i in range(n):
+                (tmp / f"j{i}").mkdir()
+                upstream = Upstream(MODEL, "sk-real", base_url=sink.base_url)
+                sealed = sealer.open(f"j{i}", tmp / f"j{i}" / "sock", upstream, [], os.getuid(), os.getgid(), hooks,
+                                     limits)
+                sockets.append(str(sealed.directory / "api.sock"))
+            count = 2 * limits.gateway_connections
+            with PeakRSS() as held:
+                clients = [subprocess.Popen([sys.executable, __file__, "--client", "hostile", path, str(count), "hold",
+                                             str(32 * 2**20)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+                           for path in sockets]
+                for client in clients:
+                    client.stdout.readline()
+                want = n * limits.gateway_connections
+                while sum(spooled_bodies(tmp / f"j{i}" / "bodies") for i in range(n)) < want:
+                    time.sleep(0.1)
+                time.sleep(2)  # the last bytes of every accepted body reach its file
+                for client in clients:
+                    client.stdin.close()
+                    client.wait()
+            started = time.perf_counter()
+            with PeakRSS() as checked:
+                clients = [subprocess.Popen([sys.executable, __file__, "--client", "hostile", path,
+                                             str(limits.gateway_connections), "send", str(24 * 2**20)],
+                                            stdout=subprocess.PIPE, text=True) for path in sockets]
+                statuses = [json.loads(client.communicate()[0]) for client in clients]
+            elapsed = time.perf_counter() - started
+            for i in range(n):
+                sealer.close(f"j{i}")
+        sealer.stop()
+        ok = sum(s == 200 for row in statuses for s in row)
+        print(f"  {n} hostile job(s): holding 32 MiB bodies +{held.grown:6.1f} MiB ({held.grown / n:5.1f} per job); "
+              f"checking {n * limits.gateway_connections} bodies of 24 MiB +{checked.grown:6.1f} MiB "
+              f"({ok} forwarded in {elapsed:.1f} s)")
+    quiet_beside_flood()
+
+
+def quiet_beside_flood() -> None:
+    """Sealer.close of a quiet job (one answered request, one refusal), its records going to a real SQLite
+    store, alone and while another job floods its gateway with refused requests."""
+    from executor.sandbox.gateway import Upstream
+    from executor.sandbox.journal import EGRESS, REFUSED
+    from executor.sandbox.seal import Hooks, Sealer
+    from executor.store import Job, Store
+    from tests.scripted_api import ScriptedAPI
+
+    tmp = Path(tempfile.mkdtemp(prefix="bench-flood-"))
+    store = Store(tmp / "executor.db")
+    sealer = Sealer().start()
+
+    def hooks(job_id: str) -> Hooks:
+        job = Job(id=job_id, session_id=job_id, runner="r", model_requested=MODEL, workspace="/", prompt="p")
+
+        def write(batch) -> list[int]:
+            data = [(e.kind, {"count": e.count, "reason": getattr(e.first, "reason", None)}) for e in batch.new()]
+            updates = [(e.event_id, {"count": e.count}) for e in batch.entries if e.event_id is not None]
+            return store.add_sandbox_batch(job, 1, [], data, updates)
+        return Hooks(write=write, activity=lambda: None)
+
+    def quiet_close(name: str, api: ScriptedAPI) -> tuple[float, int]:
+        (tmp / name).mkdir()
+        sealed = sealer.open(name, tmp / name / "sock", Upstream(MODEL, "sk-real", base_url=api.base_url), [],
+                             os.getuid(), os.getgid(), hooks(name))
+        conn = UnixHTTPConnection(str(sealed.directory / "api.sock"))
+        for model in (MODEL, "claude-opus-4-1"):
+            conn.request("POST", "/v1/messages", body(False).replace(MODEL.encode(), model.encode()),
+                         {"content-type": "application/json"})
+            conn.getresponse().read()
+        conn.close()
+        started = time.perf_counter()
+        sealer.close(name)
+        return time.perf_counter() - started, len(store.events(job_id=name))
+
+    with ScriptedAPI() as api:
+        alone = [quiet_close(f"alone-{i}", api) for i in range(5)]
+        (tmp / "flood").mkdir()
+        flood = sealer.open("flood", tmp / "flood" / "sock", Upstream(MODEL, "sk-real", base_url=api.base_url), [],
+                            os.getuid(), os.getgid(), hooks("flood"))
+        flooder = subprocess.Popen([sys.executable, __file__, "--client", "hostile", str(flood.directory / "api.sock"),
+                                    "4", "flood", "0"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        time.sleep(3)
+        beside = [quiet_close(f"beside-{i}", api) for i in range(5)]
+        sent = int(flooder.communicate("")[0])
+        started = time.perf_counter()
+        sealer.close("flood")
+        flood_close = time.perf_counter() - started
+    sealer.stop()
+    events = store.events(job_id="flood")
+    counted = sum(e.data.get("count", 0) for e in events if e.kind in (REFUSED, EGRESS))
+    capped = sum(e.data.get("count", 0) for e in events if e.kind == "sealed_events_capped")
+    print(f"a quiet job's end (Sealer.close, its records in SQLite), median of 5: alone "
+          f"{statistics.median(t for t, _ in alone) * 1000:.1f} ms, beside a job flooding its gateway "
+          f"{statistics.median(t for t, _ in beside) * 1000:.1f} ms (max {max(t for t, _ in beside) * 1000:.1f})")
+    print(f"  the flood: {sent} refused requests -> {len(events)} events (counts {counted} + {capped} past the "
+          f"cap); its own close {flood_close * 1000:.1f} ms")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=300)
     parser.add_argument("--mb", type=int, default=32, help="size of the large streamed answer")
     parser.add_argument("--jobs", type=int, default=5, help="jobs of each kind end to end (0: skip)")
+    parser.add_argument("--hostile", default="1,4,8", help="numbers of hostile jobs to measure ('': skip)")
+    parser.add_argument("--only-hostile", action="store_true", help="run the hostile rows only")
     args = parser.parse_args()
+    if args.only_hostile:
+        hostile(args)
+        return
     per_request(args)
+    if args.hostile:
+        hostile(args)
     if args.jobs:
         end_to_end(args)
 

@@ -124,6 +124,22 @@ class Settings(BaseSettings):
         default=parse_size("5g"),
         description="Free space under the state root that jobs may not take: none starts below it, and when "
                     "running jobs push it below, the one that wrote the most is stopped (disk_reserve).")
+    gateway_connections: int = Field(
+        default=8, ge=1, le=1024,
+        description="Connections a sealed job may have open to its API gateway at once; the next ones wait, not "
+                    "accepted, until one closes.")
+    egress_connections: int = Field(
+        default=8, ge=1, le=1024,
+        description="Connections a sealed job may have open to its egress proxy at once; the next ones wait, not "
+                    "accepted, until one closes.")
+    gateway_parse_memory: Annotated[int, NoDecode] = Field(
+        default=parse_size("96m"), ge=parse_size("1m"),
+        description="Memory the strict parse of one request body may need, estimated before it starts (one body at "
+                    "a time for all jobs); a body whose parse could need more is refused 413.")
+    sealed_event_cap: int = Field(
+        default=200, ge=1,
+        description="Events of a sealed attempt's gateway refusals and egress decisions (identical ones are one "
+                    "event with a count); past it, only counts, in one more event.")
     poll_interval: float = Field(default=0.5, gt=0, description="Seconds between spool scans and scheduling.")
     result_grace: float = Field(
         default=10.0, ge=0, description="Seconds the CLI may linger after its result line before it is stopped."
@@ -211,7 +227,7 @@ class Settings(BaseSettings):
     def _duration(cls, value: object) -> object:
         return parse_duration(value) if isinstance(value, str) else value
 
-    @field_validator("budget_memory", "reserve_memory", "disk_reserve", mode="before")
+    @field_validator("budget_memory", "reserve_memory", "disk_reserve", "gateway_parse_memory", mode="before")
     @classmethod
     def _size(cls, value: object) -> object:
         if isinstance(value, (str, int, float)):

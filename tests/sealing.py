@@ -7,8 +7,10 @@ Every server here listens on 127.0.0.1 only; every job directory is removed by `
 
 from __future__ import annotations
 
+import hashlib
 import http.client
 import http.server
+import itertools
 import json
 import os
 import shutil
@@ -22,7 +24,8 @@ from pathlib import Path
 from executor.egress_rules import parse_egress
 from executor.sandbox.egress import EgressEvent
 from executor.sandbox.gateway import Refusal, RequestRecord, Upstream
-from executor.sandbox.seal import Hooks, Sealed, Sealer
+from executor.sandbox.journal import Batch, Entry
+from executor.sandbox.seal import Hooks, Sealed, Sealer, SealLimits
 
 MODEL = "claude-sonnet-4-5"
 REAL_KEY = "sk-ant-api03-REAL-test-credential"
@@ -82,9 +85,14 @@ def post(socket_path: Path, body: str | None = None) -> tuple[http.client.HTTPRe
         conn.close()
 
 
+_ids = itertools.count(1)
+
+
 @dataclass
 class Job:
-    """One job's host side as a test sees it: its socket directory and everything reported."""
+    """One job's host side as a test sees it: its socket directory and everything reported, as the journal
+    handed it over (``refusals`` and ``egress``: the first report of each aggregate; ``events``: each
+    aggregate as last written, by its id; ``batches``: the batches written, in order)."""
 
     job_id: str
     directory: Path
@@ -93,6 +101,28 @@ class Job:
     refusals: list[Refusal] = field(default_factory=list)
     egress: list[EgressEvent] = field(default_factory=list)
     activity: list[float] = field(default_factory=list)
+    events: dict[int, Entry] = field(default_factory=dict)
+    batches: list[Batch] = field(default_factory=list)
+
+    def write(self, batch: Batch) -> list[int]:
+        """The test's store: keeps what it is given; an event's id is its place in a global sequence."""
+        self.batches.append(batch)
+        self.records.extend(batch.requests)
+        ids = []
+        for entry in batch.entries:
+            if entry.event_id is None:
+                event_id = next(_ids)
+                ids.append(event_id)
+                if entry.kind == "gateway_refused":
+                    self.refusals.append(entry.first)
+                elif entry.kind == "egress":
+                    self.egress.append(entry.first)
+            self.events[entry.event_id or event_id] = entry
+        return ids
+
+    def counts(self, kind: str) -> list[int]:
+        """The counts of this job's aggregates of ``kind``, as last written."""
+        return [entry.count for entry in self.events.values() if entry.kind == kind]
 
     @property
     def api_socket(self) -> Path:
@@ -111,12 +141,15 @@ class HostSide:
         self.root = Path(tempfile.mkdtemp(prefix="seal-"))
         self.jobs: list[Job] = []
 
-    def add_job(self, job_id: str, upstream: Upstream, egress: list[str] = (), uid: int = UID) -> Job:
+    def add_job(self, job_id: str, upstream: Upstream, egress: list[str] = (), uid: int = UID,
+                limits: SealLimits | None = None, write=None) -> Job:
+        """``write``: the job's batch writer instead of ``Job.write`` (it must call ``Job.write`` to keep the
+        job's view)."""
         job = Job(job_id, self.root / job_id / "sock")
         job.directory.parent.mkdir(parents=True)
-        hooks = Hooks(request=job.records.append, refusal=job.refusals.append, egress=job.egress.append,
-                      activity=lambda: job.activity.append(time.monotonic()))
-        job.sealed = self.sealer.open(job_id, job.directory, upstream, parse_egress(egress), uid, uid, hooks)
+        hooks = Hooks(write=write or job.write, activity=lambda: job.activity.append(time.monotonic()))
+        job.sealed = self.sealer.open(job_id, job.directory, upstream, parse_egress(egress), uid, uid, hooks,
+                                      limits)
         self.jobs.append(job)
         return job
 
@@ -209,5 +242,36 @@ class PingsOnly(_Server):
             def chunk(self, data: bytes) -> None:
                 self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
                 self.wfile.flush()
+
+        super().__init__(Handler)
+
+
+class Sink(_Server):
+    """An upstream that reads each request body in small pieces, keeps only its size and SHA-256, and answers
+    a small Messages reply: what the gateway forwarded, without holding it in this process's memory."""
+
+    def __init__(self) -> None:
+        self.bodies: list[tuple[int, str]] = []
+        outer = self
+
+        class Handler(_Quiet):
+            def do_POST(self) -> None:
+                left, digest = int(self.headers.get("content-length") or 0), hashlib.sha256()
+                size = left
+                while left:
+                    piece = self.rfile.read(min(left, 65536))
+                    if not piece:
+                        return
+                    digest.update(piece)
+                    left -= len(piece)
+                outer.bodies.append((size, digest.hexdigest()))
+                body = json.dumps({"id": "msg_sink", "type": "message", "role": "assistant", "model": MODEL,
+                                   "content": [{"type": "text", "text": "ok"}], "stop_reason": "end_turn",
+                                   "usage": {"input_tokens": 1, "output_tokens": 1}}).encode()
+                self.send_response(200)
+                self.send_header("content-type", "application/json")
+                self.send_header("content-length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
 
         super().__init__(Handler)

@@ -1,12 +1,15 @@
 """A sealed attempt as the job sees it: its gateway and egress proxy opened before the container starts and
 closed when the agent ends, and what they report turned into rows, events, cooldowns and liveness.
 
-Owns: the attempt's upstream (the runner's model, endpoint and real credential), its egress rules, and the
-hooks the sealer calls: every API request becomes an ``ApiRequest`` row (usage and rate-limit headers as
-the API answered them); a 429 or 529 cools the runner down at once and is a rate-limit row (the pipeline
-completes it with the wait it decides); a refused request is a ``gateway_refused`` event (a refused model
-also stops the agent: the stop check reads ``refused``); every egress decision is an ``egress`` event; every
-chunk of an answer is progress for the liveness watchdog.
+Owns: the attempt's upstream (the runner's model, endpoint and real credential), its egress rules and its
+``SealLimits`` (from the settings), and the hooks the sealer calls: each batch of what the sockets reported
+becomes rows in one transaction: every API request an ``ApiRequest`` row (usage and rate-limit headers as
+the API answered them); identical refusals one ``gateway_refused`` event and identical egress decisions one
+``egress`` event, each with its ``count`` (updated as it grows), up to the cap, then a
+``sealed_events_capped`` event with the counts left unrecorded (``sandbox/journal.py``). A 429 or 529 cools
+the runner down at once and is a rate-limit row (the pipeline completes it with the wait it decides); a
+refused model also stops the agent (the stop check reads ``refused``); every chunk of an answer is progress
+for the liveness watchdog.
 
 Must never: let the credential reach the container or the store, write to the store on the event loop
 thread (the sealer runs these hooks on its recorder thread, ``activity`` excepted), or keep a socket open
@@ -25,8 +28,9 @@ from ..errors import ConfigError, SandboxError
 from ..policy import Policy, Runner
 from ..sandbox.egress import EgressEvent
 from ..sandbox.gateway import DEFAULT_BASE_URL, Refusal, RequestRecord, Upstream
+from ..sandbox.journal import EGRESS, REFUSED, Batch, Entry
 from ..sandbox.liveness import Watchdog
-from ..sandbox.seal import Hooks, Sealed
+from ..sandbox.seal import Hooks, Sealed, SealLimits
 from ..store import ApiRequest, Job, RateLimitEvent
 from ..transaction.workspace import Workspace
 from .context import Context
@@ -57,11 +61,13 @@ class SealedAttempt:
         attempt = cls(ctx, job, ws, runner, policy)
         upstream = Upstream(model=runner.model, credential=runner_credential(runner, ctx.secrets),
                             auth_type=runner.auth_type, base_url=runner.base_url or DEFAULT_BASE_URL)
-        hooks = Hooks(request=attempt._request, refusal=attempt._refusal, egress=attempt._egress,
-                      activity=attempt._activity)
+        hooks = Hooks(write=attempt._write, activity=attempt._activity)
+        settings = ctx.settings
+        limits = SealLimits(settings.gateway_connections, settings.egress_connections, settings.gateway_parse_memory,
+                            settings.sealed_event_cap)
         try:
             attempt.sealed = ctx.sealer.open(job.id, attempt.directory, upstream, parse_egress(policy.egress),
-                                             ws.uid, ws.gid, hooks)
+                                             ws.uid, ws.gid, hooks, limits, spool=ws.root / "bodies")
         except OSError as exc:
             raise SandboxError(f"cannot serve the job's sockets in {attempt.directory}: {exc}") from None
         return attempt
@@ -85,9 +91,20 @@ class SealedAttempt:
         if watchdog is not None:
             watchdog.saw_activity()
 
-    def _request(self, record: RequestRecord) -> None:
+    def _write(self, batch: Batch) -> list[int]:
+        """One batch of the sockets' reports, in one transaction; then a 429 / 529's cooldown."""
+        rows = [self._row(record) for record in batch.requests]
+        ids = self.ctx.store.add_sandbox_batch(
+            self.job, self.attempt, rows, [(entry.kind, _data(entry)) for entry in batch.new()],
+            [(entry.event_id, _data(entry)) for entry in batch.entries if entry.event_id is not None])
+        for record in batch.requests:
+            if record.status in LIMITED:
+                self._limited(record)
+        return ids
+
+    def _row(self, record: RequestRecord) -> ApiRequest:
         usage = record.usage
-        self.ctx.store.add_api_request(ApiRequest(
+        return ApiRequest(
             job_id=self.job.id, attempt=self.attempt, runner=self.runner.name, method=record.method,
             path=record.path, status=record.status, model=record.model, latency=round(record.latency, 6),
             duration=round(record.duration, 6), request_bytes=record.request_bytes,
@@ -95,9 +112,7 @@ class SealedAttempt:
             output_tokens=usage.get("output_tokens"),
             cache_creation_input_tokens=usage.get("cache_creation_input_tokens"),
             cache_read_input_tokens=usage.get("cache_read_input_tokens"), rate_limits=record.rate_limits,
-            request_id=record.request_id, error=record.error or record.message))
-        if record.status in LIMITED:
-            self._limited(record)
+            request_id=record.request_id, error=record.error or record.message)
 
     def _limited(self, record: RequestRecord) -> None:
         kind = LIMITED[record.status]
@@ -113,17 +128,24 @@ class SealedAttempt:
         log.info("runner cooling down", extra={"action": "cool_down", "job": self.job.id, "runner": self.runner.name,
                                                "status": record.status, "seconds": rest})
 
-    def _refusal(self, refusal: Refusal) -> None:
-        self.ctx.store.add_event(self.job, self.attempt, "gateway_refused", {
-            "kind": refusal.kind, "method": refusal.method, "path": refusal.path, "status": refusal.status,
-            "reason": refusal.reason, "requested_model": refusal.requested_model,
-            "expected_model": refusal.expected_model})
 
-    def _egress(self, event: EgressEvent) -> None:
-        self.ctx.store.add_event(self.job, self.attempt, "egress", {
-            "decision": "allowed" if event.allowed else "denied", "method": event.method, "host": event.host,
-            "port": event.port, "status": event.status, "reason": event.reason, "address": event.address,
-            "bytes_up": event.bytes_up, "bytes_down": event.bytes_down, "duration": round(event.duration, 3)})
+def _data(entry: Entry) -> dict:
+    """An aggregate's event data: its first report's fields and how many reports it stands for."""
+    if entry.kind == REFUSED:
+        refusal: Refusal = entry.first
+        return {"kind": refusal.kind, "method": refusal.method, "path": refusal.path, "status": refusal.status,
+                "reason": refusal.reason, "requested_model": refusal.requested_model,
+                "expected_model": refusal.expected_model, "count": entry.count}
+    if entry.kind == EGRESS:
+        event: EgressEvent = entry.first
+        return {"decision": "allowed" if event.allowed else "denied", "method": event.method, "host": event.host,
+                "port": event.port, "status": event.status, "reason": event.reason, "address": event.address,
+                "bytes_up": entry.bytes_up, "bytes_down": entry.bytes_down, "duration": round(entry.duration, 3),
+                "count": entry.count}
+    # the cap's own aggregate (journal.CAPPED)
+    return {"reason": "this job's sandbox reported more kinds of refusals and egress decisions than are recorded "
+                      "per attempt (EXECUTOR_SEALED_EVENT_CAP): these were counted only",
+            "unrecorded": entry.unrecorded, "count": entry.count}
 
 
 def _seconds(value: str | None) -> float | None:

@@ -7,6 +7,12 @@ unless an entry names that IP literally, relaying the bytes, and reporting every
 denied, with bytes and duration) through a callback. All job proxies share one event loop in one thread
 (``loop.LoopThread``); ``EgressProxies.add_job`` / ``remove_job`` may be called from any other thread.
 
+Bounded per job whatever the job sends: at most ``connections`` open connections (``gate.py``: the next ones
+wait, not accepted, in the kernel's backlog); a request head of at most ``HEAD_LIMIT`` bytes (h11 refuses a
+longer one: 400); per connection at most two stream buffers each way (``CHUNK`` before reading pauses, plus
+one socket read of up to 256 KiB, and ``CHUNK`` of writes waiting for the other side: ``drain``). The proxy
+parses nothing but HTTP heads (h11) and the request target; it never looks at a body or inside a tunnel.
+
 Must never: resolve a name twice (the address checked is the address used), reach an address the rules
 do not allow, parse HTTP by hand (h11 does), look inside a CONNECT tunnel, or block the event loop.
 """
@@ -26,11 +32,14 @@ from urllib.parse import SplitResult, urlsplit
 import h11
 
 from ..egress_rules import IPAddress, Rule, forbidden_reason, ip_or_none
+from .gate import Gate
 from .loop import HOP_BY_HOP, JobServers, notify
 
 log = logging.getLogger(__name__)
 
 CHUNK = 64 * 1024
+HEAD_LIMIT = 16 * 1024  # a request head longer than this is refused (h11's own default, made explicit)
+_SHOWN = 300  # longest host or reason an event repeats (the job chose them)
 HEAD_TIMEOUT = 30.0  # a client that has not sent its request head by then is not a real client
 CONNECT_TIMEOUT = 10.0
 
@@ -102,7 +111,7 @@ class JobProxy:
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
         self.tasks.add(task)
-        conn = h11.Connection(h11.SERVER)
+        conn = h11.Connection(h11.SERVER, max_incomplete_event_size=HEAD_LIMIT)
         ex = _Exchange()
         try:
             request = await asyncio.wait_for(_next_event(conn, reader), HEAD_TIMEOUT)
@@ -121,8 +130,8 @@ class JobProxy:
             self.tasks.discard(task)
             if ex.method != "-" or ex.status:  # a connection that sent nothing decided nothing
                 notify(self.callbacks.on_decision, EgressEvent(
-                    self.job_id, ex.allowed, ex.method, ex.host, ex.port, ex.status, ex.reason, ex.address,
-                    ex.counts[0], ex.counts[1], time.monotonic() - ex.started))
+                    self.job_id, ex.allowed, ex.method[:_SHOWN], ex.host[:_SHOWN], ex.port, ex.status,
+                    ex.reason[:2 * _SHOWN], ex.address, ex.counts[0], ex.counts[1], time.monotonic() - ex.started))
 
     async def _serve(self, conn: h11.Connection, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
                      request: h11.Request, ex: _Exchange) -> None:
@@ -310,7 +319,7 @@ def _answer_plain(writer: asyncio.StreamWriter, conn: h11.Connection, status: in
 @dataclass
 class _Job:
     proxy: JobProxy
-    server: asyncio.Server
+    gate: Gate
 
 
 class EgressProxies(JobServers):
@@ -319,20 +328,25 @@ class EgressProxies(JobServers):
     kind = "egress proxy"
 
     def add_job(self, job_id: str, socket_path: Path, rules: list[Rule], callbacks: EgressCallbacks | None = None,
-                uid: int | None = None, gid: int | None = None) -> None:
-        """Serve ``job_id``'s proxy at ``socket_path`` (owned by ``uid``:``gid``); returns once listening."""
+                uid: int | None = None, gid: int | None = None, connections: int = 8) -> None:
+        """Serve ``job_id``'s proxy at ``socket_path`` (owned by ``uid``:``gid``), at most ``connections`` open at
+        once; returns once listening."""
         proxy = JobProxy(job_id, list(rules), callbacks or EgressCallbacks())
-        self._serve(job_id, socket_path, uid, gid, lambda sock: self._start(proxy, sock))
+        self._serve(job_id, socket_path, uid, gid, lambda sock: self._start(proxy, sock, connections))
 
     @staticmethod
-    async def _start(proxy: JobProxy, sock: socket.socket) -> _Job:
-        return _Job(proxy, await asyncio.start_unix_server(proxy.handle, sock=sock, limit=CHUNK))
+    async def _start(proxy: JobProxy, sock: socket.socket, connections: int) -> _Job:
+        loop = asyncio.get_running_loop()
+
+        def stream() -> asyncio.Protocol:  # what asyncio.start_unix_server makes for each connection
+            return asyncio.StreamReaderProtocol(asyncio.StreamReader(limit=CHUNK, loop=loop), proxy.handle, loop=loop)
+
+        return _Job(proxy, Gate(sock, connections, stream).start())
 
     async def _stop(self, job: _Job) -> None:
-        job.server.close()
+        await job.gate.close()
         tasks = list(job.proxy.tasks)
         for task in tasks:
             task.cancel()
         # Each handler reports its connection's event in its finally block, also when cancelled.
         await asyncio.gather(*tasks, return_exceptions=True)
-        await job.server.wait_closed()

@@ -7,9 +7,21 @@ per-request accounting (status, latency, bytes, usage, rate-limit headers) and l
 reports through callbacks. All job gateways share one event loop in one thread (``loop.LoopThread``);
 ``Gateways.add_job`` / ``remove_job`` may be called from any other thread.
 
+What a job can make it hold is bounded per job, whatever the job sends: at most ``Limits.connections`` open
+connections (``gate.py``: the next ones wait, not accepted, in the kernel's backlog); per connection at
+most ``bodies.IN_MEMORY`` bytes of a body in memory (the rest goes to an unnamed file in the job's own
+directory, on the job's disk), uvicorn's read buffer (64 KiB, plus one socket read of up to 256 KiB before it
+pauses), the answer's relay buffer (64 KiB plus one upstream chunk) and what ``usage.ResponseMeter`` keeps of
+it (at most 64 KiB, or 1 MiB of a JSON answer). A body is parsed once, strictly
+(``strict_json``): on the loop when it is small, else by the one ``bodies.ParsePool`` thread that serves the
+jobs in turn, and only if its estimated parse fits ``Limits.parse_memory``; what is forwarded is the very
+bytes that were checked. So the executor holds at most, per job, ``connections x (IN_MEMORY + 320 KiB +
+128 KiB + httpx's own buffers)`` (measured: ``bench/gateway.py`` "hostile"; README, Sealed sandbox), and for
+all jobs together one parse of at most ``parse_memory``.
+
 Must never: let the real credential reach the container (not in a header, a body or an error message),
 hold back a streamed response, retry a request itself (the CLI and the executor own retries), parse
-HTTP by hand (uvicorn and httpx do), or block the event loop.
+HTTP by hand (uvicorn and httpx do), forward a body other than the one it checked, or block the event loop.
 """
 
 from __future__ import annotations
@@ -18,22 +30,29 @@ import asyncio
 import logging
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
-from typing import Literal
+from typing import Any, TypeVar
 
 import httpx2
 import uvicorn
 from uvicorn.server import ServerState
 
+from . import strict_json
+from .bodies import MAX_BODY, Body, ClientGone, ParsePool, Spool, read_body
+from .gate import Gate
+from .gateway_types import DEFAULT_BASE_URL, AuthType, GatewayCallbacks, Limits, Refusal, RequestRecord, Upstream
 from .loop import HOP_BY_HOP, JobServers, LoopThread, notify
-from .usage import ResponseMeter, api_error, loads, rate_limit_headers
+from .strict_json import BodyRefused
+from .usage import ResponseMeter, api_error, rate_limit_headers
 
 log = logging.getLogger(__name__)
-
-AuthType = Literal["api_key", "oauth_token"]
-DEFAULT_BASE_URL = "https://api.anthropic.com"
+T = TypeVar("T")
+__all__ = ["DEFAULT_BASE_URL", "AuthType", "GatewayCallbacks", "Gateways", "Limits", "Refusal", "RequestRecord",
+           "Upstream"]
 
 #: The only (method, path) pairs a job may call. The real CLI 2.1.328 in ``-p`` mode, with the sandbox's
 #: environment (proxy variables set), sends nothing else to ANTHROPIC_BASE_URL: POST /v1/messages?beta=true,
@@ -49,71 +68,15 @@ MODEL_ROUTES = frozenset({"/v1/messages"})
 #: exit 1, quoting our message. 403 stops it after one request but reads as "Failed to authenticate"
 #: (error authentication_failed), which the executor's stream classifier would take for a bad credential.
 MODEL_MISMATCH_STATUS = 400
-MAX_BODY = 32 * 1024 * 1024  # the API's own request limit
+#: A body with fewer containers than this is parsed on the loop itself (a few ms at most, the CLI's usual).
+INLINE_CONTAINERS = 2048
+#: Longest path, reason or model name a refusal repeats (the job chose them).
+_SHOWN = 300
 
-# Hop-by-hop headers (RFC 9110 7.6.1) belong to one connection and are never forwarded; host and
-# content-length are recomputed by httpx for the upstream connection.
+# Hop-by-hop headers (RFC 9110 7.6.1) belong to one connection and are never forwarded; host is httpx's,
+# content-length the size of the body that was read and checked.
 _REQUEST_DROP = HOP_BY_HOP | {"host", "content-length", "x-api-key", "authorization", "accept-encoding"}
 _RESPONSE_DROP = HOP_BY_HOP
-
-
-@dataclass(frozen=True)
-class Upstream:
-    """Where a job's requests go and as whom: exactly one model and one credential (no fallback)."""
-
-    model: str
-    credential: str = field(repr=False)
-    auth_type: AuthType = "api_key"
-    base_url: str = DEFAULT_BASE_URL
-
-    def auth_headers(self) -> dict[str, str]:
-        if self.auth_type == "api_key":
-            return {"x-api-key": self.credential}
-        return {"authorization": f"Bearer {self.credential}"}
-
-
-@dataclass(frozen=True)
-class RequestRecord:
-    """One request the gateway forwarded (or failed to), as the executor's accounting sees it."""
-
-    job_id: str
-    method: str
-    path: str  # with the query string
-    status: int  # what the container got; 502 when the upstream could not be reached
-    latency: float  # seconds from the request's arrival to the upstream's response head
-    duration: float  # seconds from the request's arrival to the end of the response
-    request_bytes: int
-    response_bytes: int
-    usage: dict[str, int]  # from the API's own response: message_start / message_delta or JSON body
-    rate_limits: dict[str, str]  # retry-after and anthropic-ratelimit-* response headers
-    model: str | None = None  # the model that answered (message_start / JSON body), else the one asked for
-    request_id: str | None = None  # the upstream's request-id header
-    error: str | None = None  # why the response is incomplete or synthetic, if it is
-    message: str | None = None  # the API's error message, for an error answer
-
-
-@dataclass(frozen=True)
-class Refusal:
-    """A request the gateway answered itself without forwarding."""
-
-    job_id: str
-    kind: Literal["route", "model", "body"]
-    method: str
-    path: str
-    status: int
-    reason: str
-    requested_model: str | None = None
-    expected_model: str | None = None
-
-
-@dataclass(frozen=True)
-class GatewayCallbacks:
-    """Called on the gateway's loop thread: each must be quick and thread-safe (e.g. put on a queue)."""
-
-    on_request: Callable[[RequestRecord], None] | None = None
-    on_refusal: Callable[[Refusal], None] | None = None
-    #: every chunk received from the upstream, pings included: the liveness watchdog's progress signal
-    on_activity: Callable[[str], None] | None = None
 
 
 # -------------------------------------------------------------------------------------------- the app
@@ -133,12 +96,14 @@ class _Call:
 class JobApp:
     """The ASGI app of one job's gateway."""
 
-    def __init__(self, job_id: str, upstream: Upstream, callbacks: GatewayCallbacks,
-                 client: httpx2.AsyncClient) -> None:
+    def __init__(self, job_id: str, upstream: Upstream, callbacks: GatewayCallbacks, client: httpx2.AsyncClient,
+                 bodies: _Bodies, limits: Limits) -> None:
         self.job_id = job_id
         self.upstream = upstream
         self.callbacks = callbacks
         self.client = client
+        self.bodies = bodies
+        self.limits = limits
 
     async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
         if scope["type"] != "http":
@@ -149,39 +114,50 @@ class JobApp:
             await self._refuse(send, call, "route", 403, "permission_error",
                                f"{method} {route} is not an API route this sandbox may call")
             return
+        body = None
         try:
-            body = await _read_body(receive)
-        except _ClientGone:
-            return  # hung up before its request was complete: nobody is left to answer
-        if body is None:
-            await self._refuse(send, call, "body", 413, "request_too_large",
-                               f"request body larger than {MAX_BODY} bytes")
-            return
-        call.request_bytes = len(body)
-        if route in MODEL_ROUTES and not await self._model_ok(send, call, body):
-            return
-        await self._forward(scope, receive, send, call, body)
+            _check_head(scope)
+            body = await read_body(receive, self.bodies.spool, self.bodies.io)
+            call.request_bytes = body.size
+            shape = await _until_hangup(self._parse(body), receive)
+            if route in MODEL_ROUTES and not await self._model_ok(send, call, shape):
+                return
+            await self._forward(scope, receive, send, call, body)
+        except BodyRefused as refused:
+            await self._refuse(send, call, "body", refused.status, refused.type_, refused.message)
+        except ClientGone:
+            return  # hung up before its answer: nobody is left to answer
+        finally:
+            if body is not None:
+                body.close()
 
-    async def _model_ok(self, send: Callable, call: _Call, body: bytes) -> bool:
-        parsed = loads(body)
-        if not isinstance(parsed, dict):
+    async def _parse(self, body: Body) -> tuple[bool, Any]:
+        """The body's one strict parse, here when it is small, else in the parse pool in this job's turn:
+        whether it is an object, and its model (nothing else of it is kept)."""
+        if body.data is not None and strict_json.small(body.data, INLINE_CONTAINERS):
+            return _shape(strict_json.parse(body.data, self.limits.parse_memory))
+        return await self.bodies.parser.run(self.job_id, lambda: _shape(body.parse(self.limits.parse_memory)))
+
+    async def _model_ok(self, send: Callable, call: _Call, shape: tuple[bool, Any]) -> bool:
+        is_object, requested = shape
+        if not is_object:
             await self._refuse(send, call, "body", 400, "invalid_request_error", "request body is not a JSON object")
             return False
-        requested = parsed.get("model")
-        call.model = requested if isinstance(requested, str) else None
+        call.model = requested[:_SHOWN] if isinstance(requested, str) else None
         if requested == self.upstream.model:
             return True
+        shown = str(requested)[:_SHOWN]
         await self._refuse(send, call, "model", MODEL_MISMATCH_STATUS, "invalid_request_error",
-                           f"model {requested!r} is not allowed in this sandbox: the job's runner uses "
-                           f"{self.upstream.model!r} only", requested=str(requested))
+                           f"model {shown!r} is not allowed in this sandbox: the job's runner uses "
+                           f"{self.upstream.model!r} only", requested=shown)
         return False
 
     async def _refuse(self, send: Callable, call: _Call, kind: str, status: int, type_: str, message: str,
                       requested: str | None = None) -> None:
         # Reported before the answer leaves: the executor knows why before the CLI can react to it.
         notify(self.callbacks.on_refusal, Refusal(
-            self.job_id, kind, call.method, call.path, status, message, requested_model=requested,
-            expected_model=self.upstream.model if kind == "model" else None))
+            self.job_id, kind, call.method, call.path[:_SHOWN], status, message[:2 * _SHOWN],
+            requested_model=requested, expected_model=self.upstream.model if kind == "model" else None))
         status, headers, body = api_error(status, type_, message)
         await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": body})
@@ -194,11 +170,12 @@ class JobApp:
         headers.extend(self.upstream.auth_headers().items())
         return headers
 
-    async def _forward(self, scope: dict, receive: Callable, send: Callable, call: _Call, body: bytes) -> None:
-        request = self.client.build_request(call.method, call.path, headers=self._upstream_headers(scope),
-                                            content=body)
+    async def _forward(self, scope: dict, receive: Callable, send: Callable, call: _Call, body: Body) -> None:
+        headers = self._upstream_headers(scope) + [("content-length", str(body.size))]
+        request = self.client.build_request(call.method, call.path, headers=headers,
+                                            content=body.chunks(self.bodies.io))
         try:
-            response = await self.client.send(request, stream=True)
+            response = await _until_hangup(self.client.send(request, stream=True), receive)
         except httpx2.HTTPError as exc:
             # The CLI retries a 502 like any 5xx: an unreachable upstream is worth another try.
             status, headers, payload = api_error(502, "api_error", f"gateway: upstream unreachable "
@@ -261,24 +238,38 @@ class JobApp:
             message=meter.error if meter else None))
 
 
-class _ClientGone(Exception):
-    pass
+def _shape(value: Any) -> tuple[bool, Any]:
+    return (True, value.get("model")) if isinstance(value, dict) else (False, None)
 
 
-async def _read_body(receive: Callable) -> bytes | None:
-    """The whole request body (the model check needs it), or None past MAX_BODY."""
-    chunks, size = [], 0
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            raise _ClientGone
-        chunk = message.get("body", b"")
-        size += len(chunk)
-        if size > MAX_BODY:
-            return None
-        chunks.append(chunk)
-        if not message.get("more_body", False):
-            return b"".join(chunks)
+def _check_head(scope: dict) -> None:
+    """Refuse what the upstream would read differently from the gateway before reading the body."""
+    headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+    encoding = headers.get("content-encoding", "identity").strip().lower()
+    if encoding != "identity":
+        raise BodyRefused(400, "invalid_request_error",
+                          f"request bodies must not be compressed (content-encoding {encoding[:_SHOWN]!r}): the "
+                          "gateway checks the JSON it forwards")
+    length = headers.get("content-length", "")
+    if length.isdigit() and int(length) > MAX_BODY:
+        raise BodyRefused(413, "request_too_large", f"request body larger than {MAX_BODY} bytes")
+
+
+async def _until_hangup(work: Awaitable[T], receive: Callable) -> T:
+    """``work``'s result, or ClientGone (``work`` cancelled) when the client hangs up first: a request never
+    outlives its connection, so the connection limit bounds the requests too."""
+    task = asyncio.ensure_future(work)
+    hangup = asyncio.ensure_future(_wait_disconnect(receive))
+    try:
+        await asyncio.wait({task, hangup}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        hangup.cancel()
+        if not task.done():
+            task.cancel()
+        await asyncio.gather(task, hangup, return_exceptions=True)
+    if task.cancelled():
+        raise ClientGone
+    return task.result()
 
 
 async def _wait_disconnect(receive: Callable) -> None:
@@ -290,9 +281,19 @@ async def _wait_disconnect(receive: Callable) -> None:
 
 
 @dataclass
+class _Bodies:
+    """Where a job's request bodies go: its spool directory, the I/O pool and the parse pool every job shares."""
+
+    spool: Spool
+    io: ThreadPoolExecutor
+    parser: ParsePool
+
+
+@dataclass
 class _Job:
-    server: asyncio.Server
+    gate: Gate
     state: ServerState  # uvicorn's record of the open connections and their request tasks
+    spool: Spool
 
 
 class Gateways(JobServers):
@@ -301,23 +302,36 @@ class Gateways(JobServers):
     Each gateway is uvicorn's HTTP protocol (h11) on an asyncio server of its own socket, without uvicorn's
     ``Server`` life cycle: that polls for its exit every 0.1 s and pauses 0.1 s more to shut down, which
     every job would pay at its end. Jobs of one upstream share one httpx client: its kept-alive (TLS)
-    connections outlive a job; each request carries its own job's credential."""
+    connections outlive a job; each request carries its own job's credential. Every job's spool writes share
+    one small I/O pool, and its large bodies one parse thread (``ParsePool``, started by ``start``)."""
 
     kind = "gateway"
 
     def __init__(self, loop: LoopThread) -> None:
         super().__init__(loop)
         self._clients: dict[str, httpx2.AsyncClient] = {}  # by base URL; used on the loop thread only
+        self.parser = ParsePool("sandbox-parse")
+        self.io = ThreadPoolExecutor(max_workers=2, thread_name_prefix="sandbox-spool")
 
-    def add_job(self, job_id: str, socket_path: Path, upstream: Upstream,
-                callbacks: GatewayCallbacks | None = None, uid: int | None = None, gid: int | None = None) -> None:
-        """Serve ``job_id``'s gateway at ``socket_path`` (owned by ``uid``:``gid``); returns once listening."""
-        self._serve(job_id, socket_path, uid, gid,
-                    lambda sock: self._start(job_id, sock, upstream, callbacks or GatewayCallbacks()))
+    def start(self) -> Gateways:
+        self.parser.start()
+        return self
+
+    def add_job(self, job_id: str, socket_path: Path, upstream: Upstream, callbacks: GatewayCallbacks | None = None,
+                uid: int | None = None, gid: int | None = None, spool: Path | None = None,
+                limits: Limits | None = None) -> None:
+        """Serve ``job_id``'s gateway at ``socket_path`` (owned by ``uid``:``gid``); returns once listening.
+        ``spool``: the root-owned directory its large bodies go to (default: ``bodies`` beside the socket's
+        directory, in the job's directory)."""
+        directory = Path(spool) if spool is not None else Path(socket_path).parent.parent / "bodies"
+        self._serve(job_id, socket_path, uid, gid, lambda sock: self._start(
+            job_id, sock, upstream, callbacks or GatewayCallbacks(), directory, limits or Limits()))
 
     def close(self) -> None:
-        """Close the shared upstream clients (after every job was removed)."""
+        """Close the shared upstream clients and pools (after every job was removed)."""
         self._loop.call(self._close_clients())
+        self.parser.stop()
+        self.io.shutdown(wait=False)
 
     async def _close_clients(self) -> None:
         clients, self._clients = list(self._clients.values()), {}
@@ -328,29 +342,41 @@ class Gateways(JobServers):
         if base_url not in self._clients:
             # No read timeout: a stream may idle for minutes; the executor's liveness watchdog (fed by
             # on_activity) decides when a job is stalled, not the gateway. No pool limit: each job's
-            # streams need their own connections.
+            # streams need their own connections (each job has at most Limits.connections).
             self._clients[base_url] = httpx2.AsyncClient(
                 base_url=base_url, follow_redirects=False, limits=httpx2.Limits(max_connections=None),
                 timeout=httpx2.Timeout(connect=15.0, read=None, write=60.0, pool=15.0))
         return self._clients[base_url]
 
-    async def _start(self, job_id: str, sock: socket.socket, upstream: Upstream, callbacks: GatewayCallbacks) -> _Job:
-        client = self._client(upstream.base_url)
-        config = uvicorn.Config(JobApp(job_id, upstream, callbacks, client), http="h11", ws="none",
-                                lifespan="off", log_config=None, access_log=False, proxy_headers=False,
-                                server_header=False, date_header=False, timeout_keep_alive=30, log_level="warning")
-        config.load()
-        state = ServerState()
-        state.default_headers = list(config.encoded_headers)
-        server = await asyncio.get_running_loop().create_unix_server(
-            lambda: config.http_protocol_class(config=config, server_state=state, app_state={}), sock=sock)
-        return _Job(server, state)
+    async def _start(self, job_id: str, sock: socket.socket, upstream: Upstream, callbacks: GatewayCallbacks,
+                     directory: Path, limits: Limits) -> _Job:
+        spool = Spool(directory)
+        try:
+            app = JobApp(job_id, upstream, callbacks, self._client(upstream.base_url),
+                         _Bodies(spool, self.io, self.parser), limits)
+            config = uvicorn.Config(app, http="h11", ws="none", lifespan="off", log_config=None, access_log=False,
+                                    proxy_headers=False, server_header=False, date_header=False,
+                                    timeout_keep_alive=30, log_level="warning")
+            config.load()
+            state = ServerState()
+            state.default_headers = list(config.encoded_headers)
+            protocol = partial(config.http_protocol_class, config=config, server_state=state, app_state={})
+            gate = Gate(sock, limits.connections, protocol).start()
+        except BaseException:
+            spool.close()
+            raise
+        return _Job(gate, state, spool)
 
     async def _stop(self, job: _Job) -> None:
         # No new connections; the open ones are closed, so each request in flight sees a disconnect, ends its
-        # upstream stream and reports its record before this returns.
-        job.server.close()
+        # upstream stream and reports its record before this returns; one that does not is cancelled.
+        await job.gate.close()
         for connection in list(job.state.connections):
             connection.transport.close()
         if job.state.tasks:
-            await asyncio.wait(list(job.state.tasks), timeout=5.0)
+            _, late = await asyncio.wait(list(job.state.tasks), timeout=5.0)
+            for task in late:
+                task.cancel()
+            if late:
+                await asyncio.wait(late, timeout=5.0)
+        job.spool.close()

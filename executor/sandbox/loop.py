@@ -3,12 +3,14 @@ every job's API gateway and egress proxy; one recorder thread that takes their b
 off that loop; and the Unix sockets they listen on.
 
 Owns: the loop thread's and the recorder's lifecycle, running a coroutine on the loop from any other
-thread and waiting for its result, making a job's listening Unix socket (path checks, owner, mode) before
-anything can connect, and calling the executor's callbacks so that a faulty callback cannot take a job's
-server down.
+thread and waiting for its result, the recorder's per-job lanes (each job's journal, written a batch at a
+time, the jobs in turn; a job's close writes its own rest in the closing thread), making a job's listening
+Unix socket (path checks, owner, mode) before anything can connect, and calling the executor's callbacks so
+that a faulty callback cannot take a job's server down.
 
 Must never: block the loop (everything here that can block runs in the caller's thread or the recorder's),
-know about HTTP, or remove a file at a socket path that is not a socket.
+know about HTTP, make a job's close wait for another job's records, or remove a file at a socket path that
+is not a socket.
 """
 
 from __future__ import annotations
@@ -17,13 +19,16 @@ import asyncio
 import concurrent.futures
 import logging
 import os
-import queue
 import socket
 import stat
 import threading
+from collections import deque
 from collections.abc import Callable, Coroutine
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
+
+from .journal import Batch, JobJournal
 
 log = logging.getLogger(__name__)
 
@@ -80,43 +85,105 @@ class LoopThread:
             self.loop.close()
 
 
-class Recorder:
-    """One thread running submitted functions in order: what the loop's callbacks hand it may block (the store,
-    the database's fsync) without holding up any job's traffic. A function that raises is logged; the
-    thread goes on."""
+@dataclass
+class _Lane:
+    """One job's place at the recorder: its journal, how to write a batch, and the lock held while one is
+    written (the job's close waits on it, and on nothing else)."""
 
-    def __init__(self, name: str = "sandbox-recorder") -> None:
-        self._queue: queue.Queue[Callable[[], None] | None] = queue.Queue()
+    journal: JobJournal
+    write: Callable[[Batch], list[int]]
+    writing: threading.Lock = field(default_factory=threading.Lock)
+    queued: bool = False  # in the recorder's turns (guarded by the recorder's condition)
+
+
+class Recorder:
+    """One thread writing what every job's sandbox reported: a batch of one job (one transaction) at a time,
+    the jobs in turn, so a job that reports a lot writes no faster than the others and none waits behind it.
+    ``close(job)`` writes what is left of that job in the caller's thread: it waits for that job's batch in
+    flight, never for another job's. A batch that fails is logged; the thread goes on."""
+
+    def __init__(self, name: str = "sandbox-recorder", batch: int = 500) -> None:
+        self.batch = batch
+        self._lanes: dict[str, _Lane] = {}
+        self._turns: deque[str] = deque()
+        self._ready = threading.Condition()
+        self._stopping = False
         self.thread = threading.Thread(target=self._run, name=name, daemon=True)
 
     def start(self) -> Recorder:
         self.thread.start()
         return self
 
-    def submit(self, work: Callable[[], None]) -> None:
-        """Queue ``work``; never blocks (safe on the loop thread)."""
-        self._queue.put(work)
+    def open(self, job_id: str, journal: JobJournal, write: Callable[[Batch], list[int]]) -> None:
+        """Serve ``journal`` (which must call ``ready(job_id)`` when it gets something to write)."""
+        with self._ready:
+            self._lanes[job_id] = _Lane(journal, write)
 
-    def flush(self, timeout: float = 30.0) -> None:
-        """Wait until everything submitted before this call has run."""
-        if not self.thread.is_alive():
+    def ready(self, job_id: str) -> None:
+        """``job_id``'s journal has something to write; never blocks (safe on the loop thread)."""
+        with self._ready:
+            lane = self._lanes.get(job_id)
+            if lane is not None and not lane.queued:
+                lane.queued = True
+                self._turns.append(job_id)
+                self._ready.notify()
+
+    def pending(self, job_id: str) -> int:
+        """How many of ``job_id``'s reports wait to be written (0 for a closed job)."""
+        with self._ready:
+            lane = self._lanes.get(job_id)
+        return lane.journal.pending() if lane is not None else 0
+
+    def close(self, job_id: str) -> None:
+        """Write what is left of ``job_id``'s reports, here, and forget the job. Waits for the batch of this job
+        the recorder may be writing, not for any other job's. Unknown jobs are fine."""
+        with self._ready:
+            lane = self._lanes.pop(job_id, None)
+        if lane is None:
             return
-        done = threading.Event()
-        self._queue.put(done.set)
-        if not done.wait(timeout):
-            log.error("recorder did not catch up", extra={"action": "recorder", "timeout": timeout})
+        with lane.writing:
+            while (batch := lane.journal.take(self.batch)) is not None:
+                self._write(lane, batch)
 
     def stop(self, timeout: float = 10.0) -> None:
+        """Write what every open job has left, then end the thread."""
+        with self._ready:
+            self._stopping = True
+            self._ready.notify()
         if self.thread.is_alive():
-            self._queue.put(None)
             self.thread.join(timeout)
+        for job_id in list(self._lanes):
+            self.close(job_id)
+
+    def _next(self) -> _Lane | None:
+        with self._ready:
+            while not self._turns and not self._stopping:
+                self._ready.wait()
+            if not self._turns:
+                return None
+            job_id = self._turns.popleft()
+            lane = self._lanes.get(job_id)
+            if lane is not None:
+                lane.queued = False
+            return lane
 
     def _run(self) -> None:
-        while (work := self._queue.get()) is not None:
-            try:
-                work()
-            except Exception:  # one row that cannot be written must not stop the recording of the others
-                log.exception("recording failed", extra={"action": "recorder"})
+        while not self._stopping or self._turns:
+            lane = self._next()
+            if lane is None:
+                continue
+            with lane.writing:
+                batch = lane.journal.take(self.batch)
+                if batch is not None:
+                    self._write(lane, batch)
+            if lane.journal.pending():
+                self.ready(lane.journal.job_id)  # the rest after every other job's next batch
+
+    def _write(self, lane: _Lane, batch: Batch) -> None:
+        try:
+            lane.journal.written(batch, lane.write(batch))
+        except Exception:  # one batch that cannot be written must not stop the recording of the others
+            log.exception("recording failed", extra={"action": "recorder", "job": batch.job_id})
 
 
 class JobServers:
@@ -169,6 +236,15 @@ class JobServers:
     def job_ids(self) -> list[str]:
         with self._lock:
             return [job_id for job_id, entry in self._jobs.items() if entry is not None]
+
+    def connections(self, job_id: str) -> tuple[int, int]:
+        """How many connections ``job_id``'s server has open now, and how many it accepted in all."""
+        with self._lock:
+            entry = self._jobs.get(job_id)
+        if entry is None:
+            return 0, 0
+        gate = entry[0].gate
+        return gate.open, gate.accepted
 
     async def _stop(self, served: Any) -> None:
         raise NotImplementedError

@@ -8,13 +8,16 @@ bind-mounted read-only at ``/run/executor``: ``api.sock``, the job's API gateway
 runs; the CLI's environment points at those and holds a placeholder credential. Socket = job: which job
 speaks is known from the socket it connected to, so there is no token to steal.
 
-Owns: the event loop thread and the recorder thread every job shares (``loop.py``), opening and closing a
-job's sockets, the container side of the contract (mount point, ports, forwarder command, environment), and
-handing what a gateway or proxy reports to the job's hooks: ``activity`` on the loop thread (it must be
-quick), everything else on the recorder thread (it may write to the store).
+Owns: the threads every job shares (the event loop, the recorder, the gateways' parse thread and spool I/O
+pool), opening and closing a job's sockets with its ``SealLimits``, the container side of the contract (mount
+point, ports, forwarder command, environment), and handing what a gateway or proxy reports to the job's
+hooks: ``activity`` on the loop thread (it must be quick); everything else goes to the job's journal
+(``journal.py``: aggregated, capped) and from there, a batch at a time, to ``Hooks.write`` on the recorder
+thread, or on the closing thread when the job closes: closing a job waits for its own records only.
 
 Must never: put the real credential into the container's environment, command or mounts, serve a socket
-outside the job's directory, or run a hook's blocking work on the loop thread.
+outside the job's directory, run a hook's blocking work on the loop thread, or keep a report of a job
+beyond the journal's bound.
 """
 
 from __future__ import annotations
@@ -24,13 +27,13 @@ import stat
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from functools import partial
 from pathlib import Path
 
 from ..egress_rules import Rule
 from .deployment import SOCKETS_MOUNT
-from .egress import EgressCallbacks, EgressEvent, EgressProxies
-from .gateway import GatewayCallbacks, Gateways, Refusal, RequestRecord, Upstream
+from .egress import EgressCallbacks, EgressProxies
+from .gateway import GatewayCallbacks, Gateways, Limits, Refusal, Upstream
+from .journal import Batch, JobJournal
 from .loop import LoopThread, Recorder
 
 API_PORT, PROXY_PORT = 8080, 3128
@@ -58,25 +61,45 @@ def sealed_environment() -> dict[str, str]:
 
 @dataclass(frozen=True)
 class Hooks:
-    """What the executor does with one job's reports. ``activity`` runs on the loop thread (quick, thread-safe);
-    the others on the recorder thread, in the order the reports were made."""
+    """What the executor does with one job's reports. ``activity`` runs on the loop thread (quick, thread-safe).
+    ``write`` writes one batch in one transaction and returns the ids of the events it made for
+    ``batch.new()``, in order; it runs on the recorder thread, or on the job's closing thread."""
 
-    request: Callable[[RequestRecord], None]
-    refusal: Callable[[Refusal], None]
-    egress: Callable[[EgressEvent], None]
+    write: Callable[[Batch], list[int]]
     activity: Callable[[], None]
+
+
+@dataclass(frozen=True)
+class SealLimits:
+    """What one job's sockets may make the executor hold (EXECUTOR_GATEWAY_CONNECTIONS, EXECUTOR_EGRESS_CONNECTIONS,
+    EXECUTOR_GATEWAY_PARSE_MEMORY, EXECUTOR_SEALED_EVENT_CAP)."""
+
+    gateway_connections: int = 8
+    egress_connections: int = 8
+    parse_memory: int = 96 * 1024 * 1024
+    event_cap: int = 200
+
+
+#: How many distinct models a job's refusals keep (the stop check needs one; the message names a few).
+_MODELS_KEPT = 8
 
 
 @dataclass
 class Sealed:
-    """One job's open sockets; ``refused_models`` fills on the loop thread the moment a model is refused."""
+    """One job's open sockets; ``refused_models`` fills on the loop thread the moment a model is refused (the
+    first few distinct ones: a job cannot grow it)."""
 
     job_id: str
     directory: Path
+    journal: JobJournal | None = None
     refused_models: list[str] = field(default_factory=list)
 
     def refused(self) -> bool:
         return bool(self.refused_models)
+
+    def model_refused(self, model: str) -> None:
+        if model not in self.refused_models and len(self.refused_models) < _MODELS_KEPT:
+            self.refused_models.append(model)
 
 
 class Sealer:
@@ -92,6 +115,7 @@ class Sealer:
     def start(self) -> Sealer:
         self.loop.start()
         self.recorder.start()
+        self.gateways.start()
         self.started = True
         return self
 
@@ -99,52 +123,62 @@ class Sealer:
         """The side threads the executor watches (their death stops it)."""
         if not self.started:
             return {}
-        return {"sandbox event loop": self.loop.thread, "sandbox recorder": self.recorder.thread}
+        return {"sandbox event loop": self.loop.thread, "sandbox recorder": self.recorder.thread,
+                "sandbox body parser": self.gateways.parser.thread}
 
     def stop(self) -> None:
-        """After every job closed: let the recorder finish, then stop both threads."""
+        """After every job closed: let the recorder finish, then stop the threads."""
         for job_id in self.gateways.job_ids():
             self.close(job_id)
         if self.loop.thread.is_alive():
             self.gateways.close()
-        self.recorder.flush()
         self.recorder.stop()
         self.loop.stop()
 
     def open(self, job_id: str, directory: Path, upstream: Upstream, rules: list[Rule], uid: int, gid: int,
-             hooks: Hooks) -> Sealed:
+             hooks: Hooks, limits: SealLimits | None = None, spool: Path | None = None) -> Sealed:
         """Serve ``job_id``'s gateway and proxy in ``directory`` (made root-owned 0711 if missing); returns once
-        both listen. The same directory again (adoption after a restart) replaces stale sockets."""
+        both listen. The same directory again (adoption after a restart) replaces stale sockets. ``spool``: the
+        directory its large request bodies go to (default: ``bodies`` beside ``directory``)."""
         if not self.started:
             raise RuntimeError("the sealed sandbox's threads are not running (Sealer.start)")
+        limits = limits or SealLimits()
         _own_directory(directory)
-        sealed = Sealed(job_id, directory)
-        submit = self.recorder.submit
+        journal = JobJournal(job_id, limits.event_cap, lambda: self.recorder.ready(job_id))
+        sealed = Sealed(job_id, directory, journal)
+        self.recorder.open(job_id, journal, hooks.write)
 
         def refused(refusal: Refusal) -> None:
             if refusal.kind == "model":
-                sealed.refused_models.append(refusal.requested_model or "")  # at once: the stop check reads it
-            submit(partial(hooks.refusal, refusal))
+                sealed.model_refused(refusal.requested_model or "")  # at once: the stop check reads it
+            journal.refusal(refusal)
 
-        self.gateways.add_job(job_id, directory / API_SOCKET, upstream, GatewayCallbacks(
-            on_request=lambda record: submit(partial(hooks.request, record)), on_refusal=refused,
-            on_activity=lambda _job: hooks.activity()), uid=uid, gid=gid)
         try:
-            self.proxies.add_job(job_id, directory / EGRESS_SOCKET, rules,
-                                 EgressCallbacks(lambda event: submit(partial(hooks.egress, event))), uid=uid, gid=gid)
+            self.gateways.add_job(job_id, directory / API_SOCKET, upstream, GatewayCallbacks(
+                on_request=journal.request, on_refusal=refused, on_activity=lambda _job: hooks.activity()),
+                uid=uid, gid=gid, spool=spool, limits=Limits(limits.gateway_connections, limits.parse_memory))
+            try:
+                self.proxies.add_job(job_id, directory / EGRESS_SOCKET, rules, EgressCallbacks(journal.egress),
+                                     uid=uid, gid=gid, connections=limits.egress_connections)
+            except BaseException:
+                self.gateways.remove_job(job_id)
+                raise
         except BaseException:
-            self.gateways.remove_job(job_id)
+            self.recorder.close(job_id)
             raise
         return sealed
 
     def close(self, job_id: str) -> None:
-        """Stop the job's gateway and proxy (cutting open connections), remove its sockets, and wait until what
-        they reported is recorded. Unknown jobs are fine (closing twice is)."""
+        """Stop the job's gateway and proxy (cutting open connections), remove its sockets, and write what they
+        reported (in this thread: no other job's records are waited for). Unknown jobs are fine (closing
+        twice is)."""
         try:
             self.gateways.remove_job(job_id)
         finally:
-            self.proxies.remove_job(job_id)
-            self.recorder.flush()
+            try:
+                self.proxies.remove_job(job_id)
+            finally:
+                self.recorder.close(job_id)
 
 
 def _own_directory(directory: Path) -> None:

@@ -28,8 +28,10 @@ def loads(raw: bytes) -> Any:
 class ResponseMeter:
     """Counts a response's bytes and reads its usage as it streams past, holding none of it back."""
 
-    MAX_LINE = 1024 * 1024  # an SSE line longer than this is not a usage event; stop collecting it
-    MAX_JSON = 8 * 1024 * 1024
+    # Kept per connection, so they count in a job's bound (gateway.py): usage, model and error events are small
+    # lines; a non-streaming answer (the CLI's small side calls) is well under a MiB.
+    MAX_LINE = 64 * 1024  # an SSE line longer than this is not a usage event; stop collecting it
+    MAX_JSON = 1024 * 1024
 
     def __init__(self, content_type: str) -> None:
         self.sse = content_type.startswith("text/event-stream")

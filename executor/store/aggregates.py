@@ -61,10 +61,12 @@ COUNTERS = """
            SUM(COALESCE(cache_creation_input_tokens, 0))
       FROM apirequest GROUP BY runner, status
     UNION ALL
-    SELECT 'egress', {decision}, NULL, NULL, COUNT(*), NULL, NULL, NULL, NULL
+    SELECT 'egress', {decision}, NULL, NULL, SUM(COALESCE({count}, 1)), NULL, NULL, NULL, NULL
       FROM event WHERE kind = 'egress' GROUP BY {decision}
 """
 _JSON_DECISION = {"sqlite": "json_extract(data, '$.decision')", "postgresql": "(data ->> 'decision')"}
+# An egress event stands for ``count`` identical decisions (sandbox/journal.py); older ones for one.
+_JSON_COUNT = {"sqlite": "json_extract(data, '$.count')", "postgresql": "CAST(data ->> 'count' AS INTEGER)"}
 
 
 class AggregateQueries:
@@ -98,7 +100,8 @@ class AggregateQueries:
                               .where(col(ApiRequest.ts) >= lo, col(ApiRequest.ts) <= hi)
                               .group_by(ApiRequest.runner, ApiRequest.status)))
             where = [col(Event.data)[key].as_string() for key in ("decision", "host", "port")]  # both engines
-            egress = list(s.exec(select(*where, func.count())
+            counted = func.sum(func.coalesce(col(Event.data)["count"].as_integer(), 1))  # one event: its count
+            egress = list(s.exec(select(*where, counted)
                                  .where(Event.kind == "egress", col(Event.ts) >= lo, col(Event.ts) <= hi)
                                  .group_by(*where)))
         return ReportRows(finished=finished, refused=int(refused or 0),
@@ -116,7 +119,8 @@ class AggregateQueries:
         api: list[tuple[str, str, int, dict[str, int]]] = []
         egress: dict[str, int] = {}
         with self.engine.connect() as conn:
-            statement = text(COUNTERS.format(decision=_JSON_DECISION[conn.dialect.name]))
+            dialect = conn.dialect.name
+            statement = text(COUNTERS.format(decision=_JSON_DECISION[dialect], count=_JSON_COUNT[dialect]))
             for kind, a, b, c, n, x, y, z, w in conn.execute(statement):
                 if kind == "job":
                     # SQLAlchemy stores the enum by name, which is also its value

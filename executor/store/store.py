@@ -33,15 +33,16 @@ from .aggregates import AggregateQueries
 from .attempts import AttemptQueries
 from .engine import CHANNEL, is_postgres, make_engine, sqlite_url
 from .hosts import HostQueries
-from .models import ApiRequest, Compaction, Event, Heartbeat, Job, RateLimitEvent, RunnerState
+from .models import Compaction, Event, Heartbeat, Job, RateLimitEvent, RunnerState
 from .queue import HOLDING, QueueQueries
+from .sealed import SealedQueries
 from .status import TRANSITIONS, Status
 
 #: Moves that hand work to another host or free a workspace: idle hosts are woken (PostgreSQL NOTIFY).
 _WAKES = frozenset(Status) - HOLDING
 
 
-class Store(QueueQueries, HostQueries, AttemptQueries, AggregateQueries):
+class Store(QueueQueries, HostQueries, AttemptQueries, AggregateQueries, SealedQueries):
     """Every database operation of the executor."""
 
     def __init__(self, target: Path | str, redact: Callable[[Any], Any] | None = None) -> None:
@@ -286,17 +287,6 @@ class Store(QueueQueries, HostQueries, AttemptQueries, AggregateQueries):
                     state.cooldown_until = aware(state.cooldown_until)
                 states[state.name] = state
             return states
-
-    # -- API requests of sealed jobs -------------------------------------------------------------------
-
-    def add_api_request(self, row: ApiRequest) -> None:
-        row.error = self.redact(row.error)
-        with self.session() as s:
-            s.add(row)
-            s.commit()
-
-    def api_requests(self, job_id: str | None = None, runner: str | None = None) -> list[ApiRequest]:
-        return self._rows(ApiRequest, ApiRequest.id, job_id=job_id, runner=runner)
 
     # -- session compaction ---------------------------------------------------------------------------
 

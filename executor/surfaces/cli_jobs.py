@@ -119,9 +119,13 @@ def _show_seal(view: dict) -> None:
         click.echo(f"{'api requests':16} {api['requests']} ({statuses}); {api['input_tokens']} input, "
                    f"{api['output_tokens']} output, {api['cache_read_input_tokens']} cache-read tokens (from the API)")
     for refused in api["refused"]:
-        click.echo(f"{'api refused':16} {refused.get('method')} {refused.get('path')}: {refused.get('reason')}")
+        times = f" ({refused['count']} times)" if refused.get("count", 1) > 1 else ""
+        click.echo(f"{'api refused':16} {refused.get('method')} {refused.get('path')}: {refused.get('reason')}{times}")
+    if api.get("unrecorded"):
+        counted = ", ".join(f"{n} {kind}" for kind, n in api["unrecorded"].items())
+        click.echo(f"{'not recorded':16} past the event cap (EXECUTOR_SEALED_EVENT_CAP), counted only: {counted}")
     if view["egress_denied"]:
-        click.echo(f"egress denied ({len(view['egress_denied'])}):")
+        click.echo(f"egress denied ({sum(d.get('count', 1) for d in view['egress_denied'])}):")
         for denial in view["egress_denied"]:
             click.echo(f"  {denial_line(denial)}")
 

@@ -1,5 +1,6 @@
 """What people see of a job's seal: its network (sealed, or an unsealed opt-in flagged as such), the egress
-requests its proxy denied, and the API requests its gateway forwarded with the usage the API reported.
+requests its proxy denied, and the API requests its gateway forwarded with the usage the API reported. An
+egress or ``gateway_refused`` event stands for ``count`` identical ones (``sandbox/journal.py``).
 
 Owns the wording of the "unsealed" flag and the shapes ``executor show``, its ``--json`` and the review page
 share, so the three say the same thing.
@@ -15,7 +16,7 @@ if TYPE_CHECKING:  # the store loads when a command opens it (SQLAlchemy is slow
     from ..store import Job
 
 #: The event kinds these views read (``executor show`` fetches only these).
-SEAL_EVENTS = ("egress", "gateway_refused")
+SEAL_EVENTS = ("egress", "gateway_refused", "sealed_events_capped")
 
 #: Policies that leave the sandbox open: the container holds the real credential and has a route out.
 UNSEALED = ("bridge", "host")
@@ -37,7 +38,7 @@ def egress_denials(events: list) -> list[dict[str, Any]]:
     """The egress requests a job's proxy refused, oldest first (``events``: the job's events, in order)."""
     return [{"ts": e.ts.isoformat(), "attempt": e.attempt, "method": e.data.get("method"),
              "host": e.data.get("host"), "port": e.data.get("port"), "status": e.data.get("status"),
-             "reason": e.data.get("reason")}
+             "reason": e.data.get("reason"), "count": e.data.get("count", 1)}
             for e in events if e.kind == "egress" and e.data.get("decision") == "denied"]
 
 
@@ -56,8 +57,11 @@ def api_view(rows: list, events: list) -> dict[str, Any]:
         "cache_creation_input_tokens": sum(row.cache_creation_input_tokens or 0 for row in rows),
         "cache_read_input_tokens": sum(row.cache_read_input_tokens or 0 for row in rows),
         "refused": [e.data for e in events if e.kind == "gateway_refused"],
+        # refusals and egress decisions past the job's event cap, counted only (by kind)
+        "unrecorded": next((e.data.get("unrecorded", {}) for e in events if e.kind == "sealed_events_capped"), {}),
     }
 
 
 def denial_line(denial: dict[str, Any]) -> str:
-    return f"{denial['method']} {denial['host']}:{denial['port']} -> {denial['status']}: {denial['reason']}"
+    times = f" ({denial['count']} times)" if denial.get("count", 1) > 1 else ""
+    return f"{denial['method']} {denial['host']}:{denial['port']} -> {denial['status']}: {denial['reason']}{times}"

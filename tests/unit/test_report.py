@@ -319,6 +319,9 @@ def test_sealed_jobs_api_usage_egress_and_unsealed_jobs_are_counted(store):
         for decision, host in (("denied", "example.org"), ("denied", "example.org"), ("allowed", "pypi.org")):
             session.add(Event(job_id=sealed.id, session_id=sealed.session_id, attempt=1, ts=t, kind="egress",
                               data={"decision": decision, "host": host, "port": 443}))
+        # identical decisions are one event with their count (sandbox/journal.py): counted as decisions
+        session.add(Event(job_id=sealed.id, session_id=sealed.session_id, attempt=1, ts=t, kind="egress",
+                          data={"decision": "denied", "host": "example.org", "port": 443, "count": 5}))
         session.commit()
     report = build_report(store, timedelta(days=7), now=NOW + timedelta(minutes=5))
     assert report["api"] == {"requests": 3, "by_status": {"200": 2, "429": 1}, "input_tokens": 210,
@@ -326,11 +329,11 @@ def test_sealed_jobs_api_usage_egress_and_unsealed_jobs_are_counted(store):
                              "runners": {"scripted": {"requests": 3, "input_tokens": 210, "output_tokens": 50,
                                                       "cache_creation_input_tokens": 7,
                                                       "cache_read_input_tokens": 110}}}
-    assert report["egress"] == {"allowed": 1, "denied": 2, "denied_by_destination": {"example.org:443": 2}}
+    assert report["egress"] == {"allowed": 1, "denied": 7, "denied_by_destination": {"example.org:443": 7}}
     assert report["network"] == {"bridge": 1, "sealed": 1} and report["unsealed_jobs"] == 1
     text = render_text(report)
     assert "api usage    3 requests of sealed jobs, as the API reported them: 210 input + 50 output tokens" in text
-    assert "egress       1 allowed, 2 denied (example.org:443 x2)" in text
+    assert "egress       1 allowed, 7 denied (example.org:443 x7)" in text
     assert "network      1 bridge, 1 sealed; 1 UNSEALED (bridge/host opt-in)" in text
     metrics = ExecutorMetrics()
     metrics.refresh(store)
@@ -339,7 +342,7 @@ def test_sealed_jobs_api_usage_egress_and_unsealed_jobs_are_counted(store):
     assert m[("executor_api_requests_total", (("runner", "scripted"), ("status", "429")))] == 1
     assert m[("executor_api_tokens_total", (("kind", "input"),))] == 1209
     assert m[("executor_api_tokens_total", (("kind", "cache_read"),))] == 110
-    assert m[("executor_egress_decisions_total", (("decision", "denied"),))] == 2
+    assert m[("executor_egress_decisions_total", (("decision", "denied"),))] == 7
     assert m[("executor_egress_decisions_total", (("decision", "allowed"),))] == 1
 
 
