@@ -86,7 +86,7 @@ import socket
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Callable
 from urllib.parse import urlsplit
@@ -113,6 +113,7 @@ class Turn:
     interval: float = 0.0  # slow_text: seconds between deltas
     pings: int = 0  # after_pings: ping events sent after message_start, before any content
     ping_interval: float = 0.0  # after_pings: seconds between them
+    gate: Any = field(default=None, compare=False)  # gated_text: a threading.Semaphore released per next delta
 
     @staticmethod
     def tool(name: str, input: dict, text: str | None = None, *, model: str | None = None) -> Turn:
@@ -134,6 +135,12 @@ class Turn:
     def slow_text(text: str, chunks: int, interval: float, *, model: str | None = None) -> Turn:
         """A text answer streamed as ``chunks`` deltas, ``interval`` seconds apart (steady progress)."""
         return Turn("message", (("text", text, None),), model=model, chunks=max(1, chunks), interval=interval)
+
+    @staticmethod
+    def gated_text(text: str, chunks: int, gate: Any, *, model: str | None = None) -> Turn:
+        """A text answer streamed as ``chunks`` deltas, each after the first sent only once the test releases
+        ``gate`` (a ``threading.Semaphore``): a test proves a chunk passed a relay before the next existed."""
+        return Turn("message", (("text", text, None),), model=model, chunks=max(1, chunks), gate=gate)
 
     @staticmethod
     def after_pings(turn: Turn, count: int, interval: float) -> Turn:
@@ -469,6 +476,8 @@ class _Handler(BaseHTTPRequestHandler):
                 for i, piece in enumerate(pieces):
                     if turn.interval and i:
                         self._sleep(turn.interval)
+                    if turn.gate is not None and i:
+                        self._wait_gate(turn.gate)
                     self._event("content_block_delta", {"type": "content_block_delta", "index": index,
                                                         "delta": {"type": "text_delta", "text": piece}})
             else:
@@ -500,6 +509,11 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _event(self, name: str, data: dict) -> None:
         self._chunk(f"event: {name}\ndata: {json.dumps(data)}\n\n".encode())
+
+    def _wait_gate(self, gate: Any) -> None:
+        while not gate.acquire(timeout=0.1):
+            if self.api._stopping.is_set():
+                raise _ClientGone("server stopping")
 
     def _sleep(self, seconds: float) -> None:
         if self.api._stopping.wait(seconds):

@@ -447,12 +447,35 @@ def test_notification_is_retried_after_a_failure():
 
 
 def test_an_unreachable_webhook_never_blocks():
-    notifier = Notifier("http://127.0.0.1:9/nothing", attempts=3, backoff=0.05)
-    started = time.monotonic()
-    for _ in range(5):
+    """Every job_event returns while the webhook holds the first delivery unanswered: the serving loop's
+    callers never wait on a notification (asserted by order: the hook answers only after they all returned)."""
+    held, answer = threading.Event(), threading.Event()
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):  # noqa: N802
+            self.rfile.read(int(self.headers.get("Content-Length", 0)))
+            held.set()
+            answer.wait(30)
+            self.send_response(503)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    notifier = Notifier(f"http://127.0.0.1:{server.server_address[1]}/hook", attempts=1, backoff=0.05)
+    try:
         notifier.job_event(_job(Status.failed, reason="timeout", error="too slow"))
-    assert time.monotonic() - started < 0.5
-    notifier.close(timeout=10)
+        wait_for(held.is_set, 10, "the first delivery to reach the webhook", interval=0.01)
+        for _ in range(4):
+            notifier.job_event(_job(Status.failed, reason="timeout", error="too slow"))
+        assert not answer.is_set() and notifier.failed == 0  # all five returned; the first is still held
+    finally:
+        answer.set()
+        notifier.close(timeout=10)
+        server.shutdown()
+        server.server_close()
     assert notifier.failed == 5 and notifier.delivered == 0
     body = payload(_job(Status.failed, reason="timeout", error="too slow"))
     assert body["event"] == "failed" and "timeout" in body["message"]

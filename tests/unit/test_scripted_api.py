@@ -191,10 +191,9 @@ def test_hang_sends_message_start_then_holds_until_stop():
         time.sleep(0.02)
     time.sleep(0.3)
     assert seen == ["message_start"] and t.is_alive()
-    started = time.monotonic()
     api.stop()
-    t.join(timeout=3)
-    assert not t.is_alive() and time.monotonic() - started < 3
+    t.join(timeout=10)
+    assert not t.is_alive()  # stopping the server ended the held stream
     assert seen == ["message_start"]  # nothing more: no message_stop, the stream just ended or broke
 
 
