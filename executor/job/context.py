@@ -2,7 +2,7 @@
 
 Owns ``Context``: the settings, the store, the deployment, the runners and their credentials, the shutdown
 signal, the watchdogs of running agents (``executor status`` reads their last samples), the sealed
-sandbox's sealer and the hooks a settled job fires (notifications).
+sandbox's sealer, the engine's health and the hooks a settled job fires (notifications).
 
 Must never: hold mutable state beyond those registries, or be built anywhere but the serving loop and
 tests.
@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from ..policy import Runner
 from ..redact import Redactor
 from ..sandbox.deployment import Deployment
+from ..sandbox.health import EngineHealth
 from ..sandbox.liveness import Watchdog
 from ..sandbox.seal import Sealer
 from ..settings import Settings
@@ -41,6 +42,8 @@ class Context:
     listeners: list[Callable[[Job], None]] = field(default_factory=list)
     #: the sealed sandbox's gateways and egress proxies (started by the serving loop)
     sealer: Sealer | None = None
+    #: the container engine's health: an attempt's ending is recorded only if the engine answered throughout
+    engine: EngineHealth = field(default_factory=EngineHealth)
 
     def settled(self, job: Job) -> None:
         """A job settled: tell whoever wants to know."""
