@@ -176,6 +176,7 @@ class LoopFaults:
         except (EngineUnavailable, StoreUnavailable, Unsettled) as exc:  # the machine failed, not the job
             if isinstance(exc, EngineUnavailable):
                 self.engine.probe()  # admission pauses at once if the engine is away (the watch may lag)
+            self.ctx.stop_requests.pop(job_id, None)  # its thread is done: the loop may ask another to stop
             self.unsettled.hold(job_id, attempt, exc)
         except Exception as exc:  # the job thread's boundary: a bug must fail the job loudly, not hang it
             if unavailable(exc):

@@ -10,7 +10,7 @@ store's channel and sets ``wake`` at each NOTIFY (new jobs, a freed workspace), 
 claims at once instead of at its next poll; while it cannot listen, the loop polls (``claim_due`` says
 when the loop looks at the queue). A database that is unreachable is logged and tried again after 1 s,
 doubling up to the heartbeat interval; any other failure ends the thread, which the serving loop notices
-and stops loudly. A host judges other hosts lost only once it has itself reached the database for longer
+and stops loudly. A host judges other hosts lost only once its own heartbeats have been on time for longer
 than the host timeout: after an outage of the database every host's heartbeat is old, and the first to
 reconnect must not take the others' jobs before they could beat again.
 
@@ -69,6 +69,7 @@ class Presence:
         self.claim_now = True  # a slot freed or the last round started something: look at the queue again
         self._last_claim = 0.0
         self._connected_since: float | None = None  # monotonic: since when this host's beats reach the store
+        self._last_beat = 0.0  # monotonic: this host's last heartbeat written
         self._stop = threading.Event()
         self.heartbeat = threading.Thread(target=self._beat_loop, name="heartbeat", daemon=True)
         self.listener = threading.Thread(target=self._listen_loop, name="listener", daemon=True) \
@@ -84,7 +85,7 @@ class Presence:
             budget_cpus=s.budget_cpus,
             budget_memory=s.budget_memory, reserve_memory=s.reserve_memory,
             workspace_roots=[str(root) for root in s.workspace_roots]))
-        self._connected_since = time.monotonic()
+        self._connected_since = self._last_beat = time.monotonic()
         back = self.store.reclaim(s.host_id)
         adopted = self.store.adopt_unowned(s.host_id, self.claimer.roots)
         self.hosts = self.view()
@@ -167,7 +168,9 @@ class Presence:
         self.store.beat(self.settings.host_id, figures["reserved_cpus"], figures["reserved_memory"],
                         figures["running"], figures["waiting"])
         now = time.monotonic()
-        self._connected_since = self._connected_since or now
+        if self._connected_since is None or now - self._last_beat > 2 * self.settings.host_heartbeat + 1:
+            self._connected_since = now  # late (the store was away, or waited for): others' beats were too
+        self._last_beat = now
         if now - self._connected_since >= self.settings.host_timeout:
             self.look_after_lost()
         self.hosts = self.view()

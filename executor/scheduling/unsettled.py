@@ -148,6 +148,7 @@ def _resolve(ex: Executor, held: Held) -> None:
 
 
 def _drop_slot(ex: Executor, job_id: str):
+    ex.ctx.stop_requests.pop(job_id, None)  # asked of the attempt that ended: never of the job's next one
     slot = ex.slots.pop(job_id, None)
     if slot is not None:
         ex.governor.release(slot.permit)

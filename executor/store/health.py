@@ -29,6 +29,8 @@ log = logging.getLogger(__name__)
 
 #: Seconds a new connection waits for a database that refuses it (a job thread, the heartbeat).
 PATIENCE = 30.0
+#: The serving loop's backoff while the store fails (seconds): its store work is cheap to try.
+FIRST_DELAY, MAX_DELAY = 0.5, 5.0
 _local = threading.local()
 
 
@@ -80,13 +82,13 @@ def patient_connect(dialect: Any, _record: Any, cargs: tuple, cparams: dict) -> 
 
 class StoreHealth:
     """The serving loop's view of the store: answering, or failing since a moment (with why); while it
-    fails, the loop tries its store work again with backoff (1 s doubling to 30 s) instead of every tick."""
+    fails, the loop tries its store work again with backoff (0.5 s doubling to 5 s) instead of every tick."""
 
     def __init__(self, clock=time.monotonic) -> None:
         self.clock = clock
         self.since: str | None = None  # UTC, ISO: when the store first failed
         self.error: str | None = None
-        self._delay = 1.0
+        self._delay = FIRST_DELAY
         self._next = 0.0
 
     @property
@@ -103,14 +105,14 @@ class StoreHealth:
             self.since = utcnow().isoformat()
             log.warning("store unavailable: claims and intake pause", extra={"action": "store_down", "error": text})
         else:
-            self._delay = min(self._delay * 2, 30.0)
+            self._delay = min(self._delay * 2, MAX_DELAY)
         self.error = text
         self._next = self.clock() + self._delay
 
     def answered(self) -> None:
         if self.down:
             log.warning("store answers again", extra={"action": "store_up", "since": self.since})
-        self.since, self.error, self._delay = None, None, 1.0
+        self.since, self.error, self._delay = None, None, FIRST_DELAY
 
     def reason(self) -> str | None:
         if not self.down:
