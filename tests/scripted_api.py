@@ -26,7 +26,8 @@ small model called through a runner's ``base_url``; such requests count as side 
 answers requests in order; a dict script is keyed by a substring of the first user message's text (the
 first key found wins, in insertion order), so jobs with different prompts can share one server; with
 ``replay=True`` a keyed script answers by the conversation's place (a request that holds N answers gets turn
-N), so a job run again after a fault replays its script. An exhausted (or unmatched) script answers
+N), so a job run again after a fault replays its script; ``first`` gives a key's very first request a turn
+of its own, once (a 429 the next attempt does not meet again). An exhausted (or unmatched) script answers
 ``default``, or ``Turn.text("Done.")`` if none was given. A list
 script is the fallback for requests no dict key matches (keys added later with ``add()``).
 
@@ -232,6 +233,7 @@ class ScriptedAPI:
         models: dict[str, Turn] | None = None,
         cache_tokens: bool = False,
         replay: bool = False,
+        first: dict[str, Turn] | None = None,
     ) -> None:
         self._lock = threading.Lock()
         self._list: deque[Turn] = deque(script) if isinstance(script, list) else deque()
@@ -247,6 +249,7 @@ class ScriptedAPI:
         # Keyed scripts answer by the conversation's place, not in turn: a request holding N answers gets its
         # key's turn N, so an attempt run again (after a restart) hears the same script from its start.
         self.replay = replay
+        self._first = dict(first or {})  # key -> the turn its first request gets, once, before its script
         self._requests: list[RecordedRequest] = []
         self._stopping = threading.Event()
         self._server: ThreadingHTTPServer | None = None
@@ -305,6 +308,8 @@ class ScriptedAPI:
         with self._lock:
             for key, turns in self._keyed.items():
                 if key in text:
+                    if key in self._first:
+                        return False, key, self._first.pop(key)
                     if self.replay:
                         answered = sum(1 for m in body.get("messages") or () if isinstance(m, dict)
                                        and m.get("role") == "assistant")

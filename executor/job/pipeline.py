@@ -251,7 +251,8 @@ def _supervise(ctx: Context, job: Job, ws: Workspace, phase: Phase, runner: Runn
             scrub_tree(ws.home_upper, ctx.redactor, ws.uid, ws.gid)
     record_attempt(ctx, job, ws.attempt, run)
     try:
-        judge_agent(runner, policy, run, refused=seal.refused_models if seal else None)
+        judge_agent(runner, policy, run, refused=seal.refused_models if seal else None,
+                    gateway_gap=adopted and seal is not None)
     except RateLimited as limited:
         return _rate_limited(ctx, job, ws.attempt, runner, policy, run, limited)
     job = phase.move(ctx.store, job, Status.testing)

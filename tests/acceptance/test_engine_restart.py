@@ -3,7 +3,7 @@ engine (``tests/engine.py``: the shared one is never restarted), with the real i
 the scripted API) and ``executor serve`` as a process:
 
 - without live-restore the engine stops every container: while it is away nothing is claimed and every
-  waiting job says why (``status``, ``show``); the jobs it killed are neither failed nor left ``running``
+  waiting job says why (``status``, ``show``, the metrics, the page); the jobs it killed are neither failed nor left ``running``
   without an owner: once it is back they are rolled back and re-queued, and every job succeeds, applied
   once, with nothing of ours left on the engine;
 - with live-restore the agent's container outlives the restart and is adopted: one attempt, its
@@ -17,12 +17,14 @@ import os
 import signal
 import subprocess
 import sys
+import urllib.request
 from pathlib import Path
 
 import pytest
 
 from executor.store import Status
 from tests.conftest import SANDBOX_IMAGE, wait_for, wait_status
+from tests.postgres import free_port
 from tests.scripted_api import ScriptedAPI, Turn
 
 EXECUTOR = str(Path(sys.executable).parent / "executor")
@@ -43,8 +45,9 @@ def engine():
     private.close()
 
 
-def _serve(world, engine, log: Path) -> subprocess.Popen:
-    env = {**world.env(), "DOCKER_HOST": engine.host, "EXECUTOR_BUDGET_CPUS": "1"}
+def _serve(world, engine, log: Path, **settings: str) -> subprocess.Popen:
+    env = {**world.env(), "DOCKER_HOST": engine.host, "EXECUTOR_BUDGET_CPUS": "1",
+           **{f"EXECUTOR_{k.upper()}": v for k, v in settings.items()}}
     return subprocess.Popen([EXECUTOR, "serve"], env=env, stdout=subprocess.DEVNULL, stderr=log.open("ab"),
                             start_new_session=True)
 
@@ -53,6 +56,21 @@ def _cli(world, *args: str) -> dict:
     out = subprocess.run([EXECUTOR, *args, "--json"], env=world.env(), capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     return json.loads(out.stdout)
+
+
+PAGE_TOKEN = "engine-restart-page-token"
+
+
+def _get(port: int, path: str) -> str:
+    request = urllib.request.Request(f"http://127.0.0.1:{port}{path}",
+                                     headers={"Authorization": f"Bearer {PAGE_TOKEN}"})
+    with urllib.request.urlopen(request, timeout=10) as answer:
+        return answer.read().decode()
+
+
+def _get_if(port: int, path: str, needle: str) -> str | None:
+    text = _get(port, path)
+    return text if needle in text else None
 
 
 def _status_if(world, predicate) -> dict | None:
@@ -98,7 +116,8 @@ def test_an_engine_restart_pauses_work_and_consumes_none(world, engine, tmp_path
         repos = {n: world.repo(n) for n in names}
         for n in names:
             world.submit(id=n, workspace=str(repos[n]), prompt=f"{n}: work")
-        process = _serve(world, engine, log)
+        metrics, page = free_port(), free_port()
+        process = _serve(world, engine, log, metrics_port=str(metrics), ui_port=str(page), ui_token=PAGE_TOKEN)
         try:
             wait_for(lambda: (world.home / "executor.db").exists(), 30, "the database")
             store = world.store()
@@ -114,6 +133,9 @@ def test_an_engine_restart_pauses_work_and_consumes_none(world, engine, tmp_path
             assert down["waiting"].startswith("engine unreachable since")
             for n in waiting:  # each waiting job says why it waits
                 assert _cli(world, "show", n)["waiting"].startswith("engine unreachable since"), n
+            scrape = wait_for(lambda: _get_if(metrics, "/metrics", "executor_engine_up 0.0"), 30, "the metrics")
+            assert "executor_engine_outages 1.0" in scrape
+            assert "engine unreachable since" in _get(page, "/")  # the page says so
             for n in running:  # killed with the engine, but neither failed nor abandoned: held by their host
                 assert store.get(n).status in (Status.running, Status.testing), store.get(n)
                 api._keyed[f"{n}: work"].clear()  # their next attempts start afresh and finish quickly
