@@ -23,6 +23,7 @@ from pathlib import Path
 import pytest
 
 from executor.intake.spool import Spool
+from executor.sandbox.deployment import instance_id
 from executor.store import Status
 from tests.conftest import wait_for, wait_status
 from tests.scripted_api import ScriptedAPI, Turn
@@ -150,6 +151,9 @@ def test_a_full_state_root_stops_new_starts_and_corrupts_nothing(world, docker_c
         else:  # the reserve stopped it: rolled back, nothing applied
             assert job.reason == "disk_reserve" and not (repos[n] / "out.txt").exists(), (n, job.reason, job.error)
     assert all(jobs[n].status == Status.succeeded for n in late)  # taken in while full, run once there was room
+    instance = instance_id(home.absolute())  # nothing of this executor's is left on the engine
+    assert not docker_client.containers.list(all=True, filters={"label": f"io.executor.instance={instance}"})
+    assert not [v.name for v in docker_client.volumes.list() if v.name.startswith(f"executor-{instance}-")]
     conn = sqlite3.connect(home / "executor.db")
     try:
         assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
