@@ -12,6 +12,7 @@ A missing ``dockerd`` fails the tests that need it (never a skip): the shared en
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -90,7 +91,7 @@ class PrivateEngine:
         source = ["docker"] + (["-H", source_host] if source_host else [])
         save = subprocess.Popen([*source, "save", image], stdout=subprocess.PIPE)
         done = subprocess.run(["docker", "-H", self.host, "load", "-q"], stdin=save.stdout, capture_output=True,
-                              text=True, timeout=600)
+                              text=True, timeout=600, check=False)
         save.stdout.close()
         if save.wait(timeout=60) != 0 or done.returncode != 0:
             raise RuntimeError(f"could not load {image} into the private engine: {done.stderr}")
@@ -99,18 +100,16 @@ class PrivateEngine:
         """Stop the engine, remove every container it holds first (no live-restored process outlives it), and
         remove its directories (its data root is a private mount of itself)."""
         if self.process is not None and self.process.poll() is None:
-            try:
+            with contextlib.suppress(Exception):  # best effort: the engine is going away
                 client = self.client(timeout=30)
                 for container in client.containers.list(all=True):
                     container.remove(force=True)
                 client.close()
-            except Exception:  # noqa: BLE001 - best effort: the engine is going away
-                pass
         live, self.live_restore = self.live_restore, False
         self.stop()
         self.live_restore = live
         for mount in sorted(self._mounts(), reverse=True):
-            subprocess.run(["umount", "-l", mount], capture_output=True)
+            subprocess.run(["umount", "-l", mount], capture_output=True, check=False)
         shutil.rmtree(self.root, ignore_errors=True)
 
     def _mounts(self) -> list[str]:

@@ -134,7 +134,7 @@ def _settled(ctx: Context, job: Job, ws: Workspace, phase: Phase, attempt) -> Jo
         raise
     except ExecutorError as exc:
         ending = Ending.of(exc)
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - the machine's faults end the attempt; _machine_fault raises a bug
         ending = _machine_fault(ctx, exc, since)
     if phase.status != Status.committing:  # a commit underway is finished whatever the engine did
         ctx.engine.vouch(since)

@@ -19,6 +19,7 @@ or stop: the watch thread outlives every error (a dead one would stop the execut
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 from collections.abc import Callable
@@ -153,10 +154,8 @@ class EngineHealth:
         self._stop.set()
         stream = self._stream
         if stream is not None:
-            try:
+            with contextlib.suppress(Exception):  # closing a stream that already broke
                 stream.close()  # type: ignore[attr-defined]
-            except Exception:  # noqa: BLE001 - closing a stream that already broke
-                pass
         if self.thread.ident is not None:
             self.thread.join(timeout=10)
 

@@ -3,7 +3,9 @@
 Owns acting inside a started sandbox: reading the agent's stream-json output as it arrives into events,
 the wall-clock timeout, the grace period after the result line, stopping a run on cancel, shutdown or a
 stall the watchdog calls, and running the test command in a fresh container on the test view.
-Starting and removing containers is ``deployment.py``; the CLI's command line is ``agent/command.py``.
+Starting and removing containers is ``deployment.py``; the CLI's command line is ``agent/command.py``. An engine
+that stops answering, or loses a container, ends the run with ``EngineUnavailable`` and leaves the container
+as it is (whoever recovers the job looks at it): what a run sees then is the engine's doing, not the job's.
 
 Must never: choose a model or runner other than the job's, or decide what happens to the workspace.
 """

@@ -196,7 +196,7 @@ class LoopFaults:
         ending = Ending.of(InternalError("the executor hit an internal error; see its log"))
         try:
             job = self.store.get(job_id)
-        except Exception as exc:  # noqa: BLE001 - not even its row: resolve it as recovery would, later
+        except Exception as exc:  # not even its row: resolve it as recovery would, later
             self.unsettled.hold(job_id, attempt, StoreUnavailable(f"cannot read the crashed job: {exc}"))
             return
         if job is None or job.status not in ACTIVE or job.host_id != self.settings.host_id:

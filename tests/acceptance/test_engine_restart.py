@@ -53,7 +53,8 @@ def _serve(world, engine, log: Path, **settings: str) -> subprocess.Popen:
 
 
 def _cli(world, *args: str) -> dict:
-    out = subprocess.run([EXECUTOR, *args, "--json"], env=world.env(), capture_output=True, text=True, timeout=60)
+    out = subprocess.run([EXECUTOR, *args, "--json"], env=world.env(), capture_output=True, text=True, timeout=60,
+                         check=False)
     assert out.returncode == 0, out.stderr
     return json.loads(out.stdout)
 

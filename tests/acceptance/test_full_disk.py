@@ -68,7 +68,8 @@ def _started(store, names: list[str]) -> set[str]:
 
 
 def _cli(world, *args: str) -> dict:
-    out = subprocess.run([EXECUTOR, *args, "--json"], env=world.env(), capture_output=True, text=True, timeout=60)
+    out = subprocess.run([EXECUTOR, *args, "--json"], env=world.env(), capture_output=True, text=True, timeout=60,
+                         check=False)
     assert out.returncode == 0, out.stderr
     return json.loads(out.stdout)
 
