@@ -108,6 +108,27 @@ def test_a_crash_whose_ending_cannot_be_recorded_is_held_and_recorded_once_the_e
     executor.store.close()
 
 
+def test_a_held_job_is_left_as_it_is_at_shutdown_and_recovered_at_the_next_start(tmp_path, monkeypatch):
+    from executor.scheduling.recovery import recover
+
+    def run_job(ctx, job_id):
+        raise EngineUnavailable("the engine went away under the attempt")
+
+    executor = _executor(tmp_path, monkeypatch, run_job)
+    executor.store.add_job(job("s1"))
+    _run_until(executor, lambda: "s1" in executor.unsettled, "the job held")
+    executor.shutdown(grace=0.1)  # the store closes; the job is left as it is, no thread and no slot
+    assert not executor.slots and not executor.unsettled
+
+    again = _executor(tmp_path, monkeypatch, run_job)
+    assert again.store.get("s1").status == Status.running  # still this host's, for its recovery
+    recover(again)  # its container is gone: rolled back and re-queued, as after a kill -9
+    assert again.store.get("s1").status == Status.queued
+    states = [e.data for e in again.store.events(job_id="s1") if e.kind == "state"]
+    assert states[-1]["status"] == "queued" and states[-1]["reason"] == "interrupted"
+    again.store.close()
+
+
 # --------------------------------------------------------------------------------------------- hosts
 
 
