@@ -17,6 +17,9 @@ Must never: grow a second base class, or hold secrets (tokens, keys) in a messag
     ├── IllegalTransition        the store refused a status change (someone else moved the job first)
     ├── InternalError            a bug in the executor ended the job (see its log)
     ├── Interrupted              the executor stopped during the attempt: rolled back and re-queued
+    │   ├── EngineUnavailable    the container engine was lost during the attempt (its end is not known)
+    │   └── StoreUnavailable     the store could not be reached or written during the attempt
+    ├── Unsettled                the attempt's ending is known but could not be recorded yet
     ├── Cancelled                a person cancelled the job
     ├── WorkspaceError           overlay set-up or teardown failed
     │   ├── UnsafePath           the upper dir holds something that must never be applied
@@ -107,6 +110,32 @@ class InternalError(ExecutorError):
 class Interrupted(ExecutorError):
     reason = "interrupted"
     ends_as = "queued"
+
+
+class EngineUnavailable(Interrupted):
+    """The container engine could not be reached (or restarted) during the attempt: what the attempt saw of
+    its containers is not to be trusted. The job stays its host's; once the engine answers again its
+    container is adopted if it still runs, else the attempt is rolled back and the job re-queued."""
+
+    reason = "engine_unavailable"
+
+
+class StoreUnavailable(Interrupted):
+    """The store could not be reached or written (a database restart, a dropped connection, SQLITE_BUSY, a
+    full disk) during the attempt. The job stays its host's and is recovered once the store answers."""
+
+    reason = "store_unavailable"
+
+
+class Unsettled(ExecutorError):
+    """An attempt whose ending is known could not record it (the engine or the store failed while it
+    settled): its host keeps the job and settles it with ``ending`` once both answer. Never a job's ending."""
+
+    reason = "unsettled"
+
+    def __init__(self, message: str, ending: object, status: object) -> None:
+        super().__init__(message)
+        self.ending, self.status = ending, status
 
 
 class Cancelled(ExecutorError):

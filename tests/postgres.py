@@ -99,6 +99,25 @@ class PostgresCluster:
                              autocommit=True) as conn:
             conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
+    def away(self, seconds: float) -> None:
+        """The server down for ``seconds`` (a longer upgrade, a host reboot), then up again with the same data
+        and port ("restart" keeps the options it was started with)."""
+        import time
+
+        done = self._run("pg_ctl", "-D", str(self.data), "-m", "fast", "-w", "-t", "60", "stop")
+        if done.returncode != 0:
+            raise RuntimeError(f"pg_ctl stop failed: {done.stderr}")
+        time.sleep(seconds)
+        self.restart()
+
+    def restart(self) -> None:
+        """A fast restart, as an upgrade of the server does: every session is cut, the server is away for a
+        moment, then accepts connections again on the same port."""
+        done = self._run("pg_ctl", "-D", str(self.data), "-l", str(self.root / "server.log"), "-m", "fast", "-w",
+                         "-t", "60", "restart")
+        if done.returncode != 0:
+            raise RuntimeError(f"pg_ctl restart failed: {done.stderr}")
+
     def stop(self) -> None:
         if self.started:
             self._run("pg_ctl", "-D", str(self.data), "-m", "immediate", "-w", "stop")

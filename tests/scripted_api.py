@@ -24,8 +24,11 @@ Routing a request to a script: ``models`` (model id -> turn) answers every reque
 models with its turn, before anything else (a second model on the same endpoint, e.g. the compaction's
 small model called through a runner's ``base_url``; such requests count as side requests); a list script
 answers requests in order; a dict script is keyed by a substring of the first user message's text (the
-first key found wins, in insertion order), so jobs with different prompts can share one server. An
-exhausted (or unmatched) script answers ``default``, or ``Turn.text("Done.")`` if none was given. A list
+first key found wins, in insertion order), so jobs with different prompts can share one server; with
+``replay=True`` a keyed script answers by the conversation's place (a request that holds N answers gets turn
+N), so a job run again after a fault replays its script; ``first`` gives a key's very first request a turn
+of its own, once (a 429 the next attempt does not meet again). An exhausted (or unmatched) script answers
+``default``, or ``Turn.text("Done.")`` if none was given. A list
 script is the fallback for requests no dict key matches (keys added later with ``add()``).
 
 Side requests never consume the script and are answered with the text ``"OK"``: a request asking for
@@ -236,6 +239,8 @@ class ScriptedAPI:
         side_filter: Callable[[dict], bool] | None = None,
         models: dict[str, Turn] | None = None,
         cache_tokens: bool = False,
+        replay: bool = False,
+        first: dict[str, Turn] | None = None,
     ) -> None:
         self._lock = threading.Lock()
         self._list: deque[Turn] = deque(script) if isinstance(script, list) else deque()
@@ -248,6 +253,10 @@ class ScriptedAPI:
         self.side_filter = side_filter or is_side_request
         self.models = dict(models or {})  # a request for one of these models always gets its turn
         self.cache_tokens = cache_tokens  # report made-up (deterministic) cache-read and cache-write counts
+        # Keyed scripts answer by the conversation's place, not in turn: a request holding N answers gets its
+        # key's turn N, so an attempt run again (after a restart) hears the same script from its start.
+        self.replay = replay
+        self._first = dict(first or {})  # key -> the turn its first request gets, once, before its script
         self._requests: list[RecordedRequest] = []
         self._stopping = threading.Event()
         self._server: ThreadingHTTPServer | None = None
@@ -306,6 +315,12 @@ class ScriptedAPI:
         with self._lock:
             for key, turns in self._keyed.items():
                 if key in text:
+                    if key in self._first:
+                        return False, key, self._first.pop(key)
+                    if self.replay:
+                        answered = sum(1 for m in body.get("messages") or () if isinstance(m, dict)
+                                       and m.get("role") == "assistant")
+                        return False, key, (turns[answered] if answered < len(turns) else self.default)
                     return False, key, (turns.popleft() if turns else self.default)
             if self.side_filter(body):
                 return True, None, SIDE_TURN

@@ -2,7 +2,7 @@
 
 Owns ``Context``: the settings, the store, the deployment, the runners and their credentials, the shutdown
 signal, the watchdogs of running agents (``executor status`` reads their last samples), the sealed
-sandbox's sealer and the hooks a settled job fires (notifications).
+sandbox's sealer, the engine's health and the hooks a settled job fires (notifications).
 
 The registries are written by job threads and read by the serving loop (and ``status``) at once, so each is
 a ``Registry``: every access under its own lock, and whoever iterates gets a snapshot. A plain dict there
@@ -22,6 +22,7 @@ from typing import Generic, TypeVar
 from ..policy import Runner
 from ..redact import Redactor
 from ..sandbox.deployment import Deployment
+from ..sandbox.health import EngineHealth
 from ..sandbox.liveness import Watchdog
 from ..sandbox.seal import Sealer
 from ..settings import Settings
@@ -83,6 +84,8 @@ class Context:
     listeners: list[Callable[[Job], None]] = field(default_factory=list)
     #: the sealed sandbox's gateways and egress proxies (started by the serving loop)
     sealer: Sealer | None = None
+    #: the container engine's health: an attempt's ending is recorded only if the engine answered throughout
+    engine: EngineHealth = field(default_factory=EngineHealth)
 
     def settled(self, job: Job) -> None:
         """A job settled: tell whoever wants to know."""

@@ -31,9 +31,12 @@ from ..sandbox.runtime import AgentRun, TestRun
 from ..settings import format_size, human_size
 
 
-def judge_agent(runner: Runner, policy: Policy, run: AgentRun, refused: list[str] | None = None) -> None:
+def judge_agent(runner: Runner, policy: Policy, run: AgentRun, refused: list[str] | None = None,
+                gateway_gap: bool = False) -> None:
     """Raise why the agent's run does not earn a test run; return when it does. ``refused``: models the job's
-    API gateway refused (a sealed job never reaches another model; asking for one fails it)."""
+    API gateway refused (a sealed job never reaches another model; asking for one fails it). ``gateway_gap``:
+    the job's gateway was not served for a while (a sealed attempt adopted after the executor restarted):
+    an API error with no HTTP status then means the agent could not reach it, the executor's doing."""
     _stopped(run.stopped, "the attempt")
     if refused:
         raise ModelMismatch(runner.name, runner.model, refused, refused_at_gateway=True)
@@ -53,6 +56,9 @@ def judge_agent(runner: Runner, policy: Policy, run: AgentRun, refused: list[str
     outcome = run.outcome
     if outcome.kind == "success":
         return
+    if gateway_gap and outcome.kind == "api_error" and not _answered(run):
+        raise Interrupted(f"the agent could not reach its API gateway while the executor restarted "
+                          f"({outcome.message}); the attempt was rolled back and the job re-queued")
     if outcome.kind == "agent_error":
         limit = (f" (the container's pids limit of {policy.pids} refused {run.refused_forks} forks: a fork "
                  "bomb or runaway processes; raise the policy's pids if the work needs more)") if run.refused_forks else ""
@@ -62,6 +68,11 @@ def judge_agent(runner: Runner, policy: Policy, run: AgentRun, refused: list[str
         label = outcome.kind.replace("_", " ")
         error.message = f"{runner.name} failed: {label}: {outcome.message}"
     raise error
+
+
+def _answered(run: AgentRun) -> bool:
+    """Whether any failed API call got an HTTP answer (from the gateway or through it)."""
+    return bool(run.state.api_error_statuses or any(r.get("error_status") for r in run.state.api_retries))
 
 
 def _stopped(stopped: str | None, during: str) -> None:

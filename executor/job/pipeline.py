@@ -21,21 +21,36 @@ Must never: commit without a passing test run, run a job this host did not claim
 
 from __future__ import annotations
 
+import errno
 from datetime import timedelta
 
 from ..agent.command import agent_environment
 from ..clock import utcnow
-from ..errors import AWAITING_REVIEW, ChangeGone, ConfigError, ExecutorError, RateLimited
+from ..errors import (
+    AWAITING_REVIEW,
+    ChangeGone,
+    ConfigError,
+    EngineUnavailable,
+    ExecutorError,
+    IllegalTransition,
+    Interrupted,
+    RateLimited,
+    SandboxError,
+    StoreUnavailable,
+    Unsettled,
+)
 from ..logs import log_state
 from ..policy import Policy, Runner
 from ..redact import scrub_tree
 from ..review.diff import changed_lines, diff_change
 from ..review.triggers import REVIEW_INSTRUCTION, reason_text, review_reasons
 from ..sandbox.disk import DiskMeter
+from ..sandbox.health import engine_error
 from ..sandbox.liveness import Watchdog
 from ..sandbox.runtime import AgentRun, agent_spec, run_tests, watch_agent
 from ..session import compaction
 from ..store import Job, RateLimitEvent, Status
+from ..store.health import unavailable
 from ..transaction import workspace
 from ..transaction.commit import Ending, Phase, commit, has_conflicts, settle
 from ..transaction.home import transcript_readable
@@ -108,11 +123,47 @@ def retest_job(ctx: Context, job_id: str) -> Job:
 
 
 def _settled(ctx: Context, job: Job, ws: Workspace, phase: Phase, attempt) -> Job:
+    """Run the attempt and record how it ended. An ending is recorded only if the engine answered throughout
+    (``EngineHealth.vouch``): when it went away, or the store did, the job is handed back to the serving loop
+    (``EngineUnavailable``/``StoreUnavailable``), which adopts or rolls it back once both answer; an ending
+    that could not be recorded is handed back with it (``Unsettled``)."""
+    since = ctx.engine.epoch
     try:
         ending = attempt()
+    except (EngineUnavailable, StoreUnavailable):
+        raise
     except ExecutorError as exc:
         ending = Ending.of(exc)
-    return settle(ctx.store, job, ws, ending, phase, ctx.sandbox, ctx.settled)
+    except Exception as exc:  # noqa: BLE001 - the machine's faults end the attempt; _machine_fault raises a bug
+        ending = _machine_fault(ctx, exc, since)
+    if phase.status != Status.committing:  # a commit underway is finished whatever the engine did
+        ctx.engine.vouch(since)
+    try:
+        return settle(ctx.store, job, ws, ending, phase, ctx.sandbox, ctx.settled)
+    except Exception as exc:
+        if isinstance(exc, IllegalTransition) or not (engine_error(exc) or unavailable(exc) or _disk_full(exc)):
+            raise
+        raise Unsettled(f"the attempt ended ({ending.reason}) but could not be recorded: {exc}", ending,
+                        phase.status) from exc
+
+
+def _machine_fault(ctx: Context, exc: Exception, since: int) -> Ending:
+    """The ending of an attempt cut short by the machine rather than the job: the engine (``SandboxError`` when
+    it answers, else handed back), the store (handed back), a full state root (rolled back and re-queued);
+    anything else is a bug and is raised."""
+    if unavailable(exc):
+        raise StoreUnavailable(f"the store failed during the attempt: {exc}") from exc
+    if engine_error(exc):
+        ctx.engine.vouch(since)
+        return Ending.of(SandboxError(f"the container engine refused: {exc}"))
+    if _disk_full(exc):
+        return Ending.of(Interrupted(f"the state root's file system is full ({exc}); the attempt was rolled back "
+                                     "and the job waits for space"))
+    raise exc
+
+
+def _disk_full(exc: BaseException) -> bool:
+    return isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
 
 
 def _runner_of(ctx: Context, job: Job) -> Runner:
@@ -200,7 +251,8 @@ def _supervise(ctx: Context, job: Job, ws: Workspace, phase: Phase, runner: Runn
             scrub_tree(ws.home_upper, ctx.redactor, ws.uid, ws.gid)
     record_attempt(ctx, job, ws.attempt, run)
     try:
-        judge_agent(runner, policy, run, refused=seal.refused_models if seal else None)
+        judge_agent(runner, policy, run, refused=seal.refused_models if seal else None,
+                    gateway_gap=adopted and seal is not None)
     except RateLimited as limited:
         return _rate_limited(ctx, job, ws.attempt, runner, policy, run, limited)
     job = phase.move(ctx.store, job, Status.testing)

@@ -2,7 +2,11 @@
 
 Owns every call that creates or removes an engine object, the hardening every job container gets
 (non-root, all capabilities dropped, no-new-privileges, read-only root, hard cpu/memory/pids limits)
-and the labels by which the executor finds its own objects again after a restart.
+and the labels by which the executor finds its own objects again after a restart. Nothing it asks the
+engine to make exists without them: a container starts only on volumes that exist (the engine would make
+a missing one, empty and unlabelled), each mount carries the labels all the same, and a volume an engine
+fault left without its labels (made, but its metadata never written) is still found by its name, which
+carries the instance.
 
 ``Deployment`` is the small interface the rest of the executor uses; ``Sandbox`` implements it on the Docker
 engine, and unit tests of scheduling use a fake.
@@ -15,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -155,6 +160,7 @@ class Sandbox:
     def start(self, spec: ContainerSpec) -> Container:
         if spec.user.split(":")[0] in ("0", "root"):
             raise SandboxError(f"refusing to run {spec.name} as root")
+        self._volumes_exist(spec)
         try:
             return self.client.containers.run(
                 self.image,
@@ -180,11 +186,27 @@ class Sandbox:
         except (APIError, DockerException) as exc:
             raise SandboxError(f"cannot start container {self.named(spec.name)}: {exc}") from None
 
+    def _volumes_exist(self, spec: ContainerSpec) -> None:
+        """Refuse to start on a volume that is not there: the engine would make it, empty (the agent would work
+        on nothing) and without our labels."""
+        for name in filter(None, (spec.volume, spec.home_volume)):
+            try:
+                self.client.volumes.get(self.named(name))
+            except NotFound:
+                raise SandboxError(f"cannot start container {self.named(spec.name)}: its volume "
+                                   f"{self.named(name)} is missing") from None
+            except APIError as exc:
+                raise SandboxError(f"cannot inspect volume {self.named(name)}: {exc}") from None
+
     def _mounts(self, spec: ContainerSpec) -> list[Mount]:
-        mounts = [Mount(target=WORKSPACE_MOUNT, source=self.named(spec.volume), type="volume", no_copy=True)]
+        # Labelled even so: were a volume removed between the check and the start, the one the engine makes
+        # is still ours to sweep.
+        labels = {**self._own, **{k: v for k, v in spec.labels.items() if k != LABEL_ROLE}}
+        mounts = [Mount(target=WORKSPACE_MOUNT, source=self.named(spec.volume), type="volume", no_copy=True,
+                        labels=labels)]
         if spec.home_volume:
             mounts.append(Mount(target=AGENT_HOME, source=self.named(spec.home_volume), type="volume",
-                                no_copy=True))
+                                no_copy=True, labels=labels))
         if spec.sockets:  # made in the executor's view of the state root; the engine needs the host's path
             mounts.append(Mount(target=SOCKETS_MOUNT, source=self.paths.to_host(spec.sockets), type="bind",
                                 read_only=True))
@@ -237,14 +259,19 @@ class Sandbox:
         except NotFound:
             pass
 
-    @staticmethod
-    def _remove_volume_object(volume) -> None:
+    def _remove_volume_object(self, volume) -> None:
         # Objects listed from the engine already carry their real name: translating it again would miss.
         try:
             volume.remove(force=True)
         except NotFound:
             pass
         except APIError as exc:
+            if "active mounts" in str(exc) and not self.client.containers.list(all=True, filters={"volume": volume.name}):
+                # An engine restarted with live-restore never forgets the mount of a container it restored
+                # (Docker 20.10): no container uses the volume, its mount is gone, only the engine's count is
+                # stale. It is left; the sweep after the engine's next restart removes it.
+                log.warning("volume kept by the engine's stale mount count", extra={"volume": volume.name})
+                return
             raise SandboxError(f"cannot remove volume {volume.name}: {exc}") from None
 
     def _filters(self, job_id: str | None) -> dict:
@@ -255,7 +282,18 @@ class Sandbox:
         return self.client.containers.list(all=all, filters=self._filters(job_id), ignore_removed=True)
 
     def volumes(self, job_id: str | None = None) -> list:
-        return self.client.volumes.list(filters=self._filters(job_id))
+        """Our volumes (of one job): labelled as ours, or named as ours but left without labels by a fault."""
+        labelled = self.client.volumes.list(filters=self._filters(job_id))
+        prefix = self.named(f"executor-{job_id}-a" if job_id else "executor-")
+        unlabelled = [v for v in self.client.volumes.list(filters={"name": prefix})
+                      if v.name.startswith(prefix) and not (v.attrs.get("Labels") or {}).get(LABEL)
+                      and (job_id is None or self.job_of(v.name) == job_id)]
+        return labelled + unlabelled
+
+    def job_of(self, volume_name: str) -> str | None:
+        """The job a volume of ours is named for (``executor-<instance>-<job>-a<attempt>[-<view>]``)."""
+        match = _VOLUME_NAME.match(volume_name.removeprefix(f"executor-{self.instance}-"))
+        return match.group("job") if match and volume_name.startswith(f"executor-{self.instance}-") else None
 
     def remove_job_objects(self, job_id: str) -> None:
         """Every container, then every volume, of one job (containers first: they hold the mounts)."""
@@ -265,7 +303,7 @@ class Sandbox:
             self._remove_volume_object(volume)
 
     def sweep(self, live_jobs: Iterable[str]) -> list[str]:
-        """Remove containers and volumes labelled as ours that no live job owns; returns their names."""
+        """Remove containers and volumes of ours that no live job owns; returns their names."""
         live = set(live_jobs)
         removed = []
         for container in self.containers():
@@ -273,7 +311,11 @@ class Sandbox:
                 self.remove(container)
                 removed.append(container.name)
         for volume in self.volumes():
-            if (volume.attrs.get("Labels") or {}).get(LABEL_JOB) not in live:
+            if ((volume.attrs.get("Labels") or {}).get(LABEL_JOB) or self.job_of(volume.name)) not in live:
                 self._remove_volume_object(volume)
                 removed.append(volume.name)
         return removed
+
+
+#: A volume's name after ``executor-<instance>-``: the job id (greedy: ids may hold "-a1"), the attempt, a view.
+_VOLUME_NAME = re.compile(r"^(?P<job>.+)-a(?P<attempt>\d+)(?:-(?:home|test|before|tests))?$")

@@ -3,7 +3,9 @@
 Owns acting inside a started sandbox: reading the agent's stream-json output as it arrives into events,
 the wall-clock timeout, the grace period after the result line, stopping a run on cancel, shutdown or a
 stall the watchdog calls, and running the test command in a fresh container on the test view.
-Starting and removing containers is ``deployment.py``; the CLI's command line is ``agent/command.py``.
+Starting and removing containers is ``deployment.py``; the CLI's command line is ``agent/command.py``. An engine
+that stops answering, or loses a container, ends the run with ``EngineUnavailable`` and leaves the container
+as it is (whoever recovers the job looks at it): what a run sees then is the engine's doing, not the job's.
 
 Must never: choose a model or runner other than the job's, or decide what happens to the workspace.
 """
@@ -26,10 +28,12 @@ from ..agent.command import PIDS_LINE, agent_command, refused_forks
 from ..agent.events import Event, parse_line
 from ..agent.outcome import Outcome, classify
 from ..agent.stream import StreamState
+from ..errors import EngineUnavailable
 from ..policy import Policy, Runner
 from ..transaction.workspace import Workspace
 from .deployment import AGENT_HOME, ContainerSpec, Deployment, Limits
 from .disk import DiskMeter
+from .health import timed_out
 from .liveness import Watchdog
 
 log = logging.getLogger(__name__)
@@ -97,12 +101,19 @@ def _pump_lines(container: Container, sink: queue.Queue) -> None:
 
 
 def _wait_exit(container: Container, timeout: float = 30.0) -> tuple[int | None, bool]:
+    """The container's exit code and whether it was killed for memory; ``(None, False)`` while it still runs
+    after ``timeout``. ``EngineUnavailable`` when the engine does not answer or lost the container (an engine
+    restart): then nothing the container did can be read, and whoever recovers the job decides."""
     try:
         status = container.wait(timeout=timeout)
         container.reload()
         return status.get("StatusCode"), bool(container.attrs["State"].get("OOMKilled"))
-    except (requests.RequestException, APIError, NotFound):
-        return None, False
+    except NotFound:
+        raise EngineUnavailable(f"the container {container.name} is gone (the engine lost it)") from None
+    except (requests.RequestException, APIError) as exc:
+        if timed_out(exc):
+            return None, False
+        raise EngineUnavailable(f"the engine does not answer about {container.name}: {exc}") from None
 
 
 def _kill(container: Container) -> None:
@@ -110,6 +121,8 @@ def _kill(container: Container) -> None:
         container.kill()
     except (APIError, NotFound):
         pass  # already gone
+    except requests.RequestException as exc:
+        raise EngineUnavailable(f"the engine does not answer about {container.name}: {exc}") from None
 
 
 def _stderr_tail(container: Container) -> str:
@@ -117,6 +130,8 @@ def _stderr_tail(container: Container) -> str:
         return container.logs(stdout=False, stderr=True, tail=40).decode("utf-8", "replace")[-OUTPUT_TAIL:]
     except (APIError, NotFound):
         return ""
+    except requests.RequestException as exc:
+        raise EngineUnavailable(f"the engine does not answer about {container.name}: {exc}") from None
 
 
 def agent_spec(ws: Workspace, runner: Runner, policy: Policy, prompt: str,
@@ -207,6 +222,10 @@ def watch_agent(sandbox: Deployment, container: Container, policy: Policy, *, on
         on_events(pending)
     reader.join(timeout=10)
     exit_code, oom = _wait_exit(container)
+    if exit_code is None and not (stopped or lingered):
+        # The stream ended but the container runs on: the engine lost our stream (a restart that kept its
+        # containers). It is left running for the job's recovery to adopt.
+        raise EngineUnavailable(f"the agent's output stream ended while its container {container.name} still runs")
     stderr = _stderr_tail(container)
     run = AgentRun(outcome=classify(state, None if lingered else exit_code), state=state,
                    exit_code=exit_code, oom_killed=oom, stopped=stopped, lingered=lingered,
@@ -270,6 +289,8 @@ def run_tests(sandbox: Deployment, ws: Workspace, command: str, policy: Policy, 
         output = container.logs(stdout=True, stderr=True, tail=200).decode("utf-8", "replace")
     except (APIError, NotFound):
         output = ""
+    except requests.RequestException as exc:
+        raise EngineUnavailable(f"the engine does not answer about {container.name}: {exc}") from None
     sandbox.remove(container)
     return TestRun(command=command, exit_code=exit_code, output_tail=output[-OUTPUT_TAIL:],
                    timed_out=timed_out, oom_killed=oom, stopped=stopped,

@@ -65,8 +65,12 @@ def claim(store: Store, governor: Governor, host: Host, runners: Mapping[str, Ru
         lease = governor.lease()
         job = None
         if lease is not None:
-            job = store.claim(host.id, host.roots, lease.cpus, lease.memory, saturated=saturated,
-                              exclude=[*busy, *(j.id for j, _ in result.starts)])
+            try:
+                job = store.claim(host.id, host.roots, lease.cpus, lease.memory, saturated=saturated,
+                                  exclude=[*busy, *(j.id for j, _ in result.starts)])
+            except BaseException:
+                governor.release(lease)  # a claim the store refused (it is away) holds nothing
+                raise
             if job is None:
                 governor.release(lease)
         if job is None:
@@ -98,9 +102,12 @@ def _why_waiting(store: Store, governor: Governor, host: Host, saturated: Sequen
 
 
 def explain(store: Store, governor: Governor, host: Host, runners: Mapping[str, Runner],
-            per_runner: Mapping[str, int], limit: int) -> dict[str, str]:
-    """``reasons`` for the first ``limit`` jobs of the queue, from what the store says now."""
+            per_runner: Mapping[str, int], limit: int, paused: str | None = None) -> dict[str, str]:
+    """``reasons`` for the first ``limit`` jobs of the queue, from what the store says now; ``paused``: why
+    nothing starts at all now (the container engine is away), which is then every job's reason."""
     queue = store.jobs([Status.queued, Status.waiting_retry], limit=limit)
+    if paused is not None:
+        return dict.fromkeys((job.id for job in queue), paused)
     if not queue:
         return {}
     now = utcnow()

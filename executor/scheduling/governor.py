@@ -36,6 +36,8 @@ class Permit:
 
 
 LEASE = "\0lease"  # the key of the one lease the serving loop holds while it claims
+#: Free bytes under the state root below which it is full, whatever ``EXECUTOR_DISK_RESERVE`` says (0 included).
+FULL_BELOW = 16 * 2**20
 
 
 class Governor:
@@ -85,12 +87,16 @@ class Governor:
         return None
 
     def disk_short(self) -> str | None:
-        """Why the state root's disk is too full for more writers (below ``EXECUTOR_DISK_RESERVE``), or None."""
-        if self.disk_root is None or not self.disk_reserve:
+        """Why the state root's disk is too full for more writers (below ``EXECUTOR_DISK_RESERVE``, or full
+        whatever the reserve: below ``FULL_BELOW``), or None."""
+        if self.disk_root is None:
             return None
         free = free_bytes(self.disk_root)
-        if free >= self.disk_reserve:
+        if free >= max(self.disk_reserve, FULL_BELOW):
             return None
+        if free >= self.disk_reserve:
+            return (f"the state root's file system is full ({human_size(free)} free): the store, the spool and "
+                    "the jobs' files need room there")
         return (f"free disk under the state root is {human_size(free)}, below EXECUTOR_DISK_RESERVE "
                 f"{human_size(self.disk_reserve)}")
 

@@ -8,9 +8,11 @@ back and re-queued by the store's conditional move; a committing job waits for i
 the view of every host that ``executor status`` shows. On PostgreSQL the listener thread LISTENs on the
 store's channel and sets ``wake`` at each NOTIFY (new jobs, a freed workspace), so an idle serving loop
 claims at once instead of at its next poll; while it cannot listen, the loop polls (``claim_due`` says
-when the loop looks at the queue). A database that is
-briefly unreachable is logged and tried again at the next beat; any other failure ends the thread, which
-the serving loop notices and stops loudly.
+when the loop looks at the queue). A database that is unreachable is logged and tried again after 1 s,
+doubling up to the heartbeat interval; any other failure ends the thread, which the serving loop notices
+and stops loudly. A host judges other hosts lost only once its own heartbeats have been on time for longer
+than the host timeout: after an outage of the database every host's heartbeat is old, and the first to
+reconnect must not take the others' jobs before they could beat again.
 
 Must never: block the serving loop or a job, take over a job whose host is alive, or touch another host's
 files.
@@ -34,6 +36,7 @@ from ..logs import log_state
 from ..settings import Settings
 from ..store import Host, Job, Status, Store
 from ..store.engine import CHANNEL, libpq_dsn
+from ..store.health import unavailable
 from ..store.reads import host_view
 from .admission import Host as Claimer
 
@@ -65,6 +68,8 @@ class Presence:
         self.hosts: list[dict] = []
         self.claim_now = True  # a slot freed or the last round started something: look at the queue again
         self._last_claim = 0.0
+        self._connected_since: float | None = None  # monotonic: since when this host's beats reach the store
+        self._last_beat = 0.0  # monotonic: this host's last heartbeat written
         self._stop = threading.Event()
         self.heartbeat = threading.Thread(target=self._beat_loop, name="heartbeat", daemon=True)
         self.listener = threading.Thread(target=self._listen_loop, name="listener", daemon=True) \
@@ -80,6 +85,7 @@ class Presence:
             budget_cpus=s.budget_cpus,
             budget_memory=s.budget_memory, reserve_memory=s.reserve_memory,
             workspace_roots=[str(root) for root in s.workspace_roots]))
+        self._connected_since = self._last_beat = time.monotonic()
         back = self.store.reclaim(s.host_id)
         adopted = self.store.adopt_unowned(s.host_id, self.claimer.roots)
         self.hosts = self.view()
@@ -142,19 +148,31 @@ class Presence:
     # -- heartbeat --------------------------------------------------------------------------------------
 
     def _beat_loop(self) -> None:
-        while not self._stop.wait(self.settings.host_heartbeat):
+        wait = self.settings.host_heartbeat
+        while not self._stop.wait(wait):
             try:
                 self.beat()
-            except DatabaseUnreachable as exc:
+                wait = self.settings.host_heartbeat
+            except Exception as exc:
+                if not unavailable(exc):
+                    raise
+                wait = min(1.0 if self._connected_since is not None else wait * 2, self.settings.host_heartbeat)
+                self._connected_since = None
                 log.warning("heartbeat not written: the database is unreachable",
                             extra={"action": "heartbeat", "host": self.settings.host_id, "error": str(exc)[:300]})
 
     def beat(self) -> None:
-        """One heartbeat: this host's row, then the lost hosts' jobs, then the view of every host."""
+        """One heartbeat: this host's row, then the lost hosts' jobs (once this host has reached the store for
+        a whole host timeout), then the view of every host."""
         figures = self.figures()
         self.store.beat(self.settings.host_id, figures["reserved_cpus"], figures["reserved_memory"],
                         figures["running"], figures["waiting"])
-        self.look_after_lost()
+        now = time.monotonic()
+        if self._connected_since is None or now - self._last_beat > 2 * self.settings.host_heartbeat + 1:
+            self._connected_since = now  # late (the store was away, or waited for): others' beats were too
+        self._last_beat = now
+        if now - self._connected_since >= self.settings.host_timeout:
+            self.look_after_lost()
         self.hosts = self.view()
 
     def look_after_lost(self) -> list[Job]:

@@ -1,6 +1,7 @@
 """Start-up recovery: resolving what a crash of the executor left behind, so nothing is lost or run twice.
 
 Owns the decision for every job of *this host* found mid-flight (the store says which host claimed each;
+``recover_job`` is also how the serving loop resolves a job whose attempt lost the engine or the store;
 jobs another host took over while this one was lost are no longer its own): an agent container that still
 runs is adopted (its stream read again; events already stored are not stored twice); an interrupted test
 gate runs again; an interrupted commit is finished (the apply is idempotent; a job in ``committing``
@@ -47,6 +48,7 @@ class Executor(Protocol):
     sandbox: Deployment
     governor: Governor
     ctx: Context
+    slots: dict  # job id -> the serving loop's slot (its permit and thread)
 
     def start(self, job: Job, permit: Permit, target: Callable | None = None, *args) -> None: ...
 
@@ -55,12 +57,9 @@ def recover(ex: Executor) -> None:
     def mine(status: Status) -> list[Job]:
         return [job for job in ex.store.jobs([status]) if job.host_id == ex.settings.host_id]
 
-    for job in mine(Status.running):
-        _running(ex, job)
-    for job in mine(Status.testing):
-        _testing(ex, job)
-    for job in mine(Status.committing):
-        _committing(ex, job)
+    for status in ACTIVE:
+        for job in mine(status):
+            recover_job(ex, job)
     live = {job.id for job in ex.store.jobs(ACTIVE) if job.host_id == ex.settings.host_id}
     removed = ex.sandbox.sweep(live)
     remove_expired(ex.settings, ex.store, host_id=ex.settings.host_id)
@@ -68,17 +67,29 @@ def recover(ex: Executor) -> None:
         log.info("swept leftovers", extra={"action": "sweep", "removed": removed})
 
 
-def _running(ex: Executor, job: Job) -> None:
+def recover_job(ex: Executor, job: Job, cause: str = "the executor stopped") -> None:
+    """Resolve one of this host's jobs found mid-flight (at start-up, or once the engine or the store that an
+    attempt lost answers again): adopted, tested again, its commit finished, or rolled back and re-queued.
+    ``cause``: what cut the attempt short, in words (the job's error if it is re-queued)."""
+    if job.status == Status.running:
+        _running(ex, job, cause)
+    elif job.status == Status.testing:
+        _testing(ex, job, cause)
+    elif job.status == Status.committing:
+        _committing(ex, job)
+
+
+def _running(ex: Executor, job: Job, cause: str) -> None:
     container = _live_container(ex, job, "agent")
     permit = ex.governor.try_reserve(job.id, Policy(**job.policy)) if container else None
     if container is not None and permit is not None:
         ex.start(job, permit, adopt_job, container)
         return
     log_state(job, "interrupted", job.attempts)
-    _settle(ex, job, Interrupted("the executor stopped and the agent's container is gone"), Status.running)
+    _settle(ex, job, Interrupted(f"{cause} and the agent's container is gone"), Status.running)
 
 
-def _testing(ex: Executor, job: Job) -> None:
+def _testing(ex: Executor, job: Job, cause: str) -> None:
     # A test run is repeatable and its result was not recorded: kill it and run the gate again.
     for container in ex.sandbox.containers(job.id):
         ex.sandbox.remove(container)
@@ -88,7 +99,7 @@ def _testing(ex: Executor, job: Job) -> None:
     if permit is not None and ws.upper.exists():
         ex.start(job, permit, retest_job)
     else:
-        _settle(ex, job, Interrupted("the executor stopped during the tests"), Status.testing)
+        _settle(ex, job, Interrupted(f"{cause} during the tests"), Status.testing)
 
 
 def _committing(ex: Executor, job: Job) -> None:

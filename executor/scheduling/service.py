@@ -3,8 +3,11 @@
 Owns the executor's process-level life as one host of the store (``EXECUTOR_HOST_ID``). Each tick it takes
 new job files from its spool into the (possibly shared) store, claims the jobs of its queue that fit its
 budget (``admission.py``; one thread per job, each holding a governor permit), reaps finished threads,
-checks that its side threads (the sealed sandbox's event loop and recorder, web page, metrics, notifier,
-heartbeat, listener) are alive, and writes its snapshot. With PostgreSQL an idle loop claims when a NOTIFY
+checks that its side threads (the sealed sandbox's event loop and recorder, the engine watch, web page,
+metrics, notifier, heartbeat, listener) are alive, and writes its snapshot. A fault of the machine pauses
+work and never consumes it (``faults.py``): nothing is claimed while the engine is away, a round that
+cannot reach the store tries again with backoff, and a job whose thread lost the engine or the store is
+held until it is settled (``unsettled.py``). With PostgreSQL an idle loop claims when a NOTIFY
 wakes it, after a slot freed, or every ``EXECUTOR_CLAIM_POLL`` seconds; with SQLite every tick. At start-up
 it starts the sealed sandbox's threads (adopted sealed jobs need their sockets again), registers its host
 row and then resolves what a crash left behind of its own jobs (``recovery.py``). Shutdown has phases: stop
@@ -27,10 +30,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import psutil
-from docker.errors import DockerException
 
 from ..clock import utcnow
-from ..errors import ExecutorError, IllegalTransition, InternalError
+from ..errors import InternalError
 from ..intake.spool import Spool, intake
 from ..job.context import Context
 from ..job.pipeline import run_job
@@ -43,13 +45,13 @@ from ..sandbox.seal import Sealer
 from ..settings import Settings
 from ..store import Job, Status, Store
 from ..store.engine import shown
-from ..transaction.commit import Ending, Phase, settle
+from ..store.health import patience
 from ..transaction.retention import remove_expired
-from ..transaction.workspace import Workspace
-from . import admission, snapshot
+from . import admission, faults
+from .faults import LoopFaults
 from .governor import Governor, Permit
 from .hosting import Presence
-from .recovery import ACTIVE, recover
+from .recovery import recover
 from .runners_file import RunnersFile
 from .wakeup import Wakeup
 
@@ -70,7 +72,7 @@ class Slot:
     done: threading.Event = field(default_factory=threading.Event)  # its work is over (the thread may linger)
 
 
-class Executor:
+class Executor(LoopFaults):
     def __init__(self, settings: Settings, secrets: Mapping[str, str], client=None,
                  deployment: Deployment | None = None) -> None:
         self.settings = settings
@@ -92,14 +94,15 @@ class Executor:
             instance = instance_id(Path(self.paths.to_host(str(settings.home))))
             deployment = Sandbox(client, settings.sandbox_image, instance, self.paths)
         else:
-            self.paths = HostPaths()
+            self.paths, client = HostPaths(), None
         self.sandbox = deployment
+        self._watch_machine(client)  # the engine's and the store's health, the jobs held unsettled
         self.governor = Governor.from_settings(settings)
         self.runners_file = RunnersFile(settings.policies)
         self.sealer = Sealer()  # its threads start with serve()
         self.ctx = Context(settings=settings, store=self.store, sandbox=self.sandbox,
                            runners=self._load_runners(), secrets=secrets, redactor=self.redactor,
-                           sealer=self.sealer)
+                           sealer=self.sealer, engine=self.engine)
         self.slots: dict[str, Slot] = {}
         self.waiting: str | None = None  # why the head of the queue is not running
         self.held: dict[str, str] = {}  # why each job at the head of the queue waits (admission order)
@@ -134,12 +137,14 @@ class Executor:
         for handler in logging.getLogger().handlers:
             handler.addFilter(log_filter)
         self.sandbox.check_image()
+        self.engine.start()  # counts the engine's outages from here on (adopted attempts are vouched for too)
         self.sealer.start()
         self.presence.register()
         recover(self)
         self._start_side_threads()
         log.info("executor serving", extra={"action": "serve", "home": str(self.settings.home),
                                             "host": self.settings.host_id, "store": shown(self.settings.db_url)})
+        patience(0)  # this thread never waits for the database: a round that cannot reach it tries again later
         try:
             while not stop.is_set():
                 busy = self.tick()
@@ -167,6 +172,8 @@ class Executor:
     def side_threads(self) -> dict[str, threading.Thread]:
         """The threads the executor needs besides its job threads, by name."""
         threads = {**self.sealer.threads(), **self.presence.threads()}
+        if self.engine.thread.ident is not None:
+            threads["engine watch"] = self.engine.thread
         for name, owner in (("web page", self.web), ("metrics endpoint", self.metrics), ("notifier", self.notifier)):
             if owner is not None:
                 threads[name] = owner.thread
@@ -182,8 +189,27 @@ class Executor:
 
     def tick(self) -> bool:
         """One round of the loop; True when spool files are left for the next round (a flood is taken in
-        slices of ``INTAKE_BUDGET`` seconds, so the status and admission keep up)."""
+        slices of ``INTAKE_BUDGET`` seconds, so the status and admission keep up). A round that meets a fault
+        of the machine (the store away, the engine away, a full state root) records it and goes on."""
         self.ctx.runners = self._load_runners()
+        self._store_failed = False
+        more = self._guarded(self._intake)
+        self.reap()
+        if self.engine.reachable and self.unsettled:
+            self._guarded(self.unsettled.retry, self)
+        self._guarded(self._sweep_after_outage)
+        self.keep_disk_reserve()
+        self._guarded(self.admit)
+        self.last_tick = time.time()
+        if self.last_tick - self._last_retention > RETENTION_EVERY:
+            self._last_retention = self.last_tick
+            self._guarded(remove_expired, self.settings, self.store)
+        if self.store_health.due() and not self._store_failed:
+            self.store_health.answered()
+        self._write_status()
+        return bool(more)
+
+    def _intake(self) -> bool:
         taken = intake(self.spool, self.store, self.settings, self.ctx.runners, budget=INTAKE_BUDGET,
                        translate=self.paths.to_container)
         for job_id in taken.rejected_ids:  # a refused job file is an ending too (status rejected)
@@ -191,14 +217,6 @@ class Executor:
                 self.ctx.settled(job)
         if self.metrics is not None and taken.rejected:
             self.metrics.rejected.inc(len(taken.rejected))
-        self.reap()
-        self.keep_disk_reserve()
-        self.admit()
-        self.last_tick = time.time()
-        if self.last_tick - self._last_retention > RETENTION_EVERY:
-            self._last_retention = self.last_tick
-            remove_expired(self.settings, self.store)
-        self._write_status()
         return taken.more
 
     def shutdown(self, grace: float = 60.0) -> None:
@@ -209,13 +227,18 @@ class Executor:
         if self.web is not None:
             self.web.close()  # no review decision may start while the executor goes down
         self._join_jobs(time.monotonic() + grace)
+        self._let_go_of_held()
         if self.slots:
             log.error("jobs still running after the shutdown grace: removing their containers",
                       extra={"action": "shutdown", "jobs": sorted(self.slots)})
             for job_id in list(self.slots):
-                self.sandbox.remove_job_objects(job_id)
+                try:
+                    self.sandbox.remove_job_objects(job_id)
+                except Exception as exc:  # noqa: BLE001 - the engine is away: start-up recovery sweeps them
+                    log.error("cannot remove a job's containers", extra={"job": job_id, "error": str(exc)})
             self._join_jobs(None)
-        for closing in (self.metrics, self.notifier, self.presence):
+            self._let_go_of_held()
+        for closing in (self.metrics, self.notifier, self.presence, self.engine):
             if closing is not None:
                 closing.close()
         self.sealer.stop()  # every job thread is done: no socket is open, the recorder writes its last rows
@@ -237,7 +260,8 @@ class Executor:
         with self._process.oneshot():
             executor_use = {"rss": self._process.memory_info().rss,
                             "cpu_percent": self._process.cpu_percent(None)}
-        counts = self.store.counts()
+        counts, runners = self._store_view()  # the last answers while the store is away
+        machine = faults.machine_view(self.engine, self.store_health, self.unsettled, self.disk_problem)
         return {
             **self.governor.snapshot(),
             "ts": time.time(),
@@ -266,8 +290,9 @@ class Executor:
             "waiting": self.waiting,
             # Why queued jobs wait, for `show` and the page: the first HELD_SHOWN in admission order.
             "held": dict(list(self.held.items())[:HELD_SHOWN]),
-            "runners": self.runner_view(),
-            "problems": [p for p in (self.runners_file.problem,) if p],  # configuration the loop could not take
+            "runners": runners,
+            **machine,  # the engine, the store, the jobs held unsettled; configuration the loop could not take:
+            "problems": [p for p in (self.runners_file.problem,) if p] + machine["problems"],
         }
 
     def _running_view(self, job_id: str, slot: Slot) -> dict:
@@ -285,9 +310,9 @@ class Executor:
 
     def _write_status(self) -> None:
         view = self.status()
-        snapshot.write(self.settings.status_path, view)
         if self.metrics is not None:
             self.metrics.refresh(self.store, view)  # one aggregate query; a scrape reads this snapshot
+        self._write_snapshot(view)
 
     def runner_view(self) -> list[dict]:
         """Each runner's state: ok, or cooling down until T; how many of its jobs run and wait."""
@@ -318,6 +343,8 @@ class Executor:
 
     def reap(self) -> None:
         for job_id, slot in list(self.slots.items()):
+            if job_id in self.unsettled:
+                continue  # its thread ended but the job is still this host's: it keeps its slot
             if slot.done.is_set() or not slot.thread.is_alive():
                 self.governor.release(slot.permit)
                 del self.slots[job_id]
@@ -339,57 +366,36 @@ class Executor:
             "action": "disk_reserve", "job": largest, "bytes": measured[largest], "why": short})
 
     def admit(self) -> None:
-        """Claim and start the jobs of this host's queue that fit its budget now (``admission.claim``)."""
-        if self.ctx.shutdown.is_set() or not self.presence.claim_due():
+        """Claim and start the jobs of this host's queue that fit its budget now (``admission.claim``); none
+        while the engine is away (they could only fail to start: an outage pauses work, never consumes it)."""
+        if self.ctx.shutdown.is_set():
             return
         per_runner: dict[str, int] = {}
         for slot in self.slots.values():
             per_runner[slot.job.runner] = per_runner.get(slot.job.runner, 0) + 1
+        if (paused := self.engine.reason()) is not None:
+            self.waiting = f"{paused}: no job starts until it answers"
+            self._explain_queue(per_runner, paused)
+        if paused is not None or not self.presence.claim_due():
+            return
         plan = admission.claim(self.store, self.governor, self.presence.claimer, self.ctx.runners, per_runner,
                                busy=list(self.slots), start=self.start)
         self.presence.claimed(started=bool(plan.starts))
         self.waiting = plan.waiting
         self._explain_queue(per_runner)
 
-    def _explain_queue(self, per_runner: dict[str, int]) -> None:
+    def _explain_queue(self, per_runner: dict[str, int], paused: str | None = None) -> None:
         """Why the jobs at the head of the queue wait (for ``status``, ``show`` and the page), in words, at most
-        once a second (it reads the queue's head and the holding jobs: cheap, but not for every tick)."""
+        once a second (it reads the queue's head and the holding jobs: cheap, but not for every tick).
+        ``paused``: why nothing starts at all now (the engine is away), every waiting job's reason."""
         if time.monotonic() - self._explained < 1.0:
             return
         self._explained = time.monotonic()
         self.held = admission.explain(self.store, self.governor, self.presence.claimer, self.ctx.runners,
-                                      per_runner, HELD_SHOWN)
+                                      per_runner, HELD_SHOWN, paused)
 
     def start(self, job: Job, permit: Permit, target: Callable | None = None, *args) -> None:
         thread = threading.Thread(target=self._run, args=(target or run_job, job.id, *args),
                                   name=f"job-{job.id}", daemon=True)
         self.slots[job.id] = Slot(job, permit, thread)
         thread.start()
-
-    def _run(self, target, job_id: str, *args) -> None:
-        attempt = self.slots[job_id].job.attempts if job_id in self.slots else None
-        try:
-            target(self.ctx, job_id, *args)
-        except IllegalTransition as exc:  # another actor moved the job first (a cancel, a host's take-over)
-            log.warning("job moved by another actor: this attempt ends", extra={
-                "action": "job_moved", "job": job_id, "error": str(exc)})
-        except Exception:  # the job thread's boundary: a bug must fail the job loudly, not hang it
-            log.exception("job thread failed", extra={"action": "job_crashed", "job": job_id})
-            self._fail_after_crash(job_id, attempt)
-        finally:
-            if (slot := self.slots.get(job_id)) is not None:
-                slot.done.set()  # set before the wake: the woken round frees the slot though the thread lingers
-            self.wakeup.wake()  # its slot is free: the loop admits the next job now, not at its next tick
-
-    def _fail_after_crash(self, job_id: str, attempt: int | None) -> None:
-        job = self.store.get(job_id)
-        if job is None or job.status not in ACTIVE or job.host_id != self.settings.host_id:
-            return  # settled, queued again, another host's now, or awaiting review (a person's to decide)
-        owner = (self.settings.host_id, attempt if attempt is not None else job.attempts)
-        try:
-            settle(self.store, job, Workspace.of(self.settings, job),
-                   Ending.of(InternalError("the executor hit an internal error; see its log")),
-                   Phase(job.status, owner=owner), self.sandbox, self.ctx.settled)
-        except (ExecutorError, OSError, DockerException):
-            log.exception("cannot settle crashed job", extra={"job": job_id})
-

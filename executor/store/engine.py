@@ -3,7 +3,8 @@
 Owns building the SQLAlchemy engine from ``EXECUTOR_DATABASE_URL`` with each engine's guarantees: SQLite in
 WAL mode with FULL synchronous commits, a 30 s busy timeout and foreign keys on every connection;
 PostgreSQL through psycopg 3 with every session in UTC, a connect timeout and connections checked before
-use (a restarted server costs one retry, not a crash). Also how a URL is shown (never with its password).
+use (a restarted server costs one retry, not a crash), and a new connection that waits with backoff while
+the server refuses (``health.patient_connect``). Also how a URL is shown (never with its password).
 
 Must never: log or return a URL with its password, or change a connection's isolation level behind the
 store's back.
@@ -17,6 +18,8 @@ from typing import Any
 from sqlalchemy import event
 from sqlalchemy.engine import Engine, make_url
 from sqlmodel import create_engine
+
+from .health import patient_connect
 
 #: The channel new work is announced on (PostgreSQL LISTEN/NOTIFY).
 CHANNEL = "executor_jobs"
@@ -62,9 +65,11 @@ def make_engine(url: str) -> Engine:
         engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
         event.listen(engine, "connect", _sqlite_pragmas)
         return engine
-    return create_engine(url, pool_pre_ping=True, pool_size=8, max_overflow=16, pool_recycle=1800,
-                         connect_args={"options": "-c timezone=UTC", "connect_timeout": 10,
-                                       "application_name": "executor"})
+    engine = create_engine(url, pool_pre_ping=True, pool_size=8, max_overflow=16, pool_recycle=1800,
+                           connect_args={"options": "-c timezone=UTC", "connect_timeout": 10,
+                                         "application_name": "executor"})
+    event.listen(engine, "do_connect", patient_connect)
+    return engine
 
 
 def is_postgres(engine: Engine) -> bool:

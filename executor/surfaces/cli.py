@@ -195,6 +195,10 @@ def _as_seen_here(snapshot: dict, home: Path) -> dict:
     return settings
 
 
+#: Free bytes under the state root below which it counts as full (a status file no longer fits).
+FULL_BELOW = 1 << 20
+
+
 def _fresh(snapshot: dict | None) -> bool:
     if not snapshot:
         return False
@@ -216,6 +220,8 @@ def _status_view() -> dict[str, Any]:
         "running": snapshot.get("running", []), "queue_length": counts.get(Status.queued.value, 0),
         "waiting": snapshot.get("waiting"), "runners": snapshot.get("runners", []), "counts": counts,
         "problems": snapshot.get("problems", []),
+        # The machine: the container engine, the store, the jobs held until they can be settled.
+        "engine": snapshot.get("engine"), "store": snapshot.get("store"), "unsettled": snapshot.get("unsettled", []),
         "disk": {"state_root": str(home), "free": disk.get("state_root_free"), "reserve": disk.get("reserve"),
                  "jobs": disk.get("jobs", 0)},
     }
@@ -237,12 +243,17 @@ def _idle_view(home: Path, snapshot: dict | None) -> dict[str, Any]:
         budget = {"cpus": settings.budget_cpus, "memory": settings.budget_memory,
                   "reserve_memory": settings.reserve_memory}
         reserve = settings.disk_reserve
+    free = free_bytes(home)
+    # A full state root also stops the serving loop's status file: say so rather than only "not running".
+    full = [f"the state root's file system is full ({free} bytes free under {home}): a serving executor cannot "
+            "write its status and starts no job; free space there"] if free < FULL_BELOW else []
     return {
         "executor": "not running", "host": (snapshot or {}).get("host"), "hosts": hosts,
         "status_age_seconds": snapshot["age_seconds"] if snapshot else None,
         "budget": budget, "reserved": None, "measured": None, "running": [],
         "queue_length": counts.get(Status.queued.value, 0), "waiting": None, "runners": [], "counts": counts,
-        "disk": {"state_root": str(home), "free": free_bytes(home), "reserve": reserve, "jobs": 0},
+        "problems": full, "engine": None, "store": None, "unsettled": [],
+        "disk": {"state_root": str(home), "free": free, "reserve": reserve, "jobs": 0},
     }
 
 

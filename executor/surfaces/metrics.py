@@ -5,9 +5,10 @@ whose values are a snapshot the serving loop refreshes each tick: the store's co
 (``store/aggregates.py``: jobs by status/reason/runner, rate-limit events by runner/kind, token and cost
 sums, sealed jobs' API requests by runner/status with the API's token counts, egress decisions) plus the
 status snapshot the loop already computed (budget, reservations, measured use, queue, each running job's
-disk, and every host sharing the store: its budget, what it holds, when it was last seen). A scrape only
-reads that snapshot, so it never touches the database. Durations and waits are histograms in seconds
-observed as jobs settle; the process collector gives the executor's own CPU seconds and memory.
+disk, the container engine's and the store's health and the jobs held unsettled, and every host sharing the
+store: its budget, what it holds, when it was last seen). A scrape only reads that snapshot, so it never
+touches the database. Durations and waits are histograms in seconds observed as jobs settle; the process
+collector gives the executor's own CPU seconds and memory.
 
 Must never: query the database itself, listen anywhere but the configured address (loopback by default),
 be started when ``EXECUTOR_METRICS_PORT`` is unset, expose a prompt, a path's content or a credential
@@ -160,6 +161,17 @@ class ExecutorMetrics:
             "executor_jobs_memory_bytes": ("Memory the running jobs use (measured).",
                                            (measured.get("jobs") or {}).get("memory")),
         }
+        engine, store = status.get("engine") or {}, status.get("store") or {}
+        gauges.update({
+            "executor_engine_up": ("1 while the container engine answers (0: no job starts, running ones wait).",
+                                   None if not engine else float(engine.get("state") == "reachable")),
+            "executor_engine_outages": ("Times the container engine went away since the executor started.",
+                                        engine.get("outages")),
+            "executor_store_up": ("1 while the store answers the serving loop (0: claims and intake pause).",
+                                  None if not store else float(store.get("state") == "ok")),
+            "executor_unsettled_jobs": ("Jobs this host holds until it can settle them (the engine or the store "
+                                        "failed under them).", len(status.get("unsettled") or [])),
+        })
         for name, (doc, value) in gauges.items():
             if value is not None:
                 yield GaugeMetricFamily(name, doc, value=float(value))

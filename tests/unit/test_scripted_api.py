@@ -250,3 +250,15 @@ def test_pings_before_the_answer_take_their_time_and_pass_no_content():
     assert kinds[:7] == ["message_start"] + ["ping"] * 5 + ["content_block_start"], kinds
     pings = [json.loads(lines[i + 1].removeprefix("data: ")) for i, line in enumerate(lines) if line == "event: ping"]
     assert pings == [{"type": "ping"}] * 5
+
+
+def test_replay_answers_a_keyed_script_by_the_conversations_place():
+    """An attempt run again after a fault hears its script from the start, whatever the first attempt used."""
+    script = {"job-r": [Turn.text("first"), Turn.text("second")]}
+    with ScriptedAPI(script, replay=True) as api:
+        c = client(api)
+        opening = [{"role": "user", "content": "job-r: work"}]
+        later = opening + [{"role": "assistant", "content": "first"}, {"role": "user", "content": "go on"}]
+        answers = [c.messages.create(model="m", max_tokens=100, tools=TOOLS, messages=m).content[0].text
+                   for m in (opening, later, opening, later)]
+    assert answers == ["first", "second", "first", "second"]

@@ -81,6 +81,10 @@ def create_app(settings: Settings, store: Store, closing: threading.Event | None
         """Why queued jobs wait, as the serving loop said at its last tick."""
         return (snapshot.read(settings.status_path) or {}).get("held") or {}
 
+    def problems() -> list[str]:
+        """What the serving loop could not do at its last tick (the engine or the store away, held jobs)."""
+        return (snapshot.read(settings.status_path) or {}).get("problems") or []
+
     async def index(request: Request) -> Response:
         def gather():
             waiting = review.queue(store)
@@ -88,11 +92,11 @@ def create_app(settings: Settings, store: Store, closing: threading.Event | None
             settled = store.jobs(TERMINAL)
             settled.sort(key=lambda j: aware(j.finished_at or j.created_at), reverse=True)
             return (waiting, active, settled[:RECENT], review.review_stats(store.jobs()), held(),
-                    hosts_view(store, settings.host_timeout))
+                    hosts_view(store, settings.host_timeout), problems())
 
-        waiting, active, recent, stats, why, hosts = await run_in_threadpool(gather)
+        waiting, active, recent, stats, why, hosts, trouble = await run_in_threadpool(gather)
         return page(request, "index.html", waiting=waiting, active=active, recent=recent, stats=stats,
-                    since=review.since, reason_text=review.reason_text, held=why, hosts=hosts)
+                    since=review.since, reason_text=review.reason_text, held=why, hosts=hosts, problems=trouble)
 
     async def job_page(request: Request, error: str | None = None, conflicts: list[str] | None = None,
                        status_code: int = 200) -> Response:
