@@ -2,7 +2,7 @@
 
 Owns ``Context``: the settings, the store, the deployment, the runners and their credentials, the shutdown
 signal, the watchdogs of running agents (``executor status`` reads their last samples), the sealed
-sandbox's sealer and the hooks a settled job fires (notifications).
+sandbox's sealer, the hooks a settled job fires (notifications) and whether jobs get a disk image.
 
 Must never: hold mutable state beyond those registries, or be built anywhere but the serving loop and
 tests.
@@ -41,6 +41,8 @@ class Context:
     listeners: list[Callable[[Job], None]] = field(default_factory=list)
     #: the sealed sandbox's gateways and egress proxies (started by the serving loop)
     sealer: Sealer | None = None
+    #: each job's layers are a disk image of its policy's size (``transaction/jobdisk.py``; set at start-up)
+    disk_images: bool = False
 
     def settled(self, job: Job) -> None:
         """A job settled: tell whoever wants to know."""

@@ -38,11 +38,12 @@ from ..policy import Runner
 from ..redact import RedactingFilter, Redactor
 from ..sandbox.deployment import Deployment, Sandbox, connect, instance_id
 from ..sandbox.disk import free_bytes
-from ..sandbox.hostpaths import HostPaths
+from ..sandbox.hostpaths import HostPaths, own_container_id
 from ..sandbox.seal import Sealer
 from ..settings import Settings
 from ..store import Job, Status, Store
 from ..store.engine import shown
+from ..transaction import jobdisk
 from ..transaction.commit import Ending, Phase, settle
 from ..transaction.retention import remove_expired
 from ..transaction.workspace import Workspace
@@ -97,6 +98,7 @@ class Executor:
         self.governor = Governor.from_settings(settings)
         self.runners_file = RunnersFile(settings.policies)
         self.sealer = Sealer()  # its threads start with serve()
+        self.disk: jobdisk.Enforcement | None = None  # how the policies' disk caps hold (decided at start)
         self.ctx = Context(settings=settings, store=self.store, sandbox=self.sandbox,
                            runners=self._load_runners(), secrets=secrets, redactor=self.redactor,
                            sealer=self.sealer)
@@ -134,6 +136,9 @@ class Executor:
         for handler in logging.getLogger().handlers:
             handler.addFilter(log_filter)
         self.sandbox.check_image()
+        self.disk = jobdisk.decide(self.settings, in_container=own_container_id() is not None)
+        self.ctx.disk_images = self.disk.images
+        log.info("disk cap", extra={"action": "disk_cap", "mode": self.disk.mode, "why": self.disk.why})
         self.sealer.start()
         self.presence.register()
         recover(self)
@@ -258,7 +263,8 @@ class Executor:
                          "memory": sum(r["memory_used"] or 0 for r in running)},
                 "host": {"memory_available": psutil.virtual_memory().available},
                 "disk": {"state_root_free": free_bytes(self.settings.home), "reserve": self.settings.disk_reserve,
-                         "jobs": sum(r["disk_used"] or 0 for r in running)},
+                         "jobs": sum(r["disk_used"] or 0 for r in running),
+                         "cap": self.disk.mode if self.disk else None},
             },
             "running": running,
             "queue_length": counts.get(Status.queued, 0),
