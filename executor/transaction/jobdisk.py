@@ -210,7 +210,9 @@ def unattached(root: Path) -> bool:
 
 def attach_all(jobs_dir: Path) -> list[str]:
     """Mount every job's image that is not mounted (after a reboot); the job ids it mounted. One that cannot
-    be mounted is logged and left (its job then finds no layers)."""
+    be mounted is logged and left (its job then finds no layers). A job directory of the layout before disk
+    images (``upper/`` beside the journal) gets its layers moved into ``layers/`` (renames: a change kept
+    across the upgrade is found where the executor now looks)."""
     attached = []
     try:
         names = sorted(os.listdir(jobs_dir))
@@ -218,6 +220,7 @@ def attach_all(jobs_dir: Path) -> list[str]:
         return []
     for name in names:
         root = jobs_dir / name
+        _upgrade_layout(root)
         if not unattached(root):
             continue
         try:
@@ -226,6 +229,19 @@ def attach_all(jobs_dir: Path) -> list[str]:
         except (DiskImageError, OSError) as exc:
             log.error("job disk image not mounted", extra={"action": "disk_image", "job": name, "error": str(exc)})
     return attached
+
+
+#: What lies beside ``layers/`` in a job directory: the executor's own files.
+BESIDE = frozenset({LAYERS, IMAGE, "commit-journal.json", "sock"})
+
+
+def _upgrade_layout(root: Path) -> None:
+    if not os.path.isdir(root / "upper") or os.path.islink(root / "upper") or os.path.lexists(root / LAYERS):
+        return
+    os.mkdir(root / LAYERS, 0o711)
+    for name in os.listdir(root):
+        if name not in BESIDE:
+            os.rename(root / name, root / LAYERS / name)
 
 
 def _detach(root: Path) -> None:

@@ -9,9 +9,9 @@ Owns the kernel calls behind a job's disk image (``jobdisk.py`` decides when):
 * ``mount``: a loop device configured onto the image with autoclear (it goes with its last user: an
   unmount, or the close of a failed mount) and direct I/O (the job's data is not cached twice), then
   mount(2) with ``nosuid,nodev``, ``noinit_itable`` (no background zeroing that would fill the sparse
-  file) and ``discard`` (a deleted file's blocks go back to the host). An image some loop device already
-  holds (a busy mount detached lazily) is mounted from that device again, so one image never has two
-  filesystems.
+  file) and ``discard`` (a deleted file's blocks go back to the host). An image whose filesystem still
+  lives on a loop device (a busy mount detached lazily) is mounted from that device again, so one image
+  never has two filesystems.
 * ``unmount``: umount2 without following a link; lazily when busy (the filesystem and its loop device are
   released when their last user goes).
 * what is mounted and which loop devices exist below a directory (``/proc/self/mountinfo``,
@@ -245,7 +245,9 @@ def loops(sys_block: Path = Path("/sys/block")) -> list[Loop]:
 
 
 def holder(image_fd: int) -> str | None:
-    """The loop device already bound to the image open at ``image_fd``, if any."""
+    """The loop device bound to the image open at ``image_fd`` on which a filesystem still lives (a mount
+    detached lazily while busy), if any: mounting that device again gives the same filesystem. A device bound
+    to it that nothing holds (being released after an unmount) is not one."""
     st = os.fstat(image_fd)
     for loop in loops():
         if loop.deleted:
@@ -254,9 +256,19 @@ def holder(image_fd: int) -> str | None:
             here = os.stat(loop.backing, follow_symlinks=False)
         except OSError:
             continue
-        if (here.st_dev, here.st_ino) == (st.st_dev, st.st_ino):
+        if (here.st_dev, here.st_ino) == (st.st_dev, st.st_ino) and _held(loop.device):
             return loop.device
     return None
+
+
+def _held(device: str) -> bool:
+    """A filesystem holds the block device (it opens it exclusively): an exclusive open is refused."""
+    try:
+        fd = os.open(device, os.O_RDONLY | os.O_EXCL | os.O_CLOEXEC)
+    except OSError as exc:
+        return exc.errno == errno.EBUSY
+    os.close(fd)  # nothing held it (an autoclear device goes with this close, as it would have anyway)
+    return False
 
 
 def release(device: str) -> None:

@@ -296,8 +296,8 @@ def discard_test_view(sandbox: Deployment, ws: Workspace) -> None:
 
 
 def release(sandbox: Deployment | None, ws: Workspace) -> None:
-    """Unmount-side cleanup only: the job's containers and volumes go, its upper dir stays. ``None``: the
-    caller knows none exist (a job awaiting review holds no container or volume)."""
+    """Unmount-side cleanup only: the job's containers and volumes go, its layers stay (on their disk image,
+    mounted). ``None``: the caller knows none exist (a job awaiting review holds no container or volume)."""
     if sandbox is not None:
         sandbox.remove_job_objects(ws.job_id)
 
