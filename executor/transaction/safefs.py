@@ -162,7 +162,7 @@ def copy_fd(src: int, dst: int) -> None:
     nothing). Works across file systems (``copy_file_range`` where the kernel can, else pread/pwrite); a file
     with several hard links lands as an independent copy. The size is the one ``src`` had when the copy began."""
     size = os.fstat(src).st_size
-    offset = 0
+    offset = written = 0
     while offset < size:
         try:
             start = os.lseek(src, offset, os.SEEK_DATA)
@@ -177,13 +177,14 @@ def copy_fd(src: int, dst: int) -> None:
             end = min(size, os.lseek(src, start, os.SEEK_HOLE))
         if start >= size:
             break
-        _copy_range(src, dst, start, end)
+        written = _copy_range(src, dst, start, end)
         offset = end
-    os.ftruncate(dst, size)
+    if written < size:
+        os.ftruncate(dst, size)  # a hole at the end (or nothing but holes)
 
 
-def _copy_range(src: int, dst: int, start: int, end: int) -> None:
-    """Bytes ``start`` to ``end`` of ``src`` to the same offsets of ``dst``."""
+def _copy_range(src: int, dst: int, start: int, end: int) -> int:
+    """Bytes ``start`` to ``end`` of ``src`` to the same offsets of ``dst``; returns where the copy ended."""
     position = start
     ranged = True
     while position < end:
@@ -202,6 +203,7 @@ def _copy_range(src: int, dst: int, start: int, end: int) -> None:
         if done == 0:
             break  # the source shrank meanwhile: it ends here
         position += done
+    return position
 
 
 def _pwrite_all(fd: int, data: bytes, offset: int) -> int:
