@@ -11,8 +11,10 @@ Three measurements:
   gets meanwhile (admission is held back, so only intake and the loop are measured).
 
 * apply: the same upper dir (N files in directories of 100, written as the repository's owner) applied
-  by ``apply_change`` by copy (no journal: what happens across filesystems or mount points) and by move
-  (journaled, same filesystem: each file is renamed into place). Scan and conflict check are timed apart.
+  by ``apply_change`` by copy (no journal: what happens across filesystems or mount points), by move
+  (journaled, same filesystem: each file is renamed into place: the watchdog fallback's layers) and from a
+  job's disk image (journaled, as the pipeline commits: the image is a filesystem of its own, so each file
+  is copied, holes kept). Scan and conflict check are timed apart.
 * end to end: a real executor (serving loop in this process, the real sandbox image and Claude Code CLI
   against the scripted Messages API) runs one job whose agent writes the N files; meanwhile
   ``executor status --json`` is run as a subprocess every 0.25 s, timed, and the age of the snapshot it
@@ -37,6 +39,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from executor.transaction import jobdisk  # noqa: E402
 from executor.transaction.apply import apply_change  # noqa: E402
 from executor.transaction.conflicts import check_conflicts  # noqa: E402
 from executor.transaction.safefs import as_owner, remove_tree  # noqa: E402
@@ -73,9 +76,13 @@ def make_upper(upper: Path, n: int) -> None:
             os.close(fd)
 
 
-def apply_once(base: Path, n: int, move: bool) -> dict[str, float]:
-    tag = "move" if move else "copy"
+def apply_once(base: Path, n: int, move: bool, image: bool = False) -> dict[str, float]:
+    """``move``: journaled (moves where it can); ``image``: the upper dir on a job's disk image (8 GiB)."""
+    tag = "image" if image else "move" if move else "copy"
     repo, upper = base / f"repo-{tag}", base / f"upper-{tag}"
+    if image:
+        jobdisk.prepare(base / "image-job", 8 * 2**30, keep=False)
+        upper = base / "image-job" / jobdisk.LAYERS / "upper"
     make_repo(repo)
     time.sleep(0.05)  # past the conflict check's clock slack (20 ms): the repository is older than the job
     since = time.time_ns()
@@ -97,14 +104,17 @@ def apply_once(base: Path, n: int, move: bool) -> dict[str, float]:
     if conflicts or landed != n:
         raise RuntimeError(f"{tag}: conflicts={conflicts[:5]} landed={landed} of {n}")
     remove_tree(repo)
-    remove_tree(upper)
+    if image:
+        jobdisk.remove(base / "image-job")
+    else:
+        remove_tree(upper)
     return {"scan": t1 - t0, "check": t2 - t1, "apply": t3 - t2}
 
 
 # ------------------------------------------------------------------------------------------ end to end
 
 
-def end_to_end(base: Path, n: int) -> dict:
+def end_to_end(base: Path, n: int, disk_cap: str = "auto") -> dict:
     import docker
 
     from executor.intake.spool import Spool
@@ -131,7 +141,7 @@ def end_to_end(base: Path, n: int) -> dict:
         (policies / "runners.toml").write_text(f'[runners.scripted]\nmodel = "claude-sonnet-4-5"\n'
                                                f'auth_env = "BENCH_TOKEN"\nbase_url = "{api.base_url}"\n')
         settings = Settings(home=home, policies=policies, workspace_roots=[repos], sandbox_image=IMAGE,
-                            poll_interval=0.5, result_grace=5.0)
+                            poll_interval=0.5, result_grace=5.0, disk_cap=disk_cap)
         executor = Executor(settings, {"BENCH_TOKEN": "sk-bench-0000"}, docker.from_env(timeout=300))
         stop = threading.Event()
         serving = threading.Thread(target=executor.serve, args=(stop,), daemon=True)
@@ -154,13 +164,16 @@ def end_to_end(base: Path, n: int) -> dict:
             stop.set()
             serving.join(timeout=300)
         job = executor.store.get("large")
-        events = [e for e in executor.store.events(job_id="large") if e.kind == "state"]
+        events = [e for e in executor.store.events(job_id="large") if e.kind in ("state", "session_home")]
+        cap = executor.disk.mode if executor.disk else disk_cap
     began = next(e.ts for e in events if e.data.get("status") == "committing")
+    applied = next(e.ts for e in events if e.kind == "session_home")  # the apply (and the carry) done
     ended = next(e.ts for e in events if e.data.get("status") == "succeeded")
     landed = sum(len(files) for _d, _s, files in os.walk(repos / "big" / "gen"))
     during = [s for s in samples if s[0] == "committing"] or samples
     return {"status": job.status.value, "reason": job.reason, "landed": landed,
-            "commit_seconds": (ended - began).total_seconds(),
+            "commit_seconds": (ended - began).total_seconds(), "cap": cap,
+            "apply_seconds": (applied - began).total_seconds(), "cleanup_seconds": (ended - applied).total_seconds(),
             "status_all": [s[1] for s in samples], "status_committing": [s[1] for s in during],
             "age_max": max(s[2] for s in samples), "age_committing_max": max(s[2] for s in during)}
 
@@ -215,7 +228,7 @@ def pct(values: list[float], q: float) -> float:
     return values[min(len(values) - 1, int(q * len(values)))]
 
 
-def run(files: int, parent: str, spool_files: int = 2000) -> None:
+def run(files: int, parent: str, spool_files: int = 2000, disk_cap: str = "auto") -> None:
     base = Path(tempfile.mkdtemp(prefix="bench-large-", dir=parent))
     os.chmod(base, 0o755)  # the owner's uid writes below it
     try:
@@ -223,8 +236,9 @@ def run(files: int, parent: str, spool_files: int = 2000) -> None:
         flooded = flood(base / "flood", spool_files)
         copy = apply_once(base, files, move=False)
         move = apply_once(base, files, move=True)
+        image = apply_once(base, files, move=True, image=True)
         log("end to end through a real executor")
-        e2e = end_to_end(base / "e2e", files)
+        e2e = end_to_end(base / "e2e", files, disk_cap)
     finally:
         remove_tree(base)
     print(f"\nspool flood: {flooded['files']:,} files written in {flooded['write_seconds']:.1f} s, all queued "
@@ -232,9 +246,11 @@ def run(files: int, parent: str, spool_files: int = 2000) -> None:
           f"{flooded['age_max']:.1f} s old meanwhile")
     print(f"\n{files:,} new files in {files // PER_DIR:,} directories; filesystem of {parent}")
     print(f"  scan_upper {copy['scan']:.2f} s, check_conflicts {copy['check']:.2f} s")
-    print(f"  apply by copy: {copy['apply']:.2f} s   apply by move: {move['apply']:.2f} s")
-    print(f"  end to end: {e2e['status']} ({e2e['reason']}), {e2e['landed']:,} files landed, commit took "
-          f"{e2e['commit_seconds']:.2f} s (committing -> succeeded)")
+    print(f"  apply by copy: {copy['apply']:.2f} s   apply by move: {move['apply']:.2f} s   apply from a disk "
+          f"image (copy, as jobs commit): {image['apply']:.2f} s (scan_upper there {image['scan']:.2f} s)")
+    print(f"  end to end ({e2e['cap']}): {e2e['status']} ({e2e['reason']}), {e2e['landed']:,} files landed, commit "
+          f"took {e2e['commit_seconds']:.2f} s (committing -> succeeded: the apply and carry {e2e['apply_seconds']:.2f} s, "
+          f"the clean-up {e2e['cleanup_seconds']:.2f} s)")
     during = e2e["status_committing"]
     print(f"  `executor status` while committing: {len(during)} calls, p50 {statistics.median(during) * 1000:.0f} ms, "
           f"max {max(during) * 1000:.0f} ms; over the whole job p50 {statistics.median(e2e['status_all']) * 1000:.0f} "
@@ -247,8 +263,10 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--files", type=int, default=200_000)
     ap.add_argument("--dir", default="/var/tmp", help="parent of the temp dir (same filesystem as the state root)")
+    ap.add_argument("--disk-cap", default="auto", choices=["auto", "image", "watchdog"],
+                    help="EXECUTOR_DISK_CAP of the end-to-end executor (watchdog: plain layers, the commit moves)")
     args = ap.parse_args()
-    run(args.files, args.dir)
+    run(args.files, args.dir, disk_cap=args.disk_cap)
     return 0
 
 

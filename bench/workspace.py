@@ -8,11 +8,16 @@ For each size it generates a repository of that many small files (~100 per leaf 
 levels, owned by 1000:1000, one git commit, objects packed) and measures:
 
 * docker run floor -- a bare ``true`` container with ``--network none``, no mount;
-* overlay set-up -- ``executor.workspace.create`` (fresh upper/work dirs + the overlay volume);
+* disk cap -- making and mounting a job's disk image (``jobdisk.prepare`` of a 10 GiB ext4 image: sparse
+  file, mkfs.ext4, loop device, mount) and unmounting and removing it (``jobdisk.remove``): what the
+  per-job filesystem adds at job start and end;
+* overlay set-up -- ``executor.workspace.create`` (fresh upper/work dirs + the overlay volume), with the
+  layers on a disk image (as jobs get them) and in a plain directory (the watchdog fallback);
 * overlay set-up + run -- set-up, a hardened ``true`` container (``Sandbox.start``: the executor's own
   flags, network none, the volume mounted with nocopy), and teardown (``workspace.discard``);
 * commit 10 files -- a container writes 5 new and modifies 5 existing files through the overlay, then
-  ``scan_upper`` + ``check_conflicts`` + ``apply_change`` onto the repository are timed;
+  ``scan_upper`` + ``check_conflicts`` + ``apply_change`` onto the repository are timed: from a disk image
+  (the files are copied) and from a plain directory on the repository's filesystem (moved);
 * baselines -- ``cp -a`` of the repository, ``git worktree add`` of it, and ``rsync -a`` of an
   unchanged copy (what a "sync the copy back" design would pay at least once per job).
 
@@ -38,7 +43,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from executor.sandbox.deployment import AGENT_HOME, LABEL, LABEL_JOB, ContainerSpec, Limits, Sandbox, connect  # noqa: E402
-from executor.transaction import workspace  # noqa: E402
+from executor.transaction import jobdisk, workspace  # noqa: E402
 from executor.transaction.apply import apply_change  # noqa: E402
 from executor.transaction.conflicts import CLOCK_SLACK_NS, check_conflicts  # noqa: E402
 from executor.transaction.safefs import remove_tree  # noqa: E402
@@ -50,6 +55,7 @@ NETWORK = "none"
 FILES_PER_DIR = 100
 DIRS_PER_GROUP = 10
 LIMITS = Limits(cpus=1.0, memory=512 * 1024**2, pids=256)
+DISK = 10 * 1024**3  # the policies' default disk: each job's image
 
 GIT_ENV = {
     **os.environ,
@@ -215,12 +221,27 @@ class Bench:
 # measurements
 
 
-def measure_overlay(b: Bench, repo: Path, reps: int) -> dict[str, float]:
+def measure_disk_cap(base: Path, reps: int) -> dict[str, float]:
+    """A job's disk image alone: made and mounted, then unmounted and removed."""
+    made, removed = [], []
+    for k in range(reps):
+        root = base / "disks" / f"job-{k}"
+        t0 = time.perf_counter()
+        jobdisk.prepare(root, DISK, keep=False)
+        t1 = time.perf_counter()
+        jobdisk.remove(root)
+        t2 = time.perf_counter()
+        made.append(t1 - t0)
+        removed.append(t2 - t1)
+    return {"make": med(made), "remove": med(removed)}
+
+
+def measure_overlay(b: Bench, repo: Path, reps: int, disk: int | None = None) -> dict[str, float]:
     setup, run, teardown, total = [], [], [], []
     for _ in range(reps):
         ws = b.workspace(repo, "ovl")
         t0 = time.perf_counter()
-        workspace.create(b.sandbox, ws)
+        workspace.create(b.sandbox, ws, disk=disk)
         t1 = time.perf_counter()
         code = b.run_in_workspace(ws, ["true"])
         t2 = time.perf_counter()
@@ -235,7 +256,7 @@ def measure_overlay(b: Bench, repo: Path, reps: int) -> dict[str, float]:
     return {"setup": med(setup), "run": med(run), "teardown": med(teardown), "total": med(total)}
 
 
-def measure_commit(b: Bench, repo: Path, n: int, reps: int) -> dict[str, float]:
+def measure_commit(b: Bench, repo: Path, n: int, reps: int, disk: int | None = None) -> dict[str, float]:
     scans, checks, applies, totals = [], [], [], []
     for rep in range(reps):
         ws = b.workspace(repo, "commit")
@@ -243,7 +264,7 @@ def measure_commit(b: Bench, repo: Path, n: int, reps: int) -> dict[str, float]:
         # previous repetition's apply fall outside that window, or it reads as the person's edit.
         time.sleep(2 * CLOCK_SLACK_NS / 1e9 + 0.05)
         since_ns = time.time_ns()
-        workspace.create(b.sandbox, ws)
+        workspace.create(b.sandbox, ws, disk=disk)
         # 5 modified files spread over the tree, 5 new ones (two in a new dir).
         modified = [rel_path((n - 1) * k // 4) for k in range(5)]
         new = [f"src/g0000/d0/new-{rep}-{k}.txt" for k in range(3)] + \
@@ -362,12 +383,15 @@ def main() -> int:
     base = Path(tempfile.mkdtemp(prefix="executor-bench-", dir=args.dir))
     b = Bench(base, args.image)
     log(f"bench dir {base}, objects prefixed {b.prefix}")
-    rows, details = [], []
+    rows, details, plains = [], [], []
+    cap: dict[str, float] = {}
     try:
         log("warm-up container")
         b.run_bare()
         cli_floor = med([timed(subprocess.run, ["docker", "run", "--rm", "--network", NETWORK, args.image, "true"],
                                check=True) for _ in range(3)])
+        log("disk cap: a 10 GiB image made, mounted, unmounted and removed")
+        cap = measure_disk_cap(base, max(10, args.reps))
         for n in sizes:
             repo = base / f"repo-{n}"
             scratch = base / f"scratch-{n}"
@@ -382,10 +406,12 @@ def main() -> int:
             log(f"{n}: docker run floor")
             floor = med([b.run_bare() for _ in range(reps)])
             hard = med([b.run_hardened_nomount() for _ in range(reps)])
-            log(f"{n}: overlay set-up / run / teardown")
-            ovl = measure_overlay(b, repo, reps)
-            log(f"{n}: commit of 10 files")
-            com = measure_commit(b, repo, n, 3)
+            log(f"{n}: overlay set-up / run / teardown (layers on a disk image, then plain)")
+            ovl = measure_overlay(b, repo, reps, disk=DISK)
+            plain = measure_overlay(b, repo, reps)
+            log(f"{n}: commit of 10 files (from a disk image, then plain)")
+            com = measure_commit(b, repo, n, 3, disk=DISK)
+            com_plain = measure_commit(b, repo, n, 3)
             log(f"{n}: cp -a")
             cp = measure_cp(repo, scratch, 1 if slow else 3)
             log(f"{n}: git worktree add")
@@ -396,6 +422,8 @@ def main() -> int:
                          fmt(cp), fmt(wt), fmt(rs)])
             details.append([f"{n:,}", fmt(hard), fmt(ovl["run"]), fmt(ovl["teardown"]), fmt(com["scan"]),
                             fmt(com["check"]), fmt(com["apply"])])
+            plains.append([f"{n:,}", fmt(plain["setup"]), fmt(ovl["setup"] - plain["setup"]), fmt(plain["teardown"]),
+                           fmt(ovl["teardown"] - plain["teardown"]), fmt(com_plain["apply"]), fmt(com["apply"])])
             log(f"{n}: done")
             if not args.keep:
                 remove_tree(repo)
@@ -425,6 +453,13 @@ def main() -> int:
     print()
     print(f"medians of {args.reps} (set-up, floors), 3 (commit, rsync), 3 or 1 at >=100k (cp -a, worktree);"
           " overlay set-up + run includes teardown (workspace.discard); page cache warm")
+    print()
+    print(f"disk cap: a job's 10 GiB disk image made and mounted in {fmt(cap['make'])}, unmounted and removed in "
+          f"{fmt(cap['remove'])} (medians of {max(10, args.reps)})")
+    print("the columns above put each job's layers on a disk image (as jobs run); against plain layers (the "
+          "watchdog fallback, where the commit moves files):")
+    table(["size", "set-up (plain)", "added by the image", "teardown (plain)", "added by the image",
+           "apply (plain: move)", "apply (image: copy)"], plains)
     return 0
 
 

@@ -25,7 +25,8 @@ Must never: grow a second base class, or hold secrets (tokens, keys) in a messag
     │   ├── UnsafePath           the upper dir holds something that must never be applied
     │   ├── WorkspaceChanged     the repository is no longer the directory the job was accepted with
     │   ├── CommitFailed         the change could not be written into the repository
-    │   └── ChangeGone           the kept change a reviewer's follow-up was to revise is gone
+    │   ├── ChangeGone           the kept change a reviewer's follow-up was to revise is gone
+    │   └── DiskImageError       a job's disk image could not be made, mounted or unmounted
     ├── Conflict                 the repository changed under the job at paths the job touched
     ├── ReviewError              a review action cannot be done (not awaiting review, unknown paths, ...)
     │   └── Rejected             a person rejected the change
@@ -176,6 +177,10 @@ class Conflict(ExecutorError):
 
 class ChangeGone(WorkspaceError):
     reason = "change_gone"
+
+
+class DiskImageError(WorkspaceError):
+    reason = "disk_image"
 
 
 class ReviewError(ExecutorError):

@@ -52,8 +52,10 @@ class Policy(BaseModel):
     pids: int = Field(default=512, ge=16, description="Process limit: a fork bomb stops here.")
     disk: int = Field(
         default=parse_size("10g"), gt=0,
-        description="What a job may write (its upper dir, its home layer and its tmpfs): measured while it runs, "
-                    "the job is stopped at the cap (disk_limit).")
+        description="What a job may hold on disk: the size of the filesystem (a disk image) holding every layer "
+                    "it writes (upper dir, home layer, test layers); the writer gets ENOSPC there and the job "
+                    "ends disk_limit. Where no image is possible, measured every few seconds instead. Each "
+                    "tmpfs is min(512m, disk) besides.")
     timeout: Duration = Field(default=1800.0, description="Wall-clock limit of the agent's run.")
     network: Literal["sealed", "none", "bridge", "host"] = Field(
         default="sealed",

@@ -140,6 +140,12 @@ class Settings(BaseSettings):
         default=200, ge=1,
         description="Events of a sealed attempt's gateway refusals and egress decisions (identical ones are one "
                     "event with a count); past it, only counts, in one more event.")
+    disk_cap: Literal["auto", "image", "watchdog"] = Field(
+        default="auto",
+        description="How a policy's disk holds. image: each job's layers are an ext4 image of that size (the "
+                    "writer gets ENOSPC at the cap; needs root, CAP_SYS_ADMIN, loop devices and mkfs.ext4, and "
+                    "refuses to start without them); watchdog: the layers are measured every few seconds; auto: "
+                    "image where the host allows it, else watchdog (`executor doctor` says which and why).")
     poll_interval: float = Field(default=0.5, gt=0, description="Seconds between spool scans and scheduling.")
     result_grace: float = Field(
         default=10.0, ge=0, description="Seconds the CLI may linger after its result line before it is stopped."

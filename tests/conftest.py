@@ -237,14 +237,57 @@ def run_executor(docker_client) -> Iterator[Callable[..., RunningExecutor]]:
         running.close()
 
 
+def disk_leftovers(home: Path) -> list[str]:
+    """Mounts below the state root and loop devices bound to files in it (a job's disk image, a probe's)."""
+    from executor.transaction import loopmount
+
+    mounted = [str(m.target) for m in loopmount.mounted_below(home)]
+    real = Path(os.path.realpath(home))
+    return mounted + [f"{lo.device} ({lo.backing})" for lo in loopmount.loops() if real in lo.backing.parents]
+
+
+def assert_no_disk_leftovers(home: Path) -> None:
+    """Nothing mounted below the state root and no loop device bound to a file in it. An unmount is done when
+    it returns; the loop device it held is released by the kernel's autoclear a moment later (asynchronously),
+    which is waited for."""
+    from executor.transaction import loopmount
+
+    mounted = [str(m.target) for m in loopmount.mounted_below(home)]
+    assert mounted == [], f"left mounted: {mounted}"
+    try:
+        wait_for(lambda: not disk_leftovers(home), 10, "the loop devices to be released")
+    except AssertionError:
+        raise AssertionError(f"left bound: {disk_leftovers(home)}") from None
+
+
+def release_disks(home: Path) -> None:
+    """Unmount and release whatever a test left mounted under its state root (a kept change's image stays
+    mounted when its executor stops, by design), so no test leaves a mount on the machine."""
+    from executor.transaction import loopmount
+
+    for mounted in loopmount.mounted_below(home):
+        loopmount.unmount(mounted.target)
+    real = Path(os.path.realpath(home))
+    for loop in loopmount.loops():
+        if real in loop.backing.parents:
+            loopmount.release(loop.device)
+
+
 @pytest.fixture(autouse=True)
 def _no_leftover_containers(request):
-    """After a Docker test, no container or volume of the test's jobs may remain."""
+    """After a Docker test, no container or volume of the test's jobs may remain; what it left mounted goes."""
     uses_docker = "docker_client" in request.fixturenames or "run_executor" in request.fixturenames
     world = request.getfixturevalue("world") if uses_docker and "world" in request.fixturenames else None
     yield
     if world is None:
         return
+    try:
+        _check_containers(world)
+    finally:
+        release_disks(world.home)
+
+
+def _check_containers(world: World) -> None:
     import docker
 
     if not (world.home / "executor.db").exists():

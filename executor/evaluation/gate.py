@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from ..errors import EvaluationError, EvaluationTimedOut, ExecutorError
 from ..policy import Policy
 from ..sandbox.deployment import Deployment
-from ..sandbox.disk import DiskMeter
+from ..sandbox.disk import meter_for
 from ..sandbox.runtime import RUN_DIR_MOUNT, StopCheck, TestRun, run_tests
 from ..transaction import workspace
 from ..transaction.safefs import DIR_FLAGS
@@ -77,7 +77,7 @@ class Gate:
             if measure:
                 env.update(cov.prepare(dir_fd, self.ws.uid, self.ws.gid))
             left = self.left()
-            disk = DiskMeter([self.ws.view_upper(view), run_dir], self.policy.disk)
+            disk = meter_for(self.ws.layers, self.policy.disk)  # the change, the view and the run dir
             tests = run_tests(self.sandbox, self.ws, self.command, self.policy, should_stop=self.should_stop,
                               disk=disk, view=view, run_dir=run_dir, environment=env, timeout=left,
                               argv=cov.wrapped(self.command) if measure else None)

@@ -2,7 +2,8 @@
 
 Owns ``Context``: the settings, the store, the deployment, the runners and their credentials, the shutdown
 signal, the watchdogs of running agents (``executor status`` reads their last samples), the sealed
-sandbox's sealer, the engine's health and the hooks a settled job fires (notifications).
+sandbox's sealer, the engine's health, the hooks a settled job fires (notifications) and whether jobs get a
+disk image.
 
 The registries are written by job threads and read by the serving loop (and ``status``) at once, so each is
 a ``Registry``: every access under its own lock, and whoever iterates gets a snapshot. A plain dict there
@@ -86,6 +87,8 @@ class Context:
     sealer: Sealer | None = None
     #: the container engine's health: an attempt's ending is recorded only if the engine answered throughout
     engine: EngineHealth = field(default_factory=EngineHealth)
+    #: each job's layers are a disk image of its policy's size (``transaction/jobdisk.py``; set at start-up)
+    disk_images: bool = False
 
     def settled(self, job: Job) -> None:
         """A job settled: tell whoever wants to know."""

@@ -43,7 +43,7 @@ def judge_agent(runner: Runner, policy: Policy, run: AgentRun, refused: list[str
     if run.stopped == "stalled":
         raise _stalled(policy, run)
     if run.stopped in ("disk_limit", "disk_reserve"):
-        raise _disk(run.stopped, policy, run.disk_used, "the agent")
+        raise _disk(run.stopped, policy, run.disk_used, "the agent", run.disk_full)
     if run.stopped == "timeout":
         raise TimedOut(f"the agent ran longer than the policy's timeout ({policy.timeout:g}s); its changes "
                        "were rolled back")
@@ -96,14 +96,22 @@ def _stalled(policy: Policy, run: AgentRun) -> Stalled:
     return error
 
 
-def _disk(why: str, policy: Policy, used: int | None, who: str) -> DiskLimit:
+def _disk(why: str, policy: Policy, used: int | None, who: str, full: str = "") -> DiskLimit:
     wrote = human_size(used) if used else "more"
     if why == "disk_reserve":
         return DiskReserve(f"free space under the state root fell below EXECUTOR_DISK_RESERVE while {who} ran; this "
                            f"job had written the most ({wrote}) and was stopped; its changes were discarded")
-    return DiskLimit(f"{who} wrote {wrote} (workspace upper dir and home layer) over the policy's disk limit of "
-                     f"{format_size(policy.disk)}; it was stopped and its changes discarded; raise the policy's "
-                     "disk if the work needs more")
+    limit = format_size(policy.disk)
+    if full == "inodes":
+        held = (f"used up the inodes of the job's disk, the policy's disk limit of {limit} (one per 8 KiB: too "
+                f"many files; {wrote} in use)")
+    elif full:
+        held = (f"filled the job's disk, the policy's disk limit of {limit} ({wrote} in use by its upper dir, home "
+                "layer and test layers, files deleted but held open included)")
+    else:
+        held = f"wrote {wrote} (its upper dir, home layer and test layers) over the policy's disk limit of {limit}"
+    return DiskLimit(f"{who} {held}; it was stopped and its changes discarded; raise the policy's disk if the "
+                     "work needs more")
 
 
 def judge_tests(tests: TestRun, policy: Policy | None = None) -> None:
@@ -118,7 +126,7 @@ def judge_run_end(tests: TestRun, policy: Policy | None = None) -> None:
     its exit code is not judged (the graded gate reads the report instead)."""
     _stopped(tests.stopped, "the tests")
     if tests.stopped in ("disk_limit", "disk_reserve"):
-        raise _disk(tests.stopped, policy or Policy(), tests.disk_used, "the tests")
+        raise _disk(tests.stopped, policy or Policy(), tests.disk_used, "the tests", tests.disk_full)
     if tests.timed_out:
         raise TestsTimedOut("the tests ran longer than the policy's test_timeout")
     if tests.oom_killed:

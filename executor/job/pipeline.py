@@ -30,6 +30,7 @@ from ..errors import (
     AWAITING_REVIEW,
     ChangeGone,
     ConfigError,
+    DiskLimit,
     EngineUnavailable,
     ExecutorError,
     IllegalTransition,
@@ -44,11 +45,12 @@ from ..policy import Policy, Runner
 from ..redact import scrub_tree
 from ..review.diff import changed_lines, diff_change
 from ..review.triggers import REVIEW_INSTRUCTION, reason_text, review_reasons
-from ..sandbox.disk import DiskMeter
+from ..sandbox.disk import meter_for
 from ..sandbox.health import engine_error
 from ..sandbox.liveness import Watchdog
 from ..sandbox.runtime import AgentRun, agent_spec, run_tests, watch_agent
 from ..session import compaction
+from ..settings import format_size
 from ..store import Job, RateLimitEvent, Status
 from ..store.health import unavailable
 from ..transaction import workspace
@@ -190,7 +192,7 @@ def _attempt(ctx: Context, job: Job, ws: Workspace, phase: Phase, resume: str | 
             raise ChangeGone(f"the change of job {job.builds_on} this job was to revise is gone (removed by "
                              f"retention or by hand); submit the task again")
         keep = True
-    workspace.create(ctx.sandbox, ws, keep_upper=keep)
+    workspace.create(ctx.sandbox, ws, keep_upper=keep, disk=policy.disk if ctx.disk_images else None)
     # A follow-up job of a session starts from the session brief (or continues the previous conversation).
     start = compaction.start(ctx.store, ctx.settings, ctx.secrets, job, policy, ws.attempt, runner,
                              transcript_ok=lambda sid: transcript_readable(homes, sid), resuming=resume is not None)
@@ -232,7 +234,7 @@ def _supervise(ctx: Context, job: Job, ws: Workspace, phase: Phase, runner: Runn
                skip_lines: int = 0, seal: SealedAttempt | None = None, adopted: bool = False) -> Ending:
     stop = StopCheck(ctx, job.id, ws.attempt, refused=seal.refused if seal else None)
     watchdog = Watchdog(policy, on_beat=lambda beat: record_beat(ctx, job, ws.attempt, beat),
-                        disk=DiskMeter([ws.upper, ws.home_upper], policy.disk))
+                        disk=meter_for(ws.layers, policy.disk))
     ctx.watchdogs[job.id] = watchdog
     if seal is not None:
         seal.watchdog = watchdog
@@ -247,9 +249,10 @@ def _supervise(ctx: Context, job: Job, ws: Workspace, phase: Phase, runner: Runn
         ctx.watchdogs.pop(job.id, None)
         if seal is not None:
             seal.close()  # its requests, refusals and egress decisions are in the store from here on
-        if ctx.redactor is not None:
-            scrub_tree(ws.home_upper, ctx.redactor, ws.uid, ws.gid)
+        unscrubbed = _scrub_home(ctx, ws, policy) if ctx.redactor is not None else None
     record_attempt(ctx, job, ws.attempt, run)
+    if unscrubbed is not None and run.stopped not in ("disk_limit", "disk_reserve"):
+        raise unscrubbed  # (stopped at the cap, the judge says so with the figure)
     try:
         judge_agent(runner, policy, run, refused=seal.refused_models if seal else None,
                     gateway_gap=adopted and seal is not None)
@@ -261,6 +264,20 @@ def _supervise(ctx: Context, job: Job, ws: Workspace, phase: Phase, runner: Runn
     return _test_and_commit(ctx, job, ws, phase, policy, stop)
 
 
+def _scrub_home(ctx: Context, ws: Workspace, policy: Policy) -> DiskLimit | None:
+    """Redact the attempt's home layer. A disk too full for a rewritten copy is the error the job ends with (a
+    home that could not be scrubbed is never carried on)."""
+    try:
+        scrub_tree(ws.home_upper, ctx.redactor, ws.uid, ws.gid)
+    except OSError as exc:
+        if exc.errno != errno.ENOSPC:
+            raise
+        return DiskLimit(f"the job's disk (the policy's disk limit of {format_size(policy.disk)}) has no room left "
+                         "to redact its home layer; it was stopped and its changes discarded; raise the policy's "
+                         "disk if the work needs more")
+    return None
+
+
 def _test_and_commit(ctx: Context, job: Job, ws: Workspace, phase: Phase, policy: Policy,
                      stop: StopCheck) -> Ending:
     if policy.evaluation == "tests":
@@ -270,7 +287,7 @@ def _test_and_commit(ctx: Context, job: Job, ws: Workspace, phase: Phase, policy
         workspace.create_test_view(ctx.sandbox, ws)
         try:
             tests = run_tests(ctx.sandbox, ws, job.test_command or "true", policy, should_stop=stop,
-                              disk=DiskMeter([ws.test_upper], policy.disk))
+                              disk=meter_for(ws.layers, policy.disk))
         finally:
             workspace.discard_test_view(ctx.sandbox, ws)
         record_tests(ctx, job, ws.attempt, tests)

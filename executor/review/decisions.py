@@ -27,6 +27,7 @@ from ..errors import (
     COMMITTED,
     ChangesRequested,
     Conflict,
+    DiskImageError,
     IllegalTransition,
     InvalidJob,
     Rejected,
@@ -38,7 +39,7 @@ from ..settings import Settings
 from ..store import Job, Status, Store
 from ..transaction.commit import Ending, Phase, commit, settle
 from ..transaction.upper import scan_upper
-from ..transaction.workspace import Workspace
+from ..transaction.workspace import Workspace, reattach
 from . import kept
 from .diff import FileDiff, changed_lines, diff_change
 
@@ -67,12 +68,23 @@ def _here(job: Job, settings: Settings) -> None:
                           f"({settings.host_id}): review it there (`executor review` or the web page on that host)")
 
 
+def _kept(settings: Settings, job: Job) -> Workspace:
+    """The job's workspace, its disk image mounted (after a reboot the executor may not have done it yet)."""
+    ws = Workspace.of(settings, job)
+    try:
+        reattach(ws)
+    except (DiskImageError, OSError) as exc:
+        raise ReviewError(f"the kept change of job {job.id} is on its disk image, which cannot be mounted here "
+                          f"({exc}): decide as root on the host that ran it") from None
+    return ws
+
+
 def pending(store: Store, settings: Settings, job_id: str) -> Pending:
     job = store.get(job_id)
     if job is None:
         raise ReviewError(f"no job {job_id!r}")
     _here(job, settings)
-    ws = Workspace.of(settings, job)
+    ws = _kept(settings, job)
     if not ws.upper.is_dir():
         return Pending(job, job.review_reasons or [], [], [], True)
     change = scan_upper(ws.upper)
@@ -113,7 +125,7 @@ def approve(store: Store, settings: Settings, job_id: str, files: Iterable[str] 
     """
     job = _awaiting(store, job_id)
     _here(job, settings)
-    ws = Workspace.of(settings, job)
+    ws = _kept(settings, job)
     if not ws.upper.is_dir():
         raise ReviewError(f"the kept change of job {job.id} is gone ({ws.upper}); reject the job")
     _keep_diff(store, settings, job)
@@ -165,7 +177,7 @@ def request_changes(store: Store, settings: Settings, job_id: str, note: str, *,
     session, the reviewer's note as prompt, the kept change as its starting point. Returns both jobs."""
     job = _awaiting(store, job_id)
     _here(job, settings)
-    ws = Workspace.of(settings, job)
+    ws = _kept(settings, job)
     if not ws.upper.is_dir():
         raise ReviewError(f"the kept change of job {job.id} is gone ({ws.upper}); reject the job")
     try:

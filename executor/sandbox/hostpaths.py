@@ -86,6 +86,17 @@ class HostPaths:
         """The path this process sees for the host path ``path`` (a job file written on the host)."""
         return _swap(path, tuple(sorted(((h, c) for c, h in self.binds), key=lambda b: -len(b[0]))))
 
+    def unmounted(self, wanted: list[tuple[str, Path]]) -> list[str]:
+        """The named paths that live only inside this container (not under a bind mount): the engine, which
+        resolves overlay paths on the host, cannot reach them."""
+        problems = []
+        for what, path in wanted:
+            target = PurePosixPath(str(path))
+            if not any(PurePosixPath(inside) == target or PurePosixPath(inside) in target.parents
+                       for inside, _ in self.binds):
+                problems.append(f"{what} {path} is not mounted from the host (it lives only inside this container)")
+        return problems
+
     def describe(self) -> list[str]:
         """What was found, for ``doctor``."""
         if self.container is None:

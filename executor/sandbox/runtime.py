@@ -64,6 +64,7 @@ class AgentRun:
     last_activity: str = ""
     last_alive: float | None = None  # wall-clock time of the last progress
     disk_used: int | None = None  # bytes of the job's writable layers at the last measurement
+    disk_full: str = ""  # what the job's disk image ran out of (space, inodes), not only a figure over the cap
 
 
 @dataclass
@@ -77,6 +78,7 @@ class TestRun:
     stopped: str | None = None
     duration: float = 0.0
     disk_used: int | None = None
+    disk_full: str = ""
 
     @property
     def passed(self) -> bool:
@@ -158,8 +160,8 @@ def agent_spec(ws: Workspace, runner: Runner, policy: Policy, prompt: str,
 
 
 def tmpfs_size(policy: Policy) -> int:
-    """Each tmpfs of a job container: 512 MiB, never more than the job's disk limit (tmpfs is written disk
-    the watchdog cannot see, so its size is the cap)."""
+    """Each tmpfs of a job container: 512 MiB, never more than the job's disk limit (tmpfs is memory
+    outside the job's disk, so its size is its cap)."""
     return min(512 * 2**20, policy.disk)
 
 
@@ -232,7 +234,8 @@ def watch_agent(sandbox: Deployment, container: Container, policy: Policy, *, on
                    stderr_tail=PIDS_LINE.sub("", stderr).strip(), refused_forks=refused_forks(stderr),
                    container_id=container.id, lines=seen,
                    last_activity=watchdog.last_activity, last_alive=watchdog.last_progress_wall,
-                   disk_used=watchdog.disk.bytes if watchdog.disk is not None else None)
+                   disk_used=watchdog.disk.bytes if watchdog.disk is not None else None,
+                   disk_full=watchdog.disk.full if watchdog.disk is not None else "")
     sandbox.remove(container)
     return run
 
@@ -246,7 +249,8 @@ def run_tests(sandbox: Deployment, ws: Workspace, command: str, policy: Policy, 
               run_dir: Path | None = None, environment: dict[str, str] | None = None,
               argv: list[str] | None = None, timeout: float | None = None) -> TestRun:
     """The test command in a fresh container on a test view (by default the job's change over the repository),
-    network none, same limits; ``disk`` measures what the tests write against the job's disk cap.
+    network none, same limits; ``disk`` measures the job's layers (its change and what the tests write)
+    against the job's disk cap.
 
     For the graded gate: ``run_dir`` is mounted read-write at ``RUN_DIR_MOUNT`` (the report goes there),
     ``environment`` is added, ``argv`` replaces ``sh -c command`` (a wrapper around it), and ``timeout``
@@ -294,4 +298,5 @@ def run_tests(sandbox: Deployment, ws: Workspace, command: str, policy: Policy, 
     sandbox.remove(container)
     return TestRun(command=command, exit_code=exit_code, output_tail=output[-OUTPUT_TAIL:],
                    timed_out=timed_out, oom_killed=oom, stopped=stopped,
-                   duration=time.monotonic() - started, disk_used=disk.bytes if disk is not None else None)
+                   duration=time.monotonic() - started, disk_used=disk.bytes if disk is not None else None,
+                   disk_full=disk.full if disk is not None else "")

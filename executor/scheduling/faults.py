@@ -22,7 +22,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from ..errors import EngineUnavailable, IllegalTransition, InternalError, StoreUnavailable, Unsettled
+from ..errors import (
+    EngineUnavailable,
+    IllegalTransition,
+    InternalError,
+    StoreUnavailable,
+    Unsettled,
+)
 from ..sandbox.disk import free_bytes
 from ..sandbox.health import EngineHealth, engine_error
 from ..settings import human_size

@@ -2,13 +2,17 @@
 
 Owns the decision for every job of *this host* found mid-flight (the store says which host claimed each;
 ``recover_job`` is also how the serving loop resolves a job whose attempt lost the engine or the store;
-jobs another host took over while this one was lost are no longer its own): an agent container that still
+jobs another host took over while this one was lost are no longer its own). First the disks: what a crash
+left mounted or bound in this state root's job and probe directories that no job explains is unmounted and
+released, and every job's disk image that is not mounted (after a reboot) is mounted again, so each job
+finds its layers where they were. Then: an agent container that still
 runs is adopted (its stream read again; events already stored are not stored twice); an interrupted test
 gate runs again; an interrupted commit is finished (the apply is idempotent; a job in ``committing``
 without its upper dir had finished applying; no other host ever touches a committing job); an attempt
 whose container is gone is rolled back and re-queued. Every move is fenced by (host, attempt). Then
 containers and volumes of this executor that none of its live jobs owns are swept, and job dirs that are
-expired, or whose job is now another host's, removed.
+expired, or whose job is now another host's, removed (each image unmounted first). A committing job whose
+image cannot be mounted again is not taken for committed: it fails with its change kept.
 
 Must never: run a job twice at once, apply a change twice, recover another host's job, or touch another
 executor's objects.
@@ -20,7 +24,7 @@ import logging
 from collections.abc import Callable
 from typing import Protocol
 
-from ..errors import COMMITTED, Interrupted
+from ..errors import COMMITTED, CommitFailed, Interrupted
 from ..job.context import Context
 from ..job.pipeline import adopt_job, retest_job
 from ..logs import log_state
@@ -28,7 +32,7 @@ from ..policy import Policy
 from ..sandbox.deployment import LABEL_ATTEMPT, LABEL_ROLE, Deployment
 from ..settings import Settings
 from ..store import Job, Status, Store
-from ..transaction import workspace
+from ..transaction import jobdisk, workspace
 from ..transaction.commit import Ending, Phase, finish, settle
 from ..transaction.retention import remove_expired
 from ..transaction.workspace import Workspace
@@ -57,6 +61,10 @@ def recover(ex: Executor) -> None:
     def mine(status: Status) -> list[Job]:
         return [job for job in ex.store.jobs([status]) if job.host_id == ex.settings.host_id]
 
+    swept = jobdisk.sweep(ex.settings.home)
+    attached = jobdisk.attach_all(ex.settings.jobs_dir)
+    if swept or attached:
+        log.info("job disks recovered", extra={"action": "disk_recovery", "removed": swept, "mounted": attached})
     for status in ACTIVE:
         for job in mine(status):
             recover_job(ex, job)
@@ -104,8 +112,16 @@ def _testing(ex: Executor, job: Job, cause: str) -> None:
 
 def _committing(ex: Executor, job: Job) -> None:
     ws = Workspace.of(ex.settings, job)
-    # The upper dir is removed only after a complete apply: without it, the commit had finished.
-    ending = finish(ex.store, job, ws) if ws.upper.exists() else Ending(Status.succeeded, COMMITTED)
+    # The upper dir is removed only after a complete apply: without it, the commit had finished. An image
+    # that could not be mounted again says nothing of the sort.
+    if jobdisk.unattached(ws.root):
+        ending = Ending.of(CommitFailed(f"the job's disk image {ws.root / jobdisk.IMAGE} could not be mounted "
+                                        "again after the executor stopped mid-commit; its change is kept, and "
+                                        "the repository may hold part of it"))
+    elif ws.upper.exists():
+        ending = finish(ex.store, job, ws)
+    else:
+        ending = Ending(Status.succeeded, COMMITTED)
     settle(ex.store, job, ws, ending, _phase(ex, job, Status.committing), ex.sandbox, ex.ctx.settled)
 
 

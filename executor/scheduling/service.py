@@ -31,7 +31,6 @@ from pathlib import Path
 
 import psutil
 
-from ..clock import utcnow
 from ..errors import InternalError
 from ..intake.spool import Spool, intake
 from ..job.context import Context
@@ -39,15 +38,15 @@ from ..job.pipeline import run_job
 from ..policy import Runner
 from ..redact import RedactingFilter, Redactor
 from ..sandbox.deployment import Deployment, Sandbox, connect, instance_id
-from ..sandbox.disk import free_bytes
-from ..sandbox.hostpaths import HostPaths
+from ..sandbox.hostpaths import HostPaths, own_container_id
 from ..sandbox.seal import Sealer
 from ..settings import Settings
-from ..store import Job, Status, Store
+from ..store import Job, Store
 from ..store.engine import shown
 from ..store.health import patience
+from ..transaction import jobdisk
 from ..transaction.retention import remove_expired
-from . import admission, faults
+from . import admission, status_view
 from .faults import LoopFaults
 from .governor import Governor, Permit
 from .hosting import Presence
@@ -57,8 +56,6 @@ from .wakeup import Wakeup
 
 log = logging.getLogger(__name__)
 
-#: How many waiting jobs' reasons the status snapshot carries (the queue's head, where reasons matter).
-HELD_SHOWN = 500
 
 RETENTION_EVERY = 3600.0  # seconds between sweeps of expired job dirs
 INTAKE_BUDGET = 0.25  # seconds of intake per round of the loop
@@ -100,6 +97,7 @@ class Executor(LoopFaults):
         self.governor = Governor.from_settings(settings)
         self.runners_file = RunnersFile(settings.policies)
         self.sealer = Sealer()  # its threads start with serve()
+        self.disk: jobdisk.Enforcement | None = None  # how the policies' disk caps hold (decided at start)
         self.ctx = Context(settings=settings, store=self.store, sandbox=self.sandbox,
                            runners=self._load_runners(), secrets=secrets, redactor=self.redactor,
                            sealer=self.sealer, engine=self.engine)
@@ -138,6 +136,9 @@ class Executor(LoopFaults):
             handler.addFilter(log_filter)
         self.sandbox.check_image()
         self.engine.start()  # counts the engine's outages from here on (adopted attempts are vouched for too)
+        self.disk = jobdisk.decide(self.settings, in_container=own_container_id() is not None)
+        self.ctx.disk_images = self.disk.images
+        log.info("disk cap", extra={"action": "disk_cap", "mode": self.disk.mode, "why": self.disk.why})
         self.sealer.start()
         self.presence.register()
         recover(self)
@@ -255,58 +256,8 @@ class Executor(LoopFaults):
     # -- status ---------------------------------------------------------------------------------------
 
     def status(self) -> dict:
-        """What ``executor status`` shows: budget, reservations, measured use, running jobs, the queue."""
-        running = [self._running_view(job_id, slot) for job_id, slot in list(self.slots.items())]
-        with self._process.oneshot():
-            executor_use = {"rss": self._process.memory_info().rss,
-                            "cpu_percent": self._process.cpu_percent(None)}
-        counts, runners = self._store_view()  # the last answers while the store is away
-        machine = faults.machine_view(self.engine, self.store_health, self.unsettled, self.disk_problem)
-        return {
-            **self.governor.snapshot(),
-            "ts": time.time(),
-            "pid": self._process.pid,
-            "host": self.settings.host_id,
-            "hosts": self.presence.hosts,
-            "poll_interval": self.settings.poll_interval,  # how fresh a snapshot must be to say "running"
-            # Where the engine finds what this executor sees (its container's bind mounts), for `submit` on the host.
-            "host_paths": [list(pair) for pair in self.paths.binds],
-            # What `executor submit` judges a job file by: this executor's own settings, not the submitter's.
-            "settings": {"home": str(self.settings.home), "policies": str(self.settings.policies),
-                         "workspace_roots": [str(r) for r in self.settings.workspace_roots],
-                         "budget_cpus": self.settings.budget_cpus, "budget_memory": self.settings.budget_memory,
-                         "reserve_memory": self.settings.reserve_memory},
-            "measured": {
-                "executor": executor_use,
-                "jobs": {"cpu_cores": round(sum(r["cpu_cores"] or 0 for r in running), 4),
-                         "memory": sum(r["memory_used"] or 0 for r in running)},
-                "host": {"memory_available": psutil.virtual_memory().available},
-                "disk": {"state_root_free": free_bytes(self.settings.home), "reserve": self.settings.disk_reserve,
-                         "jobs": sum(r["disk_used"] or 0 for r in running)},
-            },
-            "running": running,
-            "queue_length": counts.get(Status.queued, 0),
-            "counts": {st.value: n for st, n in counts.items()},
-            "waiting": self.waiting,
-            # Why queued jobs wait, for `show` and the page: the first HELD_SHOWN in admission order.
-            "held": dict(list(self.held.items())[:HELD_SHOWN]),
-            "runners": runners,
-            **machine,  # the engine, the store, the jobs held unsettled; configuration the loop could not take:
-            "problems": [p for p in (self.runners_file.problem,) if p] + machine["problems"],
-        }
-
-    def _running_view(self, job_id: str, slot: Slot) -> dict:
-        watchdog = self.ctx.watchdogs.get(job_id)
-        beat = watchdog.last_beat if watchdog else None
-        return {
-            "job": job_id, "runner": slot.job.runner, "cpus": slot.permit.cpus, "memory": slot.permit.memory,
-            "pids": slot.permit.pids,
-            "cpu_cores": beat.cpu_cores if beat else None, "memory_used": beat.memory if beat else None,
-            "state": beat.state if beat else None, "idle_for": beat.idle_for if beat else None,
-            "last_activity": watchdog.last_activity if watchdog else None,
-            "disk_used": watchdog.disk.bytes if watchdog and watchdog.disk else None,
-            "disk_limit": slot.job.policy.get("disk"),
-        }
+        """What ``executor status`` shows (``status_view.py``)."""
+        return status_view.build(self)
 
     def _write_status(self) -> None:
         view = self.status()
@@ -315,23 +266,7 @@ class Executor(LoopFaults):
         self._write_snapshot(view)
 
     def runner_view(self) -> list[dict]:
-        """Each runner's state: ok, or cooling down until T; how many of its jobs run and wait."""
-        now = utcnow()
-        states = self.store.runner_states()
-        waiting = self.store.jobs([Status.waiting_retry])
-        view = []
-        for name in sorted(self.ctx.runners):
-            until = states[name].cooldown_until if name in states else None
-            cooling = until is not None and until > now
-            view.append({
-                "runner": name,
-                "state": f"cooling down until {until:%Y-%m-%dT%H:%M:%SZ}" if cooling else "ok",
-                "cooldown_until": until.isoformat() if cooling else None,
-                "reason": states[name].reason if cooling else None,
-                "running": sum(1 for slot in self.slots.values() if slot.job.runner == name),
-                "waiting": sum(1 for job in waiting if job.runner == name),
-            })
-        return view
+        return status_view.runners(self)
 
     # -- scheduling -----------------------------------------------------------------------------------
 
@@ -392,7 +327,7 @@ class Executor(LoopFaults):
             return
         self._explained = time.monotonic()
         self.held = admission.explain(self.store, self.governor, self.presence.claimer, self.ctx.runners,
-                                      per_runner, HELD_SHOWN, paused)
+                                      per_runner, status_view.HELD_SHOWN, paused)
 
     def start(self, job: Job, permit: Permit, target: Callable | None = None, *args) -> None:
         thread = threading.Thread(target=self._run, args=(target or run_job, job.id, *args),

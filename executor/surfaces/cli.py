@@ -223,7 +223,7 @@ def _status_view() -> dict[str, Any]:
         # The machine: the container engine, the store, the jobs held until they can be settled.
         "engine": snapshot.get("engine"), "store": snapshot.get("store"), "unsettled": snapshot.get("unsettled", []),
         "disk": {"state_root": str(home), "free": disk.get("state_root_free"), "reserve": disk.get("reserve"),
-                 "jobs": disk.get("jobs", 0)},
+                 "jobs": disk.get("jobs", 0), "cap": disk.get("cap")},
     }
 
 
@@ -274,8 +274,10 @@ def _print_status(view: dict[str, Any]) -> None:
                    f"host available {mib(measured['host']['memory_available'])}")
     click.echo(f"queue      {view['queue_length']} queued" + (f"; {view['waiting']}" if view["waiting"] else ""))
     disk = view["disk"]
+    cap = f"; each job's cap held by {'its disk image' if disk['cap'] == 'image' else 'the watchdog'}" \
+        if disk.get("cap") else ""
     click.echo(f"disk       jobs wrote {mib(disk['jobs'])}; {mib(disk['free'])} free under {disk['state_root']} "
-               f"(reserve {mib(disk['reserve'])})")
+               f"(reserve {mib(disk['reserve'])}){cap}")
     for r in view["running"]:
         click.echo(f"  {r['job']:20} {r['runner']:12} {r['cpus']:g} cpus {mib(r['memory'])}  "
                    f"disk {mib(r.get('disk_used'))} of {mib(r.get('disk_limit'))}  "

@@ -60,6 +60,7 @@ def prune(older_than: str, dry_run: bool, as_json: bool) -> None:
     diffs older than the age given; jobs that have not ended and sessions with a recent job are left alone."""
     from ..clock import aware, utcnow
     from ..settings import parse_duration
+    from ..transaction.jobdisk import remove as remove_job_dir
     from ..transaction.safefs import remove_tree
 
     settings = load_settings()
@@ -89,7 +90,7 @@ def prune(older_than: str, dry_run: bool, as_json: bool) -> None:
         for rel in gone["spool"]:
             os.unlink(settings.spool_dir / rel)  # a plain file checked by lstat just now, in a root-only dir
         for name in gone["jobs"]:
-            remove_tree(settings.jobs_dir / name)
+            remove_job_dir(settings.jobs_dir / name)  # its disk image unmounted first
         for name in gone["sessions"]:
             remove_tree(settings.sessions_dir / name)
         for name in gone["reviews"]:

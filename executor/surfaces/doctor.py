@@ -1,8 +1,10 @@
 """``executor doctor``: the checks of what commonly goes wrong on a new server, each with how to fix it.
 
 Owns the read-mostly probes a person runs before (or instead of) reading a stack trace: the engine is
-reachable, the sandbox image exists, an overlay volume with ``userxattr`` mounts, the state root is
-writable, the store (``EXECUTOR_DATABASE_URL``) is reachable with a schema this executor knows, host paths
+reachable, the sandbox image exists, the state root is writable, how a policy's ``disk`` holds here (a disk
+image per job, or the watchdog's measurement, why, and how to get the stronger one), an overlay volume with
+``userxattr`` mounts (on a job disk image where those are in force: the engine sees what the executor
+mounts), the store (``EXECUTOR_DATABASE_URL``) is reachable with a schema this executor knows, host paths
 equal container paths (when the executor runs in a container: the engine mounts the overlays by *host*
 path), the runners' token variables are set (the sealed jobs' gateways and compaction use them), the
 compaction model is a pinned id, every policy loads (one that leaves the sandbox unsealed, ``network``
@@ -10,8 +12,9 @@ bridge or host, is flagged), and the workspace roots exist and belong to a regul
 returns a ``Check``: ok, a warning (an explicit opt-in worth knowing about) or a problem, what was found,
 and how to fix it.
 
-Must never: change anything outside ``$EXECUTOR_HOME/.doctor-*`` and its own labelled probe container and
-volume (all removed before it returns), or print a credential's value (only the variable's name).
+Must never: change anything outside ``$EXECUTOR_HOME/.doctor-*`` and ``.disk-probe-*`` and its own labelled
+probe container and volume (all removed, images unmounted, before it returns), or print a credential's value
+(only the variable's name).
 """
 
 from __future__ import annotations
@@ -22,12 +25,12 @@ import secrets
 import socket
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 
 import docker
 from docker.errors import DockerException
 
-from ..errors import ConfigError, SandboxError
+from ..errors import ConfigError, DiskImageError, SandboxError
 from ..policy import load_policy, load_runners
 from ..sandbox.deployment import (
     LABEL,
@@ -39,9 +42,9 @@ from ..sandbox.deployment import (
     instance_id,
     rebuild_hint,
 )
-from ..sandbox.hostpaths import HostPaths
+from ..sandbox.hostpaths import HostPaths, own_container_id
 from ..settings import COMPACTION_MODEL, Settings
-from ..transaction.safefs import remove_tree
+from ..transaction import jobdisk
 
 PROBE_UID = 1000  # the probe's files belong to a regular user, like a repository's
 PINNED_MODEL = re.compile(r"^[a-z0-9][a-z0-9.-]*-\d{8}$")  # e.g. claude-haiku-4-5-20251001
@@ -78,19 +81,6 @@ def _skipped(name: str, needs: str) -> Check:
 # -- running in a container --------------------------------------------------------------------------
 
 
-def unmounted(paths: HostPaths, wanted: list[tuple[str, Path]]) -> list[str]:
-    """The named paths that live only inside this container (not under a bind mount): the engine, which
-    resolves overlay paths on the host, cannot reach them."""
-    problems = []
-    for what, path in wanted:
-        target = PurePosixPath(str(path))
-        covering = [inside for inside, _ in paths.binds
-                    if PurePosixPath(inside) == target or PurePosixPath(inside) in target.parents]
-        if not covering:
-            problems.append(f"{what} {path} is not mounted from the host (it lives only inside this container)")
-    return problems
-
-
 # -- the checks -------------------------------------------------------------------------------------
 
 
@@ -101,6 +91,7 @@ class Doctor:
         self.environ = environ
         self._connect = connect or (lambda: docker.from_env(timeout=60))
         self.client: docker.DockerClient | None = None
+        self.disk: jobdisk.Enforcement | None = None  # what ``check_disk_cap`` found
 
     def run(self) -> list[Check]:
         return list(self._checks())
@@ -112,10 +103,13 @@ class Doctor:
         yield image
         state = self.check_state_root()
         yield state
+        disk = self.check_disk_cap() if not state.failed else _skipped("disk cap", "state root")
+        yield disk
         yield self.check_store()
         paths = self.check_paths() if not engine.failed else _skipped("host path == container path", "engine")
         yield paths
         failed = [c.name for c in (engine, image, state, paths) if c.failed]
+        failed += [disk.name] if disk.status == "problem" else []
         yield _skipped("overlay (userxattr)", failed[0]) if failed else self.check_overlay()
         yield self.check_tokens()
         yield self.check_compaction_model()
@@ -209,7 +203,7 @@ class Doctor:
                             "job overlays are given to the engine by host path")
         if paths.container is None:
             return _ok(name, "; ".join(paths.describe()))
-        problems = unmounted(paths, wanted)
+        problems = paths.unmounted(wanted)
         if problems:
             return _problem(name, "; ".join(problems),
                             "the engine mounts each job's overlay from the host: bind-mount the state root and "
@@ -217,8 +211,21 @@ class Doctor:
         found = [f"{what} {p} is host path {paths.to_host(str(p))}" for what, p in wanted]
         return _ok(name, f"in container {paths.container[:12]}: " + "; ".join(found))
 
+    def check_disk_cap(self) -> Check:
+        """How a policy's ``disk`` holds for jobs run here: a disk image per job (ok), or the watchdog (a
+        warning: a fast writer overshoots, an open deleted file is not seen), with how to get images."""
+        name = "disk cap"
+        try:
+            self.disk = jobdisk.decide(self.settings, in_container=own_container_id() is not None)
+        except ConfigError as exc:
+            return _problem(name, str(exc), jobdisk.STRONGER)
+        if self.disk.images:
+            return _ok(name, f"disk image per job: {self.disk.why}")
+        return _warning(name, f"watchdog: {self.disk.why}", self.disk.fix or jobdisk.STRONGER)
+
     def check_overlay(self) -> Check:
-        """Build the smallest job workspace there is and run the sandbox image on it."""
+        """Build the smallest job workspace there is (its layers on a disk image where jobs get one) and run
+        the sandbox image on it."""
         name = "overlay (userxattr)"
         paths = HostPaths.discover(self.client)
         sandbox = Sandbox(self.client, self.settings.sandbox_image,
@@ -227,8 +234,11 @@ class Doctor:
         root = self.settings.home / f".doctor-{tag}"
         volume = f"executor-doctor-{tag}"
         container = None
+        images = self.disk is not None and self.disk.images
         try:
-            lower, upper, work = root / "lower", root / "upper", root / "work"
+            jobdisk.prepare(root, jobdisk.MIN_IMAGE if images else None, keep=False)
+            layers = root / jobdisk.LAYERS
+            lower, upper, work = root / "lower", layers / "upper", layers / "work"
             for d in (lower, upper, work):
                 d.mkdir(parents=True)
                 os.chown(d, PROBE_UID, PROBE_UID)
@@ -253,7 +263,7 @@ class Doctor:
             if not (upper / "written").is_file() or (lower / "written").exists():
                 return _problem(name, "the probe's write did not land in the upper dir",
                                 "the state root must not itself be on overlayfs; use a plain ext4/xfs directory")
-        except (SandboxError, DockerException, OSError) as exc:
+        except (SandboxError, DiskImageError, DockerException, OSError) as exc:
             message = str(exc)
             return _problem(name, f"an overlay volume with userxattr under {self.settings.home} cannot be used: "
                                   f"{message[-400:]}",
@@ -261,7 +271,8 @@ class Doctor:
                             f"a state root on ext4/xfs/btrfs (not overlay, NFS or tmpfs)")
         finally:
             self._clean_probe(sandbox, container, volume, root)
-        return _ok(name, f"an overlay volume with userxattr mounts under {self.settings.home}")
+        where = " with its upper dir on a job disk image" if images else ""
+        return _ok(name, f"an overlay volume with userxattr mounts under {self.settings.home}{where}")
 
     @staticmethod
     def _clean_probe(sandbox: Sandbox, container, volume: str, root: Path) -> None:
@@ -273,9 +284,8 @@ class Doctor:
         except (SandboxError, DockerException):
             pass
         try:
-            if root.exists():
-                remove_tree(root)
-        except OSError:
+            jobdisk.remove(root)  # its image unmounted first
+        except (DiskImageError, OSError):
             pass
 
     def check_tokens(self) -> Check:

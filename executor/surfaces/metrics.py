@@ -175,8 +175,8 @@ class ExecutorMetrics:
         for name, (doc, value) in gauges.items():
             if value is not None:
                 yield GaugeMetricFamily(name, doc, value=float(value))
-        disk = GaugeMetricFamily("executor_job_disk_bytes", "What each running job has written (its upper dir "
-                                 "and home layer), measured.", labels=["job"])
+        disk = GaugeMetricFamily("executor_job_disk_bytes", "What each running job holds on its disk (its "
+                                 "layers), measured.", labels=["job"])
         limit = GaugeMetricFamily("executor_job_disk_limit_bytes", "Each running job's disk cap.", labels=["job"])
         for r in status.get("running") or []:
             if r.get("disk_used") is not None:

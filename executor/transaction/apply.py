@@ -4,12 +4,13 @@ Owns ``apply_change``, done with the repository owner's file-system identity (``
 nothing is ever written with root's rights. Two phases, each idempotent: first directories, deletions,
 replaced directories and symlinks, then files. When the upper dir and the repository share a filesystem
 and a journal is given, a file is *moved* into place (renamed: no copy, whatever its size) after its
-owner and mode are set on the upper inode; otherwise it is copied into a fresh temp file and renamed over
-the target. The journal (``jobs/<id>/commit-journal.json``, written before anything is touched) records
-the plan, each file's upper inode and which phase is done, so a crash mid-commit is repaired by running it
-again: a file no longer in the upper dir is done when the repository holds its inode. A small change is
-made durable file by file (an fsync of each file and directory); a large one by one ``syncfs`` of the
-filesystem before moving and one at the end, instead of an fsync per file.
+owner and mode are set on the upper inode; otherwise (a job's disk image is a filesystem of its own) it is
+copied, holes kept (``safefs.copy_fd``), into a fresh temp file and renamed over the target. The journal
+(``jobs/<id>/commit-journal.json``, written before anything is touched) records the plan, each file's upper
+inode and which phase is done, so a crash mid-commit is repaired by running it again: a file no longer in
+the upper dir is done when the repository holds its inode. A small change is made durable file by file (an
+fsync of each file and directory); a large one by one ``syncfs`` of the filesystem before moving and one at
+the end, instead of an fsync per file.
 
 Every path is walked component by component with directory fds and ``O_NOFOLLOW`` on both sides.
 

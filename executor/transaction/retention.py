@@ -5,7 +5,7 @@ Owns the rule: the directory of a settled job goes at once, unless the job kept 
 stays for ``EXECUTOR_RETENTION``; directories of jobs that are not settled stay, unless (given this host's
 id) the job is no longer this host's: another host took it over while this one was lost, so what is left
 here is a rolled-back attempt. (Decided reviews' diffs are small and stay until ``executor prune``.)
-Removal never follows a link (``safefs.remove_tree``).
+Removal unmounts the job's disk image first and never follows a link (``jobdisk.remove``).
 
 Must never: remove the directory of a job that is not settled and still this host's.
 """
@@ -20,7 +20,7 @@ from ..clock import aware, utcnow
 from ..errors import ChangesRequested, CommitFailed, Conflict
 from ..settings import Settings
 from ..store import Store
-from .safefs import remove_tree
+from . import jobdisk
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +43,7 @@ def remove_expired(settings: Settings, store: Store, host_id: str | None = None)
         finished = aware(job.finished_at) if job is not None and job.finished_at else None
         kept = job is not None and job.reason in KEPT_FOR_INSPECTION
         if not kept or finished is None or finished < cutoff:
-            remove_tree(settings.jobs_dir / name)
+            jobdisk.remove(settings.jobs_dir / name)
             removed.append(name)
             log.info("removed expired job dir", extra={"action": "retention", "job": name})
     return removed

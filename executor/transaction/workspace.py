@@ -1,9 +1,11 @@
 """The job's workspace: an overlayfs view of the repository whose upper directory *is* the transaction.
 
 Owns the on-disk layout of ``$EXECUTOR_HOME/jobs/<id>/`` and the overlay volumes built on it: the agent's
-view (lower = the repository, upper = ``upper/``) and the test view (lower = the job's ``upper/`` over the
-repository, upper = a throwaway ``test-upper/``), so tests see exactly what would be committed and
-cannot change it. Setting up copies nothing; its cost does not grow with the repository.
+view (lower = the repository, upper = ``layers/upper/``) and the test view (lower = the job's upper dir
+over the repository, upper = a throwaway ``layers/test-upper/``), so tests see exactly what would be
+committed and cannot change it. Every layer a job writes lies in ``layers/``, the job's disk of its policy's
+``disk`` size (``jobdisk.py``); the commit's journal and a sealed job's sockets lie beside it. Setting up
+copies nothing; its cost does not grow with the repository.
 
 The repository is reached only beneath its workspace root with no symlink on the way, and must still be
 the directory intake accepted (device, inode, owner): a workspace swapped while a job ran fails the job
@@ -25,6 +27,7 @@ from ..errors import WorkspaceChanged
 from ..sandbox.deployment import LABEL_ATTEMPT, LABEL_JOB, LABEL_ROLE, Deployment
 from ..settings import Settings
 from ..store import Job
+from . import jobdisk
 from .home import prepare_committed
 from .safefs import DIR_FLAGS, Identity, open_beneath, remove_tree
 from .tree import Tree
@@ -86,12 +89,18 @@ class Workspace:
         return fd
 
     @property
+    def layers(self) -> Path:
+        """Every layer the job writes: the mount point of its disk image, or a plain directory the watchdog
+        measures (``jobdisk.py``)."""
+        return self.root / jobdisk.LAYERS
+
+    @property
     def upper(self) -> Path:
-        return self.root / "upper"
+        return self.layers / "upper"
 
     @property
     def work(self) -> Path:
-        return self.root / "work"
+        return self.layers / "work"
 
     @property
     def test_upper(self) -> Path:
@@ -99,10 +108,10 @@ class Workspace:
 
     def view_upper(self, view: str) -> Path:
         """The throwaway layer of a test view (``VIEWS``): what its tests write, never committed."""
-        return self.root / f"{view}-upper"
+        return self.layers / f"{view}-upper"
 
     def view_work(self, view: str) -> Path:
-        return self.root / f"{view}-work"
+        return self.layers / f"{view}-work"
 
     def view_volume(self, view: str) -> str:
         return f"executor-{self.job_id}-a{self.attempt}-{view}"
@@ -110,12 +119,12 @@ class Workspace:
     @property
     def tests_layer(self) -> Path:
         """The graded gate's layer holding only the job's changes to test files (``evaluation/layers.py``)."""
-        return self.root / "tests-layer"
+        return self.layers / "tests-layer"
 
     @property
     def runs_dir(self) -> Path:
         """One directory per graded test run, bind-mounted into its container for the report it writes."""
-        return self.root / "runs"
+        return self.layers / "runs"
 
     @contextmanager
     def trees(self) -> Iterator[tuple[Tree, Tree]]:
@@ -136,11 +145,11 @@ class Workspace:
     @property
     def home_upper(self) -> Path:
         """The attempt's layer of the agent's home: kept only if the job commits (``home.py``)."""
-        return self.root / "home" / "upper"
+        return self.layers / "home" / "upper"
 
     @property
     def home_work(self) -> Path:
-        return self.root / "home" / "work"
+        return self.layers / "home" / "work"
 
     @property
     def home_volume(self) -> str:
@@ -183,15 +192,15 @@ def _fresh_dir(path: Path, uid: int, gid: int, mode: int) -> None:
     os.chmod(path, mode)
 
 
-def create(sandbox: Deployment, ws: Workspace, keep_upper: bool = False) -> None:
-    """Upper/work dirs owned by the agent's uid and the agent's overlay volume.
+def create(sandbox: Deployment, ws: Workspace, keep_upper: bool = False, disk: int | None = None) -> None:
+    """The job's layers (a disk image of ``disk`` bytes; None: a plain directory), upper/work dirs owned by
+    the agent's uid and the agent's overlay volume.
 
-    ``keep_upper``: continue on the upper dir an earlier attempt left (a retry after a rate limit resumes
+    ``keep_upper``: continue on the layers an earlier attempt left (a retry after a rate limit resumes
     the conversation that knows that state); otherwise start from the clean repository.
     """
     repo_mode = _repo_mode(ws)
-    ws.root.mkdir(parents=True, exist_ok=True)
-    os.chmod(ws.root, 0o711)
+    jobdisk.prepare(ws.root, disk, keep=keep_upper)
     # The merged root takes owner and mode from upper: give it the repository root's.
     if not (keep_upper and ws.upper.is_dir()):
         _fresh_dir(ws.upper, ws.uid, ws.gid, repo_mode)
@@ -203,16 +212,19 @@ def create(sandbox: Deployment, ws: Workspace, keep_upper: bool = False) -> None
 
 def take_over(base: Path, ws: Workspace) -> bool:
     """Move the kept change in the job directory ``base`` into ``ws`` as its upper dir: a reviewer's
-    follow-up continues the reviewed job's change (a rename on the state root's file system: nothing is
-    copied, whiteouts and owners stay as the agent made them). True when ``ws`` has its change (taken now,
-    or by an earlier attempt); False when there is none to take."""
+    follow-up continues the reviewed job's change. Its disk image is handed over whole (renamed on the
+    state root's file system, and mounted here); without one, its upper dir is renamed. Nothing is copied:
+    whiteouts and owners stay as the agent made them. True when ``ws`` has its change (taken now, or by an
+    earlier attempt); False when there is none to take."""
+    jobdisk.attach(ws.root)
     if ws.upper.is_dir() and not ws.upper.is_symlink():
         return True
-    source = base / "upper"
+    if jobdisk.hand_over(base, ws.root):
+        return ws.upper.is_dir()
+    source = base / jobdisk.LAYERS / "upper"
     if not source.is_dir() or source.is_symlink():
         return False
-    ws.root.mkdir(parents=True, exist_ok=True)
-    os.chmod(ws.root, 0o711)
+    jobdisk.prepare(ws.root, None, keep=False)
     os.rename(source, ws.upper)
     return True
 
@@ -220,8 +232,8 @@ def take_over(base: Path, ws: Workspace) -> bool:
 def _create_home(sandbox: Deployment, ws: Workspace, keep_upper: bool) -> None:
     """The agent's home: the session's committed home below the attempt's own layer."""
     prepare_committed(ws.home, ws.uid, ws.gid)
-    (ws.root / "home").mkdir(exist_ok=True)
-    os.chmod(ws.root / "home", 0o711)
+    (ws.layers / "home").mkdir(exist_ok=True)
+    os.chmod(ws.layers / "home", 0o711)
     if not (keep_upper and ws.home_upper.is_dir()):
         _fresh_dir(ws.home_upper, ws.uid, ws.gid, 0o700)
     _fresh_dir(ws.home_work, ws.uid, ws.gid, 0o700)
@@ -284,14 +296,20 @@ def discard_test_view(sandbox: Deployment, ws: Workspace) -> None:
 
 
 def release(sandbox: Deployment | None, ws: Workspace) -> None:
-    """Unmount-side cleanup only: the job's containers and volumes go, its upper dir stays. ``None``: the
-    caller knows none exist (a job awaiting review holds no container or volume)."""
+    """Unmount-side cleanup only: the job's containers and volumes go, its layers stay (on their disk image,
+    mounted). ``None``: the caller knows none exist (a job awaiting review holds no container or volume)."""
     if sandbox is not None:
         sandbox.remove_job_objects(ws.job_id)
 
 
 def discard(sandbox: Deployment | None, ws: Workspace) -> None:
-    """Roll back: remove every container and volume of the job and its whole job directory."""
+    """Roll back: remove every container and volume of the job (they hold its layers), then its whole job
+    directory (its disk image unmounted first)."""
     release(sandbox, ws)
-    if ws.root.exists():
-        remove_tree(ws.root)
+    jobdisk.remove(ws.root)
+
+
+def reattach(ws: Workspace) -> None:
+    """Mount the job's disk image again where it is not mounted (after a reboot, before the executor
+    recovered): the kept change is then where ``ws.upper`` says. ``DiskImageError`` when it cannot be."""
+    jobdisk.attach(ws.root)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import SANDBOX_IMAGE, TOKEN_VALUE, TOKEN_VAR, chown_tree, wait_for
+from tests.conftest import SANDBOX_IMAGE, TOKEN_VALUE, TOKEN_VAR, assert_no_disk_leftovers, chown_tree, wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
 EXECUTOR = ROOT / ".venv" / "bin" / "executor"
@@ -45,15 +45,19 @@ def test_doctor_passes_a_healthy_setup(healthy, docker_client):
     code, report, stderr = doctor(healthy.env(), healthy.root)
     assert code == 0 and report["ok"], (report, stderr)
     checks = by_name(report)
-    assert {"engine", "sandbox image", "state root", "store", "host paths", "overlay (userxattr)", "runner tokens",
-            "compaction model", "policy default", f"workspace roots: {healthy.repos}"} == set(checks)
+    assert {"engine", "sandbox image", "state root", "disk cap", "store", "host paths", "overlay (userxattr)",
+            "runner tokens", "compaction model", "policy default", f"workspace roots: {healthy.repos}"} == set(checks)
     assert "no database yet" in checks["store"]["detail"] or "schema" in checks["store"]["detail"]
     assert all(c["status"] == "ok" and c["fix"] is None for c in checks.values()), checks
     assert checks["policy default"]["detail"] == "network sealed; egress: nothing"
     assert TOKEN_VAR in checks["runner tokens"]["detail"]
     assert TOKEN_VALUE not in json.dumps(report)  # the variable's name, never its value
-    # the probe cleaned up after itself: no probe dir, container or volume
-    assert not list(healthy.home.glob(".doctor-*"))
+    # as root on the host, each job's layers get a disk image; the overlay probe ran on one (the engine sees it)
+    assert checks["disk cap"]["detail"].startswith("disk image per job: each job's layers are an ext4 image")
+    assert checks["overlay (userxattr)"]["detail"].endswith("with its upper dir on a job disk image")
+    # the probes cleaned up after themselves: no probe dir, mount, loop device, container or volume
+    assert not list(healthy.home.glob(".doctor-*")) and not list(healthy.home.glob(".disk-probe-*"))
+    assert_no_disk_leftovers(healthy.home)
     assert docker_client.containers.list(all=True, filters={"label": "io.executor.role=doctor"}) == []
     assert docker_client.volumes.list(filters={"label": "io.executor.role=doctor"}) == []
 
@@ -80,6 +84,16 @@ def test_doctor_flags_unsealed_policies_a_broken_one_and_an_unpinned_compaction_
                           cwd=healthy.root)
     assert done.returncode == 0, done.stdout
     assert "(2 warning(s))" in done.stdout and "WARNING  policy open" in done.stdout
+
+
+def test_doctor_says_when_the_watchdog_holds_the_disk_caps_and_how_to_get_images(healthy, docker_client):
+    env = {**healthy.env(), "EXECUTOR_DISK_CAP": "watchdog"}
+    code, report, stderr = doctor(env, healthy.root)
+    assert code == 0 and report["ok"], (report, stderr)  # a warning: the fallback is a choice worth knowing
+    disk = by_name(report)["disk cap"]
+    assert disk["status"] == "warning" and disk["detail"].startswith("watchdog: EXECUTOR_DISK_CAP=watchdog")
+    assert "unset EXECUTOR_DISK_CAP" in disk["fix"]
+    assert by_name(report)["overlay (userxattr)"]["detail"].endswith(f"mounts under {healthy.home}")
 
 
 def test_a_sandbox_image_built_from_another_dockerfile_is_named_by_doctor_and_refused_by_serve(healthy,
@@ -224,6 +238,10 @@ def test_doctor_in_a_container_with_identical_paths_passes(healthy, executor_ima
     paths = by_name(report)["host paths"]
     assert paths["status"] == "ok" and paths["detail"].startswith("in container ")
     assert by_name(report)["overlay (userxattr)"]["status"] == "ok"
+    # the executor's container (as compose runs it: no CAP_SYS_ADMIN) holds the disk caps by the watchdog
+    disk = by_name(report)["disk cap"]
+    assert disk["status"] == "warning" and "no CAP_SYS_ADMIN" in disk["detail"], disk
+    assert "rshared" in disk["fix"] and "Without compose" in disk["fix"]
 
 
 def test_submit_in_the_executors_container_takes_a_host_path_as_the_spool_does(healthy, executor_image,

@@ -1,5 +1,7 @@
 """The executor killed with SIGKILL while jobs run: on restart nothing is lost and nothing runs twice (and an
-adopted sealed job reaches its API again through sockets made anew at the same paths)."""
+adopted sealed job reaches its API again through sockets made anew at the same paths). The jobs' disk images
+stay mounted through the crash (the adopted job keeps writing to its own), and once every job has settled
+none is left mounted or bound."""
 
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ from pathlib import Path
 from executor.clock import aware, utcnow
 from executor.intake.spool import Spool
 from executor.store import Status
-from tests.conftest import wait_for, wait_status
+from tests.conftest import assert_no_disk_leftovers, wait_for, wait_status
 from tests.scripted_api import ScriptedAPI, Turn
 
 EXECUTOR = str(Path(sys.executable).parent / "executor")
@@ -52,6 +54,7 @@ def test_sigkill_then_restart_adopts_running_jobs(world, docker_client, tmp_path
             first.wait(timeout=30)
         # killed mid-attempt: the agent (or, on a slow machine, already its test gate) is still running
         assert {store.get(n).status for n in repos} <= {Status.running, Status.testing}
+        assert all(os.path.ismount(world.home / "jobs" / n / "layers") for n in repos)  # mounts survive the kill
         # their containers outlived the executor
         assert len([c for c in docker_client.containers.list(filters={"label": "io.executor=1"})
                     if c.labels.get("io.executor.job") in repos]) >= 1
@@ -67,6 +70,7 @@ def test_sigkill_then_restart_adopts_running_jobs(world, docker_client, tmp_path
             second.send_signal(signal.SIGTERM)
             assert second.wait(timeout=60) == 0
         requests = {name: [r for r in api.conversation if r.key == name] for name in repos}
+    assert_no_disk_leftovers(world.home)  # both committed: their images unmounted, loop devices released
 
     for name, repo in repos.items():
         job = store.get(name)
@@ -110,5 +114,6 @@ def test_sigkill_with_the_container_gone_requeues_from_clean(world, docker_clien
             assert second.wait(timeout=60) == 0
     assert job.status == Status.succeeded and job.attempts == 2
     assert not (repo / "half.txt").exists()  # the first attempt's partial work was rolled back
+    assert_no_disk_leftovers(world.home)  # the interrupted attempt's image went with its rollback
     reasons = [e.data.get("reason") for e in store.events(job_id="gone") if e.kind == "state"]
     assert "interrupted" in reasons

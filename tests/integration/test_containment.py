@@ -6,7 +6,8 @@ design, and nothing it does may reach the host, another job or a person's decisi
 2. the workspace swapped for a link to a root-owned directory while the agent runs;
 3. a ``host``-network job approving another job's review on the page;
 4. hooks and shell rc files left in the session home by a rolled-back (or committed) job;
-5. a job writing past its disk cap.
+5. a job writing past its disk cap (on a disk image, and under the watchdog fallback; the attacks a
+   measurement could not see are in ``test_disk.py``).
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import pytest
 
 from executor.intake.spool import Spool
 from executor.sandbox.disk import free_bytes
@@ -256,7 +259,10 @@ def test_a_session_home_carries_no_hooks_or_rc_files_to_the_next_job(world, run_
 # --------------------------------------------------------------------------------------- 5. the disk cap
 
 
-def test_a_job_writing_past_its_disk_cap_is_stopped_and_leaves_nothing(world, run_executor):
+@pytest.mark.parametrize("disk_cap", ["image", "watchdog"])
+def test_a_job_writing_past_its_disk_cap_is_stopped_and_leaves_nothing(world, run_executor, disk_cap):
+    """On a disk image the writer gets ENOSPC at the cap and the full filesystem ends the job; where no image
+    is possible (the watchdog fallback) the measured layers past the cap do."""
     world.write_policy("small-disk", disk="1g", heartbeat_interval="1s")
     repo = world.repo("filler", {"a.txt": "a\n"})
     before = tree_digest(repo)
@@ -264,11 +270,15 @@ def test_a_job_writing_past_its_disk_cap_is_stopped_and_leaves_nothing(world, ru
             "dd if=/dev/zero of=~/big bs=1M count=1536 2>&1 | tail -1; sleep 5")
     with ScriptedAPI({"filler": [bash(fill), Turn.text("Done.")]}) as api:
         world.write_runners(api.base_url)
-        running = run_executor(world.settings())
+        running = run_executor(world.settings(disk_cap=disk_cap))
         job = wait_status(running.executor.store, submit(world, "filler", repo, policy="small-disk",
                                                           session_id="s-fill"), SETTLED, timeout=300)
     assert (job.status, job.reason) == (Status.failed, "disk_limit"), (job.reason, job.error)
-    assert "over the policy's disk limit of 1g" in job.error and "GiB" in job.error
+    assert running.executor.disk.mode == disk_cap
+    if disk_cap == "image":
+        assert "filled the job's disk, the policy's disk limit of 1g" in job.error and "MiB in use" in job.error
+    else:
+        assert "over the policy's disk limit of 1g" in job.error and "GiB" in job.error
     assert tree_digest(repo) == before
     assert not (world.home / "jobs" / "filler").exists()  # the upper dir and the home layer went with it
     home = world.home / "sessions" / "s-fill" / "home"

@@ -259,6 +259,6 @@ def test_kept_upper_dirs_are_removed_after_the_retention_period(world):
         store.transition(job_id, Status.queued, Status.running)
         store.transition(job_id, Status.running, Status.failed, reason=reason,
                          finished_at=utcnow() - timedelta(hours=age))
-        (jobs_dir / job_id / "upper").mkdir(parents=True)
+        (jobs_dir / job_id / "layers" / "upper").mkdir(parents=True)
     remove_expired(settings, store)
     assert sorted(p.name for p in jobs_dir.iterdir()) == ["new-conflict"]

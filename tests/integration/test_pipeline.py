@@ -409,7 +409,7 @@ def test_cancel_of_a_running_job_rolls_back(world, run_executor, docker_client):
         wait_for(bash_done, 60, "the Bash tool call and its result")
         wait_for(lambda: len(api.conversation) >= 2, 30, "the hanging request")
         # the agent's write is in the job's upper dir (the transaction), not in the repository
-        upper = world.settings().job_dir(job_id) / "upper"
+        upper = world.settings().job_dir(job_id) / "layers" / "upper"
         assert (upper / "partial.txt").read_text() == "partial\n"
         assert not (repo / "partial.txt").exists()
         live = docker_client.containers.list(filters={"label": f"io.executor.job={job_id}"})

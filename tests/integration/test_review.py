@@ -16,7 +16,7 @@ from executor.intake.spool import Spool
 from executor.settings import COMPACTION_MODEL
 from executor.store import Status
 from executor.transaction.retention import remove_expired
-from tests.conftest import tree_digest, wait_status
+from tests.conftest import assert_no_disk_leftovers, release_disks, tree_digest, wait_for, wait_status
 from tests.scripted_api import ScriptedAPI, Turn
 
 EXECUTOR = str(Path(sys.executable).parent / "executor")
@@ -104,7 +104,7 @@ def test_each_trigger_puts_the_job_in_review_and_never_commits_directly(world, r
         assert [r["trigger"] for r in job.review_reasons] == [trigger], (job_id, job.review_reasons)
         assert job.reason == "review" and job.review_since is not None and job.test_exit_code == 0
         assert tree_digest(repos[job_id]) == before[job_id], job_id  # nothing applied yet
-        assert (world.home / "jobs" / job_id / "upper").is_dir()  # the change is kept ...
+        assert (world.home / "jobs" / job_id / "layers" / "upper").is_dir()  # the change is kept ...
         assert no_job_objects(docker_client, job_id)  # ... but no overlay volume or container holds it
         events = [e.data for e in store.events(job_id=job_id) if e.kind == "review"]
         assert events and events[0]["action"] == "awaiting"
@@ -208,7 +208,7 @@ def test_approve_after_the_repository_changed_applies_nothing_and_names_the_path
         job = store.get("rv-conflict")
         assert job.status == Status.failed and job.reason == "conflict"
         assert "shared.txt" in job.error and "person.txt" in job.error
-        assert (world.home / "jobs" / "rv-conflict" / "upper").is_dir()  # kept for inspection
+        assert (world.home / "jobs" / "rv-conflict" / "layers" / "upper").is_dir()  # kept for inspection
 
 
 def test_partial_approve_applies_only_the_chosen_files(world, run_executor):
@@ -241,7 +241,8 @@ def test_request_changes_queues_a_follow_up_that_revises_the_kept_change(world, 
     reviewed job's kept change (edits, a deletion, a new directory) and is reviewed again as a whole."""
     world.write_policy("always", review="always")
     repo = world.repo("rv-rc", {"edit.py": "def f():\n    return 1\n", "old.txt": "old\n"})
-    first = [bash("sed -i 's/return 1/return 2/' edit.py && rm old.txt && mkdir new && echo fresh > new/file.txt"),
+    first = [bash("sed -i 's/return 1/return 2/' edit.py && rm old.txt && mkdir new && echo fresh > new/file.txt "
+                  "&& touch ~/rv-rc-home"),
              Turn.text("Changed f, removed old.txt, added new/file.txt.")]
     # The follow-up checks it stands on the kept change before adding to it: a clean repository would fail.
     revise = [bash("grep -q 'return 2' edit.py && test ! -e old.txt && test -f new/file.txt && echo note > NOTE.md"),
@@ -280,7 +281,12 @@ def test_request_changes_queues_a_follow_up_that_revises_the_kept_change(world, 
         asked_of_agent = [r.first_user_text for r in api.conversation
                           if "rc-note" in r.first_user_text and r.body.get("tools")]
         assert asked_of_agent and "has not been applied" in asked_of_agent[0] and "rv-rc: do it" in asked_of_agent[0]
-        assert not (world.home / "jobs" / "rv-rc" / "upper").exists()  # the change moved to the follow-up
+        assert not (world.home / "jobs" / "rv-rc" / "layers" / "upper").exists()  # the change moved to the follow-up
+        # ... as the reviewed job's disk image, handed over whole: renamed, mounted at the follow-up's layers
+        assert not (world.home / "jobs" / "rv-rc" / "layers.img").exists()
+        assert (world.home / "jobs" / follow_id / "layers.img").is_file()
+        assert os.path.ismount(world.home / "jobs" / follow_id / "layers")
+        assert not (world.home / "jobs" / follow_id / "layers" / "home" / "upper" / "rv-rc-home").exists()
 
         approved = cli(world, "review", "approve", follow_id)
         assert approved.returncode == 0, approved.stderr
@@ -289,6 +295,8 @@ def test_request_changes_queues_a_follow_up_that_revises_the_kept_change(world, 
     assert store.get(follow_id).status == Status.succeeded
     shown = json.loads(cli(world, "show", "rv-rc", "--json").stdout)
     assert shown["followed_by"] == [follow_id]
+    remove_expired(world.settings(), store)  # the reviewed job's emptied directory goes too
+    assert_no_disk_leftovers(world.home)  # the handed-over image went with the follow-up's commit
 
 
 # -------------------------------------------------------------------------------------------- restart
@@ -303,12 +311,22 @@ def test_a_job_awaiting_review_survives_a_restart(world, run_executor, docker_cl
         submit(world, "rv-restart", repo, "always")
         assert wait_status(first.executor.store, "rv-restart", SETTLED).status == Status.awaiting_review
         first.close()
+        layers = world.home / "jobs" / "rv-restart" / "layers"
+        assert os.path.ismount(layers)  # the kept change stays mounted while the executor is down ...
+        release_disks(world.home)  # ... until the machine reboots: the image is there, nothing mounts it
+        assert_no_disk_leftovers(world.home)
+        assert not (layers / "upper").exists()
+        shown = cli(world, "review", "show", "rv-restart")  # a person looks before the executor is back
+        assert shown.returncode == 0 and "+changed" in shown.stdout, shown.stdout + shown.stderr
+        assert os.path.ismount(layers)  # the command mounted the image again to read the change
+        release_disks(world.home)  # and the recovery of the restarted executor does it as well
 
         second = run_executor(world.settings())
         store = second.executor.store
+        wait_for(lambda: second.executor.last_tick, 60, "the restarted executor's recovery")
         remove_expired(second.executor.settings, store)  # retention must not take a change that waits for a person
         assert store.get("rv-restart").status == Status.awaiting_review
-        assert (world.home / "jobs" / "rv-restart" / "upper" / "hello.txt").read_text() == "changed\n"
+        assert (world.home / "jobs" / "rv-restart" / "layers" / "upper" / "hello.txt").read_text() == "changed\n"
         assert (repo / "hello.txt").read_text() == "hi\n"
         assert no_job_objects(docker_client, "rv-restart")  # the sweep had nothing of it to remove
         approved = cli(world, "review", "approve", "rv-restart")  # while the executor serves
@@ -316,3 +334,4 @@ def test_a_job_awaiting_review_survives_a_restart(world, run_executor, docker_cl
     assert store.get("rv-restart").status == Status.succeeded
     assert (repo / "hello.txt").read_text() == "changed\n"
     assert store.get("rv-restart").attempts == 1  # nothing ran again
+    assert_no_disk_leftovers(world.home)  # committed: its image unmounted, its loop device released

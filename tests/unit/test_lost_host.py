@@ -56,7 +56,7 @@ def test_a_commit_interrupted_by_a_lost_host_is_finished_by_that_host_once(tmp_p
                       workspace_dev=st.st_dev, workspace_ino=st.st_ino))
     claimed = store.claim("host-a", [str(repos)], 4, 2**33)
     assert claimed.id == "J" and claimed.host_id == "host-a"
-    upper = tmp_path / "host-a" / "jobs" / "J" / "upper"
+    upper = tmp_path / "host-a" / "jobs" / "J" / "layers" / "upper"
     _owned(upper)
     _owned(upper / "count.txt", "1\n")  # the tested change: count 0 -> 1
     owner = ("host-a", claimed.attempts)

@@ -242,7 +242,7 @@ def pending_job(tmp_path: Path):
                             prompt="p", policy_name="default", repo_uid=UID, repo_gid=GID))
     store.transition("rj", Status.queued, Status.running, attempts=1, start_ns=start_ns, started_at=utcnow())
     store.transition("rj", Status.running, Status.testing)
-    upper = settings.job_dir("rj") / "upper"
+    upper = settings.job_dir("rj") / "layers" / "upper"
     write(upper / "a.txt", "A\n")
     write(upper / "b.txt", "B\n")
     whiteout(upper / "c.txt")
@@ -288,7 +288,7 @@ def test_approve_after_a_conflicting_edit_applies_nothing_and_names_the_paths(pe
     assert (repo / "b.txt").read_text() == "a person's edit\n"
     job = store.get("rj")
     assert job.status == Status.failed and job.reason == "conflict"
-    assert (settings.job_dir("rj") / "upper").is_dir()  # kept for inspection
+    assert (settings.job_dir("rj") / "layers" / "upper").is_dir()  # kept for inspection
     [event] = [e.data for e in store.events(job_id="rj") if e.kind == "review"]
     assert event["outcome"] == "conflict" and event["paths"] == ["b.txt"]
 

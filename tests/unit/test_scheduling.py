@@ -477,6 +477,7 @@ def test_the_disk_reserve_check_reads_the_watchdogs_while_job_threads_come_and_g
     import threading
 
     from executor.sandbox.disk import DiskMeter
+    from tests.conftest import wait_for
 
     executor = _executor(tmp_path, monkeypatch, run_job=lambda ctx, job_id: None)
     executor.governor.disk_reserve = 2**60  # below the reserve, always: every call looks at the writers
@@ -486,7 +487,7 @@ def test_the_disk_reserve_check_reads_the_watchdogs_while_job_threads_come_and_g
     def job_threads(offset: int) -> None:
         dogs = []
         for n in range(200):
-            dog = Watchdog(Policy(), on_beat=lambda beat: None, disk=DiskMeter([], 1))
+            dog = Watchdog(Policy(), on_beat=lambda beat: None, disk=DiskMeter(1))
             dog.disk.bytes = n
             dogs.append(dog)
         while not stop.is_set():
@@ -502,6 +503,7 @@ def test_the_disk_reserve_check_reads_the_watchdogs_while_job_threads_come_and_g
         thread.start()
     stops = 0
     try:
+        wait_for(lambda: len(executor.ctx.watchdogs) > 0, 30, "the job threads to register watchdogs", interval=0.01)
         for _ in range(3000):
             try:
                 executor.keep_disk_reserve()
@@ -517,4 +519,4 @@ def test_the_disk_reserve_check_reads_the_watchdogs_while_job_threads_come_and_g
             thread.join(10)
         executor.store.close()
     assert errors == []
-    assert stops > 0  # it did find writers to stop while they came and went
+    assert stops > 0, "the check never found a writer to stop while the job threads came and went"
