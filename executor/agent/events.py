@@ -20,6 +20,7 @@ Facts this module relies on (seen in real transcripts of CLI 2.1.328, kept in ``
 from __future__ import annotations
 
 import json
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -111,6 +112,15 @@ def content_text(content: Any) -> str:
 # 1. Lines
 
 
+#: A stream line longer than this is parsed under ``PARSE_BUDGET`` and one at a time across all jobs; shorter
+#: ones (nearly all: partial messages are a few hundred bytes) are parsed at once.
+SMALL_LINE = 64 * 1024
+#: The most one stream line's parse may need (``untrusted.load_json``'s estimate); a line that could need
+#: more is kept as text. The agent can write anything to its stdout: it must not size the executor.
+PARSE_BUDGET = 16 * 2**20
+_BIG_PARSE = threading.BoundedSemaphore(1)
+
+
 def parse_line(raw: bytes | str) -> dict | None:
     """One stdout line as a dict; None for a blank line; ``{"type": "_text"}`` for plain text.
 
@@ -123,12 +133,16 @@ def parse_line(raw: bytes | str) -> dict | None:
     if not text:
         return None
     try:
-        msg = load_json(text)
+        if len(text) <= SMALL_LINE:
+            msg = load_json(text)
+        else:
+            with _BIG_PARSE:
+                msg = load_json(text, budget=PARSE_BUDGET)
     except ValueError:  # Unparsable: deep nesting included, a line the agent forged must not end the job
-        return {"type": "_text", "text": text}
+        return {"type": "_text", "text": text[:TOOL_RESULT_LIMIT]}
     # ``42`` or ``"hello"`` are valid JSON but not stream messages
     if not isinstance(msg, dict):
-        return {"type": "_text", "text": text}
+        return {"type": "_text", "text": text[:TOOL_RESULT_LIMIT]}
     return msg
 
 

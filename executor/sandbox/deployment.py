@@ -28,7 +28,7 @@ from typing import Protocol
 import docker
 from docker.errors import APIError, DockerException, ImageNotFound, NotFound
 from docker.models.containers import Container
-from docker.types import Mount
+from docker.types import LogConfig, Mount
 
 from ..errors import SandboxError
 from .hostpaths import HostPaths
@@ -100,6 +100,11 @@ class Deployment(Protocol):
     def remove_job_objects(self, job_id: str) -> None: ...
     def sweep(self, live_jobs: Iterable[str]) -> list[str]: ...
 
+
+#: What the engine keeps of a job container's output (its json-file log, outside the job's disk cap: the agent
+#: can write anything to its stdout): at most two files of 256 MiB. A stream longer than that loses its
+#: oldest lines, which only an executor restarted mid-attempt would read again (to adopt the attempt).
+LOG_CONFIG = LogConfig(type="json-file", config={"max-size": "256m", "max-file": "2"})
 
 #: The image's ``io.executor.sandbox-interface`` label this executor needs (sandbox/Dockerfile sets it).
 #: 2: the sealed sandbox's forwarder (``executor-forward``) is in the image.
@@ -182,6 +187,7 @@ class Sandbox:
                 memswap_limit=spec.limits.memory,  # no swap beyond the hard limit
                 pids_limit=spec.limits.pids,
                 init=True,  # reap the agent's children; a killed job leaves no zombies
+                log_config=LOG_CONFIG,
             )
         except (APIError, DockerException) as exc:
             raise SandboxError(f"cannot start container {self.named(spec.name)}: {exc}") from None

@@ -45,6 +45,11 @@ EventSink = Callable[[list[tuple[list[Event], int]]], None]
 #: Seconds the events of consecutive stream lines are gathered before they are written in one transaction
 #: (a line each would cost one fsync each: partial messages come dozens a second).
 FLUSH_EVERY = 0.2
+#: Lines' events gathered at most before they are written anyway (a flood of lines within FLUSH_EVERY).
+FLUSH_LINES = 500
+#: Events of one watched attempt's stream that are stored; past it only their count (one more event): what
+#: the agent prints must not grow the store without end. A CLI's real run stores a few per turn.
+STREAM_EVENT_CAP = 50_000
 
 OUTPUT_TAIL = 4000
 
@@ -85,21 +90,83 @@ class TestRun:
         return self.exit_code == 0 and not self.timed_out and self.stopped is None
 
 
-def _pump_lines(container: Container, sink: queue.Queue) -> None:
-    """Reader thread: stdout of the container, split into lines; None marks the end."""
-    buffer = b""
+#: The longest stream line kept: the agent can write anything to the CLI's stdout, a line without an end
+#: included. A longer one is cut to a note of its size (the CLI's own lines are far shorter: partial messages,
+#: tool results it clips itself).
+MAX_LINE = 2 * 2**20
+#: Bytes of lines read but not yet handled, per job: past it the reader waits (the engine keeps the log).
+QUEUED_BYTES = 4 * 2**20
+
+
+class LineQueue:
+    """The lines between a job's reader thread and its watcher, bounded in bytes: ``put`` waits while the
+    lines queued hold ``limit`` bytes (one line always fits), so a flood of output is held by the engine's
+    log, never by the executor's memory."""
+
+    def __init__(self, limit: int = QUEUED_BYTES) -> None:
+        self.limit = limit
+        self.bytes = 0
+        self._lines: list[bytes | None] = []
+        self._changed = threading.Condition()
+
+    def put(self, line: bytes | None, timeout: float | None = None) -> bool:
+        """Queue ``line`` (None: the end); False when it did not fit within ``timeout``."""
+        size = len(line) if line else 0
+        with self._changed:
+            if not self._changed.wait_for(lambda: not self._lines or self.bytes + size <= self.limit, timeout):
+                return False
+            self._lines.append(line)
+            self.bytes += size
+            self._changed.notify_all()
+            return True
+
+    def get(self, timeout: float) -> bytes | None:
+        """The next line; ``queue.Empty`` when none came within ``timeout``."""
+        with self._changed:
+            if not self._changed.wait_for(lambda: self._lines, timeout):
+                raise queue.Empty
+            line = self._lines.pop(0)
+            self.bytes -= len(line) if line else 0
+            self._changed.notify_all()
+            return line
+
+
+def _pump_lines(container: Container, sink: LineQueue, stop: threading.Event) -> None:
+    """Reader thread: stdout of the container, split into lines of at most ``MAX_LINE`` bytes (a longer one
+    becomes a note of its size); None marks the end. Stops when ``stop`` is set (its watcher is gone)."""
+    buffer, cut = b"", 0  # cut: bytes of an over-long line dropped so far (its end not yet seen)
+
+    def put(line: bytes) -> None:
+        while not sink.put(line, timeout=0.5):
+            if stop.is_set():
+                raise _Abandoned
+
     try:
         for chunk in container.logs(stream=True, follow=True, stdout=True, stderr=False):
             buffer += chunk
             while b"\n" in buffer:
                 line, buffer = buffer.split(b"\n", 1)
-                sink.put(line)
+                if cut:
+                    line, cut = _cut_note(cut + len(line)), 0
+                put(line)
+            if len(buffer) > MAX_LINE:
+                cut += len(buffer)
+                buffer = b""
     except (APIError, NotFound, requests.RequestException) as exc:
         log.debug("log stream ended: %s", exc)
-    finally:
-        if buffer:
-            sink.put(buffer)
-        sink.put(None)
+    except _Abandoned:
+        return
+    if buffer or cut:
+        sink.put(_cut_note(cut + len(buffer)) if cut else buffer)
+    sink.put(None)
+
+
+class _Abandoned(Exception):
+    """The watcher stopped reading: the reader ends without queueing more."""
+
+
+def _cut_note(size: int) -> bytes:
+    return f"[executor: a stream line of {size} bytes was cut: longer than {MAX_LINE} bytes]".encode()
 
 
 def _wait_exit(container: Container, timeout: float = 30.0) -> tuple[int | None, bool]:
@@ -175,8 +242,8 @@ def watch_agent(sandbox: Deployment, container: Container, policy: Policy, *, on
     the first ``skip_lines`` lines only rebuild the state, their events are already in the store.
     """
     state = StreamState()
-    lines: queue.Queue = queue.Queue()
-    reader = threading.Thread(target=_pump_lines, args=(container, lines), daemon=True,
+    lines, abandoned = LineQueue(), threading.Event()
+    reader = threading.Thread(target=_pump_lines, args=(container, lines, abandoned), daemon=True,
                               name=f"stream-{container.name}")
     reader.start()
     watchdog.start(container, fresh=not adopted)
@@ -186,42 +253,53 @@ def watch_agent(sandbox: Deployment, container: Container, policy: Policy, *, on
     lingered = False
     seen = 0
     pending: list[tuple[list[Event], int]] = []
+    stored = dropped = 0  # events of this watch stored, and not stored past STREAM_EVENT_CAP
     flushed_at = time.monotonic()
-    while True:
-        try:
-            raw = lines.get(timeout=0.5)
-        except queue.Empty:
-            raw = b""
-        if raw is None:
-            break
-        if raw:
-            msg = parse_line(raw)
-            if msg is not None:
-                seen += 1
-                events = state.feed(msg)
-                watchdog.saw_line(events, state.last_activity)
-                if seen > skip_lines and events:
-                    pending.append((events, seen))
-        now = time.monotonic()
-        if pending and now - flushed_at >= FLUSH_EVERY:
+    try:
+        while True:
+            try:
+                raw = lines.get(timeout=0.5)
+            except queue.Empty:
+                raw = b""
+            if raw is None:
+                break
+            if raw:
+                msg = parse_line(raw)
+                if msg is not None:
+                    seen += 1
+                    events = state.feed(msg)
+                    watchdog.saw_line(events, state.last_activity)
+                    if seen > skip_lines and events:
+                        if stored < STREAM_EVENT_CAP:
+                            pending.append((events, seen))
+                            stored += len(events)
+                        else:
+                            dropped += len(events)
+            now = time.monotonic()
+            if pending and (now - flushed_at >= FLUSH_EVERY or len(pending) >= FLUSH_LINES):
+                on_events(pending)
+                pending, flushed_at = [], now
+            if state.result is not None and result_seen_at is None:
+                result_seen_at = now
+            if stopped or lingered:
+                continue  # killed: drain what is left until the stream ends
+            if result_seen_at is not None and now - result_seen_at > result_grace:
+                # The CLI has been seen to hang after its result line in headless runs: its work is done.
+                lingered = True
+                _kill(container)
+            elif now > deadline:
+                stopped = "timeout"
+                _kill(container)
+            elif (why := should_stop()) is not None or (why := watchdog.check(container)) is not None:
+                stopped = why
+                _kill(container)
+        if dropped:
+            pending.append(([Event("events_capped", {"stored": stored, "not_stored": dropped,
+                                                     "cap": STREAM_EVENT_CAP})], seen))
+        if pending:
             on_events(pending)
-            pending, flushed_at = [], now
-        if state.result is not None and result_seen_at is None:
-            result_seen_at = now
-        if stopped or lingered:
-            continue  # killed: drain what is left until the stream ends
-        if result_seen_at is not None and now - result_seen_at > result_grace:
-            # The CLI has been seen to hang after its result line in headless runs: its work is done.
-            lingered = True
-            _kill(container)
-        elif now > deadline:
-            stopped = "timeout"
-            _kill(container)
-        elif (why := should_stop()) is not None or (why := watchdog.check(container)) is not None:
-            stopped = why
-            _kill(container)
-    if pending:
-        on_events(pending)
+    finally:
+        abandoned.set()  # a reader blocked on a full queue ends too (an error here included)
     reader.join(timeout=10)
     exit_code, oom = _wait_exit(container)
     if exit_code is None and not (stopped or lingered):
