@@ -17,6 +17,7 @@ import signal
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -63,6 +64,26 @@ def _fill(home: Path, name: str, leave: int | None = None) -> Path:
     return path
 
 
+class Filler:
+    """Another writer that keeps the state root full: whatever room appears (a job's disk image removed, its
+    deleted blocks discarded) it takes again at once, until stopped; then its file goes."""
+
+    def __init__(self, home: Path, name: str) -> None:
+        self.path = _fill(home, name)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._keep_full, args=(home,), daemon=True)
+        self._thread.start()
+
+    def _keep_full(self, home: Path) -> None:
+        while not self._stop.wait(0.05):
+            _fill(home, self.path.name)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(10)
+        self.path.unlink()
+
+
 def _started(store, names: list[str]) -> set[str]:
     return {n for n in names if (job := store.get(n)) is not None and job.attempts > 0}
 
@@ -94,6 +115,7 @@ def test_a_full_state_root_stops_new_starts_and_corrupts_nothing(world, docker_c
         for n in names:
             world.submit(id=n, workspace=str(repos[n]), prompt=f"{n}: work")
         env = {**world.env(), "EXECUTOR_BUDGET_CPUS": "1", "EXECUTOR_DISK_RESERVE": "64m"}
+        fillers: list[Filler] = []
         process = subprocess.Popen([EXECUTOR, "serve"], env=env, stdout=subprocess.DEVNULL, stderr=log.open("ab"),
                                    start_new_session=True)
         try:
@@ -120,7 +142,7 @@ def test_a_full_state_root_stops_new_starts_and_corrupts_nothing(world, docker_c
             for n, path in zip(late, written, strict=True):
                 path.write_text(json.dumps({"id": n, "runner": "scripted", "workspace": str(repos[n]),
                                             "prompt": f"{n}: work"}))
-            fillers = [_fill(home, "filler-full")]
+            fillers.append(Filler(home, "filler-full"))
             for path in written:
                 os.rename(path, spool.incoming / path.name)
             full = wait_for(lambda: _status_if(world, lambda s: s["executor"] == "not running"), 60,
@@ -132,12 +154,14 @@ def test_a_full_state_root_stops_new_starts_and_corrupts_nothing(world, docker_c
             assert process.poll() is None, log.read_text()[-3000:]  # it serves on
             assert _started(store, names) == stuck  # nothing started on a full disk
 
-            for filler in fillers:  # room again
-                filler.unlink()
+            while fillers:  # room again
+                fillers.pop().stop()
             jobs = {n: wait_status(store, n, SETTLED, timeout=400) for n in names + late}
             process.send_signal(signal.SIGTERM)
             assert process.wait(timeout=120) == 0, log.read_text()[-3000:]
         finally:
+            while fillers:
+                fillers.pop().stop()
             if process.poll() is None:
                 os.killpg(process.pid, signal.SIGKILL)
 
