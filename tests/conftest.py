@@ -290,16 +290,22 @@ def _no_leftover_containers(request):
 def _check_containers(world: World) -> None:
     import docker
 
+    from executor.sandbox.deployment import instance_id
+
     if not (world.home / "executor.db").exists():
         return
     store = world.store()
     job_ids = {job.id for job in store.jobs()}
     store.close()
     client = docker.from_env()
-    # Scoped to this test's jobs: other test sessions may share the engine.
-    containers = [c for c in client.containers.list(all=True, filters={"label": "io.executor=1"}, ignore_removed=True)
+    # Scoped to this test's executor (its state root's instance) and jobs: another test session on the same
+    # engine runs the same tests, with the same job ids, at the same time.
+    mine = {f"io.executor.instance={instance_id(home)}" for home in (world.home, world.home.resolve())}
+    containers = [c for label in mine
+                  for c in client.containers.list(all=True, filters={"label": ["io.executor=1", label]},
+                                                  ignore_removed=True)
                   if c.labels.get("io.executor.job") in job_ids]
-    volumes = [v for v in client.volumes.list(filters={"label": "io.executor=1"})
+    volumes = [v for label in mine for v in client.volumes.list(filters={"label": ["io.executor=1", label]})
                if (v.attrs.get("Labels") or {}).get("io.executor.job") in job_ids]
     leftovers = [c.name for c in containers] + [v.name for v in volumes]
     for c in containers:
