@@ -65,6 +65,15 @@ class Policy(BaseModel):
                     "its API); bridge and host: unsealed opt-ins (an open route out, the real credential in "
                     "the container). The test gate always runs with none.",
     )
+    runtime: Literal["runc", "runsc"] | None = Field(
+        default=None,
+        description="The OCI runtime of every container of the job (agent, tests, evaluation). runc: the host's "
+                    "kernel, as Docker runs any container; runsc: gVisor, a kernel of its own between the job and "
+                    "the host's (a kernel bug the agent reaches is gVisor's, not the host's); the engine must have "
+                    "it registered (`executor doctor` shows how). Unset: EXECUTOR_DEFAULT_RUNTIME, fixed for the "
+                    "job when it is accepted. Under runsc the network is sealed or none (gVisor is registered "
+                    "with --network=none).",
+    )
     egress: list[str] = Field(
         default_factory=list,
         description='What a sealed job may reach through its egress proxy: "host:port" entries, e.g. '
@@ -156,6 +165,15 @@ class Policy(BaseModel):
         if self.egress and self.network != "sealed":
             raise ValueError(f"egress is enforced only for network = \"sealed\" (this policy has network = "
                              f"\"{self.network}\"): remove egress or set network = \"sealed\"")
+        return self
+
+    @model_validator(mode="after")
+    def _runsc_has_no_network(self) -> Policy:
+        if self.runtime == "runsc" and self.unsealed:
+            raise ValueError(f"network = \"{self.network}\" cannot work under runtime = \"runsc\" (gVisor is "
+                             "registered with --network=none, so the job would have no network at all): use "
+                             "network = \"sealed\" (the API and the egress list through host sockets) or runtime "
+                             "= \"runc\"")
         return self
 
     @property

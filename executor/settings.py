@@ -140,6 +140,10 @@ class Settings(BaseSettings):
         default=200, ge=1,
         description="Events of a sealed attempt's gateway refusals and egress decisions (identical ones are one "
                     "event with a count); past it, only counts, in one more event.")
+    default_runtime: Literal["runc", "runsc"] = Field(
+        default="runc",
+        description="The OCI runtime of a job whose policy names none (runc: the host's kernel; runsc: gVisor). "
+                    "Fixed for each job when it is accepted.")
     disk_cap: Literal["auto", "image", "watchdog"] = Field(
         default="auto",
         description="How a policy's disk holds. image: each job's layers are an ext4 image of that size (the "

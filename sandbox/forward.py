@@ -9,7 +9,7 @@ each accepted connection, both ways and half-close aware, to a fresh connection 
 How: the listeners are bound in this process; then it forks a relay daemon (double fork, so the relay
 is adopted by the container's init and the command has no stray child) and execs the command in its
 own place. So the command keeps this process's PID, stdio and exit code, and the listeners already
-queue connections while the relay starts. The relay exits when the command does (it watches a pidfd).
+queue connections while the relay starts. The relay exits when the command does (it watches a pidfd, or the pid where the kernel has no pidfd).
 Only the relay imports asyncio (after the fork): the command starts ~35 ms sooner than if this did.
 
 Must never: write to stdout (the command's stdout is parsed as JSON lines; the relay's stdout is
@@ -20,6 +20,7 @@ Python 3.11 standard library only: it is copied into the sandbox image.
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 import socket
@@ -95,7 +96,37 @@ async def relay(client_reader: asyncio.StreamReader, client_writer: asyncio.Stre
         upstream_writer.close()
 
 
-async def serve(listeners: list[tuple[socket.socket, str]], command_pidfd: int) -> None:
+#: Seconds between looks at the command's pid where the kernel has no pidfd (gVisor's, 2022).
+POLL_PID = 0.5
+
+
+def command_handle(pid: int) -> int | None:
+    """A pidfd naming the command's process, or None where the kernel has none (gVisor's ``runsc`` of 2022
+    answers ENOSYS): the relay then looks at the pid itself."""
+    try:
+        return os.pidfd_open(pid)  # close-on-exec here; the command never holds it
+    except OSError as exc:
+        if exc.errno != errno.ENOSYS:
+            raise
+        return None
+
+
+async def _pid_gone(pid: int) -> None:
+    import asyncio
+
+    # Only this container's processes are visible, and the command is the one that outlives the others
+    # (its exit ends the container): a reused pid is not a concern.
+    while True:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return
+        except PermissionError:
+            pass  # it exists (as another user)
+        await asyncio.sleep(POLL_PID)
+
+
+async def serve(listeners: list[tuple[socket.socket, str]], command_pidfd: int | None, command_pid: int) -> None:
     import asyncio
 
     loop = asyncio.get_running_loop()
@@ -106,13 +137,16 @@ async def serve(listeners: list[tuple[socket.socket, str]], command_pidfd: int) 
             w.get_extra_info("socket").setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             await relay(r, w, path)
         await asyncio.start_server(on_connect, sock=sock, limit=CHUNK)
+    if command_pidfd is None:
+        await _pid_gone(command_pid)
+        return
     command_done = loop.create_future()
     # The pidfd becomes readable when the command exits: then there is nothing left to serve.
     loop.add_reader(command_pidfd, lambda: command_done.done() or command_done.set_result(None))
     await command_done
 
 
-def run_relay(listeners: list[tuple[socket.socket, str]], command_pidfd: int) -> None:
+def run_relay(listeners: list[tuple[socket.socket, str]], command_pidfd: int | None, command_pid: int) -> None:
     """In the daemon: stdio away from the command's stdout, serve until the command exits."""
     devnull = os.open(os.devnull, os.O_RDWR)
     os.dup2(devnull, 0)
@@ -121,23 +155,25 @@ def run_relay(listeners: list[tuple[socket.socket, str]], command_pidfd: int) ->
     try:
         import asyncio
 
-        asyncio.run(serve(listeners, command_pidfd))
+        asyncio.run(serve(listeners, command_pidfd, command_pid))
     except Exception as exc:  # the relay's end must never surface as anything but failed connections
         say(f"relay stopped: {exc!r}")
 
 
 def start_relay(listeners: list[tuple[socket.socket, str]]) -> None:
     """Double fork: the relay daemon is re-parented to init; this process goes on to exec the command."""
-    pidfd = os.pidfd_open(os.getpid())  # close-on-exec here; names this process, which becomes the command
+    command_pid = os.getpid()  # this process becomes the command
+    pidfd = command_handle(command_pid)
     child = os.fork()
     if child == 0:
         try:
             os.setsid()  # out of the command's process group: terminal signals meant for it do not hit us
             if os.fork() == 0:
-                run_relay(listeners, pidfd)
+                run_relay(listeners, pidfd, command_pid)
         finally:
             os._exit(0)  # whatever happened, neither the middle child nor the relay may run the command
-    os.close(pidfd)
+    if pidfd is not None:
+        os.close(pidfd)
     os.waitpid(child, 0)
 
 

@@ -64,10 +64,13 @@ class World:
     base_url: str = "http://127.0.0.1:9"  # replaced by the scripted API's
     extra_env: dict[str, str] = field(default_factory=dict)
     repo_made: float = 0.0  # when the last repository was made (see submit)
+    runtime: str | None = None  # EXECUTOR_DEFAULT_RUNTIME of its executor (tests/integration/test_runsc.py)
 
     def settings(self, **overrides) -> Settings:
         values = dict(home=self.home, policies=self.policies, workspace_roots=[self.repos],
                       sandbox_image=SANDBOX_IMAGE, poll_interval=0.2, result_grace=5.0)
+        if self.runtime is not None:
+            values["default_runtime"] = self.runtime
         values.update(overrides)
         return Settings(**values)
 
@@ -82,6 +85,7 @@ class World:
             "EXECUTOR_POLL_INTERVAL": "0.2",
             "EXECUTOR_RESULT_GRACE": "5",
             TOKEN_VAR: TOKEN_VALUE,
+            **({"EXECUTOR_DEFAULT_RUNTIME": self.runtime} if self.runtime else {}),
             **self.extra_env,
         })
         return env

@@ -127,11 +127,31 @@ def validate(spec: JobSpec, settings: Settings, runners: dict[str, Runner] | Non
         policy = load_policy(settings.policies, spec.policy)
     except ConfigError as exc:
         raise InvalidJob(f"policy {spec.policy!r}: {exc}") from None
+    policy = _with_runtime(policy, spec.policy, settings)
     _check_budget(policy, settings)
     _check_skills(spec.skills or [], settings)
     workspace, identity = _check_workspace(spec.workspace, settings)
     return ValidJob(spec=spec, id=spec.id or new_job_id(), runner=runner, policy=policy,
                     workspace=workspace, identity=identity)
+
+
+def _with_runtime(policy: Policy, name: str, settings: Settings) -> Policy:
+    """The policy with its runtime fixed (EXECUTOR_DEFAULT_RUNTIME where it names none): a later change of the
+    default never moves an accepted job to another kernel."""
+    if policy.runtime is not None:
+        return policy
+    try:
+        return Policy(**{**policy.model_dump(), "runtime": settings.default_runtime})
+    except ValueError as exc:
+        raise InvalidJob(f"policy {name!r} under EXECUTOR_DEFAULT_RUNTIME={settings.default_runtime}: "
+                         f"{_first_error(exc)}") from None
+
+
+def _first_error(exc: ValueError) -> str:
+    errors = getattr(exc, "errors", None)
+    if callable(errors):
+        return "; ".join(str(e.get("msg", e)).removeprefix("Value error, ") for e in errors())
+    return str(exc)
 
 
 def _runners(settings: Settings) -> dict[str, Runner]:

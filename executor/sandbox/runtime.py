@@ -223,6 +223,7 @@ def agent_spec(ws: Workspace, runner: Runner, policy: Policy, prompt: str,
         labels=ws.labels("agent"),
         environment=environment,
         sockets=sockets,
+        runtime=policy.runtime or "runc",
     )
 
 
@@ -345,6 +346,7 @@ def run_tests(sandbox: Deployment, ws: Workspace, command: str, policy: Policy, 
         tmpfs_size=tmpfs_size(policy),
         environment={"HOME": AGENT_HOME, "CI": "true", **(environment or {})},
         binds={str(run_dir): RUN_DIR_MOUNT} if run_dir is not None else {},
+        runtime=policy.runtime or "runc",
     )
     started = time.monotonic()
     container = sandbox.start(spec)

@@ -45,6 +45,7 @@ from ..sandbox.deployment import (
 from ..sandbox.hostpaths import HostPaths, own_container_id
 from ..settings import COMPACTION_MODEL, Settings
 from ..transaction import jobdisk
+from .doctor_runtimes import runtime_findings
 
 PROBE_UID = 1000  # the probe's files belong to a regular user, like a repository's
 PINNED_MODEL = re.compile(r"^[a-z0-9][a-z0-9.-]*-\d{8}$")  # e.g. claude-haiku-4-5-20251001
@@ -101,6 +102,7 @@ class Doctor:
         yield engine
         image = self.check_image() if not engine.failed else _skipped("sandbox image", "engine")
         yield image
+        yield self.check_runtimes() if not engine.failed else _skipped("runtimes", "engine")
         state = self.check_state_root()
         yield state
         disk = self.check_disk_cap() if not state.failed else _skipped("disk cap", "state root")
@@ -142,6 +144,9 @@ class Doctor:
             return _problem(name, problem, f"{rebuild_hint(image)}; or set EXECUTOR_SANDBOX_IMAGE to an image "
                                            "built from this checkout")
         return _ok(name, f"{image} present ({found.short_id}, interface {SANDBOX_INTERFACE})")
+
+    def check_runtimes(self) -> Check:
+        return Check("runtimes", *runtime_findings(self.client, self.settings))
 
     def check_store(self) -> Check:
         """The store is reachable and its schema is one this executor knows (or it does not exist yet)."""

@@ -613,3 +613,52 @@ def test_env_example_lists_every_setting():
     text = (Path(__file__).resolve().parents[2] / ".env.example").read_text()
     listed = set(re.findall(r"^# (EXECUTOR_[A-Z_]+)=", text, re.M))
     assert {f"EXECUTOR_{name.upper()}" for name in Settings.model_fields} <= listed
+
+
+# ---------------------------------------------------------------------------------------------
+# runtime (runc or gVisor's runsc)
+
+
+@pytest.mark.parametrize("network", ["host", "bridge"])
+def test_a_runsc_policy_with_an_open_network_is_refused_with_the_way_out(tmp_path, network):
+    write(tmp_path / "p.toml", f'runtime = "runsc"\nnetwork = "{network}"\n')
+    with pytest.raises(ConfigError) as info:
+        load_policy(tmp_path, "p")
+    message = str(info.value)
+    assert f'network = "{network}" cannot work under runtime = "runsc"' in message
+    assert 'network = "sealed"' in message and 'runtime = "runc"' in message
+
+
+def test_the_default_runtime_is_fixed_into_the_job_at_intake(world):
+    repo = world.repo("app")
+    assert validate(spec(workspace=str(repo)), world.settings()).policy.runtime == "runc"
+    assert validate(spec(workspace=str(repo)), world.settings(default_runtime="runsc")).policy.runtime == "runsc"
+    world.write_policy(runtime="runc")  # a policy that names its runtime keeps it whatever the default
+    assert validate(spec(workspace=str(repo)), world.settings(default_runtime="runsc")).policy.runtime == "runc"
+
+
+def test_a_host_network_policy_under_a_runsc_default_is_refused_at_intake(world):
+    repo = world.repo("app")
+    world.write_policy(network="host")
+    message = invalid(spec(workspace=str(repo)), world.settings(default_runtime="runsc"))
+    assert "EXECUTOR_DEFAULT_RUNTIME=runsc" in message and "cannot work under" in message
+
+
+def test_runscs_host_pids_limit_grows_with_the_jobs_and_runcs_is_the_jobs():
+    from executor.sandbox.deployment import host_pids_limit
+
+    assert host_pids_limit(64, "runc") == 64
+    assert host_pids_limit(64, "runsc") > 512  # room for gVisor's own threads, measured in the docstring
+    assert host_pids_limit(256, "runsc") > host_pids_limit(64, "runsc")
+
+
+def test_doctor_names_a_missing_runtime_and_who_asks_for_it():
+    from executor.surfaces.doctor_runtimes import judge
+
+    status, detail, fix = judge(["runc"], {"runc": ["EXECUTOR_DEFAULT_RUNTIME"], "runsc": ["policy strong"]})
+    assert status == "problem" and "runsc is asked for by policy strong" in detail
+    assert '"--host-uds=all", "--network=none"' in fix and "kill -HUP" in fix
+    status, detail, fix = judge(["runc", "runsc"], {"runc": ["EXECUTOR_DEFAULT_RUNTIME"]})
+    assert status == "ok" and fix is None and "offers runc, runsc" in detail
+    status, _, fix = judge(["runc"], {"runc": ["EXECUTOR_DEFAULT_RUNTIME"]})
+    assert status == "ok" and "apt install runsc" in fix  # how to get the stronger kernel
