@@ -212,7 +212,7 @@ class Executor(LoopFaults):
 
     def _intake(self) -> bool:
         taken = intake(self.spool, self.store, self.settings, self.ctx.runners, budget=INTAKE_BUDGET,
-                       translate=self.paths.to_container)
+                       translate=self.paths.to_container, storage=self.presence.claimer.storage)
         for job_id in taken.rejected_ids:  # a refused job file is an ending too (status rejected)
             if (job := self.store.get(job_id)) is not None:
                 self.ctx.settled(job)
@@ -327,7 +327,7 @@ class Executor(LoopFaults):
             return
         self._explained = time.monotonic()
         self.held = admission.explain(self.store, self.governor, self.presence.claimer, self.ctx.runners,
-                                      per_runner, status_view.HELD_SHOWN, paused)
+                                      per_runner, status_view.HELD_SHOWN, paused, self.presence.hosts)
 
     def start(self, job: Job, permit: Permit, target: Callable | None = None, *args) -> None:
         thread = threading.Thread(target=self._run, args=(target or run_job, job.id, *args),

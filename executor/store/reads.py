@@ -30,7 +30,7 @@ TIME_COLUMNS = {"job": {"created_at", "started_at", "finished_at", "retry_at", "
                         "interrupted_at"},
                 "attempt": {"started_at", "finished_at"}, "event": {"ts"}, "apirequest": {"ts"},
                 "host": {"started_at", "last_seen", "stopped_at", "lost_at"}}
-JSON_COLUMNS["host"] = {"workspace_roots"}
+JSON_COLUMNS["host"] = {"workspace_roots", "storage"}
 
 
 class _Postgres:
@@ -153,4 +153,5 @@ def host_view(host: Any, now: datetime, timeout: float) -> dict:
         "reserved": {"cpus": host.reserved_cpus if alive else 0.0, "memory": host.reserved_memory if alive else 0},
         "running": host.running if alive else 0, "waiting": host.waiting if alive else None,
         "workspace_roots": host.workspace_roots,
+        "storage": getattr(host, "storage", None) or {},  # each root's storage (intake/storage.py)
     }
