@@ -69,6 +69,7 @@ class Presence:
         self.claimer = Claimer(settings.host_id, tuple(str(root) for root in settings.workspace_roots))
         self.wake = threading.Event()  # set by a NOTIFY: claim now (``on_wake`` wakes the serving loop)
         self.listening = False  # True while the LISTEN connection is up (else the loop polls every tick)
+        self.store_watched = False  # SQLite: the serving loop is woken by new work (its store's wake file)
         self.hosts: list[dict] = []
         self.claim_now = True  # a slot freed or the last round started something: look at the queue again
         self._last_claim = 0.0
@@ -120,13 +121,19 @@ class Presence:
 
     def claim_due(self) -> bool:
         """Whether the serving loop looks at the queue this tick: always while nothing announces new work
-        (SQLite, or the LISTEN connection is down); with it, when a NOTIFY came, after a slot freed or a round
-        that started something, and every ``claim_poll`` seconds (cooldowns and retries end by the clock)."""
+        (the LISTEN connection is down, a SQLite store's wake file cannot be watched); with it, when woken,
+        after a slot freed or a round that started something, and every ``claim_poll`` seconds (cooldowns
+        and retries end by the clock)."""
         woken = self.wake.is_set()
         if woken:  # cleared only once seen: a NOTIFY arriving between the two would be lost
             self.wake.clear()
-        return (woken or self.claim_now or not self.listening
+        return (woken or self.claim_now or not self.announced
                 or time.monotonic() - self._last_claim >= self.settings.claim_poll)
+
+    @property
+    def announced(self) -> bool:
+        """Whether new work in the store wakes this host (a NOTIFY, or the SQLite store's wake file)."""
+        return self.listening or self.store_watched
 
     def claimed(self, started: bool) -> None:
         self._last_claim, self.claim_now = time.monotonic(), started

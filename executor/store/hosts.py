@@ -1,8 +1,8 @@
 """The hosts that share the store: their rows, their heartbeats, and finding the ones that were lost.
 
 Owns the host table's queries. Each ``executor serve`` registers its row at start (budget, workspace roots
-with the storage each is, version), beats every ``EXECUTOR_HOST_HEARTBEAT`` seconds with what it holds (permits, running jobs, why
-its queue waits), and marks itself stopped on a clean shutdown. Liveness is judged by the database's clock
+with the storage each is, version), beats every ``EXECUTOR_HOST_HEARTBEAT`` seconds with what it holds
+(permits, running jobs, why its queue waits), and marks itself stopped on a clean shutdown. Liveness is judged by the database's clock
 on PostgreSQL (hosts' clocks may drift apart): a host whose last heartbeat is older than
 ``EXECUTOR_HOST_TIMEOUT`` is lost, and its running, testing, committing and waiting jobs are marked
 interrupted, which ``queue.py``'s take-over and the host's own recovery act on.

@@ -13,8 +13,8 @@ resumed before new work. Priority, then arrival order, holds per host; the head 
 the host's queue (head-of-line), it is never overtaken on that host.
 
 A lost host's jobs (``hosts.py`` marks them interrupted) are taken over only by a host holding the same
-workspace root on the same storage, only while their host is still lost, and only from running, testing or waiting_retry: the
-attempt is rolled back (nothing of it was applied; its upper dir is on the lost host's disk) and the job
+workspace root on the same storage, only while their host is still lost, and only from running, testing or
+waiting_retry: the attempt is rolled back (nothing of it was applied; its upper dir is on the lost host's disk) and the job
 re-queued. A job in ``committing`` waits for its own host, whose journal finishes the apply.
 
 Must never: claim a job that does not fit, claim outside the host's roots or on storage it does not see,
