@@ -2,10 +2,11 @@
 
 Run by hand (as root, with the Docker engine up and the sandbox image built):
 
-    .venv/bin/python bench/latency.py [--jobs 100000] [--pairs 8]
+    .venv/bin/python bench/latency.py [--jobs 100000] [--pairs 8] [--stores sqlite,postgres] [--reads-only]
 
-* read commands: ``executor --help``, ``status``, ``jobs`` and ``show ID`` as subprocesses, against a state
-  root holding N jobs while an idle executor serves it (medians and maxima of 10 calls each);
+* read commands: ``executor --help``, ``status``, ``jobs`` and ``show ID`` as subprocesses, against a store
+  holding N jobs (the SQLite file of the state root, or a PostgreSQL 15 database of its own cluster,
+  tests/postgres.py) while an idle executor serves it (medians and maxima of 10 calls each);
 * a trivial job end to end: the time from a job file landing in the spool to the job committed, against the
   same two containers (the agent on an overlay of the repository with its session home on an overlay of
   its own, then the tests on a layer above the change, then the volumes removed) run by hand through the
@@ -20,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import sqlite3
 import statistics
 import subprocess
@@ -42,32 +44,56 @@ def log(message: str) -> None:
     print(f"[latency] {message}", file=sys.stderr, flush=True)
 
 
+def rows(n: int) -> list[tuple]:
+    start = datetime(2026, 11, 1, 10, 0, 0)
+    # Distinct creation times, a second apart, as a real history has: the jobs table sorts on them.
+    return [(f"job-{i:06d}", f"s{i % 1000}", "sonnet", "m", "/w", "p" * 200, "default", "{}", 0,
+             "succeeded" if i % 3 else "failed", "committed", start + timedelta(seconds=i), 1, False, 0)
+            for i in range(n)]
+
+
+COLUMNS = ("id, session_id, runner, model_requested, workspace, prompt, policy_name, policy, priority, status, "
+           "reason, created_at, attempts, cancel_requested, limited_attempts")
+
+
 def fill(db: Path, n: int) -> None:
     """N settled jobs, written straight into the tables the store made (the fastest honest way)."""
     from executor.store import Store
 
     Store(db).close()
     conn = sqlite3.connect(db)
-    start = datetime(2026, 11, 1, 10, 0, 0)
-    # Distinct creation times, a second apart, as a real history has: the jobs table sorts on them.
-    rows = [(f"job-{i:06d}", f"s{i % 1000}", "sonnet", "m", "/w", "p" * 200, "default", "{}", 0,
-             "succeeded" if i % 3 else "failed", "committed",
-             (start + timedelta(seconds=i)).strftime("%Y-%m-%d %H:%M:%S.%f"), 1, 0, 0)
-            for i in range(n)]
-    conn.executemany("INSERT INTO job (id, session_id, runner, model_requested, workspace, prompt, policy_name, "
-                     "policy, priority, status, reason, created_at, attempts, cancel_requested, limited_attempts) "
-                     "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
+    conn.executemany(f"INSERT INTO job ({COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                     [(*r[:11], r[11].strftime("%Y-%m-%d %H:%M:%S.%f"), r[12], int(r[13]), r[14]) for r in rows(n)])
     conn.commit()
     conn.close()
 
 
-def timed(args: list[str], env: dict) -> float:
+def fill_postgres(url: str, n: int) -> None:
+    """The same N jobs in a PostgreSQL store (COPY into the table the store made)."""
+    import psycopg
+
+    from executor.store import Store
+    from executor.store.engine import libpq_dsn
+
+    Store(url).close()
+    with psycopg.connect(libpq_dsn(url)) as conn, conn.cursor() as cur:
+        with cur.copy(f"COPY job ({COLUMNS}) FROM STDIN") as copy:
+            for row in rows(n):
+                copy.write_row(row)
+        cur.execute("ANALYZE job")
+
+
+def timed(args: list[str], env: dict) -> tuple[float, float]:
+    """Wall-clock seconds of ``executor ARGS`` as a subprocess, and the CPU seconds it used (user + system: on a
+    loaded machine the wall clock measures the others' work too, the CPU time only this command's)."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     started = time.perf_counter()
     done = subprocess.run([EXECUTOR, *args], env=env, capture_output=True)
     took = time.perf_counter() - started
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if done.returncode != 0:
         raise RuntimeError(f"executor {' '.join(args)}: {done.stderr.decode()[-500:]}")
-    return took
+    return took, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
 
 
 def world(base: Path) -> tuple[Path, Path, Path]:
@@ -92,18 +118,24 @@ def serve(settings, secrets: dict) -> tuple:
     return executor, stop, thread
 
 
-def read_commands(base: Path, n: int) -> dict[str, list[float]]:
+def read_commands(base: Path, n: int, url: str | None = None) -> dict[str, list[tuple[float, float]]]:
     from executor.settings import Settings
 
     home, policies, repos = world(base)
     (policies / "runners.toml").write_text('[runners.sonnet]\nmodel = "m"\nauth_env = "T"\n')
     (policies / "default.toml").write_text("")
-    log(f"filling a store with {n:,} jobs")
-    fill(home / "executor.db", n)
-    settings = Settings(home=home, policies=policies, workspace_roots=[repos], sandbox_image=IMAGE)
+    log(f"filling a {'PostgreSQL' if url else 'SQLite'} store with {n:,} jobs")
+    if url:
+        fill_postgres(url, n)
+    else:
+        fill(home / "executor.db", n)
+    settings = Settings(home=home, policies=policies, workspace_roots=[repos], sandbox_image=IMAGE,
+                        database_url=url)
     executor, stop, thread = serve(settings, {"T": "x" * 16})
     env = {**os.environ, "EXECUTOR_HOME": str(home), "EXECUTOR_POLICIES": str(policies),
            "EXECUTOR_WORKSPACE_ROOTS": str(repos)}
+    if url:
+        env["EXECUTOR_DATABASE_URL"] = url
     try:
         time.sleep(1)
         return {name: [timed(args, env) for _ in range(10)] for name, args in (
@@ -112,6 +144,18 @@ def read_commands(base: Path, n: int) -> dict[str, list[float]]:
     finally:
         stop.set()
         thread.join(timeout=60)
+
+
+def reads_on(store: str, base: Path, n: int) -> dict[str, list[tuple[float, float]]]:
+    if store == "sqlite":
+        return read_commands(base, n)
+    from tests.postgres import PostgresCluster
+
+    cluster = PostgresCluster(fast=False).start()
+    try:
+        return read_commands(base, n, cluster.create_database())
+    finally:
+        cluster.stop()
 
 
 def trivial_job(base: Path, pairs: int) -> tuple[list[float], list[float]]:
@@ -200,20 +244,29 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--jobs", type=int, default=100_000)
     ap.add_argument("--pairs", type=int, default=8)
+    ap.add_argument("--stores", default="sqlite,postgres")
+    ap.add_argument("--reads-only", action="store_true", help="only the read commands")
     ap.add_argument("--dir", default="/var/tmp")
     args = ap.parse_args()
     base = Path(tempfile.mkdtemp(prefix="bench-latency-", dir=args.dir))
     from executor.transaction.safefs import remove_tree
 
+    by_executor = by_hand = None
     try:
-        reads = read_commands(base / "reads", args.jobs)
-        log(f"{args.pairs} paired trivial jobs")
-        by_executor, by_hand = trivial_job(base / "jobs", args.pairs)
+        reads = {store: reads_on(store, base / f"reads-{store}", args.jobs) for store in args.stores.split(",")}
+        if not args.reads_only:
+            log(f"{args.pairs} paired trivial jobs")
+            by_executor, by_hand = trivial_job(base / "jobs", args.pairs)
     finally:
         remove_tree(base)
-    print(f"\nread commands against {args.jobs:,} jobs, an idle executor serving (10 calls each):")
-    for name, times in reads.items():
-        print(f"  executor {name:10} median {statistics.median(times) * 1000:4.0f} ms   max {max(times) * 1000:4.0f} ms")
+    for store, figures in reads.items():
+        print(f"\nread commands against {args.jobs:,} jobs on {store}, an idle executor serving (10 calls each):")
+        for name, calls in figures.items():
+            wall, cpu = [w for w, _ in calls], [c for _, c in calls]
+            print(f"  executor {name:10} median {statistics.median(wall) * 1000:4.0f} ms   "
+                  f"max {max(wall) * 1000:4.0f} ms   cpu median {statistics.median(cpu) * 1000:4.0f} ms")
+    if by_executor is None or by_hand is None:
+        return 0
     hand, ex = statistics.median(by_hand), statistics.median(by_executor)
     print(f"\na trivial job ({args.pairs} pairs): spool to committed median {ex:.2f} s; the same containers by hand "
           f"median {hand:.2f} s; the control plane adds {ex - hand:+.2f} s ({(ex / hand - 1) * 100:+.0f} %)")

@@ -150,7 +150,10 @@ class Settings(BaseSettings):
                     "writer gets ENOSPC at the cap; needs root, CAP_SYS_ADMIN, loop devices and mkfs.ext4, and "
                     "refuses to start without them); watchdog: the layers are measured every few seconds; auto: "
                     "image where the host allows it, else watchdog (`executor doctor` says which and why).")
-    poll_interval: float = Field(default=0.5, gt=0, description="Seconds between spool scans and scheduling.")
+    poll_interval: float = Field(
+        default=0.5, gt=0,
+        description="Seconds between rounds of the serving loop while it has work in hand (an idle loop waits up "
+                    "to 5 s; new work wakes it at once).")
     result_grace: float = Field(
         default=10.0, ge=0, description="Seconds the CLI may linger after its result line before it is stopped."
     )
@@ -198,7 +201,8 @@ class Settings(BaseSettings):
                     "interrupted, and a host holding the same workspace root rolls them back and re-queues them.")
     claim_poll: float = Field(
         default=5.0, gt=0,
-        description="PostgreSQL: seconds an idle host waits for a NOTIFY before it looks at the queue anyway.")
+        description="Seconds an idle host waits for new work to be announced (a NOTIFY, or the SQLite store's "
+                    "wake file) before it looks at the queue anyway.")
 
     @field_validator("workspace_roots", mode="before")
     @classmethod

@@ -25,6 +25,7 @@ from ..settings import Settings
 from ..store import Job, Status
 from .jobs import new_job_id, parse_spec, validate
 from .spool import job_from
+from .storage import identify
 
 #: The endings a retry is offered for: the job did not succeed and nothing of it is waiting for anyone.
 RETRYABLE = frozenset({Status.failed, Status.rolled_back, Status.stalled, Status.cancelled})
@@ -70,6 +71,8 @@ def _spec(job: Job, prompt: str) -> dict[str, Any]:
 
 def _judged(job: Job, spec: dict[str, Any], settings: Settings, runners: dict[str, Runner] | None) -> Job:
     try:
-        return job_from(validate(parse_spec(spec), settings, runners), None)
+        # judged here, on this host's roots: its storage is that of this host's root (read, never written)
+        return job_from(validate(parse_spec(spec), settings, runners), None,
+                        storage=identify(settings.workspace_roots, settings.host_id))
     except InvalidJob as exc:
         raise InvalidJob(f"a job made from {job.id} would be refused: {exc}") from None

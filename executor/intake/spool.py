@@ -29,7 +29,7 @@ import secrets
 import socket
 import stat
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -39,6 +39,7 @@ from ..settings import Settings
 from ..store import Job, Status, Store
 from ..untrusted import load_json
 from .jobs import JOB_ID, ValidJob, parse_spec, validate
+from .storage import storage_of
 
 log = logging.getLogger(__name__)
 
@@ -207,7 +208,9 @@ class Spool:
         return new
 
 
-def job_from(valid: ValidJob, spool_name: str | None, spool_host: str | None = None) -> Job:
+def job_from(valid: ValidJob, spool_name: str | None, spool_host: str | None = None,
+             storage: Mapping[str, str] | None = None) -> Job:
+    """The job row of a valid job file; ``storage``: the storage of each of the accepting host's roots."""
     return Job(
         id=valid.id,
         session_id=valid.session_id,
@@ -230,6 +233,7 @@ def job_from(valid: ValidJob, spool_name: str | None, spool_host: str | None = N
         repo_gid=valid.identity.gid,
         workspace_dev=valid.identity.dev,
         workspace_ino=valid.identity.ino,
+        storage=storage_of(storage, valid.workspace) if storage else None,
     )
 
 
@@ -240,13 +244,16 @@ PENDING_WINDOW = 20 * BATCH
 
 
 def intake(spool: Spool, store: Store, settings: Settings, runners: dict[str, Runner] | None = None,
-           budget: float | None = None, translate: Callable[[str], str] | None = None) -> IntakeResult:
+           budget: float | None = None, translate: Callable[[str], str] | None = None,
+           storage: Mapping[str, str] | None = None) -> IntakeResult:
     """Take the files in ``incoming/``: commit them as jobs, then accept them; or reject each with a reason.
 
     Works in batches (validated, committed in one transaction, then moved, with one fsync of each spool
     directory per batch) and stops after ``budget`` seconds, so a flood of files never holds up the serving
     loop: ``IntakeResult.more`` says files are left for the next tick. ``translate`` maps a workspace written
-    as a host path to the path this executor sees (when it runs in a container). A file that a previous
+    as a host path to the path this executor sees (when it runs in a container). ``storage``: the storage
+    of each of this host's roots (``storage.py``), recorded with each job (only hosts that see the same
+    storage claim it). A file that a previous
     process died reading is rejected first, unread.
     """
     started = time.monotonic()
@@ -260,7 +267,7 @@ def intake(spool: Spool, store: Store, settings: Settings, runners: dict[str, Ru
     result.more = len(pending) == PENDING_WINDOW
     while pending:
         batch, pending = pending[:BATCH], pending[BATCH:]
-        _take(spool, store, settings, runners, batch, result, translate)
+        _take(spool, store, settings, runners, batch, result, translate, storage)
         if budget is not None and pending and time.monotonic() - started > budget:
             result.more = True
             break
@@ -268,7 +275,8 @@ def intake(spool: Spool, store: Store, settings: Settings, runners: dict[str, Ru
 
 
 def _take(spool: Spool, store: Store, settings: Settings, runners: dict[str, Runner] | None, names: list[str],
-          result: IntakeResult, translate: Callable[[str], str] | None = None) -> None:
+          result: IntakeResult, translate: Callable[[str], str] | None = None,
+          storage: Mapping[str, str] | None = None) -> None:
     valid: list[tuple[str, ValidJob]] = []
     for name in names:
         try:
@@ -293,7 +301,7 @@ def _take(spool: Spool, store: Store, settings: Settings, runners: dict[str, Run
                                             f"{str(exc)[:200]}); check it and submit it again"), result, store, raw)
         finally:
             spool.note_reading(None)
-    refused = store.add_jobs([job_from(v, name, settings.host_id) for name, v in valid])
+    refused = store.add_jobs([job_from(v, name, settings.host_id, storage) for name, v in valid])
     for index, (name, v) in enumerate(valid):
         if index in refused:
             _reject(spool, name, refused[index], result)

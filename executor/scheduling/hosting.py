@@ -1,18 +1,20 @@
 """This host among the hosts that share the store: its row, its heartbeat, the lost hosts it looks after, and
 the wake-up when new work is announced.
 
-Owns two side threads of ``executor serve``. The heartbeat thread writes this host's row every
-``EXECUTOR_HOST_HEARTBEAT`` seconds (what it holds and why its queue waits), marks the jobs of hosts silent
-for longer than ``EXECUTOR_HOST_TIMEOUT`` interrupted, takes over those under this host's roots (rolled
-back and re-queued by the store's conditional move; a committing job waits for its own host), and keeps
-the view of every host that ``executor status`` shows. On PostgreSQL the listener thread LISTENs on the
-store's channel and sets ``wake`` at each NOTIFY (new jobs, a freed workspace), so an idle serving loop
-claims at once instead of at its next poll; while it cannot listen, the loop polls (``claim_due`` says
-when the loop looks at the queue). A database that is unreachable is logged and tried again after 1 s,
-doubling up to the heartbeat interval; any other failure ends the thread, which the serving loop notices
-and stops loudly. A host judges other hosts lost only once its own heartbeats have been on time for longer
-than the host timeout: after an outage of the database every host's heartbeat is old, and the first to
-reconnect must not take the others' jobs before they could beat again.
+Owns registering the host (its row, with the storage each of its workspace roots is: ``intake/storage.py``
+reads, or first writes, each root's marker) and two side threads of ``executor serve``. The heartbeat
+thread writes this host's row every ``EXECUTOR_HOST_HEARTBEAT`` seconds (what it holds and why its queue
+waits), marks the jobs of hosts silent for longer than ``EXECUTOR_HOST_TIMEOUT`` interrupted, takes over
+those under this host's roots on the same storage (rolled back and re-queued by the store's conditional
+move; a committing job waits for its own host), and keeps the view of every host that ``executor
+status`` shows. On PostgreSQL the listener thread LISTENs on the store's channel and sets ``wake`` at each
+NOTIFY (new jobs, a freed workspace), so an idle serving loop claims at once instead of at its next poll;
+while it cannot listen, the loop polls (``claim_due`` says when the loop looks at the queue). A database
+that is unreachable is logged and tried again after 1 s, doubling up to the heartbeat interval; any other
+failure ends the thread, which the serving loop notices and stops loudly. A host judges other hosts lost
+only once its own heartbeats have been on time for longer than the host timeout: after an outage of the
+database every host's heartbeat is old, and the first to reconnect must not take the others' jobs before
+they could beat again.
 
 Must never: block the serving loop or a job, take over a job whose host is alive, or touch another host's
 files.
@@ -26,12 +28,14 @@ import socket
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from importlib.metadata import PackageNotFoundError, version
 
 from sqlalchemy.exc import OperationalError as DatabaseUnreachable
 
 from ..clock import aware
 from ..errors import ConfigError
+from ..intake.storage import identify
 from ..logs import log_state
 from ..settings import Settings
 from ..store import Host, Job, Status, Store
@@ -65,6 +69,7 @@ class Presence:
         self.claimer = Claimer(settings.host_id, tuple(str(root) for root in settings.workspace_roots))
         self.wake = threading.Event()  # set by a NOTIFY: claim now (``on_wake`` wakes the serving loop)
         self.listening = False  # True while the LISTEN connection is up (else the loop polls every tick)
+        self.store_watched = False  # SQLite: the serving loop is woken by new work (its store's wake file)
         self.hosts: list[dict] = []
         self.claim_now = True  # a slot freed or the last round started something: look at the queue again
         self._last_claim = 0.0
@@ -80,17 +85,20 @@ class Presence:
         (``ConfigError``) when another live executor already serves under this host id."""
         s = self.settings
         self._refuse_a_twin()
+        storage = identify(self.claimer.roots, s.host_id, create=True)
+        self.claimer = replace(self.claimer, storage=storage)
         self.store.register_host(Host(
             id=s.host_id, version=executor_version(), machine=socket.gethostname(), pid=os.getpid(),
             budget_cpus=s.budget_cpus,
             budget_memory=s.budget_memory, reserve_memory=s.reserve_memory,
-            workspace_roots=[str(root) for root in s.workspace_roots]))
+            workspace_roots=[str(root) for root in s.workspace_roots], storage=storage))
         self._connected_since = self._last_beat = time.monotonic()
         back = self.store.reclaim(s.host_id)
-        adopted = self.store.adopt_unowned(s.host_id, self.claimer.roots)
+        adopted = self.store.adopt_unowned(s.host_id, self.claimer.serving)
+        stamped = self.store.stamp_storage(s.host_id, storage)
         self.hosts = self.view()
         log.info("host registered", extra={"action": "host", "host": s.host_id, "reclaimed": back,
-                                           "adopted": adopted})
+                                           "adopted": adopted, "storage": storage, "stamped": stamped})
 
     def _refuse_a_twin(self) -> None:
         """Two executors under one host id would recover each other's jobs. A row that beats (younger than
@@ -113,13 +121,19 @@ class Presence:
 
     def claim_due(self) -> bool:
         """Whether the serving loop looks at the queue this tick: always while nothing announces new work
-        (SQLite, or the LISTEN connection is down); with it, when a NOTIFY came, after a slot freed or a round
-        that started something, and every ``claim_poll`` seconds (cooldowns and retries end by the clock)."""
+        (the LISTEN connection is down, a SQLite store's wake file cannot be watched); with it, when woken,
+        after a slot freed or a round that started something, and every ``claim_poll`` seconds (cooldowns
+        and retries end by the clock)."""
         woken = self.wake.is_set()
         if woken:  # cleared only once seen: a NOTIFY arriving between the two would be lost
             self.wake.clear()
-        return (woken or self.claim_now or not self.listening
+        return (woken or self.claim_now or not self.announced
                 or time.monotonic() - self._last_claim >= self.settings.claim_poll)
+
+    @property
+    def announced(self) -> bool:
+        """Whether new work in the store wakes this host (a NOTIFY, or the SQLite store's wake file)."""
+        return self.listening or self.store_watched
 
     def claimed(self, started: bool) -> None:
         self._last_claim, self.claim_now = time.monotonic(), started
@@ -189,7 +203,7 @@ class Presence:
                     "next": "waits for its host (its commit is journaled there)" if job.status == Status.committing
                     else "its host recovers it when it returns, or a host holding its workspace root re-queues it"})
         taken = []
-        for job in self.store.orphans(self.settings.host_id, self.claimer.roots, timeout):
+        for job in self.store.orphans(self.settings.host_id, self.claimer.serving, timeout):
             moved = self.store.take_over(job, self.settings.host_id, timeout)
             if moved is None:
                 continue  # its host came back (or someone else moved it) first

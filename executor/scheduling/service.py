@@ -7,8 +7,9 @@ checks that its side threads (the sealed sandbox's event loop and recorder, the 
 metrics, notifier, heartbeat, listener) are alive, and writes its snapshot. A fault of the machine pauses
 work and never consumes it (``faults.py``): nothing is claimed while the engine is away, a round that
 cannot reach the store tries again with backoff, and a job whose thread lost the engine or the store is
-held until it is settled (``unsettled.py``). With PostgreSQL an idle loop claims when a NOTIFY
-wakes it, after a slot freed, or every ``EXECUTOR_CLAIM_POLL`` seconds; with SQLite every tick. At start-up
+held until it is settled (``unsettled.py``). An idle loop claims when new work wakes it (a NOTIFY on
+PostgreSQL, the store's wake file on SQLite, a job file in the spool), after a slot freed, or every
+``EXECUTOR_CLAIM_POLL`` seconds, and between rounds waits up to ``IDLE_WAIT`` (``pause``). At start-up
 it starts the sealed sandbox's threads (adopted sealed jobs need their sockets again), registers its host
 row and then resolves what a crash left behind of its own jobs (``recovery.py``). Shutdown has phases: stop
 intake and admission and close the web page (no decision may start), tell running jobs to stop and wait a
@@ -59,6 +60,7 @@ log = logging.getLogger(__name__)
 
 RETENTION_EVERY = 3600.0  # seconds between sweeps of expired job dirs
 INTAKE_BUDGET = 0.25  # seconds of intake per round of the loop
+IDLE_WAIT = 5.0  # at most this long between rounds of an idle loop (status.json stays fresh: < 10 s)
 
 
 @dataclass
@@ -83,7 +85,8 @@ class Executor(LoopFaults):
                 self.redactor.update({"EXECUTOR_DATABASE_URL": str(password)})
         self.store = Store(settings.db_url, redact=self.redactor)
         self.spool = Spool(settings.spool_dir)
-        self.wakeup = Wakeup(self.spool.incoming)  # a job file arriving, or a slot freed, wakes the loop at once
+        # A job file arriving, new work in a SQLite store, or a slot freed wakes the loop at once.
+        self.wakeup = Wakeup(self.spool.incoming, self.store.wake_path)
         if deployment is None:
             client = client or connect()
             self.paths = HostPaths.discover(client)  # in a container, the engine needs host paths
@@ -106,6 +109,7 @@ class Executor(LoopFaults):
         self.held: dict[str, str] = {}  # why each job at the head of the queue waits (admission order)
         self._explained = 0.0
         self.presence = Presence(settings, self.store, self._figures, on_wake=self.wakeup.wake)
+        self.presence.store_watched = "store" in self.wakeup.watching  # SQLite: new work wakes the loop
         self.last_tick = 0.0
         self._last_retention = 0.0
         self._process = psutil.Process()
@@ -150,10 +154,22 @@ class Executor(LoopFaults):
             while not stop.is_set():
                 busy = self.tick()
                 self.check_side_threads()
-                if not busy and not stop.is_set():
-                    self.wakeup.wait(self.settings.poll_interval)
+                if not busy and not stop.is_set() and self.wakeup.wait(self.pause()):
+                    self.presence.claim_now = True  # woken: a job file, new work in the store, a slot freed
         finally:
             self.shutdown()
+
+    def pause(self) -> float:
+        """How long the loop waits for a wake-up: ``poll_interval`` while it has anything in hand (jobs
+        running, the head of its queue waiting for room, jobs held unsettled, the engine away) or while new
+        work could arrive unannounced; when idle, up to ``IDLE_WAIT`` (an idle executor costs almost
+        nothing, and new work wakes it at once: the spool's and the SQLite store's inotify watches, a
+        NOTIFY, a slot freed; cooldowns and retry times end by the clock, looked at every claim_poll)."""
+        poll = self.settings.poll_interval
+        announced = "spool" in self.wakeup.watching and self.presence.announced
+        if self.slots or self.waiting or self.unsettled or not announced:
+            return poll
+        return max(poll, min(IDLE_WAIT, self.settings.claim_poll))
 
     def _start_side_threads(self) -> None:
         from ..surfaces.metrics import serve_metrics
@@ -212,7 +228,7 @@ class Executor(LoopFaults):
 
     def _intake(self) -> bool:
         taken = intake(self.spool, self.store, self.settings, self.ctx.runners, budget=INTAKE_BUDGET,
-                       translate=self.paths.to_container)
+                       translate=self.paths.to_container, storage=self.presence.claimer.storage)
         for job_id in taken.rejected_ids:  # a refused job file is an ending too (status rejected)
             if (job := self.store.get(job_id)) is not None:
                 self.ctx.settled(job)
@@ -327,7 +343,7 @@ class Executor(LoopFaults):
             return
         self._explained = time.monotonic()
         self.held = admission.explain(self.store, self.governor, self.presence.claimer, self.ctx.runners,
-                                      per_runner, status_view.HELD_SHOWN, paused)
+                                      per_runner, status_view.HELD_SHOWN, paused, self.presence.hosts)
 
     def start(self, job: Job, permit: Permit, target: Callable | None = None, *args) -> None:
         thread = threading.Thread(target=self._run, args=(target or run_job, job.id, *args),

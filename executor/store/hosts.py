@@ -1,8 +1,8 @@
 """The hosts that share the store: their rows, their heartbeats, and finding the ones that were lost.
 
-Owns the host table's queries. Each ``executor serve`` registers its row at start (budget, workspace roots,
-version), beats every ``EXECUTOR_HOST_HEARTBEAT`` seconds with what it holds (permits, running jobs, why
-its queue waits), and marks itself stopped on a clean shutdown. Liveness is judged by the database's clock
+Owns the host table's queries. Each ``executor serve`` registers its row at start (budget, workspace roots
+with the storage each is, version), beats every ``EXECUTOR_HOST_HEARTBEAT`` seconds with what it holds
+(permits, running jobs, why its queue waits), and marks itself stopped on a clean shutdown. Liveness is judged by the database's clock
 on PostgreSQL (hosts' clocks may drift apart): a host whose last heartbeat is older than
 ``EXECUTOR_HOST_TIMEOUT`` is lost, and its running, testing, committing and waiting jobs are marked
 interrupted, which ``queue.py``'s take-over and the host's own recovery act on.
@@ -13,7 +13,7 @@ other than the one its heartbeat was written with.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping
 from datetime import datetime
 from typing import Any
 
@@ -22,7 +22,8 @@ from sqlmodel import col
 
 from ..clock import aware, utcnow
 from .models import Host, Job
-from .queue import MARKED
+from .queue import MARKED, Roots, on_roots, under_roots
+from .status import Status
 
 
 class HostQueries:
@@ -46,7 +47,7 @@ class HostQueries:
             row = s.get(Host, host.id) or Host(id=host.id, version=host.version, budget_cpus=host.budget_cpus,
                                                 budget_memory=host.budget_memory, reserve_memory=host.reserve_memory)
             for name in ("version", "machine", "pid", "budget_cpus", "budget_memory", "reserve_memory",
-                         "workspace_roots"):
+                         "workspace_roots", "storage"):
                 setattr(row, name, getattr(host, name))
             row.started_at = utcnow()
             row.stopped_at = row.lost_at = None
@@ -109,15 +110,28 @@ class HostQueries:
             s.commit()
         return ids
 
-    def adopt_unowned(self, host_id: str, roots: Sequence[str]) -> list[str]:
+    def adopt_unowned(self, host_id: str, roots: Roots) -> list[str]:
         """Jobs mid-flight from before hosts existed (no host recorded) under this host's roots become its."""
-        from .queue import HOLDING, under_roots
+        from .queue import HOLDING
 
         with self.session() as s:
             ids = list(s.execute(update(Job).where(col(Job.host_id).is_(None),
                                                    col(Job.status).in_([st.name for st in HOLDING]),
-                                                   under_roots(col(Job.workspace), roots))
+                                                   on_roots(Job, roots))
                                  .values(host_id=host_id).returning(Job.id)
                                  .execution_options(synchronize_session=False)).scalars())
             s.commit()
         return ids
+
+    def stamp_storage(self, host_id: str, storage: Mapping[str, str]) -> int:
+        """Queued jobs this host's spool took in before storage was recorded get the storage of the root they
+        lie under (the deepest root first); returns how many."""
+        stamped = 0
+        with self.session() as s:
+            for root in sorted(storage, key=len, reverse=True):
+                stamped += s.execute(update(Job).where(
+                    col(Job.status) == Status.queued, col(Job.storage).is_(None), col(Job.spool_host) == host_id,
+                    under_roots(col(Job.workspace), [root])).values(storage=storage[root])
+                    .execution_options(synchronize_session=False)).rowcount or 0
+            s.commit()
+        return stamped

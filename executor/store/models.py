@@ -81,6 +81,9 @@ class Job(SQLModel, table=True):
     memory: int | None = Field(default=None, sa_column=_big())
     host_id: str | None = Field(default=None, index=True)  # the host that claimed it (its upper dir is there)
     spool_host: str | None = None  # the host whose spool the job file came in through
+    # The storage its workspace lies on (intake/storage.py: the root's marker as the accepting host read it):
+    # only a host whose root is that storage claims it. None (jobs from before): its path alone decides.
+    storage: str | None = None
     # Set while the job holds its workspace and session (running, testing, committing, waiting_retry):
     # unique, so two hosts can never hold one workspace or one session at once.
     workspace_lock: str | None = None
@@ -222,6 +225,7 @@ class Host(SQLModel, table=True):
     budget_memory: int = Field(sa_column=_big(nullable=False))
     reserve_memory: int = Field(sa_column=_big(nullable=False))
     workspace_roots: list = Field(default_factory=list, sa_column=Column(JSON))
+    storage: dict | None = Field(default=None, sa_column=Column(JSON))  # each root's storage: {root: identity}
     started_at: datetime = Field(default_factory=utcnow)
     last_seen: datetime = Field(default_factory=utcnow)  # written with the database's clock
     stopped_at: datetime | None = None  # a clean shutdown

@@ -1,7 +1,8 @@
 """The shared queue: claiming the next job for a host, and taking over the jobs of a host that was lost.
 
 Owns the claim. A host first reserves what it has free (the governor's permit), then claims in one
-statement the head of *its* queue (queued jobs whose workspace lies under one of its roots, whose runner
+statement the head of *its* queue (queued jobs whose workspace lies under one of its roots on that root's
+storage, ``on_roots``: the same path on another host's own disk is another directory; whose runner
 is not cooling down and not at its ``max_concurrent`` on this host, whose workspace and session no job
 holds) if that head fits what it reserved. On PostgreSQL the head is read ``FOR UPDATE SKIP LOCKED`` (a
 row another host is claiming at this instant is passed over, never waited for); on SQLite the database's
@@ -12,18 +13,18 @@ resumed before new work. Priority, then arrival order, holds per host; the head 
 the host's queue (head-of-line), it is never overtaken on that host.
 
 A lost host's jobs (``hosts.py`` marks them interrupted) are taken over only by a host holding the same
-workspace root, only while their host is still lost, and only from running, testing or waiting_retry: the
-attempt is rolled back (nothing of it was applied; its upper dir is on the lost host's disk) and the job
+workspace root on the same storage, only while their host is still lost, and only from running, testing or
+waiting_retry: the attempt is rolled back (nothing of it was applied; its upper dir is on the lost host's disk) and the job
 re-queued. A job in ``committing`` waits for its own host, whose journal finishes the apply.
 
-Must never: claim a job that does not fit, claim outside the host's roots, or take over a committing job
-or a job whose host came back.
+Must never: claim a job that does not fit, claim outside the host's roots or on storage it does not see,
+or take over a committing job or a job whose host came back.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import timedelta
 from typing import Any
 
@@ -50,12 +51,30 @@ _HOLDER = aliased(Job, name="holder")
 _REVIEWED = aliased(Job, name="reviewed")
 
 
+#: A host's workspace roots: each root's path with its storage (``intake/storage.py``), or plain paths (whose
+#: storage is unknown: they serve only jobs with none recorded).
+Roots = Sequence[str] | Mapping[str, str | None]
+
+
 def under_roots(column: Any, roots: Sequence[str]) -> Any:
     """SQL: ``column`` is one of ``roots`` or lies below one (exact and case-sensitive, on both engines)."""
     tests = []
     for root in (str(r).rstrip("/") or "/" for r in roots):
         below = root.rstrip("/") + "/"  # "/" itself: every absolute path lies below it
         tests.append(or_(column == root, func.substr(column, 1, len(below)) == below))
+    return or_(*tests) if tests else false()
+
+
+def on_roots(table: Any, roots: Roots) -> Any:
+    """SQL: the job's workspace lies under one of ``roots`` *on that root's storage*: a job whose storage is
+    recorded is this host's only where the root at its path is the same storage (the same path on another
+    host's own disk is another directory); a job without one (from before storage was recorded) goes by its
+    path alone."""
+    pairs = roots.items() if isinstance(roots, Mapping) else ((root, None) for root in roots)
+    tests = []
+    for root, storage in pairs:
+        same = table.storage.is_(None) if storage is None else or_(table.storage.is_(None), table.storage == storage)
+        tests.append(and_(under_roots(table.workspace, [root]), same))
     return or_(*tests) if tests else false()
 
 
@@ -74,11 +93,11 @@ class QueueQueries:
     def _db_cutoff(self, seconds: float) -> Any:
         return func.now() - timedelta(seconds=seconds) if self.postgres else utcnow() - timedelta(seconds=seconds)
 
-    def _eligible(self, q: Any, host: str, roots: Sequence[str], saturated: Sequence[str],
+    def _eligible(self, q: Any, host: str, roots: Roots, saturated: Sequence[str],
                   exclude: Sequence[str]) -> list:
         holder = _HOLDER
         cooling = select(RunnerState.name).where(col(RunnerState.cooldown_until) > self._db_now())
-        where = [q.status == Status.queued, under_roots(q.workspace, roots), q.runner.not_in(cooling),
+        where = [q.status == Status.queued, on_roots(q, roots), q.runner.not_in(cooling),
                  ~exists().where(holder.workspace_lock == q.workspace),
                  ~exists().where(holder.session_lock == q.session_id)]
         if saturated:
@@ -92,14 +111,14 @@ class QueueQueries:
                          exists().where(reviewed.id == q.builds_on, reviewed.host_id.is_(None))))
         return where
 
-    def head(self, host: str, roots: Sequence[str], saturated: Sequence[str] = ()) -> Job | None:
+    def head(self, host: str, roots: Roots, saturated: Sequence[str] = ()) -> Job | None:
         """The job this host would claim next if it fitted (to say why the queue waits)."""
         q = _QUEUED
         with self.session() as s:
             return s.execute(select(q).where(*self._eligible(q, host, roots, saturated, ()))
                           .order_by(q.priority.desc(), q.created_at, q.id).limit(1)).scalars().first()
 
-    def claim(self, host: str, roots: Sequence[str], cpus: float, memory: int, *, saturated: Sequence[str] = (),
+    def claim(self, host: str, roots: Roots, cpus: float, memory: int, *, saturated: Sequence[str] = (),
               exclude: Sequence[str] = ()) -> Job | None:
         """Claim this host's next job if it fits ``cpus``/``memory``: moved to ``running`` with its attempt
         counted, its host set and its workspace and session locked; None when nothing fits (the head of
@@ -180,13 +199,13 @@ class QueueQueries:
 
     # -- a lost host's jobs --------------------------------------------------------------------------
 
-    def orphans(self, host: str, roots: Sequence[str], timeout: float) -> list[Job]:
+    def orphans(self, host: str, roots: Roots, timeout: float) -> list[Job]:
         """Jobs of lost hosts (marked interrupted, their host still silent) that this host may take over."""
         stale = select(Host.id).where(col(Host.last_seen) < self._db_cutoff(timeout))
         with self.session() as s:
             return list(s.execute(select(Job).where(
                 col(Job.interrupted_at).is_not(None), col(Job.status).in_([st.name for st in TAKEN_OVER]),
-                col(Job.host_id) != host, col(Job.host_id).in_(stale), under_roots(col(Job.workspace), roots))
+                col(Job.host_id) != host, col(Job.host_id).in_(stale), on_roots(Job, roots))
                 .order_by(col(Job.priority).desc(), col(Job.created_at), col(Job.id))).scalars())
 
     def take_over(self, job: Job, host: str, timeout: float) -> Job | None:

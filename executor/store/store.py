@@ -16,13 +16,15 @@ Must never: store a secret (token values never reach this module), or let a term
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import func, or_, text, update
+from sqlalchemy import event, func, or_, text, update
+from sqlalchemy.engine import make_url
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, select
 
@@ -56,9 +58,24 @@ class Store(QueueQueries, HostQueries, AttemptQueries, AggregateQueries, SealedQ
         schema.ensure(self.engine)
 
     def _notify(self, s: Session, payload: str = "") -> None:
-        """Wake the hosts that LISTEN, when this transaction commits (PostgreSQL; SQLite hosts poll)."""
+        """Wake the hosts that LISTEN, when this transaction commits: a NOTIFY on PostgreSQL; on SQLite the
+        store's wake file (``wake_path``) is written once it committed, which the serving loop watches."""
         if self.postgres:
             s.exec(text("SELECT pg_notify(:channel, :payload)").bindparams(channel=CHANNEL, payload=payload))  # type: ignore[call-overload]
+        elif self.wake_path is not None:
+            event.listen(s, "after_commit", self._touch_wake, once=True)
+
+    @property
+    def wake_path(self) -> Path | None:
+        """SQLite: the file written after each commit that brings new work (None on PostgreSQL)."""
+        database = None if self.postgres else make_url(self.url).database
+        return Path(f"{database}-wake") if database else None
+
+    def _touch_wake(self, _session: Session) -> None:
+        try:  # opened and closed for writing: the watcher's IN_CLOSE_WRITE; nothing is written into it
+            os.close(os.open(self.wake_path, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600))
+        except OSError:
+            pass  # the serving loop looks at the queue every EXECUTOR_CLAIM_POLL seconds anyway
 
     @contextmanager
     def session(self) -> Iterator[Session]:

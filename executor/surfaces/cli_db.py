@@ -15,7 +15,6 @@ serves the store copied, or into a store that holds jobs.
 from __future__ import annotations
 
 import re
-import tempfile
 from pathlib import Path
 
 import click
@@ -84,6 +83,8 @@ def current() -> None:
 @click.argument("message")
 def revision(message: str) -> None:
     """Write the next migration (versions/NNNN_message.py) from what models.py adds to the current head."""
+    import tempfile  # here, not for every command: it imports shutil, random and the compression modules
+
     from alembic import command
     from alembic.config import Config
 

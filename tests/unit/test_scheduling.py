@@ -41,6 +41,8 @@ from executor.transaction.commit import Ending, Phase, settle
 from executor.transaction.workspace import Workspace
 from tests.unit.fakes import FakeDeployment
 
+ROOT = Path(__file__).resolve().parents[2]
+
 NOW = datetime(2026, 11, 27, 12, 0, tzinfo=timezone.utc)
 RUNNER = Runner(name="r", model="claude-sonnet-4-5", auth_env="T")
 
@@ -468,6 +470,45 @@ def test_the_loop_wakes_when_a_job_file_lands_or_a_slot_frees(tmp_path):
         assert wakeup.wait(5) is True
     finally:
         wakeup.close()
+
+
+def test_new_work_committed_to_a_sqlite_store_by_another_process_wakes_the_loop(tmp_path):
+    """``executor review request-changes`` or a page in another process inserts a job: the serving loop's
+    wait ends at its commit (the store's wake file)."""
+    import subprocess
+    import sys
+
+    from executor.scheduling.wakeup import Wakeup
+
+    store = Store(tmp_path / "executor.db")
+    wakeup = Wakeup(tmp_path / "no-spool", store.wake_path)
+    try:
+        assert wakeup.watching == {"store"}  # the spool directory is missing: that one is polled
+        assert wakeup.wait(0.05) is False
+        code = ("import sys; from pathlib import Path; from executor.store import Store; "
+                "from tests.unit.test_scheduling import job; Store(Path(sys.argv[1])).add_job(job('other'))")
+        subprocess.run([sys.executable, "-c", code, str(tmp_path / "executor.db")], check=True, cwd=ROOT)
+        assert wakeup.wait(30) is True  # True: woken by the other process's commit, not the timeout
+        assert store.get("other").status == Status.queued  # committed before the wake
+        assert wakeup.wait(0.05) is False  # drained
+    finally:
+        wakeup.close()
+        store.close()
+
+
+def test_an_idle_loop_waits_longer_and_a_busy_one_polls(tmp_path, monkeypatch):
+    from executor.scheduling import service
+
+    executor = _executor(tmp_path, monkeypatch, run_job=lambda ctx, job_id: None)
+    assert executor.wakeup.watching == {"spool", "store"}
+    assert executor.presence.announced  # SQLite: new work wakes it, so it need not look at every tick
+    executor.tick()
+    assert executor.pause() == service.IDLE_WAIT > executor.settings.poll_interval
+    executor.waiting = "job x waits: cpus"  # the head of its queue waits for room: poll for it
+    assert executor.pause() == executor.settings.poll_interval
+    executor.waiting = None
+    executor.presence.store_watched = False  # nothing announces new work: every tick looks
+    assert executor.pause() == executor.settings.poll_interval and executor.presence.claim_due()
 
 
 def test_the_disk_reserve_check_reads_the_watchdogs_while_job_threads_come_and_go(tmp_path, monkeypatch):
