@@ -29,10 +29,11 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 from ..transaction.safefs import as_owner
+from ..transaction.upper import STORAGE_MARKER
 
 log = logging.getLogger(__name__)
 
-MARKER = ".executor-storage"
+MARKER = STORAGE_MARKER
 _IDENTITY = re.compile(r"[0-9a-f]{32}")
 _MAX = 128  # bytes read of a marker: a real one is 33
 _FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC

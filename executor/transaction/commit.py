@@ -17,6 +17,7 @@ import logging
 import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from ..errors import (
     COMMITTED,
@@ -34,7 +35,7 @@ from ..store import Job, Status, Store
 from . import home, workspace
 from .apply import apply_change
 from .conflicts import check_conflicts
-from .upper import Change, scan_upper, select
+from .upper import Change, refuse_storage_marker, scan_upper, select
 from .workspace import Workspace
 
 log = logging.getLogger(__name__)
@@ -86,6 +87,8 @@ def commit(store: Store, job: Job, ws: Workspace, phase: Phase, files: Iterable[
     """
     chosen = sorted({p.strip().strip("/") for p in files or [] if p.strip().strip("/")}) or None
     change = select(scan_upper(ws.upper), chosen)
+    if ws.repo in {Path(root) for root in ws.roots}:
+        refuse_storage_marker(change)
     if change.refused:
         return Ending.of(UnsafePath("the change holds entries that are never applied: " +
                                     ", ".join(f"{r.path} ({r.reason})" for r in change.refused)))

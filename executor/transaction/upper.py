@@ -186,6 +186,18 @@ def _scan_dir_children(change: Change, fd: int, parts: list[str]) -> list[str]:
     return subdirs
 
 
+#: The workspace root's storage marker (``intake/storage.py``): which storage a root is, by which hosts claim
+#: jobs. A job whose workspace is a root itself must never write it (its root would become another storage).
+STORAGE_MARKER = ".executor-storage"
+
+
+def refuse_storage_marker(change: Change) -> None:
+    """For a workspace that is a workspace root: its top-level storage marker is refused, never applied."""
+    for entry in [e for e in change.entries if e.path == STORAGE_MARKER]:
+        change.entries.remove(entry)
+        change.refused.append(Refused(entry.path, "the workspace root's storage marker, which no job may change"))
+
+
 def listed(paths: list[str], limit: int = 10) -> str:
     """Paths for a message: the first ``limit`` of them, and how many more."""
     return ", ".join(paths[:limit]) + (f" and {len(paths) - limit} more" if len(paths) > limit else "")

@@ -17,7 +17,6 @@ from __future__ import annotations
 import hashlib
 import json
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
@@ -27,7 +26,7 @@ from executor.intake.spool import Spool
 from executor.sandbox.deployment import instance_id
 from executor.store import Status, Store
 from tests.acceptance.test_multihost import Host
-from tests.conftest import SANDBOX_IMAGE, TOKEN_VAR, chown_tree, tree_digest, wait_for, wait_status
+from tests.conftest import SANDBOX_IMAGE, chown_tree, tree_digest, wait_for, wait_status
 from tests.scripted_api import ScriptedAPI, Turn
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -327,3 +327,21 @@ def test_no_job_starts_while_the_state_root_is_below_the_disk_reserve(world, run
         out = subprocess.run([str(Path(sys.executable).parent / "executor"), "status"], env=world.env(),
                              capture_output=True, text=True, timeout=60)
         assert "EXECUTOR_DISK_RESERVE" in out.stdout
+
+
+def test_a_job_on_a_whole_workspace_root_cannot_rewrite_its_storage_marker(world, run_executor):
+    """The root's ``.executor-storage`` says which hosts may claim its jobs (intake/storage.py): a job whose
+    workspace is the root itself writes it in its layer, and the commit refuses the change."""
+    script = {"marker": [bash("echo forged > .executor-storage; echo x > x.txt"), Turn.text("Done.")]}
+    with ScriptedAPI(script) as api:
+        world.write_runners(api.base_url)
+        os.chown(world.repos, 1000, 1000)
+        running = run_executor(world.settings())
+        marker = world.repos / ".executor-storage"
+        wait_for(marker.exists, 30, "the root's storage marker")
+        before = marker.read_text()
+        world.submit(id="marker", workspace=str(world.repos), prompt="marker: forge it")
+        job = wait_status(running.executor.store, "marker", SETTLED, timeout=120)
+    assert job.status == Status.failed and "storage marker" in job.error, (job.status, job.reason, job.error)
+    assert marker.read_text() == before
+    assert not (world.repos / "x.txt").exists()  # nothing of the change applied
