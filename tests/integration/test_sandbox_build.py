@@ -18,7 +18,9 @@ def test_a_failed_fetch_of_the_cli_shows_npms_error_and_the_certificate_hint(doc
         ["docker", "build", "--network", "host", "--force-rm", "--target", "cli",
          "--build-arg", "CLAUDE_CODE_VERSION=0.0.0-executor-test-missing", str(ROOT / "sandbox")],
         env={**os.environ, "DOCKER_BUILDKIT": "0"}, capture_output=True, text=True, timeout=1200)
-    out = done.stdout + done.stderr
+    # The classic builder colours each piece of a step's stderr (ESC[91m ... ESC[0m), however npm split it:
+    # what a person reads is the text between the colours.
+    out = re.sub(r"\x1b\[[0-9;]*m", "", done.stdout + done.stderr)
     assert done.returncode != 0, out[-3000:]
     assert re.search(r"^npm (ERR!|error) ", out, re.M), out[-3000:]  # npm's reason, not only an exit code
     assert "fetching the Claude Code CLI 0.0.0-executor-test-missing from the npm registry failed" in out
