@@ -12,9 +12,10 @@ from ..errors import ConfigError
 from ..policy import AGENT_NAMES, Policy, Runner
 from ..store import Job
 from .claude_code.agent import CLAUDE_CODE
+from .codex.agent import CODEX
 from .seam import Agent
 
-AGENTS: dict[str, Agent] = {agent.name: agent for agent in (CLAUDE_CODE,)}
+AGENTS: dict[str, Agent] = {agent.name: agent for agent in (CLAUDE_CODE, CODEX)}
 assert set(AGENTS) <= set(AGENT_NAMES)
 
 
