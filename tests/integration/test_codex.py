@@ -135,3 +135,15 @@ def test_a_second_codex_job_of_the_session_continues_the_thread(world, run_execu
     assert thread and store.attempts("cxs-2")[-1].agent_session_id == thread
     resumed = json.dumps(requests[-1].body["input"])
     assert "FIRST-ANSWER-5521" in resumed and "cx-second: two" in resumed
+
+
+def test_doctor_finds_each_configured_runners_cli_in_the_image(docker_client):
+    from executor.policy import Runner
+    from executor.surfaces.doctor_agents import clis
+    from tests.conftest import SANDBOX_IMAGE
+
+    runners = {"c": Runner(name="c", model="m", auth_env="T"), "x": Runner(name="x", agent="codex", model=MODEL,
+                                                                          auth_env="T")}
+    found = clis(docker_client, SANDBOX_IMAGE, runners, {"io.executor.test": "doctor-clis"})
+    assert found.status == "ok" and "claude 2.1.328" in found.detail and "codex codex-cli 0.169.0" in found.detail
+    assert docker_client.containers.list(all=True, filters={"label": "io.executor.test=doctor-clis"}) == []

@@ -126,3 +126,11 @@ def test_the_responses_protocol_routes_errors_and_rate_limits():
         1.5, 0, 360.0, 0.25)
     assert "content-type" not in RESPONSES.rate_limit_headers(headers)
     assert duration("1h2m3.5s") == 3723.5 and duration("soon") is None
+
+
+def test_a_codex_runner_has_no_small_model_yet_and_says_so():
+    from executor.errors import CompactionUnavailable
+    from executor.settings import Settings
+
+    with pytest.raises(CompactionUnavailable, match="structural brief"):
+        CODEX.summarizer(Settings(), {"OPENAI_KEY": "k"}, RUNNER.model_copy(update={"compaction_model": "gpt-5-mini"}))

@@ -11,11 +11,15 @@ Must never: choose a model other than the runner's, or put the real credential i
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from datetime import datetime
 from pathlib import Path
 
 from ...clock import utcnow
+from ...errors import CompactionUnavailable
+from ...policy import Runner
+from ...session.summarizer import Summarizer
+from ...settings import Settings
 from ...transaction.home import transcript_readable
 from ..outcome import Outcome
 from ..seam import Agent, Launch, LaunchRequest, Run
@@ -58,6 +62,12 @@ class Codex(Agent):
     def classify(self, run: Run, exit_code: int | None, now: datetime | None = None) -> Outcome:
         assert isinstance(run, CodexRun)
         return classify(run, exit_code, now)
+
+    def summarizer(self, settings: Settings, secrets: Mapping[str, str], runner: Runner) -> Summarizer:
+        # Not built yet: a later job of a codex session continues the thread (context = "resume"), or is
+        # briefed without model summaries (the structural brief).
+        raise CompactionUnavailable(f"runner {runner.name!r} runs codex, whose briefs have no small model yet: "
+                                    "the structural brief is used (or set the policy's context = \"resume\")")
 
     def transcript_readable(self, homes: list[Path], session_id: str) -> bool:
         return transcript_readable(homes, [".codex", "sessions", "*", "*", "*", f"rollout-*-{session_id}.jsonl"])
