@@ -28,7 +28,7 @@ POLICY_NAME = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 Duration = Annotated[float, Field(gt=0)]
 
 #: The agents a runner may name (each one package under ``executor/agent/``).
-AGENT_NAMES = ("claude-code", "codex")
+AGENT_NAMES = ("claude-code", "codex", "gemini")
 
 
 #: Where tests live unless a policy says otherwise (gitignore globs): Python, JavaScript/TypeScript and Go layouts.
@@ -183,7 +183,7 @@ class Runner(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     name: str
-    agent: Literal["claude-code", "codex"] = Field(
+    agent: Literal["claude-code", "codex", "gemini"] = Field(
         default="claude-code", description="The coding agent's CLI that runs the jobs.")
     model: str = Field(description="Exact model id the agent is given (no aliases).")
     auth_env: str = Field(description="Name of the executor's environment variable holding the credential.")

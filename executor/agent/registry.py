@@ -13,9 +13,10 @@ from ..policy import AGENT_NAMES, Policy, Runner
 from ..store import Job
 from .claude_code.agent import CLAUDE_CODE
 from .codex.agent import CODEX
+from .gemini.agent import GEMINI
 from .seam import Agent
 
-AGENTS: dict[str, Agent] = {agent.name: agent for agent in (CLAUDE_CODE, CODEX)}
+AGENTS: dict[str, Agent] = {agent.name: agent for agent in (CLAUDE_CODE, CODEX, GEMINI)}
 assert set(AGENTS) <= set(AGENT_NAMES)
 
 

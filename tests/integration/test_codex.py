@@ -143,7 +143,9 @@ def test_doctor_finds_each_configured_runners_cli_in_the_image(docker_client):
     from tests.conftest import SANDBOX_IMAGE
 
     runners = {"c": Runner(name="c", model="m", auth_env="T"), "x": Runner(name="x", agent="codex", model=MODEL,
-                                                                          auth_env="T")}
+                                                                          auth_env="T"),
+               "g": Runner(name="g", agent="gemini", model="gemini-2.5-pro", auth_env="T")}
     found = clis(docker_client, SANDBOX_IMAGE, runners, {"io.executor.test": "doctor-clis"})
     assert found.status == "ok" and "claude 2.1.328" in found.detail and "codex codex-cli 0.169.0" in found.detail
+    assert "gemini 0.61.0" in found.detail
     assert docker_client.containers.list(all=True, filters={"label": "io.executor.test=doctor-clis"}) == []

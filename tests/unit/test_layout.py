@@ -119,10 +119,12 @@ def test_the_store_owns_every_query():
 #: What only an agent's own package may name: its CLI's flags, files, environment, tool names and API headers.
 AGENT_WORDS = {
     "claude_code": ("ANTHROPIC_", "CLAUDE_CODE_", "x-api-key", "anthropic-", ".claude", "--resume",
-                    "--append-system-prompt", "--disallowedTools", "stream-json", "Bash", "MultiEdit",
+                    "--append-system-prompt", "--disallowedTools", "Bash", "MultiEdit",
                     "message_start", "<synthetic>"),
     "codex": ("OPENAI_", "CODEX_HOME", ".codex", "model_providers", "exec_command", "command_execution",
               "file_change", "x-ratelimit-", "response.completed", "thread.started", "turn.failed"),
+    "gemini": ("GEMINI_", "GOOGLE_GEMINI", "x-goog-api-key", "streamGenerateContent", "usageMetadata",
+               "run_shell_command", "selectedType"),
 }
 
 
