@@ -1,4 +1,4 @@
-"""Benchmark: the same trivial job per agent (Claude Code, Codex), spool to committed, against the same two
+"""Benchmark: the same trivial job per agent (Claude Code, Codex, Gemini CLI), spool to committed, against the same two
 containers run by hand.
 
 Run by hand (as root, with the Docker engine up and the sandbox image built):
@@ -6,8 +6,9 @@ Run by hand (as root, with the Docker engine up and the sandbox image built):
     EXECUTOR_SANDBOX_IMAGE=executor-sandbox:agents .venv/bin/python bench/agents.py [--pairs 5] [--sealed]
 
 Per agent: a scripted provider on 127.0.0.1 (``tests/scripted_api.py``'s Messages API for Claude Code,
-``tests/scripted_responses.py``'s Responses API for Codex) plays the model: one tool call that writes
-``hello.txt`` (Claude Code's Write, Codex's shell command), then a message. Through the executor: from the job
+``tests/scripted_responses.py``'s Responses API for Codex, ``tests/scripted_gemini.py`` for Gemini) plays the
+model: one tool call that writes ``hello.txt`` (Claude Code's Write, a shell command for the others), then a
+message. Through the executor: from the job
 file landing in the spool to the job committed (the agent on an overlay of the repository, the test gate
 ``test -f hello.txt`` in a fresh container, the change applied). By hand: the same two containers through the
 same engine calls (``workspace.create``, the agent's own launch, ``run_tests``), without the control plane.
@@ -33,10 +34,14 @@ sys.path.insert(0, str(ROOT))
 
 from bench.latency import UID, GID, IMAGE, _status, log, serve, world  # noqa: E402
 
-MODELS = {"claude-code": "claude-sonnet-4-5", "codex": "gpt-5-codex"}
+MODELS = {"claude-code": "claude-sonnet-4-5", "codex": "gpt-5-codex", "gemini": "gemini-2.5-pro"}
 
 
 def _provider(agent: str, keys: list[str]):
+    if agent == "gemini":
+        from tests.scripted_gemini import GTurn, ScriptedGemini
+
+        return ScriptedGemini({k: [GTurn.shell("echo hi > hello.txt"), GTurn.text("Done.")] for k in keys})
     if agent == "codex":
         from tests.scripted_responses import RTurn, ScriptedResponses
 

@@ -34,7 +34,8 @@ def _run(world, run_executor, job_id: str, script: list[GTurn], repo, docker_cli
 def test_a_gemini_job_runs_a_shell_command_and_commits_its_change(world, run_executor, docker_client):
     repo = world.repo("gm", {"README": "gemini\n"})
     job, store, requests, attrs = _run(world, run_executor, "gm-ok",
-                                       [GTurn.shell("echo hello > hello.txt"), GTurn.text("Wrote hello.txt.")], repo,
+                                       [GTurn.shell(f"cat /proc/[0-9]*/environ | tr '\\0' '\\n' | grep -c {TOKEN_VALUE}; "
+                                                    "echo hello > hello.txt"), GTurn.text("Wrote hello.txt.")], repo,
                                        docker_client, test_command="grep -qx hello hello.txt")
     assert job.status == Status.succeeded, (job.reason, job.error)
     assert (repo / "hello.txt").read_text() == "hello\n"
@@ -47,6 +48,8 @@ def test_a_gemini_job_runs_a_shell_command_and_commits_its_change(world, run_exe
     events = store.events(job_id="gm-ok")
     call = next(e.data for e in events if e.kind == "tool_call")
     assert call["name"] == "run_shell_command" and "hello.txt" in call["command"]
+    result = next(e.data for e in events if e.kind == "tool_result")
+    assert result["content"].strip() == "0"  # no process in the container held the credential
     rows = store.api_requests(job_id="gm-ok")
     assert [(r.status, r.model, r.runner) for r in rows] == [(200, MODEL, "gem")] * 2
     assert all(r.input_tokens and r.output_tokens for r in rows)
@@ -82,3 +85,28 @@ def test_a_gemini_job_rate_limited_on_every_attempt_fails_naming_the_runner(worl
     events = store.rate_limits(job_id="gm-rl")
     assert events and {(e.runner, e.status_code, e.kind) for e in events} == {("gem", 429, "rate_limited")}
     assert 2 <= len(requests) <= 4  # general.maxAttempts = cli_max_retries + 1: no ten retries over minutes
+
+
+def test_a_second_gemini_job_of_the_session_starts_from_the_brief(world, run_executor):
+    repo = world.repo("gms", {"README": "gemini\n"})
+    # the second job's prompt holds the brief, which names the first job's prompt: its key is matched first
+    script = {"gm-second": [GTurn.shell("echo two > two.txt"), GTurn.text("Done.")],
+              "gm-first": [GTurn.shell("echo one > one.txt"), GTurn.text("Done.")]}
+    with ScriptedGemini(script) as api:
+        world.write_runners(api.base_url, models={"gem": MODEL}, agent='"gemini"')
+        world.write_policy(test_command="test -f one.txt")
+        running = run_executor(world.settings())
+        store = running.executor.store
+        world.submit(id="gms-1", session_id="gms", runner="gem", workspace=str(repo), prompt="gm-first: one")
+        first = wait_status(store, "gms-1", SETTLED, timeout=180)
+        assert first.status == Status.succeeded, (first.reason, first.error)
+        world.submit(id="gms-2", session_id="gms", runner="gem", workspace=str(repo), prompt="gm-second: two")
+        second = wait_status(store, "gms-2", SETTLED, timeout=180)
+        requests = api.requests
+    assert second.status == Status.succeeded, (second.reason, second.error)
+    assert (repo / "two.txt").exists()
+    # the brief (structural: a gemini runner has no small model yet) leads the second job's prompt
+    prompt = json.dumps(requests[-1].body["contents"][0])
+    assert "Session brief" in prompt and "gms-1" in prompt and "gm-second: two" in prompt
+    started = [e.data for e in store.events(job_id="gms-2") if e.kind == "compaction"][0]
+    assert started["mode"] == "structural" and "gemini" in started["reason"]
