@@ -99,7 +99,8 @@ def trivial_jobs(base: Path, agent: str, pairs: int, sealed: bool) -> tuple[list
                 workspace.create(sandbox, ws)
                 launch = agent_for(runner).launch(LaunchRequest(f"h{i}: write hello.txt", runner, policy,
                                                                 {"T": "sk-bench-0000"}, sealed=False))
-                container = sandbox.start(agent_spec(ws, policy, launch))
+                config = workspace.write_agent_config(ws, launch.files)  # Gemini's settings file
+                container = sandbox.start(agent_spec(ws, policy, launch, config=str(config) if config else None))
                 container.wait()
                 sandbox.remove(container)
                 workspace.create_test_view(sandbox, ws)
