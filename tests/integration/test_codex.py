@@ -10,9 +10,15 @@ from __future__ import annotations
 import json
 
 from executor.agent.codex.command import PLACEHOLDER_CREDENTIAL
+from executor.sandbox.deployment import LABEL_INSTANCE, instance_id
 from executor.store import Status
 from tests.conftest import TOKEN_VALUE, tree_digest, wait_for, wait_status
 from tests.scripted_responses import RTurn, ScriptedResponses
+
+def _mine(world) -> str:
+    """This test's executor's containers (another test session on the engine may run the same job ids)."""
+    return f"{LABEL_INSTANCE}={instance_id(world.home)}"
+
 
 SETTLED = {Status.succeeded, Status.rolled_back, Status.failed, Status.stalled, Status.cancelled}
 MODEL = "gpt-5-codex"
@@ -45,7 +51,7 @@ def test_a_codex_job_runs_a_shell_command_and_commits_its_change(world, run_exec
         store = running.executor.store
         world.submit(id="cx-ok", runner="codex", workspace=str(repo), prompt="cx-ok: write hello.txt")
         container = wait_for(lambda: next(iter(docker_client.containers.list(
-            filters={"label": ["io.executor.job=cx-ok", "io.executor.role=agent"]})), None), 60, "the agent container")
+            filters={"label": ["io.executor.job=cx-ok", "io.executor.role=agent", _mine(world)]})), None), 60, "the agent container")
         config = container.attrs["Config"]
         job = wait_status(store, "cx-ok", SETTLED, timeout=180)
         requests = api.requests

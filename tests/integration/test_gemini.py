@@ -7,9 +7,15 @@ from __future__ import annotations
 import json
 
 from executor.agent.gemini.command import PLACEHOLDER_CREDENTIAL
+from executor.sandbox.deployment import LABEL_INSTANCE, instance_id
 from executor.store import Status
 from tests.conftest import TOKEN_VALUE, tree_digest, wait_for, wait_status
 from tests.scripted_gemini import GTurn, ScriptedGemini
+
+def _mine(world) -> str:
+    """This test's executor's containers (another test session on the engine may run the same job ids)."""
+    return f"{LABEL_INSTANCE}={instance_id(world.home)}"
+
 
 SETTLED = {Status.succeeded, Status.rolled_back, Status.failed, Status.stalled, Status.cancelled}
 MODEL = "gemini-2.5-pro"
@@ -25,7 +31,7 @@ def _run(world, run_executor, job_id: str, script: list[GTurn], repo, docker_cli
         attrs = None
         if docker_client is not None:
             container = wait_for(lambda: next(iter(docker_client.containers.list(
-                filters={"label": [f"io.executor.job={job_id}", "io.executor.role=agent"]})), None), 60, "the agent")
+                filters={"label": [f"io.executor.job={job_id}", "io.executor.role=agent", _mine(world)]})), None), 60, "the agent")
             attrs = container.attrs
         job = wait_status(store, job_id, SETTLED, timeout=180)
         return job, store, api.requests, attrs
