@@ -161,7 +161,8 @@ def reads_on(store: str, base: Path, n: int) -> dict[str, list[tuple[float, floa
 def trivial_job(base: Path, pairs: int) -> tuple[list[float], list[float]]:
     import docker
 
-    from executor.agent.command import agent_environment
+    from executor.agent.registry import agent_for
+    from executor.agent.seam import LaunchRequest
     from executor.intake.spool import Spool
     from executor.policy import Policy, Runner
     from executor.sandbox.deployment import Sandbox
@@ -207,8 +208,9 @@ def trivial_job(base: Path, pairs: int) -> tuple[list[float], list[float]]:
                                uid=UID, gid=GID, home=base / "hand-sessions" / str(i))
                 started = time.perf_counter()
                 workspace.create(sandbox, ws)
-                spec = agent_spec(ws, runner, policy, f"h{i}: write hello.txt",
-                                  agent_environment(runner, {"T": "sk-bench-0000"}))
+                launch = agent_for(runner).launch(LaunchRequest(f"h{i}: write hello.txt", runner, policy,
+                                                                {"T": "sk-bench-0000"}, sealed=False))
+                spec = agent_spec(ws, policy, launch)
                 container = sandbox.start(spec)
                 container.wait()
                 sandbox.remove(container)

@@ -15,7 +15,7 @@ memory budget):
    queue wait = started_at - created_at, run = finished_at - started_at. While it runs a sampler
    thread reads this process's RSS and CPU % every 0.2 s: the executor is the main thing running in
    this process (the scripted API runs in a child process so its CPU is not counted).
-2. plain -- the same image and the same claude command line (``executor.runner.agent_command``: the
+2. plain -- the same image and the same claude command line (``agent.claude_code.command.argv`` in ``agent.launch.container_command``: the
    executor adds ``--include-partial-messages``), the same env (ANTHROPIC_BASE_URL, ANTHROPIC_API_KEY,
    CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC=1, HOME=/tmp), ``--network host --user 1000:1000 --rm`` and
    the same cpu/memory limits, through the docker CLI from a thread pool.
@@ -50,7 +50,8 @@ sys.path.insert(0, str(ROOT))
 import docker  # noqa: E402
 import psutil  # noqa: E402
 
-from executor.agent.command import agent_command  # noqa: E402
+from executor.agent.claude_code.command import argv  # noqa: E402
+from executor.agent.launch import container_command  # noqa: E402
 from executor.intake.spool import Spool  # noqa: E402
 from executor.logs import TextFormatter  # noqa: E402
 from executor.sandbox.deployment import LABEL, LABEL_INSTANCE, instance_id  # noqa: E402
@@ -294,7 +295,7 @@ def docker_claude_cmd(base_url: str, i: int, args) -> list[str]:
            "--cpus", str(args.job_cpus), "--memory", args.job_memory, "--memory-swap", args.job_memory]
     for k, v in env.items():
         cmd += ["-e", f"{k}={v}"]
-    return cmd + [IMAGE] + agent_command(PROMPT.format(i=i), MODEL)
+    return cmd + [IMAGE] + container_command(argv(PROMPT.format(i=i), MODEL), sealed=False)
 
 
 def claude_ok(stdout: str) -> bool:

@@ -1,7 +1,10 @@
 """Policy and runner files: the TOML a person writes to say how jobs may run and who runs them.
 
 Owns parsing and validating ``policies/<name>.toml`` (resource limits, timeouts, test command, network and
-egress) and ``policies/runners.toml`` (named runners: model, auth variable, base URL). Unknown keys are errors.
+egress) and ``policies/runners.toml`` (named runners: the agent, its model, auth variable, base URL, the small
+model of its briefs). Unknown keys are errors. A policy key means the same for every agent; where its default is
+the agent's own (the tools a headless job does not get, what a session hands on), the policy leaves it unset and
+the job's agent fills it in when the job is accepted.
 
 Must never: read a secret's value (only the *name* of the variable that holds it), or start anything.
 """
@@ -24,14 +27,8 @@ POLICY_NAME = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 
 Duration = Annotated[float, Field(gt=0)]
 
-#: Tools of the interactive CLI that a headless job in a sandbox has no use for (subagents, scheduling,
-#: worktrees, the web from a network-restricted container, notebooks). Measured on 2.1.328: dropping them
-#: shrinks every request from ~87 KB to ~51 KB (the tool definitions go from 48 KB to 20 KB).
-DEFAULT_DISALLOWED_TOOLS = (
-    "Agent", "Task", "ListAgents", "SendMessage", "TaskStop", "Workflow", "ScheduleWakeup", "Monitor",
-    "ReportFindings", "Skill", "WebFetch", "WebSearch", "NotebookEdit", "CronCreate", "CronDelete",
-    "CronList", "EnterWorktree", "ExitWorktree",
-)
+#: The agents a runner may name (each one package under ``executor/agent/``).
+AGENT_NAMES = ("claude-code", "codex", "gemini")
 
 
 #: Where tests live unless a policy says otherwise (gitignore globs): Python, JavaScript/TypeScript and Go layouts.
@@ -108,18 +105,19 @@ class Policy(BaseModel):
                     "A CLI waiting on an unanswered request burns ~0.003 cores, a working build far more.",
     )
     retry_stalled: bool = Field(default=False, description="Re-queue a stalled job from the clean repository.")
-    disallowed_tools: list[str] = Field(
-        default_factory=lambda: list(DEFAULT_DISALLOWED_TOOLS),
-        description="Claude Code tools a batch job does not get (--disallowedTools): their definitions ride "
-                    "along in every request otherwise. [] gives the CLI's full set.",
+    disallowed_tools: list[str] | None = Field(
+        default=None,
+        description="Tools of the agent's CLI a batch job does not get, by the CLI's own names: their definitions "
+                    "ride along in every request otherwise. Unset: the agent's own headless set (subagents, web, "
+                    "scheduling...); [] gives the CLI's full set.",
     )
     max_attempts: int = Field(default=4, ge=1, description="Attempts a rate-limited/overloaded job gets in all.")
     backoff_initial: Duration = Field(default=15.0, description="First wait after a rate limit.")
     backoff_multiplier: float = Field(default=2.0, ge=1, description="Each further wait is this much longer.")
     backoff_max: Duration = Field(default=900.0, description="No single wait is longer (unless the API says so).")
     cli_max_retries: int = Field(
-        default=2, ge=0,
-        description="CLAUDE_CODE_MAX_RETRIES in the container: the CLI's own quick retries before the "
+        default=2, ge=0, le=9,
+        description="The agent CLI's own quick retries of a failed API call (each CLI's own setting) before the "
                     "executor's recorded backoff (which frees the slot) takes over.",
     )
     review: Literal["never", "auto", "always"] = Field(
@@ -148,11 +146,11 @@ class Policy(BaseModel):
                     "starting it with the structural brief.",
     )
 
-    session_carry: tuple[str, ...] = Field(
-        default=(".claude/projects/**/*.jsonl",),
+    session_carry: tuple[str, ...] | None = Field(
+        default=None,
         description="Globs of the agent's home that a committed job hands on to the next job of its session. "
-                    "By default only Claude Code's transcripts; hooks, settings.json, shell rc files and shell "
-                    "snapshots run code in the next job: name them here only if you want exactly that.")
+                    "Unset: only the agent's conversation transcripts; hooks, settings files, shell rc files and "
+                    "shell snapshots run code in the next job: name them here only if you want exactly that.")
 
     @field_validator("egress")
     @classmethod
@@ -198,23 +196,38 @@ class Policy(BaseModel):
 
 
 class Runner(BaseModel):
-    """A named way to reach a model: exactly one model, one credential, no fallback."""
+    """A named way to reach a model: one agent, exactly one model, one credential, no fallback."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     name: str
-    model: str = Field(description="Exact model id passed to --model (no aliases).")
+    agent: Literal["claude-code", "codex", "gemini"] = Field(
+        default="claude-code", description="The coding agent's CLI that runs the jobs.")
+    model: str = Field(description="Exact model id the agent is given (no aliases).")
     auth_env: str = Field(description="Name of the executor's environment variable holding the credential.")
     auth_type: Literal["api_key", "oauth_token"] = Field(
         default="api_key",
-        description="api_key -> ANTHROPIC_API_KEY, oauth_token -> CLAUDE_CODE_OAUTH_TOKEN in the container.",
+        description="How the credential is presented: an API key, or (claude-code only) an OAuth token.",
     )
-    base_url: str | None = Field(default=None, description="Becomes ANTHROPIC_BASE_URL.")
+    base_url: str | None = Field(
+        default=None, description="The provider's endpoint (default: its public API). codex: an OpenAI-style base "
+                                  "ending in /v1.")
     max_concurrent: int | None = Field(default=None, ge=1, description="Jobs of this runner at once.")
+    compaction_model: str | None = Field(
+        default=None, min_length=1,
+        description="The small model (a pinned id) that writes session briefs, through this runner's provider and "
+                    "credential. claude-code: EXECUTOR_COMPACTION_MODEL when unset; the others: no model brief "
+                    "(the structural one) when unset.")
 
-    @property
-    def container_auth_var(self) -> str:
-        return "ANTHROPIC_API_KEY" if self.auth_type == "api_key" else "CLAUDE_CODE_OAUTH_TOKEN"
+    @model_validator(mode="after")
+    def _fits_the_agent(self) -> Runner:
+        if self.auth_type == "oauth_token" and self.agent != "claude-code":
+            raise ValueError(f'auth_type "oauth_token" is for claude-code runners; a {self.agent} runner takes an '
+                             'API key: remove auth_type (or set it to "api_key")')
+        if self.agent == "codex" and self.base_url and not self.base_url.rstrip("/").endswith("/v1"):
+            raise ValueError(f"a codex runner's base_url is an OpenAI-style base ending in /v1 (the CLI adds "
+                             f"/responses to it): {self.base_url!r} does not end in /v1")
+        return self
 
 
 def _read_toml(path: Path) -> dict:

@@ -21,6 +21,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from executor.agent.claude_code.api import MESSAGES
 from executor.egress_rules import parse_egress
 from executor.sandbox.egress import EgressEvent
 from executor.sandbox.gateway import Refusal, RequestRecord, Upstream
@@ -164,7 +165,7 @@ class HostSide:
 
 
 def upstream(base_url: str, auth_type: str = "api_key") -> Upstream:
-    return Upstream(MODEL, REAL_KEY, auth_type, base_url)
+    return Upstream(MODEL, REAL_KEY, auth_type, base_url, protocol=MESSAGES)
 
 
 class _Quiet(http.server.BaseHTTPRequestHandler):

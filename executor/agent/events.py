@@ -1,34 +1,27 @@
-"""The Claude Code CLI's ``--output-format stream-json`` lines, one at a time, as small typed events.
+"""The executor's own vocabulary of what an agent did, and reading one line of an agent's JSON-lines stream.
 
-Owns parsing a stdout line (``parse_line``) and turning each message into ``Event`` values (turns, tool
-calls with their file paths and shell commands, tool results, retries, rate-limit signals, the result),
-clipped so that events can go to logs and the database.
+Owns ``Event`` and its kinds, whatever agent CLI produced them: ``init`` (the run began: its session, the model
+the CLI asked for), ``turn`` (the model's text), ``thinking`` (a glimpse), ``tool_call`` (``name`` as the CLI
+calls the tool, ``id``, and ``file_path`` for a file it reads or edits, ``command`` for a shell command, else
+``input``), ``tool_result`` (``tool_use_id``, ``is_error``, ``content``), ``api_retry`` (the CLI retries by
+itself: ``error_status``, ``retry_delay_ms``), ``rate_limit`` (a provider's rate-limit notice), ``result`` (the
+run's end: ``is_error``, ``usage``), ``usage`` (tokens of one turn, where a CLI reports them apart),
+``agent_text`` (plain text the CLI printed) and ``other``. What a tool *does* (read, edit, shell) is each
+agent's knowledge (``Agent.tool_action``). Also the clipping every event goes through, and ``parse_line``:
+one stdout line as a JSON object, under a bound, whatever the agent wrote there.
 
-Must never: talk to Docker, the database or the network, or keep large payloads (file contents, thinking
-text, signatures) beyond a short truncation.
-
-Facts this module relies on (seen in real transcripts of CLI 2.1.328, kept in ``tests/fixtures``):
-
-* the first line is ``system/init`` with ``session_id`` and the model the CLI *resolved*;
-* each ``assistant`` line carries ``message.model``, the model that really answered that turn, except
-  the CLI's own error messages, which name the synthetic model ``<synthetic>``;
-* while the CLI retries by itself it prints ``system/api_retry`` lines (``error_status`` 429, 529 ...);
-* the last line is ``result``; ``subtype`` can be ``success`` even when ``is_error`` is true (an API
-  error ends with ``terminal_reason: "api_error"``), so ``is_error`` is what counts.
+Must never: talk to Docker, the database or the network, keep large payloads (file contents, thinking text,
+signatures) beyond a short truncation, or name an agent's tools, flags or files.
 """
 
 from __future__ import annotations
 
 import json
 import threading
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from ..untrusted import load_json
-
-# The CLI's name for messages it writes itself (API errors): never a model that answered.
-SYNTHETIC_MODEL = "<synthetic>"
 
 # Truncation limits: events go to logs and the database, never whole files or transcripts.
 TOOL_INPUT_LIMIT = 2000
@@ -37,27 +30,13 @@ RESULT_TEXT_LIMIT = 4000
 THINKING_LIMIT = 200
 ACTIVITY_LIMIT = 160
 
-# Tools whose interesting input is the path they touch (NotebookEdit names it ``notebook_path``).
-FILE_TOOLS = frozenset({"Write", "Edit", "MultiEdit", "NotebookEdit", "Read"})
-
-OUTCOME_KINDS = ("success", "rate_limited", "overloaded", "auth_error", "api_error", "agent_error")
-
-
-# --------------------------------------------------------------------------------------------------
-# Data types
-
 
 @dataclass(frozen=True)
 class Event:
-    """One thing that happened in the run, e.g. ``Event("tool_call", {"name": "Bash", ...})``."""
+    """One thing that happened in the run, e.g. ``Event("tool_call", {"name": ..., "command": "pytest -q"})``."""
 
     kind: str
     data: dict = field(default_factory=dict)
-
-
-
-# --------------------------------------------------------------------------------------------------
-# Small helpers
 
 
 def clip(text: Any, limit: int) -> str:
@@ -88,7 +67,7 @@ def as_json(value: Any) -> str:
 
 
 def content_text(content: Any) -> str:
-    """Text of a tool_result's ``content``: a string, or a list of blocks (text, image ...)."""
+    """Text of a tool result's content: a string, or a list of blocks (text, image ...)."""
     if content is None:
         return ""
     if isinstance(content, str):
@@ -107,9 +86,9 @@ def content_text(content: Any) -> str:
     return as_json(content)
 
 
-
-# --------------------------------------------------------------------------------------------------
-# 1. Lines
+def text_event(msg: dict) -> list[Event]:
+    """A line of plain text the CLI printed (``parse_line`` made it ``{"type": "_text"}``)."""
+    return [Event("agent_text", {"text": clip(msg.get("text", ""), RESULT_TEXT_LIMIT)})]
 
 
 #: A stream line longer than this is parsed under ``PARSE_BUDGET`` and one at a time across all jobs; shorter
@@ -124,7 +103,7 @@ _BIG_PARSE = threading.BoundedSemaphore(1)
 def parse_line(raw: bytes | str) -> dict | None:
     """One stdout line as a dict; None for a blank line; ``{"type": "_text"}`` for plain text.
 
-    The CLI sometimes prints plain text (warnings, a crash message) and a line can be split by a
+    A CLI sometimes prints plain text (warnings, a crash message) and a line can be split by a
     concurrent write, so a line that is not a JSON object is data, not an error.
     """
     if isinstance(raw, (bytes, bytearray)):
@@ -144,176 +123,3 @@ def parse_line(raw: bytes | str) -> dict | None:
     if not isinstance(msg, dict):
         return {"type": "_text", "text": text[:TOOL_RESULT_LIMIT]}
     return msg
-
-
-# --------------------------------------------------------------------------------------------------
-# 2. Events
-
-
-def events_for(msg: dict) -> list[Event]:
-    """The events one parsed line stands for (``stream_event`` partials stand for none)."""
-    kind = msg.get("type")
-    handler = _HANDLERS.get(kind)  # type: ignore[arg-type]
-    if handler is not None:
-        return handler(msg)
-    return [Event("other", {"type": str(kind)})]
-
-
-def _system_events(msg: dict) -> list[Event]:
-    subtype = msg.get("subtype")
-    if subtype == "init":
-        tools = msg.get("tools")
-        return [
-            Event(
-                "init",
-                {
-                    "session_id": msg.get("session_id"),
-                    "model": msg.get("model"),
-                    "cwd": msg.get("cwd"),
-                    "claude_code_version": msg.get("claude_code_version"),
-                    "tools": len(tools) if isinstance(tools, list) else 0,
-                },
-            )
-        ]
-    if subtype == "api_retry":
-        return [
-            Event(
-                "api_retry",
-                {
-                    "attempt": msg.get("attempt"),
-                    "max_retries": msg.get("max_retries"),
-                    "retry_delay_ms": msg.get("retry_delay_ms"),
-                    "error_status": msg.get("error_status"),
-                    "error": msg.get("error"),
-                },
-            )
-        ]
-    # status ("requesting"), compact_boundary, hooks ...: worth a log line, nothing more
-    return [Event("other", {"type": f"system:{subtype}", "status": msg.get("status")})]
-
-
-def _assistant_events(msg: dict) -> list[Event]:
-    message = msg.get("message") or {}
-    base = {
-        "model": message.get("model"),
-        "message_id": message.get("id"),
-    }
-    if msg.get("parent_tool_use_id"):
-        base["parent_tool_use_id"] = msg["parent_tool_use_id"]  # a subagent's turn
-    if msg.get("error"):
-        base["error"] = msg.get("error")
-    events = []
-    for block in message.get("content") or []:
-        if not isinstance(block, dict):
-            continue
-        events.append(_assistant_block_event(block, base, message.get("usage")))
-    return events
-
-
-def _assistant_block_event(block: dict, base: dict, usage: Any) -> Event:
-    btype = block.get("type")
-    if btype == "text":
-        return Event("turn", {**base, "text": block.get("text", ""), "usage": usage})
-    if btype in ("tool_use", "server_tool_use", "mcp_tool_use"):
-        return Event("tool_call", {**base, **_tool_call_data(block)})
-    if btype in ("thinking", "redacted_thinking"):
-        # thinking can be long and carries a signature: keep a glimpse only, never the signature
-        glimpse = clip(block.get("thinking", "[redacted]"), THINKING_LIMIT)
-        return Event("thinking", {**base, "text": glimpse})
-    return Event("other", {**base, "type": f"assistant:{btype}"})
-
-
-def _tool_call_data(block: dict) -> dict:
-    name = block.get("name")
-    tool_input = block.get("input")
-    data: dict[str, Any] = {"name": name, "id": block.get("id")}
-    if not isinstance(tool_input, dict):
-        data["input"] = clip(as_json(tool_input), TOOL_INPUT_LIMIT)
-        return data
-    if name in FILE_TOOLS:
-        # Write/Edit input holds whole file contents: the path is what a person needs
-        data["file_path"] = tool_input.get("file_path") or tool_input.get("notebook_path")
-    elif name == "Bash":
-        data["command"] = clip(tool_input.get("command", ""), TOOL_INPUT_LIMIT)
-    else:
-        data["input"] = clip(as_json(tool_input), TOOL_INPUT_LIMIT)
-    return data
-
-
-def _user_events(msg: dict) -> list[Event]:
-    content = (msg.get("message") or {}).get("content")
-    if not isinstance(content, list):
-        return [Event("other", {"type": "user"})]  # a replayed prompt: nothing to report
-    events = []
-    for block in content:
-        if isinstance(block, dict) and block.get("type") == "tool_result":
-            events.append(
-                Event(
-                    "tool_result",
-                    {
-                        "tool_use_id": block.get("tool_use_id"),
-                        "is_error": bool(block.get("is_error", False)),
-                        "content": clip(content_text(block.get("content")), TOOL_RESULT_LIMIT),
-                    },
-                )
-            )
-    return events
-
-
-def _rate_limit_events(msg: dict) -> list[Event]:
-    # {"type":"rate_limit_event","rate_limit_info":{"status":"allowed|allowed_warning|rejected",
-    #  "resetsAt":<epoch s>,"rateLimitType":"five_hour|seven_day",...}} (CLI >= 2.1.45)
-    info = msg.get("rate_limit_info") or {}
-    if not isinstance(info, dict):
-        info = {}
-    return [
-        Event(
-            "rate_limit",
-            {
-                "status": info.get("status"),
-                "resets_at": info.get("resetsAt"),
-                "rate_limit_type": info.get("rateLimitType"),
-                "utilization": info.get("utilization"),
-                "overage_status": info.get("overageStatus"),
-                "is_using_overage": info.get("isUsingOverage"),
-            },
-        )
-    ]
-
-
-def _result_events(msg: dict) -> list[Event]:
-    return [
-        Event(
-            "result",
-            {
-                "subtype": msg.get("subtype"),
-                "is_error": bool(msg.get("is_error", False)),
-                "terminal_reason": msg.get("terminal_reason"),
-                "num_turns": msg.get("num_turns"),
-                "duration_ms": msg.get("duration_ms"),
-                "total_cost_usd": msg.get("total_cost_usd"),
-                "usage": msg.get("usage"),
-                "session_id": msg.get("session_id"),
-                "api_error_status": msg.get("api_error_status"),
-                "result": clip(msg.get("result", ""), RESULT_TEXT_LIMIT),
-            },
-        )
-    ]
-
-
-def _text_events(msg: dict) -> list[Event]:
-    return [Event("agent_text", {"text": clip(msg.get("text", ""), RESULT_TEXT_LIMIT)})]
-
-
-_HANDLERS: dict[str, Callable[[dict], list[Event]]] = {
-    "system": _system_events,
-    "assistant": _assistant_events,
-    "user": _user_events,
-    "rate_limit_event": _rate_limit_events,
-    "result": _result_events,
-    "_text": _text_events,
-    # partial messages: a heartbeat only; the full assistant line follows
-    "stream_event": lambda msg: [],
-}
-
-

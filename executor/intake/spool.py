@@ -33,6 +33,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..agent.registry import resolved
 from ..errors import InvalidJob
 from ..policy import Runner
 from ..settings import Settings
@@ -215,11 +216,12 @@ def job_from(valid: ValidJob, spool_name: str | None, spool_host: str | None = N
         id=valid.id,
         session_id=valid.session_id,
         runner=valid.runner.name,
+        agent=valid.runner.agent,
         model_requested=valid.runner.model,
         workspace=str(valid.workspace),
         prompt=valid.spec.prompt,
         policy_name=valid.spec.policy,
-        policy=valid.policy.model_dump(),
+        policy=resolved(valid.policy, valid.runner).model_dump(),
         test_command=valid.test_command,
         priority=valid.spec.priority,
         skills=valid.spec.skills,

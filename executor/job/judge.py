@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import time
 
-from ..agent.events import SYNTHETIC_MODEL
 from ..errors import (
     AgentFailed,
     Cancelled,
@@ -26,20 +25,24 @@ from ..errors import (
     TestsTimedOut,
     TimedOut,
 )
+from ..agent.registry import agent_for
 from ..policy import Policy, Runner
 from ..sandbox.runtime import AgentRun, TestRun
 from ..settings import format_size, human_size
 
 
 def judge_agent(runner: Runner, policy: Policy, run: AgentRun, refused: list[str] | None = None,
-                gateway_gap: bool = False) -> None:
+                gateway_gap: bool = False, answered: list[str] | None = None) -> None:
     """Raise why the agent's run does not earn a test run; return when it does. ``refused``: models the job's
-    API gateway refused (a sealed job never reaches another model; asking for one fails it). ``gateway_gap``:
+    API gateway refused (a sealed job never reaches another model; asking for one fails it); ``answered``:
+    other models whose answers the gateway saw (for agents whose stream never names the model). ``gateway_gap``:
     the job's gateway was not served for a while (a sealed attempt adopted after the executor restarted):
     an API error with no HTTP status then means the agent could not reach it, the executor's doing."""
     _stopped(run.stopped, "the attempt")
     if refused:
         raise ModelMismatch(runner.name, runner.model, refused, refused_at_gateway=True)
+    if answered:
+        raise ModelMismatch(runner.name, runner.model, answered)
     if run.stopped == "stalled":
         raise _stalled(policy, run)
     if run.stopped in ("disk_limit", "disk_reserve"):
@@ -50,7 +53,8 @@ def judge_agent(runner: Runner, policy: Policy, run: AgentRun, refused: list[str
     if run.oom_killed:
         raise OutOfMemory(f"the agent container hit its memory limit ({format_size(policy.memory)}) and was "
                           "killed; raise the policy's memory")
-    wrong = [m for m in run.state.models_seen if m not in (runner.model, SYNTHETIC_MODEL)]
+    # a name the CLI gives its own messages (Claude Code's ``<synthetic>``) is not a model that answered
+    wrong = [m for m in run.state.models_seen if m != runner.model and m not in agent_for(runner).own_voices]
     if wrong:
         raise ModelMismatch(runner.name, runner.model, wrong)
     outcome = run.outcome
@@ -72,7 +76,7 @@ def judge_agent(runner: Runner, policy: Policy, run: AgentRun, refused: list[str
 
 def _answered(run: AgentRun) -> bool:
     """Whether any failed API call got an HTTP answer (from the gateway or through it)."""
-    return bool(run.state.api_error_statuses or any(r.get("error_status") for r in run.state.api_retries))
+    return bool(run.state.error_statuses)
 
 
 def _stopped(stopped: str | None, during: str) -> None:

@@ -24,7 +24,8 @@ from __future__ import annotations
 import errno
 from datetime import timedelta
 
-from ..agent.command import agent_environment
+from ..agent.registry import agent_for
+from ..agent.seam import Agent, LaunchRequest
 from ..clock import utcnow
 from ..errors import (
     AWAITING_REVIEW,
@@ -55,7 +56,6 @@ from ..store import Job, RateLimitEvent, Status
 from ..store.health import unavailable
 from ..transaction import workspace
 from ..transaction.commit import Ending, Phase, commit, has_conflicts, settle
-from ..transaction.home import transcript_readable
 from ..transaction.upper import scan_upper
 from ..transaction.workspace import Workspace
 from . import retry
@@ -106,8 +106,9 @@ def adopt_job(ctx: Context, job_id: str, container) -> Job:
 
     def adopt() -> Ending:
         runner, policy = _runner_of(ctx, job), Policy(**job.policy)
-        seal = SealedAttempt.open(ctx, job, ws, runner, policy)
-        return _supervise(ctx, job, ws, phase, runner, policy, container, skip_lines=skip, seal=seal,
+        agent = agent_for(runner)
+        seal = SealedAttempt.open(ctx, job, ws, runner, policy, agent)
+        return _supervise(ctx, job, ws, phase, runner, policy, agent, container, skip_lines=skip, seal=seal,
                           adopted=True)
 
     return _settled(ctx, job, ws, phase, adopt)
@@ -170,19 +171,20 @@ def _disk_full(exc: BaseException) -> bool:
 
 def _runner_of(ctx: Context, job: Job) -> Runner:
     runner = ctx.runners.get(job.runner)
-    if runner is None or runner.model != job.model_requested:
+    if runner is None or runner.model != job.model_requested or runner.agent != job.agent:
         raise ConfigError(f"runner {job.runner!r} is no longer configured as it was when the job was "
-                          f"accepted (model {job.model_requested!r}); resubmit the job")
+                          f"accepted (agent {job.agent!r}, model {job.model_requested!r}); resubmit the job")
     return runner
 
 
 def _attempt(ctx: Context, job: Job, ws: Workspace, phase: Phase, resume: str | None) -> Ending:
     runner = _runner_of(ctx, job)
+    agent = agent_for(runner)
     policy = Policy(**job.policy)
     homes = [ws.home_upper, ws.home]  # the attempt's own layer (a resumed one keeps it), then the committed home
-    if resume and not (transcript_readable(homes, resume) and ws.upper.is_dir()):
+    if resume and not (agent.transcript_readable(homes, resume) and ws.upper.is_dir()):
         ctx.store.add_event(job, ws.attempt, "resume_unavailable", {
-            "claude_session_id": resume,
+            "agent_session_id": resume,
             "why": "the session transcript or the kept workspace cannot be read: starting fresh from the "
                    "clean repository"})
         resume = None
@@ -195,7 +197,7 @@ def _attempt(ctx: Context, job: Job, ws: Workspace, phase: Phase, resume: str | 
     workspace.create(ctx.sandbox, ws, keep_upper=keep, disk=policy.disk if ctx.disk_images else None)
     # A follow-up job of a session starts from the session brief (or continues the previous conversation).
     start = compaction.start(ctx.store, ctx.settings, ctx.secrets, job, policy, ws.attempt, runner,
-                             transcript_ok=lambda sid: transcript_readable(homes, sid), resuming=resume is not None)
+                             transcript_ok=lambda sid: agent.transcript_readable(homes, sid), resuming=resume is not None)
     prompt = job.prompt
     if job.builds_on:
         reviewed = ctx.store.get(job.builds_on)
@@ -206,22 +208,23 @@ def _attempt(ctx: Context, job: Job, ws: Workspace, phase: Phase, resume: str | 
         prompt = f"{start.prompt_note}\n\n{prompt}"
     system = "\n\n".join(system_prompt_parts(policy, brief=start.brief)) or None
     # A sealed job's sockets listen before its container starts; they go when its agent ends.
-    seal = SealedAttempt.open(ctx, job, ws, runner, policy)
+    seal = SealedAttempt.open(ctx, job, ws, runner, policy, agent)
     try:
-        environment = agent_environment(runner, ctx.secrets, max_retries=policy.cli_max_retries,
-                                        sealed=seal is not None)
-        spec = agent_spec(ws, runner, policy, prompt, environment, resume=resume or start.resume,
-                          append_system_prompt=system, sockets=str(seal.directory) if seal else None)
+        launch = agent.launch(LaunchRequest(prompt, runner, policy, ctx.secrets, sealed=seal is not None,
+                                            resume=resume or start.resume, system=system))
+        config = workspace.write_agent_config(ws, launch.files)
+        spec = agent_spec(ws, policy, launch, sockets=str(seal.directory) if seal else None,
+                          config=str(config) if config else None)
         container = ctx.sandbox.start(spec)
     except BaseException:
         if seal is not None:
             seal.close()
         raise
-    return _supervise(ctx, job, ws, phase, runner, policy, container, seal=seal)
+    return _supervise(ctx, job, ws, phase, runner, policy, agent, container, seal=seal)
 
 
 def system_prompt_parts(policy: Policy, brief: str | None = None) -> list[str]:
-    """What the executor appends to the agent's system prompt (``--append-system-prompt``), in order."""
+    """What the executor adds to the agent's system prompt, in order."""
     parts: list[str] = []
     if policy.review != "never":
         parts.append(REVIEW_INSTRUCTION)  # the model may send its change to a person (review/triggers.py)
@@ -230,8 +233,8 @@ def system_prompt_parts(policy: Policy, brief: str | None = None) -> list[str]:
     return parts
 
 
-def _supervise(ctx: Context, job: Job, ws: Workspace, phase: Phase, runner: Runner, policy: Policy, container,
-               skip_lines: int = 0, seal: SealedAttempt | None = None, adopted: bool = False) -> Ending:
+def _supervise(ctx: Context, job: Job, ws: Workspace, phase: Phase, runner: Runner, policy: Policy, agent: Agent,
+               container, skip_lines: int = 0, seal: SealedAttempt | None = None, adopted: bool = False) -> Ending:
     stop = StopCheck(ctx, job.id, ws.attempt, refused=seal.refused if seal else None)
     watchdog = Watchdog(policy, on_beat=lambda beat: record_beat(ctx, job, ws.attempt, beat),
                         disk=meter_for(ws.layers, policy.disk))
@@ -240,7 +243,7 @@ def _supervise(ctx: Context, job: Job, ws: Workspace, phase: Phase, runner: Runn
         seal.watchdog = watchdog
     try:
         run = watch_agent(
-            ctx.sandbox, container, policy,
+            ctx.sandbox, container, policy, agent,
             on_events=lambda batch: record_events(ctx, job, ws.attempt, batch),
             should_stop=stop, result_grace=ctx.settings.result_grace, watchdog=watchdog,
             skip_lines=skip_lines, adopted=adopted,
@@ -250,12 +253,12 @@ def _supervise(ctx: Context, job: Job, ws: Workspace, phase: Phase, runner: Runn
         if seal is not None:
             seal.close()  # its requests, refusals and egress decisions are in the store from here on
         unscrubbed = _scrub_home(ctx, ws, policy) if ctx.redactor is not None else None
-    record_attempt(ctx, job, ws.attempt, run)
+    record_attempt(ctx, job, ws.attempt, run, answered=seal.models if seal else [])
     if unscrubbed is not None and run.stopped not in ("disk_limit", "disk_reserve"):
         raise unscrubbed  # (stopped at the cap, the judge says so with the figure)
     try:
         judge_agent(runner, policy, run, refused=seal.refused_models if seal else None,
-                    gateway_gap=adopted and seal is not None)
+                    answered=seal.answered_models if seal else None, gateway_gap=adopted and seal is not None)
     except RateLimited as limited:
         return _rate_limited(ctx, job, ws.attempt, runner, policy, run, limited)
     job = phase.move(ctx.store, job, Status.testing)
@@ -331,7 +334,7 @@ def _rate_limited(ctx: Context, job: Job, attempt: int, runner: Runner, policy: 
     counted = job.limited_attempts + (0 if usage_limit else 1)
     decision = retry.decide(policy, error, counted, now, resets_at=outcome.resets_at,
                             retry_after=outcome.retry_after)
-    statuses = run.state.api_error_statuses or [r.get("error_status") for r in run.state.api_retries]
+    statuses = run.state.error_statuses
     fields = dict(kind="usage_limit" if usage_limit else outcome.kind,
                   retry_delay=round(decision.delay, 3) if decision.retry else None, message=outcome.message[:500])
     # A sealed job's gateway wrote the row when the 429 passed; it gets the wait decided here.
@@ -353,4 +356,4 @@ def _rate_limited(ctx: Context, job: Job, attempt: int, runner: Runner, policy: 
                                                      "delay": decision.delay, "why": decision.why,
                                                      "retry_at": until.isoformat(), "message": outcome.message})
     return Ending(Status.waiting_retry, error.reason, message, keep_upper=True,
-                  fields={"retry_at": until, "resume_session": run.state.claude_session_id})
+                  fields={"retry_at": until, "resume_session": run.state.session_id})

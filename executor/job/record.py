@@ -39,23 +39,23 @@ def report_pids_limit(ctx: Context, job: Job, attempt: int, refused: int, pids: 
                                                      "limit": job.policy.get("pids")})
 
 
-def record_attempt(ctx: Context, job: Job, number: int, run: AgentRun) -> None:
+def record_attempt(ctx: Context, job: Job, number: int, run: AgentRun, answered: list[str] | None = None) -> None:
+    """The attempt's end. ``answered``: models other than the runner's that the job's gateway saw answer (where
+    the agent's stream never names the model, they are the evidence)."""
     state = run.state
-    result = state.result or {}
-    usage = result.get("usage") or {}
+    models = list(dict.fromkeys([*state.models_seen, *(answered or [])]))
     attempt = ctx.store.attempts(job.id)[-1]
     ctx.store.finish_attempt(
         attempt.id, outcome=run.stopped or run.outcome.kind, exit_code=run.exit_code,
-        claude_session_id=state.claude_session_id, models_seen=list(state.models_seen),
-        cost_usd=result.get("total_cost_usd"), input_tokens=usage.get("input_tokens"),
-        output_tokens=usage.get("output_tokens"),
+        agent_session_id=state.session_id, models_seen=models,
+        cost_usd=state.cost_usd, input_tokens=state.input_tokens, output_tokens=state.output_tokens,
     )
-    seen = list(dict.fromkeys([*(job.models_seen or []), *state.models_seen]))
+    seen = list(dict.fromkeys([*(job.models_seen or []), *models]))
     ctx.store.update_job(job.id, models_seen=seen, final_text=state.final_text or None)
     ctx.store.add_event(job, number, "agent_end", {
         "outcome": run.outcome.kind, "message": run.outcome.message, "exit_code": run.exit_code,
         "stopped": run.stopped, "lingered": run.lingered, "oom_killed": run.oom_killed,
-        "models_seen": state.models_seen, "stderr_tail": run.stderr_tail[-1000:],
+        "models_seen": models, "stderr_tail": run.stderr_tail[-1000:],
         "refused_forks": run.refused_forks,
     })
     if run.refused_forks:

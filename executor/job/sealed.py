@@ -1,15 +1,16 @@
 """A sealed attempt as the job sees it: its gateway and egress proxy opened before the container starts and
 closed when the agent ends, and what they report turned into rows, events, cooldowns and liveness.
 
-Owns: the attempt's upstream (the runner's model, endpoint and real credential), its egress rules and its
-``SealLimits`` (from the settings), and the hooks the sealer calls: each batch of what the sockets reported
-becomes rows in one transaction: every API request an ``ApiRequest`` row (usage and rate-limit headers as
-the API answered them); identical refusals one ``gateway_refused`` event and identical egress decisions one
-``egress`` event, each with its ``count`` (updated as it grows), up to the cap, then a
-``sealed_events_capped`` event with the counts left unrecorded (``sandbox/journal.py``). A 429 or 529 cools
-the runner down at once and is a rate-limit row (the pipeline completes it with the wait it decides); a
-refused model also stops the agent (the stop check reads ``refused``); every chunk of an answer is progress
-for the liveness watchdog.
+Owns: the attempt's upstream (the runner's model, endpoint and real credential, and the API protocol of the
+runner's agent), its egress rules and its ``SealLimits`` (from the settings), and the hooks the sealer calls:
+each batch of what the sockets reported becomes rows in one transaction: every API request an ``ApiRequest``
+row (usage and rate-limit headers as the API answered them); identical refusals one ``gateway_refused`` event
+and identical egress decisions one ``egress`` event, each with its ``count`` (updated as it grows), up to the
+cap, then a ``sealed_events_capped`` event with the counts left unrecorded (``sandbox/journal.py``). An
+answer the protocol calls weather (a 429, an overload) cools the runner down at once and is a rate-limit row
+(the pipeline completes it with the wait it decides); a refused model, or an answer from another model than
+the runner's (read from the answers, for agents whose stream never names it), stops the agent (the stop check
+reads ``refused``); every chunk of an answer is progress for the liveness watchdog.
 
 Must never: let the credential reach the container or the store, write to the store on the event loop
 thread (the sealer runs these hooks on its recorder thread, ``activity`` excepted), or keep a socket open
@@ -21,13 +22,15 @@ from __future__ import annotations
 import logging
 from datetime import timedelta
 
-from ..agent.command import runner_credential
+from ..agent.launch import runner_credential
+from ..agent.registry import agent_for
+from ..agent.seam import Agent
 from ..clock import utcnow
 from ..egress_rules import parse_egress
 from ..errors import ConfigError, SandboxError
 from ..policy import Policy, Runner
 from ..sandbox.egress import EgressEvent
-from ..sandbox.gateway import DEFAULT_BASE_URL, Refusal, RequestRecord, Upstream
+from ..sandbox.gateway import Refusal, RequestRecord, Upstream
 from ..sandbox.journal import EGRESS, REFUSED, Batch, Entry
 from ..sandbox.liveness import Watchdog
 from ..sandbox.seal import Hooks, Sealed, SealLimits
@@ -37,30 +40,31 @@ from .context import Context
 
 log = logging.getLogger(__name__)
 
-#: Statuses of an answer that is weather: the runner rests at once (a rate limit is account-wide).
-LIMITED = {429: "rate_limited", 529: "overloaded"}
-
 
 class SealedAttempt:
     """One attempt's sockets and what they report."""
 
-    def __init__(self, ctx: Context, job: Job, ws: Workspace, runner: Runner, policy: Policy) -> None:
+    def __init__(self, ctx: Context, job: Job, ws: Workspace, runner: Runner, policy: Policy, agent: Agent) -> None:
         self.ctx, self.job, self.attempt, self.runner, self.policy = ctx, job, ws.attempt, runner, policy
+        self.agent = agent
+        self.models: list[str] = []  # the models that answered, as the gateway read them (a few, distinct)
         self.directory = ws.sockets
         self.watchdog: Watchdog | None = None  # set once the agent is watched; gateway activity feeds it
         self.sealed: Sealed | None = None
 
     @classmethod
-    def open(cls, ctx: Context, job: Job, ws: Workspace, runner: Runner, policy: Policy) -> SealedAttempt | None:
+    def open(cls, ctx: Context, job: Job, ws: Workspace, runner: Runner, policy: Policy,
+             agent: Agent | None = None) -> SealedAttempt | None:
         """Serve the attempt's sockets (before its container starts, or again when it is adopted); None for an
-        unsealed policy."""
+        unsealed policy. ``agent``: the runner's, unless given."""
         if not policy.sealed:
             return None
         if ctx.sealer is None:
             raise ConfigError("a sealed job needs the executor's sealed-sandbox threads, which are not running")
-        attempt = cls(ctx, job, ws, runner, policy)
+        agent = agent or agent_for(runner)
+        attempt = cls(ctx, job, ws, runner, policy, agent)
         upstream = Upstream(model=runner.model, credential=runner_credential(runner, ctx.secrets),
-                            auth_type=runner.auth_type, base_url=runner.base_url or DEFAULT_BASE_URL)
+                            auth_type=runner.auth_type, base_url=runner.base_url or "", protocol=agent.protocol)
         hooks = Hooks(write=attempt._write, activity=attempt._activity)
         settings = ctx.settings
         limits = SealLimits(settings.gateway_connections, settings.egress_connections, settings.gateway_parse_memory,
@@ -82,7 +86,13 @@ class SealedAttempt:
 
     @property
     def refused_models(self) -> list[str]:
+        """Models the agent asked for that the gateway refused."""
         return list(dict.fromkeys(self.sealed.refused_models)) if self.sealed else []
+
+    @property
+    def answered_models(self) -> list[str]:
+        """Models other than the runner's that answered (the gateway read them from the answers)."""
+        return list(dict.fromkeys(self.sealed.answered_models)) if self.sealed else []
 
     # -- hooks (recorder thread, but activity) ------------------------------------------------------------
 
@@ -98,8 +108,13 @@ class SealedAttempt:
             self.job, self.attempt, rows, [(entry.kind, _data(entry)) for entry in batch.new()],
             [(entry.event_id, _data(entry)) for entry in batch.entries if entry.event_id is not None])
         for record in batch.requests:
-            if record.status in LIMITED:
+            if record.weather is not None:
                 self._limited(record)
+            if not self.agent.names_models and record.status < 400 and record.model:
+                if record.model not in self.models and len(self.models) < 8:
+                    self.models.append(record.model)
+                if record.model != self.runner.model and self.sealed is not None:
+                    self.sealed.answered_by(record.model)  # the stream never names it: the answer is the evidence
         return ids
 
     def _row(self, record: RequestRecord) -> ApiRequest:
@@ -115,8 +130,8 @@ class SealedAttempt:
             request_id=record.request_id, error=record.error or record.message)
 
     def _limited(self, record: RequestRecord) -> None:
-        kind = LIMITED[record.status]
-        retry_after = _seconds(record.rate_limits.get("retry-after"))
+        kind = record.weather or "rate_limited"
+        retry_after = record.reading.retry_after
         rest = max(retry_after or 0.0, self.policy.backoff_initial)
         message = record.message or f"HTTP {record.status}"
         self.ctx.store.add_rate_limit(RateLimitEvent(
@@ -146,10 +161,3 @@ def _data(entry: Entry) -> dict:
     return {"reason": "this job's sandbox reported more kinds of refusals and egress decisions than are recorded "
                       "per attempt (EXECUTOR_SEALED_EVENT_CAP): these were counted only",
             "unrecorded": entry.unrecorded, "count": entry.count}
-
-
-def _seconds(value: str | None) -> float | None:
-    try:
-        return max(0.0, float(value)) if value is not None else None
-    except ValueError:
-        return None  # an HTTP date: the executor's own backoff decides

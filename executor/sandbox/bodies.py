@@ -8,7 +8,9 @@ no name, so neither the job nor anyone else can open or change it, and it is gon
 arrives; more than ``MAX_BODY`` or a full disk is a 413), ``Body`` (its bytes for the strict parse, and its
 chunks for the upstream, both from the same file), and ``ParsePool`` (one thread; each job has its own queue
 and the thread takes one body of each job in turn, so one job's bodies wait behind at most one body of each
-other job).
+other job); and the request-level checks around them: ``check_head`` (a compressed body, or one announced
+larger than ``MAX_BODY``, is refused before it is read) and ``until_hangup`` (a request never outlives its
+connection).
 
 Must never: hold more than ``IN_MEMORY`` bytes of one body in memory outside the parse worker, name a spool
 file, parse a large body on the event loop, or block the event loop on a file (spool writes and reads run on
@@ -26,7 +28,7 @@ import os
 import secrets
 import threading
 from collections import deque
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
@@ -262,3 +264,38 @@ def _settle(future: asyncio.Future, result: Any, error: BaseException | None) ->
         future.set_exception(error)
     else:
         future.set_result(result)
+
+
+def check_head(scope: dict) -> None:
+    """Refuse what the upstream would read differently from the gateway before reading the body."""
+    headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+    encoding = headers.get("content-encoding", "identity").strip().lower()
+    if encoding != "identity":
+        raise BodyRefused(400, "invalid_request_error",
+                          f"request bodies must not be compressed (content-encoding {encoding[:300]!r}): the "
+                          "gateway checks the JSON it forwards")
+    length = headers.get("content-length", "")
+    if length.isdigit() and int(length) > MAX_BODY:
+        raise BodyRefused(413, "request_too_large", f"request body larger than {MAX_BODY} bytes")
+
+
+async def until_hangup(work: Awaitable[T], receive: Callable) -> T:
+    """``work``'s result, or ClientGone (``work`` cancelled) when the client hangs up first: a request never
+    outlives its connection, so the connection limit bounds the requests too."""
+    task = asyncio.ensure_future(work)
+    hangup = asyncio.ensure_future(wait_disconnect(receive))
+    try:
+        await asyncio.wait({task, hangup}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        hangup.cancel()
+        if not task.done():
+            task.cancel()
+        await asyncio.gather(task, hangup, return_exceptions=True)
+    if task.cancelled():
+        raise ClientGone
+    return task.result()
+
+
+async def wait_disconnect(receive: Callable) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass

@@ -68,6 +68,7 @@ class ContainerSpec:
     home_volume: str | None = None  # the agent's home: an overlay volume over the session's committed home
     sockets: str | None = None  # host directory of a sealed job's sockets, bind-mounted read-only
     binds: dict[str, str] = field(default_factory=dict)  # dir (executor's view) -> container path, read-write
+    read_only_binds: dict[str, str] = field(default_factory=dict)  # the same, read-only (the agent's configuration)
     runtime: str = "runc"  # the OCI runtime: runc (the host's kernel) or runsc (gVisor)
 
 
@@ -138,7 +139,8 @@ LOG_CONFIG = LogConfig(type="json-file", config={"max-size": "256m", "max-file":
 #: The image's ``io.executor.sandbox-interface`` label this executor needs (sandbox/Dockerfile sets it).
 #: 2: the sealed sandbox's forwarder (``executor-forward``) is in the image.
 #: 3: coverage.py, started by every ``python3`` when ``COVERAGE_PROCESS_START`` is set (the evaluation gate).
-SANDBOX_INTERFACE = "3"
+#: 4: every agent's CLI (``codex``; ``gemini`` and Node.js 22 it runs on), beside ``claude``.
+SANDBOX_INTERFACE = "4"
 INTERFACE_LABEL = "io.executor.sandbox-interface"
 
 
@@ -262,6 +264,8 @@ class Sandbox:
                                 read_only=True))
         mounts.extend(Mount(target=target, source=self.paths.to_host(source), type="bind")
                       for source, target in spec.binds.items())  # a graded test run's report directory
+        mounts.extend(Mount(target=target, source=self.paths.to_host(source), type="bind", read_only=True)
+                      for source, target in spec.read_only_binds.items())
         return mounts
 
     @staticmethod

@@ -2,9 +2,11 @@
 the job's container, forwarding the CLI's API calls to the runner's upstream with the real credential.
 
 Owns: which API routes a job may call, swapping the container's placeholder credential for the real one
-on every request, refusing any model but the runner's, streaming responses back unbuffered, and the
-per-request accounting (status, latency, bytes, usage, rate-limit headers) and liveness signal that it
-reports through callbacks. All job gateways share one event loop in one thread (``loop.LoopThread``);
+on every request, refusing any model but the runner's (asked for, or answering where the agent's stream
+never names it), streaming responses back unbuffered, and the per-request accounting (status, latency,
+bytes, usage, rate-limit headers) and liveness signal that it reports through callbacks. What differs
+between model APIs (routes, credential headers, where the model is named, how usage and errors read, which
+answers are weather) is the upstream's ``ApiProtocol`` (``api.py``), which each agent's package implements. All job gateways share one event loop in one thread (``loop.LoopThread``);
 ``Gateways.add_job`` / ``remove_job`` may be called from any other thread.
 
 What a job can make it hold is bounded per job, whatever the job sends: at most ``Limits.connections`` open
@@ -30,43 +32,36 @@ import asyncio
 import logging
 import socket
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import httpx2
 import uvicorn
 from uvicorn.server import ServerState
 
 from . import strict_json
-from .bodies import MAX_BODY, Body, ClientGone, ParsePool, Spool, read_body
+from .bodies import Body, ClientGone, ParsePool, Spool, check_head, read_body, until_hangup, wait_disconnect
 from .gate import Gate
-from .gateway_types import DEFAULT_BASE_URL, AuthType, GatewayCallbacks, Limits, Refusal, RequestRecord, Upstream
+from .api import ApiProtocol, Route
+from .gateway_types import AuthType, GatewayCallbacks, Limits, Refusal, RequestRecord, Upstream
 from .loop import HOP_BY_HOP, JobServers, LoopThread, notify
 from .strict_json import BodyRefused
-from .usage import ResponseMeter, api_error, rate_limit_headers
+from .usage import ResponseMeter
 
 log = logging.getLogger(__name__)
-T = TypeVar("T")
-__all__ = ["DEFAULT_BASE_URL", "AuthType", "GatewayCallbacks", "Gateways", "Limits", "Refusal", "RequestRecord",
+__all__ = ["ApiProtocol", "AuthType", "GatewayCallbacks", "Gateways", "Limits", "Refusal", "RequestRecord",
            "Upstream"]
 
-#: The only (method, path) pairs a job may call. The real CLI 2.1.328 in ``-p`` mode, with the sandbox's
-#: environment (proxy variables set), sends nothing else to ANTHROPIC_BASE_URL: POST /v1/messages?beta=true,
-#: api_key and oauth_token alike. (With no proxy variables and non-essential traffic on, it also sends
-#: HEAD /api/hello; refusing it does not disturb the run.) The agent's own commands can reach the gateway
-#: too: this list and the model check are what keep them to the runner's model.
-ALLOWED_ROUTES = frozenset({("POST", "/v1/messages")})
-#: Routes that must carry the runner's model in their JSON body.
-MODEL_ROUTES = frozenset({"/v1/messages"})
+# The only calls a job may make are its protocol's routes (``ApiProtocol.route``): the agent's own commands
+# can reach the gateway too, and the routes and the model check are what keep them to the runner's model.
 
-#: A refused model is answered 400 invalid_request_error. The CLI does not back off on it: it re-sends at
-#: most a few variants of the request at once (no thinking display, other tool set), then ends the run,
-#: exit 1, quoting our message. 403 stops it after one request but reads as "Failed to authenticate"
-#: (error authentication_failed), which the executor's stream classifier would take for a bad credential.
+#: A refused model is answered 400 (an invalid request in every API's words). The CLIs do not back off on it:
+#: they end the run quoting our message. 403 reads as an authentication failure to them, which the
+#: executor's stream classifiers would take for a bad credential.
 MODEL_MISMATCH_STATUS = 400
 #: A body with fewer containers than this is parsed on the loop itself (a few ms at most, the CLI's usual).
 INLINE_CONTAINERS = 2048
@@ -74,8 +69,9 @@ INLINE_CONTAINERS = 2048
 _SHOWN = 300
 
 # Hop-by-hop headers (RFC 9110 7.6.1) belong to one connection and are never forwarded; host is httpx's,
-# content-length the size of the body that was read and checked.
-_REQUEST_DROP = HOP_BY_HOP | {"host", "content-length", "x-api-key", "authorization", "accept-encoding"}
+# content-length the size of the body that was read and checked; the protocol's credential headers are the
+# placeholder's.
+_REQUEST_DROP = HOP_BY_HOP | {"host", "content-length", "accept-encoding"}
 _RESPONSE_DROP = HOP_BY_HOP
 
 
@@ -87,7 +83,8 @@ class _Call:
     """One request as it is being handled."""
 
     method: str
-    path: str  # with the query string
+    path: str  # with the query string, as the job sent it
+    upstream_path: str = ""  # what goes upstream (the protocol may drop a query parameter)
     started: float = field(default_factory=time.monotonic)
     request_bytes: int = 0
     model: str | None = None  # the model the request asked for
@@ -104,23 +101,27 @@ class JobApp:
         self.client = client
         self.bodies = bodies
         self.limits = limits
+        self.api: ApiProtocol = upstream.api
+        self.drop = _REQUEST_DROP | self.api.credential_headers
 
     async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
         if scope["type"] != "http":
             return  # lifespan is off and websockets are not served; nothing else arrives
         method, route = scope["method"], scope["path"]
-        call = _Call(method, route + (f"?{scope['query_string'].decode('latin-1')}" if scope["query_string"] else ""))
-        if (method, route) not in ALLOWED_ROUTES:
+        query = scope["query_string"].decode("latin-1")
+        call = _Call(method, route + (f"?{query}" if query else ""), self.api.forward_path(route, query))
+        allowed = self.api.route(method, route)
+        if allowed is None:
             await self._refuse(send, call, "route", 403, "permission_error",
-                               f"{method} {route} is not an API route this sandbox may call")
+                               f"{method} {route[:_SHOWN]} is not an API route this sandbox may call")
             return
         body = None
         try:
-            _check_head(scope)
+            check_head(scope)
             body = await read_body(receive, self.bodies.spool, self.bodies.io)
             call.request_bytes = body.size
-            shape = await _until_hangup(self._parse(body), receive)
-            if route in MODEL_ROUTES and not await self._model_ok(send, call, shape):
+            shape = await until_hangup(self._parse(body), receive)
+            if not await self._model_ok(send, call, shape, allowed):
                 return
             await self._forward(scope, receive, send, call, body)
         except BodyRefused as refused:
@@ -138,11 +139,15 @@ class JobApp:
             return _shape(strict_json.parse(body.data, self.limits.parse_memory))
         return await self.bodies.parser.run(self.job_id, lambda: _shape(body.parse(self.limits.parse_memory)))
 
-    async def _model_ok(self, send: Callable, call: _Call, shape: tuple[bool, Any]) -> bool:
+    async def _model_ok(self, send: Callable, call: _Call, shape: tuple[bool, Any], route: Route) -> bool:
         is_object, requested = shape
         if not is_object:
             await self._refuse(send, call, "body", 400, "invalid_request_error", "request body is not a JSON object")
             return False
+        if route.model_in == "none":
+            return True
+        if route.model_in == "path":
+            requested = route.path_model
         call.model = requested[:_SHOWN] if isinstance(requested, str) else None
         if requested == self.upstream.model:
             return True
@@ -158,13 +163,13 @@ class JobApp:
         notify(self.callbacks.on_refusal, Refusal(
             self.job_id, kind, call.method, call.path[:_SHOWN], status, message[:2 * _SHOWN],
             requested_model=requested, expected_model=self.upstream.model if kind == "model" else None))
-        status, headers, body = api_error(status, type_, message)
+        status, headers, body = self.api.error(status, type_, message)
         await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": body})
 
     def _upstream_headers(self, scope: dict) -> list[tuple[str, str]]:
         headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in scope["headers"]
-                   if k.decode("latin-1").lower() not in _REQUEST_DROP]
+                   if k.decode("latin-1").lower() not in self.drop]
         # identity: usage is read from the body as it passes; the API does not compress SSE anyway
         headers.append(("accept-encoding", "identity"))
         headers.extend(self.upstream.auth_headers().items())
@@ -172,37 +177,37 @@ class JobApp:
 
     async def _forward(self, scope: dict, receive: Callable, send: Callable, call: _Call, body: Body) -> None:
         headers = self._upstream_headers(scope) + [("content-length", str(body.size))]
-        request = self.client.build_request(call.method, call.path, headers=headers,
+        request = self.client.build_request(call.method, call.upstream_path, headers=headers,
                                             content=body.chunks(self.bodies.io))
         try:
-            response = await _until_hangup(self.client.send(request, stream=True), receive)
+            response = await until_hangup(self.client.send(request, stream=True), receive)
         except httpx2.HTTPError as exc:
             # The CLI retries a 502 like any 5xx: an unreachable upstream is worth another try.
-            status, headers, payload = api_error(502, "api_error", f"gateway: upstream unreachable "
-                                                                    f"({type(exc).__name__})", retry=True)
+            status, headers, payload = self.api.error(502, "api_error", f"gateway: upstream unreachable "
+                                                                        f"({type(exc).__name__})", retry=True)
             await send({"type": "http.response.start", "status": status, "headers": headers})
             await send({"type": "http.response.body", "body": payload})
             self._record(call, status, time.monotonic(), error=f"upstream: {type(exc).__name__}: {exc}")
             return
         head_at = time.monotonic()
-        meter = ResponseMeter(response.headers.get("content-type", ""))
+        meter = self.api.meter(response.headers.get("content-type", ""))
         error = None
         try:
             await send({"type": "http.response.start", "status": response.status_code,
                         "headers": [(k.encode("latin-1"), v.encode("latin-1"))
                                     for k, v in response.headers.multi_items() if k not in _RESPONSE_DROP]})
-            error = await self._relay(response, receive, send, meter)
+            error = await self._relay(response, receive, send, meter, call)
         finally:
             await response.aclose()
             self._record(call, response.status_code, head_at, meter, response, error)
 
     async def _relay(self, response: httpx2.Response, receive: Callable, send: Callable,
-                     meter: ResponseMeter) -> str | None:
+                     meter: ResponseMeter, call: _Call) -> str | None:
         """Pass the body on chunk by chunk until it ends or the container hangs up; why it was cut short."""
-        pump = asyncio.ensure_future(self._pump(response, send, meter))
+        pump = asyncio.ensure_future(self._pump(response, send, meter, call))
         # A hang-up is only seen by receive(): without this, a stalled upstream stream would be kept
         # open for a client that is long gone (uvicorn's send() ignores a closed connection).
-        hangup = asyncio.ensure_future(_wait_disconnect(receive))
+        hangup = asyncio.ensure_future(wait_disconnect(receive))
         try:
             await asyncio.wait({pump, hangup}, return_when=asyncio.FIRST_COMPLETED)
         finally:
@@ -216,14 +221,28 @@ class JobApp:
             return None
         if isinstance(exc, httpx2.HTTPError):
             return f"upstream: {type(exc).__name__}: {exc}"
+        if isinstance(exc, _OtherModel):
+            return str(exc)
         raise exc
 
-    async def _pump(self, response: httpx2.Response, send: Callable, meter: ResponseMeter) -> None:
+    async def _pump(self, response: httpx2.Response, send: Callable, meter: ResponseMeter, call: _Call) -> None:
         async for chunk in response.aiter_raw():
             meter.feed(chunk)
             notify(self.callbacks.on_activity, self.job_id)
+            if self.api.checks_answers and meter.model is not None and meter.model != self.upstream.model:
+                self._answered_by(call, meter.model)  # cut before this chunk: the rest never reaches the agent
             await send({"type": "http.response.body", "body": chunk, "more_body": True})
         await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    def _answered_by(self, call: _Call, model: str) -> None:
+        """An answer named another model than the runner's: reported at once (the job's stop check reads it)
+        and cut (the connection closes without the answer's end)."""
+        shown = model[:_SHOWN]
+        notify(self.callbacks.on_refusal, Refusal(
+            self.job_id, "answer", call.method, call.path[:_SHOWN], 502,
+            f"the answer came from {shown!r}, not the runner's {self.upstream.model!r}: cut before it reached "
+            "the agent", requested_model=shown, expected_model=self.upstream.model))
+        raise _OtherModel(f"answer from {shown!r} cut: the runner's model is {self.upstream.model!r}")
 
     def _record(self, call: _Call, status: int, head_at: float, meter: ResponseMeter | None = None,
                 response: httpx2.Response | None = None, error: str | None = None) -> None:
@@ -232,49 +251,19 @@ class JobApp:
             self.job_id, call.method, call.path, status, latency=head_at - call.started,
             duration=time.monotonic() - call.started, request_bytes=call.request_bytes,
             response_bytes=meter.bytes if meter else 0, usage=usage,
-            rate_limits=rate_limit_headers(response.headers) if response else {},
+            rate_limits=self.api.rate_limit_headers(response.headers) if response else {},
             model=(meter.model if meter else None) or call.model,
-            request_id=response.headers.get("request-id") if response else None, error=error,
-            message=meter.error if meter else None))
+            request_id=self.api.request_id(response.headers) if response else None, error=error,
+            message=meter.error if meter else None, weather=self.api.weather(status, meter),
+            reading=self.api.reading(response.headers, meter) if response else self.api.reading({})))
+
+
+class _OtherModel(Exception):
+    """An answer named another model than the runner's (a protocol that checks answers)."""
 
 
 def _shape(value: Any) -> tuple[bool, Any]:
     return (True, value.get("model")) if isinstance(value, dict) else (False, None)
-
-
-def _check_head(scope: dict) -> None:
-    """Refuse what the upstream would read differently from the gateway before reading the body."""
-    headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
-    encoding = headers.get("content-encoding", "identity").strip().lower()
-    if encoding != "identity":
-        raise BodyRefused(400, "invalid_request_error",
-                          f"request bodies must not be compressed (content-encoding {encoding[:_SHOWN]!r}): the "
-                          "gateway checks the JSON it forwards")
-    length = headers.get("content-length", "")
-    if length.isdigit() and int(length) > MAX_BODY:
-        raise BodyRefused(413, "request_too_large", f"request body larger than {MAX_BODY} bytes")
-
-
-async def _until_hangup(work: Awaitable[T], receive: Callable) -> T:
-    """``work``'s result, or ClientGone (``work`` cancelled) when the client hangs up first: a request never
-    outlives its connection, so the connection limit bounds the requests too."""
-    task = asyncio.ensure_future(work)
-    hangup = asyncio.ensure_future(_wait_disconnect(receive))
-    try:
-        await asyncio.wait({task, hangup}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        hangup.cancel()
-        if not task.done():
-            task.cancel()
-        await asyncio.gather(task, hangup, return_exceptions=True)
-    if task.cancelled():
-        raise ClientGone
-    return task.result()
-
-
-async def _wait_disconnect(receive: Callable) -> None:
-    while (await receive())["type"] != "http.disconnect":
-        pass
 
 
 # ------------------------------------------------------------------------------------- job registry
@@ -352,7 +341,7 @@ class Gateways(JobServers):
                      directory: Path, limits: Limits) -> _Job:
         spool = Spool(directory)
         try:
-            app = JobApp(job_id, upstream, callbacks, self._client(upstream.base_url),
+            app = JobApp(job_id, upstream, callbacks, self._client(upstream.url),
                          _Bodies(spool, self.io, self.parser), limits)
             config = uvicorn.Config(app, http="h11", ws="none", lifespan="off", log_config=None, access_log=False,
                                     proxy_headers=False, server_header=False, date_header=False,

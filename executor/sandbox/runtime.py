@@ -1,9 +1,10 @@
 """Runtime: one agent attempt and one test run inside their containers, watched line by line.
 
-Owns acting inside a started sandbox: reading the agent's stream-json output as it arrives into events,
-the wall-clock timeout, the grace period after the result line, stopping a run on cancel, shutdown or a
-stall the watchdog calls, and running the test command in a fresh container on the test view.
-Starting and removing containers is ``deployment.py``; the CLI's command line is ``agent/command.py``. An engine
+Owns acting inside a started sandbox: reading the agent's JSON-lines output as it arrives into events (what
+a line means is the job's agent's: ``agent/seam.py``), the wall-clock timeout, the grace period after the
+CLI reported its end, stopping a run on cancel, shutdown or a stall the watchdog calls, and running the test
+command in a fresh container on the test view. Starting and removing containers is ``deployment.py``; the
+CLI's command line is its agent's (``Agent.launch``). An engine
 that stops answering, or loses a container, ends the run with ``EngineUnavailable`` and leaves the container
 as it is (whoever recovers the job looks at it): what a run sees then is the engine's doing, not the job's.
 
@@ -24,12 +25,12 @@ import requests
 from docker.errors import APIError, NotFound
 from docker.models.containers import Container
 
-from ..agent.command import PIDS_LINE, agent_command, refused_forks
 from ..agent.events import Event, parse_line
-from ..agent.outcome import Outcome, classify
-from ..agent.stream import StreamState
+from ..agent.launch import CONFIG_MOUNT, PIDS_LINE, container_command, refused_forks
+from ..agent.outcome import Outcome
+from ..agent.seam import Agent, Launch, Run
 from ..errors import EngineUnavailable
-from ..policy import Policy, Runner
+from ..policy import Policy
 from ..transaction.workspace import Workspace
 from .deployment import AGENT_HOME, ContainerSpec, Deployment, Limits
 from .disk import DiskMeter
@@ -57,7 +58,7 @@ OUTPUT_TAIL = 4000
 @dataclass
 class AgentRun:
     outcome: Outcome
-    state: StreamState
+    state: Run
     exit_code: int | None
     oom_killed: bool = False
     stopped: str | None = None  # "timeout" | "cancelled" | "shutdown" | "stalled": the executor ended it
@@ -203,17 +204,18 @@ def _stderr_tail(container: Container) -> str:
         raise EngineUnavailable(f"the engine does not answer about {container.name}: {exc}") from None
 
 
-def agent_spec(ws: Workspace, runner: Runner, policy: Policy, prompt: str,
-               environment: dict[str, str], resume: str | None = None,
-               append_system_prompt: str | None = None, sockets: str | None = None) -> ContainerSpec:
+def agent_spec(ws: Workspace, policy: Policy, launch: Launch, sockets: str | None = None,
+               config: str | None = None) -> ContainerSpec:
     """The agent's container. ``sockets``: a sealed job's socket directory (its network is then none and its
-    command starts with the forwarder)."""
+    command starts with the forwarder); ``config``: the directory holding the launch's files, mounted read-only
+    at ``CONFIG_MOUNT``."""
     if policy.sealed != (sockets is not None):
         raise ValueError("a sealed policy needs the job's socket directory, and only a sealed one gets it")
+    if bool(launch.files) != (config is not None):
+        raise ValueError("the agent's configuration files need their directory, and only they get one")
     return ContainerSpec(
         name=f"executor-{ws.job_id}-a{ws.attempt}-agent",
-        command=agent_command(prompt, runner.model, resume, append_system_prompt, policy.disallowed_tools,
-                              sealed=policy.sealed),
+        command=container_command(launch.argv, sealed=policy.sealed),
         home_volume=ws.home_volume if ws.home is not None else None,
         tmpfs_size=tmpfs_size(policy),
         user=f"{ws.uid}:{ws.gid}",
@@ -221,9 +223,10 @@ def agent_spec(ws: Workspace, runner: Runner, policy: Policy, prompt: str,
         limits=Limits(policy.cpus, policy.memory, policy.pids),
         network="none" if policy.sealed else policy.network,
         labels=ws.labels("agent"),
-        environment=environment,
+        environment=launch.environment,
         sockets=sockets,
         runtime=policy.runtime or "runc",
+        read_only_binds={config: CONFIG_MOUNT} if config is not None else {},
     )
 
 
@@ -233,16 +236,16 @@ def tmpfs_size(policy: Policy) -> int:
     return min(512 * 2**20, policy.disk)
 
 
-def watch_agent(sandbox: Deployment, container: Container, policy: Policy, *, on_events: EventSink,
+def watch_agent(sandbox: Deployment, container: Container, policy: Policy, agent: Agent, *, on_events: EventSink,
                 should_stop: StopCheck, result_grace: float, watchdog: Watchdog,
                 skip_lines: int = 0, adopted: bool = False) -> AgentRun:
-    """Read the agent's stream to its end (or stop it), then classify how it ended.
+    """Read the agent's stream to its end (or stop it), then classify how it ended (both as ``agent`` says).
 
     ``adopted``: the container was started before a restart of the executor (not just now);
     ``skip_lines``: when adopting a container after a restart, its stream is read again from the start;
     the first ``skip_lines`` lines only rebuild the state, their events are already in the store.
     """
-    state = StreamState()
+    state = agent.run()
     lines, abandoned = LineQueue(), threading.Event()
     reader = threading.Thread(target=_pump_lines, args=(container, lines, abandoned), daemon=True,
                               name=f"stream-{container.name}")
@@ -280,7 +283,7 @@ def watch_agent(sandbox: Deployment, container: Container, policy: Policy, *, on
             if pending and (now - flushed_at >= FLUSH_EVERY or len(pending) >= FLUSH_LINES):
                 on_events(pending)
                 pending, flushed_at = [], now
-            if state.result is not None and result_seen_at is None:
+            if state.ended and result_seen_at is None:
                 result_seen_at = now
             if stopped or lingered:
                 continue  # killed: drain what is left until the stream ends
@@ -308,7 +311,7 @@ def watch_agent(sandbox: Deployment, container: Container, policy: Policy, *, on
         # containers). It is left running for the job's recovery to adopt.
         raise EngineUnavailable(f"the agent's output stream ended while its container {container.name} still runs")
     stderr = _stderr_tail(container)
-    run = AgentRun(outcome=classify(state, None if lingered else exit_code), state=state,
+    run = AgentRun(outcome=agent.classify(state, None if lingered else exit_code), state=state,
                    exit_code=exit_code, oom_killed=oom, stopped=stopped, lingered=lingered,
                    stderr_tail=PIDS_LINE.sub("", stderr).strip(), refused_forks=refused_forks(stderr),
                    container_id=container.id, lines=seen,

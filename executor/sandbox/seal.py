@@ -38,8 +38,9 @@ from .loop import LoopThread, Recorder
 
 API_PORT, PROXY_PORT = 8080, 3128
 API_SOCKET, EGRESS_SOCKET = "api.sock", "egress.sock"
-#: What the container holds instead of the runner's credential (the gateway swaps in the real one).
-PLACEHOLDER_CREDENTIAL = "sk-ant-sealed-placeholder-not-a-credential"
+#: Where a sealed container's CLI finds its API: the gateway, through the forwarder (each agent names the
+#: variable or setting its CLI reads it from, and the path it adds).
+API_URL = f"http://127.0.0.1:{API_PORT}"
 _LOOPBACK = "127.0.0.1,localhost"
 
 
@@ -50,12 +51,11 @@ def forward_command(command: list[str]) -> list[str]:
 
 
 def sealed_environment() -> dict[str, str]:
-    """Where a sealed container's CLI and tools find the API and the outside: loopback, through the forwarder.
-    Both spellings of the proxy variables (curl and some libraries read only the lower-case ones); the
-    loopback is never proxied (the CLI would send its API calls to the proxy)."""
+    """Where a sealed container's CLI and tools find the outside: the egress proxy on loopback, through the
+    forwarder (the API is at ``API_URL``). Both spellings of the proxy variables (curl and some libraries read
+    only the lower-case ones); the loopback is never proxied (the CLI would send its API calls to the proxy)."""
     proxy = f"http://127.0.0.1:{PROXY_PORT}"
-    return {"ANTHROPIC_BASE_URL": f"http://127.0.0.1:{API_PORT}",
-            "HTTPS_PROXY": proxy, "HTTP_PROXY": proxy, "https_proxy": proxy, "http_proxy": proxy,
+    return {"HTTPS_PROXY": proxy, "HTTP_PROXY": proxy, "https_proxy": proxy, "http_proxy": proxy,
             "NO_PROXY": _LOOPBACK, "no_proxy": _LOOPBACK}
 
 
@@ -86,20 +86,26 @@ _MODELS_KEPT = 8
 
 @dataclass
 class Sealed:
-    """One job's open sockets; ``refused_models`` fills on the loop thread the moment a model is refused (the
-    first few distinct ones: a job cannot grow it)."""
+    """One job's open sockets; ``refused_models`` fills on the loop thread the moment a model the agent asked for
+    is refused, ``answered_models`` the moment an answer from another model is cut (or seen in a record), the
+    first few distinct ones each: a job cannot grow them."""
 
     job_id: str
     directory: Path
     journal: JobJournal | None = None
     refused_models: list[str] = field(default_factory=list)
+    answered_models: list[str] = field(default_factory=list)
 
     def refused(self) -> bool:
-        return bool(self.refused_models)
+        return bool(self.refused_models or self.answered_models)
 
     def model_refused(self, model: str) -> None:
         if model not in self.refused_models and len(self.refused_models) < _MODELS_KEPT:
             self.refused_models.append(model)
+
+    def answered_by(self, model: str) -> None:
+        if model not in self.answered_models and len(self.answered_models) < _MODELS_KEPT:
+            self.answered_models.append(model)
 
 
 class Sealer:
@@ -151,6 +157,8 @@ class Sealer:
         def refused(refusal: Refusal) -> None:
             if refusal.kind == "model":
                 sealed.model_refused(refusal.requested_model or "")  # at once: the stop check reads it
+            elif refusal.kind == "answer":
+                sealed.answered_by(refusal.requested_model or "")
             journal.refusal(refusal)
 
         try:

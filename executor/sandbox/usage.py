@@ -1,20 +1,22 @@
-"""What the API's own responses say about a request, read as they stream past the gateway.
+"""What an API's own responses say about a request, read as they stream past the gateway: the part every API
+shares.
 
-Owns ``ResponseMeter`` (a response's bytes, its token usage from ``message_start`` / ``message_delta`` or a
-JSON body, the model that answered, the error message of an error answer), the rate-limit headers worth
-keeping (``retry-after``, ``anthropic-ratelimit-*``), and the shape of an error the gateway answers itself
-(the API's own JSON errors, so the CLI reports it as it would a real one).
+Owns ``ResponseMeter``'s plumbing (a response's bytes; its server-sent-event lines, each kept only up to
+``MAX_LINE`` while it is incomplete; a JSON body kept up to ``MAX_JSON``) and the fields every protocol fills:
+the usage in the executor's four counts, the model that answered, the API's error message and code, and a
+wait the body asked for. Which lines matter and what they mean is each API protocol's (``api.ApiProtocol``,
+implemented by the agent packages): a subclass says so in ``_wanted``, ``_event`` and ``_body``.
 
-Must never: hold back or change a byte of the response (it only looks), or keep more than a bounded
-amount of it.
+Must never: hold back or change a byte of the response (it only looks), or keep more than a bounded amount
+of it.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
 from typing import Any
 
+#: The executor's usage counts (``ApiRequest`` columns), whatever the API calls them.
 USAGE_KEYS = ("input_tokens", "output_tokens", "cache_creation_input_tokens", "cache_read_input_tokens")
 
 
@@ -26,11 +28,12 @@ def loads(raw: bytes) -> Any:
 
 
 class ResponseMeter:
-    """Counts a response's bytes and reads its usage as it streams past, holding none of it back."""
+    """Counts a response's bytes and reads what its protocol wants of it as it streams past, holding none of
+    it back."""
 
     # Kept per connection, so they count in a job's bound (gateway.py): usage, model and error events are small
-    # lines; a non-streaming answer (the CLI's small side calls) is well under a MiB.
-    MAX_LINE = 64 * 1024  # an SSE line longer than this is not a usage event; stop collecting it
+    # lines; a non-streaming answer (a CLI's small side calls) is well under a MiB.
+    MAX_LINE = 64 * 1024  # an SSE line longer than this is not one worth reading; stop collecting it
     MAX_JSON = 1024 * 1024
 
     def __init__(self, content_type: str) -> None:
@@ -39,6 +42,8 @@ class ResponseMeter:
         self.usage: dict[str, int] = {}
         self.model: str | None = None
         self.error: str | None = None  # the API's error message, for an error answer
+        self.error_code: str | None = None  # the API's own name for the error (a spend cap is told apart by it)
+        self.retry_after: float | None = None  # seconds the answer's body asked to wait, if it said
         self.bytes = 0
         self._buffer = b""
 
@@ -54,11 +59,7 @@ class ResponseMeter:
             body = loads(self._buffer)
             self._buffer = b""
             if isinstance(body, dict):
-                self._merge(body.get("usage"))
-                self.model = body.get("model") if isinstance(body.get("model"), str) else self.model
-                error = body.get("error")
-                if isinstance(error, dict) and isinstance(error.get("message"), str):
-                    self.error = error["message"][:500]
+                self._body(body)
         return dict(self.usage)
 
     def _feed_sse(self, chunk: bytes) -> None:
@@ -67,41 +68,24 @@ class ResponseMeter:
         if len(self._buffer) > self.MAX_LINE:
             self._buffer = b""
         for line in lines:
-            # Only two event types carry usage (and error events a message); a substring test keeps large
-            # text deltas cheap.
-            if line.startswith(b"data:") and (b'"message_start"' in line or b'"message_delta"' in line
-                                              or b'"error"' in line):
+            # a cheap substring test first keeps large text deltas cheap
+            if line.startswith(b"data:") and self._wanted(line):
                 self._event(loads(line[5:].strip()))
 
+    # -- what a protocol reads -------------------------------------------------------------------------
+
+    def _wanted(self, line: bytes) -> bool:
+        """Whether an SSE data line may carry usage, the model or an error (the rest is not parsed)."""
+        return False
+
     def _event(self, data: Any) -> None:
-        if not isinstance(data, dict):
-            return
-        if data.get("type") == "message_start":
-            message = data.get("message") or {}
-            self._merge(message.get("usage"))
-            if isinstance(message.get("model"), str):
-                self.model = message["model"]
-        elif data.get("type") == "message_delta":
-            self._merge(data.get("usage"))  # cumulative counts: later values replace earlier ones
-        elif data.get("type") == "error" and isinstance(data.get("error"), dict):
-            self.error = str(data["error"].get("message", ""))[:500]
+        """One parsed SSE data line of those ``_wanted`` let through."""
 
-    def _merge(self, usage: Any) -> None:
-        if isinstance(usage, dict):
-            for key in USAGE_KEYS:
-                if isinstance(usage.get(key), int):
-                    self.usage[key] = usage[key]
+    def _body(self, body: dict) -> None:
+        """A JSON answer (a non-streaming call, or an error), parsed whole."""
 
-
-def rate_limit_headers(headers: Mapping[str, str]) -> dict[str, str]:
-    return {k: v for k, v in headers.items() if k == "retry-after" or k.startswith("anthropic-ratelimit-")}
-
-
-def api_error(status: int, type_: str, message: str, retry: bool = False
-              ) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
-    """An answer shaped like the API's own errors, so the CLI reports it as it would a real one.
-    ``x-should-retry`` is the API's own hint to its SDKs on whether to try again."""
-    body = json.dumps({"type": "error", "error": {"type": type_, "message": message}}).encode()
-    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-               (b"x-should-retry", b"true" if retry else b"false")]
-    return status, headers, body
+    def _merge(self, counts: dict[str, Any]) -> None:
+        """Usage in the executor's keys; later values replace earlier ones (APIs send cumulative counts)."""
+        for key in USAGE_KEYS:
+            if isinstance(counts.get(key), int):
+                self.usage[key] = counts[key]

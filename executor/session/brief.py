@@ -25,7 +25,7 @@ from .history import (
     skill_description,
     skill_text,
 )
-from .summarizer import Summarizer, cost_of, why_unavailable
+from .summarizer import Summarizer, why_unavailable
 
 SOURCE_LIMIT = 12000  # characters of history shown to the small model per item
 FILE_PROMPT = ("A file the session read but did not change: {path}\nTasks of the session that read it:\n{tasks}\n\n"
@@ -174,7 +174,7 @@ def summarize(items: list[Item], summarizer: Summarizer | None, reuse: dict[tupl
                                       event_ids=item.event_ids, source_size=size(item.source),
                                       summary_size=size(answer.text), summary=answer.text, model=answer.model,
                                       input_tokens=answer.input_tokens, output_tokens=answer.output_tokens,
-                                      cost_usd=cost_of(answer.model, answer.input_tokens, answer.output_tokens),
+                                      cost_usd=summarizer.cost(answer.model, answer.input_tokens, answer.output_tokens),
                                       latency=round(answer.latency, 3))
     if reason is not None:
         for item in items:

@@ -3,8 +3,8 @@
 A job whose ``session_id`` names a session that already has settled jobs is a follow-up. The policy's
 ``context`` (or the job's ``context: "full"``) chooses how it starts:
 
-* ``compact`` (default): a fresh conversation; the system prompt is extended (``--append-system-prompt``)
-  with the session brief built here from the session's event log:
+* ``compact`` (default): a fresh conversation; the agent's system prompt is extended with the session brief
+  built here from the session's event log:
 
   - files that were read but not changed: a few key points each, written by the small model (what the
     file is, what mattered about it to the task), never the content;
@@ -16,12 +16,14 @@ A job whose ``session_id`` names a session that already has settled jobs is a fo
     description) for every other skill of the session;
   - the last job's final message and the open items it named, verbatim.
 
-* ``resume``: continue the previous job's Claude Code conversation as it is (``--resume``).
+* ``resume``: continue the previous job's conversation as it is, where the agent can (the same agent ran the
+  previous job and its transcript reads); else ``compact``.
 * ``full``: a fresh conversation carrying the raw history (the event log as stored) instead of a brief.
 
-The small model (``EXECUTOR_COMPACTION_MODEL``, a pinned model id) is reached through the ``anthropic`` SDK
-at the job's runner's endpoint with the runner's credential, with the runners' discipline: tenacity backoff
-on 429/529 against the same model, never another model, the model that answered checked and recorded. When
+The small model (the runner's ``compaction_model``, a pinned model id; ``EXECUTOR_COMPACTION_MODEL`` for
+Claude Code runners that name none) is reached through the runner's own provider (its agent's summarizer) at
+the runner's endpoint with the runner's credential, with the runners' discipline: tenacity backoff on weather
+against the same model, never another model, the model that answered checked and recorded. When
 it cannot be had, the job starts with the *structural* brief (same sections, paths and one-liners instead of
 summaries) and its record says ``compaction: structural: <why>``; with the policy's ``compaction_required``
 the job fails instead. Every item of a brief is a ``Compaction`` row beside the event ids it replaced.
@@ -37,6 +39,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..agent.registry import agent_for
 from ..errors import CompactionUnavailable
 from ..policy import Policy, Runner
 from ..settings import Settings
@@ -47,18 +50,18 @@ from .summarizer import Summarizer
 
 log = logging.getLogger(__name__)
 
-#: A brief travels as one command-line argument (--append-system-prompt); Linux refuses one over 128 KiB.
+#: A brief travels as one command-line argument; Linux refuses one over 128 KiB.
 BRIEF_LIMIT = 100_000
 
 
 @dataclass
 class Start:
-    """How a job's conversation starts: a Claude Code session to continue and/or a brief to append."""
+    """How a job's conversation starts: the agent's session to continue and/or a brief to add."""
 
     resume: str | None = None
-    brief: str | None = None  # appended to the system prompt
-    #: put before the prompt: a resumed conversation keeps the system prompt it started with (Claude Code
-    #: 2.1.328 does not apply a new --append-system-prompt to it), so what must reach it goes in the prompt
+    brief: str | None = None  # added to the system prompt
+    #: put before the prompt: a resumed conversation keeps the system prompt it started with (the agents do not
+    #: apply a new one to it), so what must reach it goes in the prompt
     prompt_note: str | None = None
 
 
@@ -85,17 +88,18 @@ def start(store: Store, settings: Settings, secrets: Mapping[str, str], job: Job
         return Start()
     mode = mode_of(job, policy)
     if jobs and mode == "resume":
-        previous = next((a.claude_session_id for a in reversed(store.attempts(jobs[-1].id)) if a.claude_session_id), None)
-        if previous and transcript_ok(previous):
+        previous = next((a.agent_session_id for a in reversed(store.attempts(jobs[-1].id)) if a.agent_session_id), None)
+        if previous and jobs[-1].agent == job.agent and transcript_ok(previous):
             # The conversation goes on as it is; the skills the job names still ride along in full, in the
             # prompt (a resumed conversation keeps the system prompt it was started with).
             text = _skills_only(store, job, jobs, skills_dir) if job.skills else None
-            _record(store, job, attempt, {"mode": "resume", "claude_session_id": previous, "previous_job": jobs[-1].id,
+            _record(store, job, attempt, {"mode": "resume", "agent_session_id": previous, "previous_job": jobs[-1].id,
                                           **({"prompt_note": text, "brief_size": size(text)} if text else {})})
             return Start(resume=previous, prompt_note=text)
+        why = ("the previous job's transcript cannot be read" if jobs[-1].agent == job.agent else
+               f"the previous job ran another agent ({jobs[-1].agent})")
         store.add_event(job, attempt, "resume_unavailable", {
-            "claude_session_id": previous, "why": "the previous job's transcript cannot be read: starting with "
-                                                  "the compacted brief instead"})
+            "agent_session_id": previous, "why": f"{why}: starting with the compacted brief instead"})
         mode = "compact"
     if jobs and mode == "full":
         text = raw_history(store, job.session_id, jobs)
@@ -110,7 +114,7 @@ def start(store: Store, settings: Settings, secrets: Mapping[str, str], job: Job
     reason = None
     if summarizer is None and jobs:
         try:
-            summarizer = Summarizer.from_settings(settings, secrets, runner)
+            summarizer = agent_for(runner).summarizer(settings, secrets, runner)
         except CompactionUnavailable as exc:
             reason = str(exc)
     brief = build(store, job.session_id, job, skills_dir, summarizer)

@@ -13,11 +13,10 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..agent.registry import agent_named
 from ..store import TERMINAL, Event, Job, Store
 
 WORKSPACE = "/workspace"
-READ_TOOLS = frozenset({"Read"})
-CHANGE_TOOLS = frozenset({"Write", "Edit", "MultiEdit", "NotebookEdit"})
 
 
 def rel(path: str | None) -> str:
@@ -42,7 +41,7 @@ class JobHistory:
     job: Job
     events: list[Event]
     changed: list[str]  # attempted changes (tool calls) and committed files
-    commands: list[tuple[str, str]]  # (command, result) of Bash calls
+    commands: list[tuple[str, str]]  # (command, result) of shell commands
     tests: dict | None  # the last test gate event's data
 
 
@@ -96,20 +95,21 @@ def history(store: Store, session_id: str, jobs: list[Job], extra_skills: list[s
     skills: list[str] = []
     for job in jobs:
         events = store.events(job_id=job.id)
+        action = agent_named(job.agent).tool_action  # what a tool does is its agent's knowledge
         calls: dict[str, tuple[str, str, int]] = {}
         changed: list[str] = []
         commands: list[tuple[str, str]] = []
         tests = None
         for e in events:
             if e.kind == "tool_call":
-                name, tool_id = e.data.get("name"), e.data.get("id")
+                name, tool_id = action(str(e.data.get("name"))), e.data.get("id")
                 path = rel(e.data.get("file_path")) if e.data.get("file_path") else ""
                 calls[str(tool_id)] = (str(name), path or str(e.data.get("command") or ""), e.id)
-                if name in READ_TOOLS and path:
+                if name == "read" and path:
                     use = files.setdefault(path, FileUse(path))
                     use.read_by.append(job.id) if job.id not in use.read_by else None
                     use.event_ids.append(e.id)
-                elif name in CHANGE_TOOLS and path:
+                elif name == "edit" and path:
                     use = files.setdefault(path, FileUse(path))
                     use.changed_by.append(job.id) if job.id not in use.changed_by else None
                     use.event_ids.append(e.id)
@@ -117,10 +117,10 @@ def history(store: Store, session_id: str, jobs: list[Job], extra_skills: list[s
             elif e.kind == "tool_result":
                 name, subject, call_id = calls.get(str(e.data.get("tool_use_id")), ("", "", 0))
                 content = str(e.data.get("content") or "")
-                if name in READ_TOOLS and subject in files:
+                if name == "read" and subject in files:
                     files[subject].event_ids.append(e.id)
                     files[subject].seen.append(content)
-                elif name == "Bash":
+                elif name == "shell":
                     commands.append((subject, content))
             elif e.kind == "tests":
                 tests = e.data

@@ -30,6 +30,7 @@ class Job(SQLModel, table=True):
     id: str = Field(primary_key=True)
     session_id: str = Field(index=True)
     runner: str
+    agent: str = "claude-code"  # the runner's agent when the job was accepted (runners.toml ``agent``)
     model_requested: str
     workspace: str
     prompt: str
@@ -63,7 +64,7 @@ class Job(SQLModel, table=True):
     evaluation: dict | None = Field(default=None, sa_column=Column(JSON))
     final_text: str | None = None
     retry_at: datetime | None = None  # waiting_retry: not before this time
-    resume_session: str | None = None  # waiting_retry: the Claude Code session the next attempt resumes
+    resume_session: str | None = None  # waiting_retry: the agent's session the next attempt resumes
     limited_attempts: int = 0  # attempts ended by a rate limit or overload (count toward max_attempts)
     review_reasons: list = Field(default_factory=list, sa_column=Column(JSON))  # why a person must look
     review_since: datetime | None = None  # when the job began to wait for a person
@@ -133,7 +134,7 @@ class ApiRequest(SQLModel, table=True):
     output_tokens: int | None = None
     cache_creation_input_tokens: int | None = None
     cache_read_input_tokens: int | None = None
-    rate_limits: dict = Field(default_factory=dict, sa_column=Column(JSON))  # retry-after, anthropic-ratelimit-*
+    rate_limits: dict = Field(default_factory=dict, sa_column=Column(JSON))  # the protocol's rate-limit headers
     request_id: str | None = None
     error: str | None = None  # why the response is incomplete or synthetic, or the API's error message
 
@@ -158,7 +159,7 @@ class Attempt(SQLModel, table=True):
     reason: str | None = None
     outcome: str | None = None  # how its agent's run ended (success, agent_error, rate_limited, ...)
     exit_code: int | None = None
-    claude_session_id: str | None = None
+    agent_session_id: str | None = None  # the agent's own session (its id as its stream gave it)
     models_seen: list = Field(default_factory=list, sa_column=Column(JSON))
     cost_usd: float | None = None
     input_tokens: int | None = None

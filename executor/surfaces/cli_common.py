@@ -104,6 +104,7 @@ def job_view(job: Job, attempts: list, events: list, api_requests: list, followe
         "reason": job.reason,
         "error": job.error,
         "runner": job.runner,
+        "agent": job.agent,
         "model_requested": job.model_requested,
         "models_seen": job.models_seen,
         "workspace": job.workspace,
@@ -122,7 +123,7 @@ def job_view(job: Job, attempts: list, events: list, api_requests: list, followe
         "attempts": [
             {"number": a.number, "host": a.host_id, "status": getattr(a, "status", None),
              "reason": getattr(a, "reason", None), "outcome": a.outcome, "exit_code": a.exit_code,
-             "claude_session_id": a.claude_session_id, "models_seen": a.models_seen,
+             "agent_session_id": a.agent_session_id, "models_seen": a.models_seen,
              "cost_usd": a.cost_usd, "input_tokens": a.input_tokens, "output_tokens": a.output_tokens,
              "started_at": a.started_at.isoformat(),
              "finished_at": a.finished_at.isoformat() if a.finished_at else None}

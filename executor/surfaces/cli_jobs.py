@@ -70,7 +70,7 @@ def show(job_id: str, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(view, indent=2))
         return
-    for key in ("id", "session_id", "status", "waiting", "reason", "error", "runner", "model_requested",
+    for key in ("id", "session_id", "status", "waiting", "reason", "error", "runner", "agent", "model_requested",
                 "models_seen", "workspace", "host", "interrupted_at", "policy", "follows", "builds_on", "followed_by",
                 "created_at", "started_at", "finished_at", "skills", "context", "compaction"):
         if view[key] not in (None, [], ""):

@@ -6,8 +6,8 @@ image per job, or the watchdog's measurement, why, and how to get the stronger o
 ``userxattr`` mounts (on a job disk image where those are in force: the engine sees what the executor
 mounts), the store (``EXECUTOR_DATABASE_URL``) is reachable with a schema this executor knows, host paths
 equal container paths (when the executor runs in a container: the engine mounts the overlays by *host*
-path), the runners' token variables are set (the sealed jobs' gateways and compaction use them), the
-compaction model is a pinned id, every policy loads (one that leaves the sandbox unsealed, ``network``
+path), the runners' token variables are set (the sealed jobs' gateways and compaction use them), each
+configured runner's agent CLI is in the image, the compaction model is a pinned id, every policy loads (one that leaves the sandbox unsealed, ``network``
 bridge or host, is flagged), and the workspace roots exist and belong to a regular user. Every check
 returns a ``Check``: ok, a warning (an explicit opt-in worth knowing about) or a problem, what was found,
 and how to fix it.
@@ -20,7 +20,6 @@ probe container and volume (all removed, images unmounted, before it returns), o
 from __future__ import annotations
 
 import os
-import re
 import secrets
 import socket
 from collections.abc import Callable, Iterator, Mapping
@@ -43,12 +42,12 @@ from ..sandbox.deployment import (
     rebuild_hint,
 )
 from ..sandbox.hostpaths import HostPaths, own_container_id
-from ..settings import COMPACTION_MODEL, Settings
+from ..settings import Settings
 from ..transaction import jobdisk
 from .doctor_runtimes import runtime_findings
+from . import doctor_agents as agents
 
 PROBE_UID = 1000  # the probe's files belong to a regular user, like a repository's
-PINNED_MODEL = re.compile(r"^[a-z0-9][a-z0-9.-]*-\d{8}$")  # e.g. claude-haiku-4-5-20251001
 
 
 @dataclass
@@ -73,6 +72,10 @@ def _problem(name: str, detail: str, fix: str) -> Check:
 
 def _warning(name: str, detail: str, fix: str) -> Check:
     return Check(name, "warning", detail, fix)
+
+
+def _found(name: str, finding: agents.Finding) -> Check:
+    return Check(name, finding.status, finding.detail, finding.fix)
 
 
 def _skipped(name: str, needs: str) -> Check:
@@ -143,7 +146,11 @@ class Doctor:
         if problem is not None:
             return _problem(name, problem, f"{rebuild_hint(image)}; or set EXECUTOR_SANDBOX_IMAGE to an image "
                                            "built from this checkout")
-        return _ok(name, f"{image} present ({found.short_id}, interface {SANDBOX_INTERFACE})")
+        clis = agents.clis(self.client, image, self._runners() or {},
+                           {LABEL: "1", LABEL_INSTANCE: instance_id(self.settings.home), LABEL_ROLE: "doctor"})
+        if clis.status != "ok":
+            return _problem(name, clis.detail, f"{rebuild_hint(image)}")
+        return _ok(name, f"{image} present ({found.short_id}, interface {SANDBOX_INTERFACE}); {clis.detail}")
 
     def check_runtimes(self) -> Check:
         return Check("runtimes", *runtime_findings(self.client, self.settings))
@@ -293,6 +300,12 @@ class Doctor:
         except (DiskImageError, OSError):
             pass
 
+    def _runners(self) -> dict | None:
+        try:
+            return load_runners(self.settings.policies)
+        except ConfigError:
+            return None
+
     def check_tokens(self) -> Check:
         name = "runner tokens"
         try:
@@ -300,26 +313,10 @@ class Doctor:
         except ConfigError as exc:
             return _problem(name, f"cannot read the runners: {exc}",
                             f"put a valid runners.toml into EXECUTOR_POLICIES ({self.settings.policies})")
-        if not runners:
-            return _problem(name, f"no runner in {self.settings.policies / 'runners.toml'}",
-                            "add a [runners.NAME] table with model and auth_env")
-        missing = sorted({r.auth_env for r in runners.values() if not self.environ.get(r.auth_env)})
-        if missing:
-            users = {var: sorted(n for n, r in runners.items() if r.auth_env == var) for var in missing}
-            return _problem(name, "not set: " + ", ".join(f"{var} (runner {', '.join(users[var])})" for var in missing),
-                            f"set {', '.join(missing)} in the executor's environment (with compose: in .env, "
-                            f"which compose.yaml passes to the container); the jobs' API gateways and the "
-                            f"compaction model use them")
-        return _ok(name, ", ".join(sorted({r.auth_env for r in runners.values()})) + " set")
+        return _found(name, agents.tokens(runners, self.environ, self.settings.policies))
 
     def check_compaction_model(self) -> Check:
-        name = "compaction model"
-        model = self.settings.compaction_model
-        if not PINNED_MODEL.match(model):
-            return _problem(name, f"EXECUTOR_COMPACTION_MODEL is {model!r}, not a pinned (dated) model id: an alias "
-                                  "moves to another model with a release, and no model but the one named may answer",
-                            f"set EXECUTOR_COMPACTION_MODEL to a dated id, e.g. {COMPACTION_MODEL}")
-        return _ok(name, f"{model}, called through each job's runner (its base_url and credential)")
+        return _found("compaction model", agents.compaction_models(self.settings, self._runners() or {}))
 
     def check_policies(self) -> Iterator[Check]:
         """Every policy file loads; one that leaves the sandbox unsealed is flagged."""

@@ -28,8 +28,8 @@ from ..errors import (
     UnsafePath,
     WorkspaceChanged,
 )
+from ..agent.registry import session_carry
 from ..logs import log_state
-from ..policy import Policy
 from ..sandbox.deployment import Deployment
 from ..store import Job, Status, Store
 from . import home, workspace
@@ -150,7 +150,7 @@ def _carry_home(store: Store, job: Job, ws: Workspace) -> None:
     """The committed job hands on what its policy allows of its home layer to the next job of its session."""
     if ws.home is None:
         return
-    patterns = Policy(**job.policy).session_carry
+    patterns = session_carry(job)  # the policy's, else the job's agent's transcripts
     try:
         carried = home.carry(ws.home_upper, ws.home, patterns, ws.uid, ws.gid)
     except (ExecutorError, OSError) as exc:  # the repository is committed; the home is only the next job's help

@@ -2,12 +2,14 @@
 
 Owns the session's *committed* home (``$EXECUTOR_HOME/sessions/<session>/home``: never mounted writable)
 and each attempt's home layer (``jobs/<id>/home/upper``): the agent's home is an overlay whose lower dir
-is the committed home, so Claude Code's transcripts, settings and dotfiles land in the attempt's layer.
-When the job commits, the paths its policy's ``session_carry`` allows (by default only Claude Code's
-conversation transcripts, which ``--resume`` needs) are merged into the committed home; everything else,
+is the committed home, so the agent's transcripts, settings and dotfiles land in the attempt's layer.
+When the job commits, the paths its policy's ``session_carry`` allows (by default only the agent's
+conversation transcripts, which resuming needs: each agent names them) are merged into the committed home;
+everything else,
 and everything of a job that does not commit, goes with the job's directory. A rate-limited attempt keeps
 its layer until it resumes. So hooks, ``settings.json``, shell rc files and shell snapshots never reach the
-next job unless a policy names them.
+next job unless a policy names them. Also reading an agent's transcript to see whether it can be resumed
+(``transcript_readable``: where it lies is the agent's to say).
 
 Must never: carry a symlink, a device or anything the policy does not name into the committed home, follow
 a link the agent planted, or write the committed home with root's rights.
@@ -15,6 +17,7 @@ a link the agent planted, or write the committed home with root's rights.
 
 from __future__ import annotations
 
+import fnmatch
 import os
 import stat
 from pathlib import Path
@@ -26,9 +29,9 @@ from .safefs import DIR_FLAGS, lstat_at, open_dir_path
 from .tree import Tree
 from .upper import Change, Entry, scan_upper
 
-#: What a job's home may hand on to the next job of its session unless its policy says otherwise.
-DEFAULT_CARRY = (".claude/projects/**/*.jsonl",)
 TRANSCRIPT_LIMIT = 256 * 2**20  # a transcript read to check it resumes; a bigger one is judged on its start
+#: Entries of one directory looked at while searching for a transcript (the agent wrote them).
+_LISTED = 10_000
 
 
 def prepare_committed(home: Path, uid: int, gid: int) -> None:
@@ -80,17 +83,18 @@ def _carried(entry: Entry) -> bool:
     return entry.kind == "file" and not entry.mode & 0o111  # "file": a regular file (the scan's kinds)
 
 
-def transcript_readable(tops: list[Path], claude_session_id: str) -> bool:
-    """Whether Claude Code's transcript of a conversation is in one of ``tops`` (an attempt's home layer, the
-    committed home) and parses; else a resume starts fresh. Read through pinned fds, never following a link."""
-    name = f"{claude_session_id}.jsonl"
+def transcript_readable(tops: list[Path], parts: list[str]) -> bool:
+    """Whether an agent's transcript is in one of ``tops`` (an attempt's home layer, the committed home) and
+    parses as JSON lines; else a resume starts fresh. ``parts``: its path below a home, one ``fnmatch`` pattern
+    per component (the last names the file), e.g. ``[".tool", "sessions", "*", "rollout-*-ID.jsonl"]``. Read
+    through pinned fds, never following a link; the first match decides."""
     for top in tops:
         try:
             top_fd = os.open(top, DIR_FLAGS)
         except OSError:
             continue
         try:
-            found = _read_transcript(top_fd, name)
+            found = _search(top_fd, parts)
         finally:
             os.close(top_fd)
         if found is not None:
@@ -98,24 +102,50 @@ def transcript_readable(tops: list[Path], claude_session_id: str) -> bool:
     return False
 
 
-def _read_transcript(top_fd: int, name: str) -> bool | None:
-    try:
-        projects = open_dir_path(top_fd, [".claude", "projects"])
-    except OSError:
-        return None
-    try:
-        for project in os.listdir(projects):
-            st = lstat_at(projects, project)
-            if st is None or not stat.S_ISDIR(st.st_mode):
-                continue
-            data = Tree(projects).read(f"{project}/{name}", TRANSCRIPT_LIMIT)
-            if data is not None:
-                lines = data.decode("utf-8", "replace").splitlines()
-                try:
-                    return bool(lines) and all(load_json(line) is not None for line in lines if line.strip())
-                except ValueError:  # Unparsable, deep nesting included: the agent wrote this file
-                    return False
-        return None
-    finally:
-        os.close(projects)
+def _search(dir_fd: int, parts: list[str]) -> bool | None:
+    """The verdict on the first file below ``dir_fd`` matching ``parts``; None when there is none."""
+    pattern, rest = parts[0], parts[1:]
+    names = [pattern] if not _wild(pattern) else sorted(fnmatch.filter(_listing(dir_fd), pattern))
+    for name in names:
+        st = lstat_at(dir_fd, name)
+        if st is None:
+            continue
+        if not rest:
+            if stat.S_ISREG(st.st_mode):
+                return _parses(Tree(dir_fd).read(name, TRANSCRIPT_LIMIT))
+            continue
+        if not stat.S_ISDIR(st.st_mode):
+            continue
+        try:
+            sub = open_dir_path(dir_fd, [name])
+        except OSError:
+            continue
+        try:
+            found = _search(sub, rest)
+        finally:
+            os.close(sub)
+        if found is not None:
+            return found
+    return None
 
+
+def _wild(pattern: str) -> bool:
+    return any(c in pattern for c in "*?[")
+
+
+def _listing(dir_fd: int) -> list[str]:
+    try:
+        with os.scandir(dir_fd) as entries:
+            return [entry.name for _, entry in zip(range(_LISTED), entries)]
+    except OSError:
+        return []
+
+
+def _parses(data: bytes | None) -> bool | None:
+    if data is None:
+        return None
+    lines = data.decode("utf-8", "replace").splitlines()
+    try:
+        return bool(lines) and all(load_json(line) is not None for line in lines if line.strip())
+    except ValueError:  # Unparsable, deep nesting included: the agent wrote this file
+        return False

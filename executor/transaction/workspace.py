@@ -18,6 +18,7 @@ or leave a volume behind on discard.
 from __future__ import annotations
 
 import os
+import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -159,6 +160,11 @@ class Workspace:
     def journal(self) -> Path:
         """The commit's journal (in the job dir, which only root can write)."""
         return self.root / "commit-journal.json"
+
+    @property
+    def agent_config(self) -> Path:
+        """The agent's configuration files of this attempt (root's, read-only in the container)."""
+        return self.root / "agent"
 
     @property
     def sockets(self) -> Path:
@@ -313,3 +319,21 @@ def reattach(ws: Workspace) -> None:
     """Mount the job's disk image again where it is not mounted (after a reboot, before the executor
     recovered): the kept change is then where ``ws.upper`` says. ``DiskImageError`` when it cannot be."""
     jobdisk.attach(ws.root)
+
+
+def write_agent_config(ws: Workspace, files: dict[str, bytes]) -> Path | None:
+    """The attempt's agent configuration files (``Launch.files``: plain names, no credential) in a fresh
+    root-owned directory the container mounts read-only; None when the agent needs none."""
+    directory = ws.agent_config
+    if directory.is_dir() and not directory.is_symlink():
+        shutil.rmtree(directory)
+    if not files:
+        return None
+    directory.mkdir(mode=0o755)
+    for name, data in files.items():
+        if "/" in name or name in ("", ".", ".."):
+            raise ValueError(f"an agent configuration file is named by a plain name, not {name!r}")
+        fd = os.open(directory / name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+    return directory

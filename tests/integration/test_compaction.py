@@ -106,5 +106,5 @@ def test_resume_mode_continues_the_previous_conversation(world, run_executor):
     assert "SKILL-BODY-style" in body and "SKILL-BODY-style" not in _system_text(resumed)
     first_attempt = store.attempts("cmp-1")[-1]
     started = [e.data for e in store.events(job_id="cmp-2") if e.kind == "compaction"][0]
-    assert {k: started[k] for k in ("mode", "claude_session_id", "previous_job")} == {
-        "mode": "resume", "claude_session_id": first_attempt.claude_session_id, "previous_job": "cmp-1"}
+    assert {k: started[k] for k in ("mode", "agent_session_id", "previous_job")} == {
+        "mode": "resume", "agent_session_id": first_attempt.agent_session_id, "previous_job": "cmp-1"}

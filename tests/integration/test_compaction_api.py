@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from executor.session import brief as session_brief
-from executor.session.summarizer import Summarizer
+from executor.agent.claude_code.summarizer import Summarizer
 from tests.scripted_api import ScriptedAPI, Turn
 from tests.unit.test_compaction import _next, make_recorded
 

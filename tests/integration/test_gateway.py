@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from executor.sandbox.usage import ResponseMeter
+from executor.agent.claude_code.api import MessagesMeter as ResponseMeter
 from tests.scripted_api import ScriptedAPI, Turn
 from tests.sealing import (
     MODEL,

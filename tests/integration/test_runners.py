@@ -149,9 +149,9 @@ def test_retry_after_a_rate_limit_resumes_the_conversation_and_keeps_the_work(wo
     assert "first.txt" in body and "from attempt one" in body
     assert "interrupted by an API rate limit" in body
     attempts = store.attempts("resume-me")
-    assert attempts[0].claude_session_id and attempts[1].outcome == "success"
+    assert attempts[0].agent_session_id and attempts[1].outcome == "success"
     running_events = [e.data for e in store.events(job_id="resume-me") if e.kind == "state" and e.data.get("status") == "running"]
-    assert running_events[1]["resume"] == attempts[0].claude_session_id
+    assert running_events[1]["resume"] == attempts[0].agent_session_id
 
 
 def test_a_job_waiting_on_the_clis_own_retry_is_not_stalled(world, run_executor):

@@ -17,6 +17,7 @@ from executor.policy import Policy, Runner
 from executor.session import brief as session_brief
 from executor.session import compaction
 from executor.session import history as session_history
+from executor.agent.claude_code.summarizer import Summarizer
 from executor.session.summarizer import Answer
 from executor.settings import Settings
 from executor.store import Job, Status, Store
@@ -30,6 +31,8 @@ class FakeModel:
 
     model = "claude-haiku-4-5"
     attempts = 1
+    prices = Summarizer.prices  # priced like the Claude Code runner's small model
+    cost = Summarizer.cost
 
     def __init__(self) -> None:
         self.prompts: list[str] = []
@@ -190,7 +193,7 @@ def test_start_records_structural_with_the_reason_or_fails_when_required(recorde
 def test_start_resume_mode_continues_the_previous_conversation(recorded, tmp_path):
     store, _ = recorded
     attempt = store.start_attempt("j2", 1)
-    store.finish_attempt(attempt.id, claude_session_id="claude-abc")
+    store.finish_attempt(attempt.id, agent_session_id="claude-abc")
     job = _next(store)
     begun = compaction.start(store, _settings(tmp_path), {}, job, Policy(context="resume"), 1, RUNNER,
                              transcript_ok=lambda sid: sid == "claude-abc")

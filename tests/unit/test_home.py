@@ -9,7 +9,8 @@ import stat
 from pathlib import Path
 
 from executor.globs import matching_files
-from executor.transaction.home import DEFAULT_CARRY, carry, prepare_committed
+from executor.agent.claude_code.agent import CARRY as DEFAULT_CARRY
+from executor.transaction.home import carry, prepare_committed
 
 from .upper_tree import OWNER, require_root, write
 

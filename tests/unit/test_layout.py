@@ -114,3 +114,35 @@ def test_the_store_owns_every_query():
             elif isinstance(node, ast.Constant) and isinstance(node.value, str) and sql.search(node.value):
                 found.append(f"{name} holds SQL: {node.value.strip()[:60]!r}")
     assert not found, found
+
+
+#: What only an agent's own package may name: its CLI's flags, files, environment, tool names and API headers.
+AGENT_WORDS = {
+    "claude_code": ("ANTHROPIC_", "CLAUDE_CODE_", "x-api-key", "anthropic-", ".claude", "--resume",
+                    "--append-system-prompt", "--disallowedTools", "Bash", "MultiEdit",
+                    "message_start", "<synthetic>"),
+    "codex": ("OPENAI_", "CODEX_HOME", ".codex", "model_providers", "exec_command", "command_execution",
+              "file_change", "x-ratelimit-", "response.completed", "thread.started", "turn.failed"),
+    "gemini": ("GEMINI_", "GOOGLE_GEMINI", "x-goog-api-key", "streamGenerateContent", "usageMetadata",
+               "run_shell_command", "selectedType"),
+}
+
+
+def test_only_an_agents_package_names_its_cli_or_imports_it():
+    """The agent seam: nothing outside ``executor/agent/<agent>/`` names an agent's tools, files, flags or headers
+    (string literals and docstrings alike), and only the registry imports an agent's package. Migrations record
+    the history of the schema, as it was."""
+    found = []
+    for name, path in modules().items():
+        if ".migrations." in name:
+            continue
+        tree = ast.parse(path.read_text())
+        strings = [n.value for n in ast.walk(tree) if isinstance(n, ast.Constant) and isinstance(n.value, str)]
+        for agent, words in AGENT_WORDS.items():
+            if name.startswith(f"executor.agent.{agent}"):
+                continue
+            found += [f"{name} names {word!r} ({agent}'s)" for word in words if any(word in s for s in strings)]
+            if name != "executor.agent.registry" and f"executor.agent.{agent}" in " ".join(
+                    imports_of(name, path, set(modules()))):
+                found.append(f"{name} imports executor.agent.{agent}")
+    assert found == []

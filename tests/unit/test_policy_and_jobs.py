@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from executor.agent.claude_code.command import auth_var
 from executor.errors import ConfigError, InvalidJob
 from executor.intake.jobs import JobSpec, parse_spec, validate
 from executor.policy import load_policy, load_runners, parse_duration
@@ -182,9 +183,9 @@ auth_type = "oauth_token"
     assert fast.name == "fast" and fast.model == "claude-sonnet-4-5" and fast.auth_env == "FAST_KEY"
     assert fast.base_url == "http://127.0.0.1:8080" and fast.max_concurrent == 2
     assert fast.auth_type == "api_key"
-    assert fast.container_auth_var == "ANTHROPIC_API_KEY"
+    assert auth_var(fast) == "ANTHROPIC_API_KEY"
     assert sub.auth_type == "oauth_token"
-    assert sub.container_auth_var == "CLAUDE_CODE_OAUTH_TOKEN"
+    assert auth_var(sub) == "CLAUDE_CODE_OAUTH_TOKEN"
     assert sub.base_url is None and sub.max_concurrent is None
 
 

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from executor.agent.events import parse_line
-from executor.agent.outcome import classify
-from executor.agent.stream import StreamState
+from executor.agent.claude_code.events import parse_line
+from executor.agent.claude_code.outcome import classify
+from executor.agent.claude_code.stream import StreamState
 from executor.errors import AgentFailed, ModelMismatch, Overloaded, RateLimited
 from executor.job.retry import decide
 from executor.policy import Policy

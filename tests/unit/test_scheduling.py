@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
+from executor.agent.claude_code.stream import StreamState
 from executor.agent.events import Event
 from executor.agent.outcome import Outcome
-from executor.agent.stream import StreamState
 from executor.errors import (
     AgentFailed,
     ApiError,

@@ -10,10 +10,10 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
-from executor.agent.events import SYNTHETIC_MODEL, Event, events_for, parse_line
-from executor.agent.outcome import Outcome, classify
-from executor.agent.stream import StreamState
-from executor.agent.usage_limit import looks_like_usage_limit, parse_usage_limit
+from executor.agent.claude_code.events import SYNTHETIC_MODEL, Event, events_for, parse_line
+from executor.agent.claude_code.outcome import Outcome, classify
+from executor.agent.claude_code.stream import StreamState
+from executor.agent.claude_code.usage_limit import looks_like_usage_limit, parse_usage_limit
 from executor.errors import AgentFailed, Overloaded, RateLimited
 
 # Real transcripts of CLI 2.1.328 (tests/fixtures/claude-stream/README.md says how they were captured).

@@ -1,7 +1,9 @@
-"""The running state of one agent run, updated line by line from the CLI's stream.
+"""The running state of one Claude Code run, updated line by line from the CLI's stream.
 
 Owns ``StreamState``: the Claude Code session id, which models answered, the CLI's own retries, rate-limit
-and usage-limit signals, the final text and result, and a one-line "what is it doing" for people.
+and usage-limit signals, the final text and result, and a one-line "what is it doing" for people; and, for
+the executor (``agent/seam.py``'s ``Run``), the same in its own words: the session to resume, whether the
+CLI reported its end, the HTTP statuses of failed calls, the run's cost and tokens, and how it ended.
 
 Must never: talk to Docker, the database or the network, or read the clock other than through the
 ``clock`` it is given.
@@ -14,15 +16,10 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from ..clock import utcnow
-from .describe import describe
-from .events import (
-    SYNTHETIC_MODEL,
-    Event,
-    events_for,
-    one_line,
-    parse_line,
-)
+from ...clock import utcnow
+from ..describe import describe
+from ..events import Event, one_line, parse_line
+from .events import SYNTHETIC_MODEL, events_for
 from .usage_limit import looks_like_usage_limit, parse_usage_limit
 
 # --------------------------------------------------------------------------------------------------
@@ -72,6 +69,34 @@ class StreamState:
     def feed_raw(self, raw: bytes | str) -> list[Event]:
         """``feed(parse_line(raw))``: for callers that hold raw stdout lines."""
         return self.feed(parse_line(raw))
+
+    # -- in the executor's words (agent/seam.py's Run)
+
+    @property
+    def session_id(self) -> str | None:
+        return self.claude_session_id
+
+    @property
+    def ended(self) -> bool:
+        return self.result is not None
+
+    @property
+    def error_statuses(self) -> list[int]:
+        """The statuses the CLI's error lines named, else those of its own retries."""
+        statuses = self.api_error_statuses or [r.get("error_status") for r in self.api_retries]
+        return [s for s in statuses if isinstance(s, int)]
+
+    @property
+    def cost_usd(self) -> float | None:
+        return (self.result or {}).get("total_cost_usd")
+
+    @property
+    def input_tokens(self) -> int | None:
+        return ((self.result or {}).get("usage") or {}).get("input_tokens")
+
+    @property
+    def output_tokens(self) -> int | None:
+        return ((self.result or {}).get("usage") or {}).get("output_tokens")
 
     # -- what the raw message says that events do not carry
 

@@ -12,7 +12,7 @@ from datetime import date, datetime, time, timedelta, timezone
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from ..clock import aware, from_epoch
+from ...clock import aware, from_epoch
 
 # --------------------------------------------------------------------------------------------------
 # 5. Usage-limit messages

@@ -1,0 +1,1 @@
+"""The Codex CLI behind the agent seam (``agent.py``)."""

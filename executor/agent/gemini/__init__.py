@@ -1,0 +1,1 @@
+"""The Gemini CLI behind the agent seam (``agent.py``)."""
