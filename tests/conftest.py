@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import stat
 import subprocess
 import textwrap
@@ -290,16 +291,22 @@ def _no_leftover_containers(request):
 def _check_containers(world: World) -> None:
     import docker
 
+    from executor.sandbox.deployment import instance_id
+
     if not (world.home / "executor.db").exists():
         return
     store = world.store()
     job_ids = {job.id for job in store.jobs()}
     store.close()
     client = docker.from_env()
-    # Scoped to this test's jobs: other test sessions may share the engine.
-    containers = [c for c in client.containers.list(all=True, filters={"label": "io.executor=1"}, ignore_removed=True)
+    # Scoped to this test's executor (its state root's instance) and jobs: another test session on the same
+    # engine runs the same tests, with the same job ids, at the same time.
+    mine = {f"io.executor.instance={instance_id(home)}" for home in (world.home, world.home.resolve())}
+    containers = [c for label in mine
+                  for c in client.containers.list(all=True, filters={"label": ["io.executor=1", label]},
+                                                  ignore_removed=True)
                   if c.labels.get("io.executor.job") in job_ids]
-    volumes = [v for v in client.volumes.list(filters={"label": "io.executor=1"})
+    volumes = [v for label in mine for v in client.volumes.list(filters={"label": ["io.executor=1", label]})
                if (v.attrs.get("Labels") or {}).get("io.executor.job") in job_ids]
     leftovers = [c.name for c in containers] + [v.name for v in volumes]
     for c in containers:
@@ -341,9 +348,28 @@ def pg_empty_url(postgres_cluster) -> Iterator[str]:
     postgres_cluster.drop_database(url)
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def db_url(request, tmp_path: Path) -> str:
-    """A new store's URL on each engine: the store's contract holds on both."""
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path / 'state' / 'executor.db'}"
-    return request.getfixturevalue("pg_url")
+@pytest.fixture(scope="session")
+def migrated_sqlite(tmp_path_factory) -> Path:
+    """One SQLite file migrated to the code's head, copied for each test that wants a new store (migrating
+    each from empty costs ~0.1 s; test_migrations covers migrating itself)."""
+    from executor.store import Store
+
+    path = tmp_path_factory.mktemp("template") / "executor.db"
+    Store(path).close()
+    return path
+
+
+@pytest.fixture
+def db_url(tmp_path: Path, migrated_sqlite: Path) -> str:
+    """A new store's URL: SQLite in the unit tier (no server); tests/integration/postgres runs the same store
+    tests again with this fixture giving a PostgreSQL database, so the contract holds on both engines."""
+    (tmp_path / "state").mkdir()
+    shutil.copyfile(migrated_sqlite, tmp_path / "state" / "executor.db")
+    return f"sqlite:///{tmp_path / 'state' / 'executor.db'}"
+
+
+@pytest.fixture
+def empty_db_url(tmp_path: Path) -> str:
+    """The URL of a database nothing has made yet (SQLite here; PostgreSQL in tests/integration/postgres)."""
+    (tmp_path / "empty").mkdir()
+    return f"sqlite:///{tmp_path / 'empty' / 'executor.db'}"

@@ -275,7 +275,7 @@ def test_a_slow_answer_of_pings_only_passes_and_is_not_a_stall(world, run_execut
         job = wait_status(store, "slow", SETTLED, timeout=180)
     assert job.status == Status.succeeded, (job.reason, job.error)
     first = store.api_requests(job_id="slow")[0]
-    # 8 s of pings by the script's construction; that chunks pass as they come is tests/unit/test_gateway.py's
+    # 8 s of pings by the script's construction; that chunks pass as they come is tests/integration/test_gateway.py's
     assert first.duration >= 8.0 and first.status == 200
     states = [b.state for b in store.heartbeats("slow")]
     assert states.count("api_streaming") >= 3, states  # only the gateway saw it move, and that was progress

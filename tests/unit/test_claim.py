@@ -326,33 +326,6 @@ def test_a_job_waiting_on_a_lost_host_is_requeued_from_clean(store):
     assert (requeued.status, requeued.resume_session, requeued.workspace_lock) == (Status.queued, None, None)
 
 
-def test_new_work_wakes_a_listening_host_at_once(pg_url, tmp_path):
-    """PostgreSQL: intake's NOTIFY (and a settle that frees a workspace) wakes an idle host's LISTEN."""
-    from executor.scheduling.hosting import Presence
-    from executor.settings import Settings
-    from tests.conftest import wait_for
-
-    settings = Settings(home=tmp_path / "home", policies=tmp_path, workspace_roots=["/w"], database_url=pg_url,
-                        host_id="listener")
-    mine, other = Store(pg_url), Store(pg_url)
-    presence = Presence(settings, mine, lambda: {})
-    presence.listener.start()
-    try:
-        wait_for(lambda: presence.listening, 20, "the LISTEN connection")
-        presence.wake.clear()
-        other.add_job(job("woken"))  # another host's intake
-        assert presence.wake.wait(5), "no NOTIFY for a new job"
-        other.claim("host-b", ["/w"], 8, 2**34)
-        presence.wake.clear()
-        other.transition("woken", Status.running, Status.rolled_back, reason="agent_error")
-        assert presence.wake.wait(5), "no NOTIFY for a freed workspace"
-    finally:
-        presence.close()
-        mine.close()
-        other.close()
-    assert not presence.listener.is_alive()
-
-
 def test_a_second_executor_under_a_live_host_id_is_refused(store, tmp_path):
     import os
     import socket

@@ -1,6 +1,7 @@
 """The session brief builder on recorded event logs: files read but not changed are summarized, settled
 jobs condensed, skills swapped in and out, the last message kept; the structural brief when the small
-model cannot be had; every summary a row beside the event ids it replaced."""
+model cannot be had; every summary a row beside the event ids it replaced. The small model over HTTP (a scripted API server) is
+tests/integration/test_compaction_api.py's."""
 
 from __future__ import annotations
 
@@ -16,10 +17,9 @@ from executor.policy import Policy, Runner
 from executor.session import brief as session_brief
 from executor.session import compaction
 from executor.session import history as session_history
-from executor.session.summarizer import Answer, Summarizer
+from executor.session.summarizer import Answer
 from executor.settings import Settings
 from executor.store import Job, Status, Store
-from tests.scripted_api import ScriptedAPI, Turn
 
 UTILS_CONTENT = "     1\tdef slugify(text):\n     2\t    return UNIQUE_BODY_MARKER_42\n"
 FINAL = "Added parse_date in app/dates.py.\nOpen items:\n- handle time zones\n- TODO: document the format"
@@ -55,6 +55,10 @@ def _tool(store, job, tool_id, name, result, **data):
 
 @pytest.fixture
 def recorded(tmp_path: Path) -> tuple[Store, Path]:
+    return make_recorded(tmp_path)
+
+
+def make_recorded(tmp_path: Path) -> tuple[Store, Path]:
     """Two settled jobs: one committed (read two files, changed one), one rolled back."""
     store = Store(tmp_path / "db" / "executor.db")
     skills = tmp_path / "policies" / "skills"
@@ -149,48 +153,6 @@ def test_skills_swap_in_and_out(recorded):
     store.update_job("j3", skills=["style"])
     text = session_brief.build(store, "s1", store.get("j3"), skills_dir, FakeModel()).text
     assert "STYLE-BODY" in text and "RELEASE-BODY" not in text
-
-
-def test_structural_brief_when_the_small_model_keeps_answering_429(recorded):
-    store, skills_dir = recorded
-    job = _next(store)
-    limit = Turn.error(429, "rate_limit_error", "Number of requests has exceeded your rate limit")
-    with ScriptedAPI(default=limit, side_filter=lambda body: False) as api:
-        sleeps: list[float] = []
-        model = Summarizer("claude-haiku-4-5", "sk-fake", api.base_url, attempts=3, backoff=0.5, sleep=sleeps.append)
-        brief = session_brief.build(store, "s1", job, skills_dir, model)
-        calls = [r for r in api.requests if r.is_messages]
-    assert brief.mode == "structural"
-    assert "429" in brief.reason and "after 3 attempts" in brief.reason
-    assert {r.body["model"] for r in calls} == {"claude-haiku-4-5"}  # the same model, never another
-    assert len(calls) == 4 * 3  # four items to summarize, three attempts each
-    assert sleeps and max(sleeps) <= 2.0
-    text = brief.text
-    assert "structural, without model summaries" in text
-    assert "- app/utils.py (read by j1)" in text
-    assert "- j1 [succeeded]: requested: Add parse_date to app/dates.py; changed app/dates.py; tests: pass" in text
-    assert "rolled_back: tests_failed the tests failed (exit 1)" in text
-    assert session_brief.retention_problems(text, brief.history) == []
-    assert all(r.model is None for r in brief.rows)
-
-
-def test_a_different_model_answering_makes_the_brief_structural(recorded):
-    store, skills_dir = recorded
-    with ScriptedAPI(default=Turn.text("- a file", model="claude-sonnet-4-5"), side_filter=lambda b: False) as api:
-        model = Summarizer("claude-haiku-4-5", "sk-fake", api.base_url, attempts=2)
-        brief = session_brief.build(store, "s1", _next(store), skills_dir, model)
-    assert brief.mode == "structural" and "claude-sonnet-4-5" in brief.reason and "no fallback" in brief.reason
-
-
-def test_the_real_sdk_path_writes_summaries(recorded):
-    store, skills_dir = recorded
-    with ScriptedAPI(default=Turn.text("- the utilities module\n- slugify is used by dates"),
-                     side_filter=lambda b: False) as api:
-        model = Summarizer("claude-haiku-4-5", "sk-fake", api.base_url)
-        brief = session_brief.build(store, "s1", _next(store), skills_dir, model)
-    assert brief.mode == "model"
-    assert "  - slugify is used by dates" in brief.text
-    assert all(r.latency is not None and r.model == "claude-haiku-4-5" for r in brief.rows if r.kind != "skill")
 
 
 #: The job's runner: compaction goes through its endpoint with its credential (here: not set).

@@ -23,7 +23,6 @@ from executor.evaluation.junit import MAX_REPORT, Report, parse, read_report
 from executor.evaluation.layers import build_tests_layer, split
 from executor.evaluation.rules import Runs, grade
 from executor.policy import DEFAULT_TEST_PATHS, Policy
-from executor.settings import Settings
 from executor.transaction.conflicts import CLOCK_SLACK_NS
 from executor.transaction.safefs import DIR_FLAGS
 from executor.transaction.upper import Change, Entry, scan_upper
@@ -376,38 +375,3 @@ def test_the_policy_keys_of_the_graded_gate():
     for bad in ({"evaluation": "strict"}, {"on_weak_tests": "ignore"}, {"flaky_reruns": -1}):
         with pytest.raises(ValidationError):
             Policy(**bad)
-
-
-# ------------------------------------------------------------------------------------------ the review page
-
-
-def test_the_review_page_shows_the_evaluation_above_the_diff(tmp_path: Path):
-    require_root()
-    from executor.clock import utcnow
-    from executor.store import Job, Status
-    from executor.surfaces.web import page_token
-    from tests.unit.test_review import _get, _web
-
-    server, store, base = _web(tmp_path, workspace_roots=[tmp_path])
-    try:
-        repo = tmp_path / "repo"
-        write(repo / "calc.py", "old\n")
-        store.add_job(Job(id="ev", session_id="ev", runner="r", model_requested="m", workspace=str(repo),
-                          prompt="p", policy_name="default", repo_uid=OWNER, repo_gid=OWNER))
-        store.transition("ev", Status.queued, Status.running, attempts=1, start_ns=0, started_at=utcnow())
-        store.transition("ev", Status.running, Status.testing)
-        write(tmp_path / "home/jobs/ev/upper/calc.py", "new\n")
-        record = {"kind": "tests_and_code", "verdict": "weak_tests", "proved": False, "fail_to_pass": [],
-                  "broken": [], "flaky": ["tests.test_f::test_<script>flip"], "weak": ["tests.test_sub::test_sub"],
-                  "runs": [{"run": "after", "exit_code": 0}, {"run": "before", "cached": True}]}
-        store.transition("ev", Status.testing, Status.awaiting_review, reason="review", review_since=utcnow(),
-                         evaluation=record, review_reasons=[{"trigger": "weak_tests", "message": "weak tests"}])
-        auth = {"Authorization": f"Bearer {page_token(Settings(home=tmp_path / 'home'))}"}
-        status, body = _get(base + "/jobs/ev", headers=auth)
-    finally:
-        server.close()
-        store.close()
-    assert status == 200
-    assert 'id="evaluation"' in body and body.index('id="evaluation"') < body.index("Change (against")
-    assert "tests.test_sub::test_sub" in body and "weak_tests" in body and "before (cached)" in body
-    assert "test_&lt;script&gt;flip" in body and "<script>flip" not in body  # a test's name is the agent's text

@@ -38,12 +38,11 @@ def test_head_is_the_last_revision_of_the_scripts():
     assert ScriptDirectory.from_config(config).get_heads() == [schema.HEAD]
 
 
-@pytest.mark.parametrize("engine", ["sqlite", "postgresql"])
-def test_a_new_database_is_migrated_to_exactly_the_models(engine, tmp_path, request):
-    url = f"sqlite:///{tmp_path / 'new.db'}" if engine == "sqlite" else request.getfixturevalue("pg_empty_url")
+def test_a_new_database_is_migrated_to_exactly_the_models(empty_db_url):
+    url = empty_db_url
     Store(url).close()
     found = differences(url)
-    assert found == [], (f"the migrations and models.py differ on {engine}: {found}; add a revision "
+    assert found == [], (f"the migrations and models.py differ on {url.split(':')[0]}: {found}; add a revision "
                          "(executor db revision \"what changed\") and set schema.HEAD")
     with make_engine(url).connect() as conn:
         assert conn.execute(text("SELECT version_num FROM alembic_version")).scalar() == schema.HEAD
@@ -107,9 +106,8 @@ def test_a_schema_newer_than_the_code_is_refused(tmp_path):
         Store(db)
 
 
-@pytest.mark.parametrize("engine", ["sqlite", "postgresql"])
-def test_processes_opening_a_new_database_at_once_migrate_it_once(engine, tmp_path, request):
-    url = f"sqlite:///{tmp_path / 'race.db'}" if engine == "sqlite" else request.getfixturevalue("pg_empty_url")
+def test_processes_opening_a_new_database_at_once_migrate_it_once(empty_db_url):
+    url = empty_db_url
     errors: list[BaseException] = []
     barrier = threading.Barrier(4)
 
@@ -162,14 +160,13 @@ def test_a_migration_at_start_logs_one_line_not_alembics_chatter(tmp_path):
     assert "store schema upgraded" in lines[0] and f"before=empty after={schema.HEAD}" in lines[0]
 
 
-@pytest.mark.parametrize("engine", ["sqlite", "postgresql"])
-def test_attempts_recorded_before_their_status_existed_get_how_they_ended(engine, tmp_path, request):
+def test_attempts_recorded_before_their_status_existed_get_how_they_ended(empty_db_url):
     """Revision 0005's backfill: an earlier attempt ended waiting for a retry (its agent was rate limited) or
     interrupted; a job's last attempt has the job's status (an interrupted one when the job is queued again)."""
     from alembic import command
     from alembic.config import Config
 
-    url = f"sqlite:///{tmp_path / 'old.db'}" if engine == "sqlite" else request.getfixturevalue("pg_empty_url")
+    url = empty_db_url
     old = make_engine(url)
     with old.begin() as conn:
         config = Config()

@@ -1,16 +1,12 @@
 """Tests for executor.review (triggers, globs, the model's REVIEW line, the diff, approve/reject on hand-built
-upper dirs), executor.notify and the web page's access rules (executor.web on a real socket, no Docker)."""
+upper dirs); notifications and the page's access rules, which need a server, are in
+tests/integration/test_review_servers.py."""
 
 from __future__ import annotations
 
-import http.server
-import json
 import os
-import stat
 import threading
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -21,9 +17,7 @@ from executor.errors import Conflict, ReviewError
 from executor.policy import Policy
 from executor.settings import Settings
 from executor.store import Job, Status, Store
-from executor.surfaces.notify import Notifier, payload
 from executor.transaction.upper import Change, Entry, scan_upper
-from tests.conftest import wait_for
 from tests.unit.upper_tree import opaque, require_root, require_user_xattrs, whiteout, write
 
 
@@ -386,210 +380,3 @@ def test_finish_commit_redoes_only_the_approved_part(pending_job):
     assert again.status == Status.succeeded
     assert (repo / "a.txt").read_text() == "A\n" and (repo / "b.txt").read_text() == "b\n"
     assert (repo / "c.txt").exists()
-
-
-# -------------------------------------------------------------------------------------- notifications
-
-
-class Hook:
-    """A webhook on loopback that fails its first ``fail`` requests with 500."""
-
-    def __init__(self, fail: int = 0) -> None:
-        self.bodies: list[dict] = []
-        self.hits = 0
-        hook = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_POST(self):  # noqa: N802
-                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
-                hook.hits += 1
-                if hook.hits <= fail:
-                    self.send_response(500)
-                    self.end_headers()
-                    return
-                hook.bodies.append(json.loads(body))
-                self.send_response(200)
-                self.end_headers()
-                self.wfile.write(b"ok")
-
-            def log_message(self, *args):
-                pass
-
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook?topic=executor"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-
-
-def _job(status: Status, **fields) -> Job:
-    return Job(id="n1", session_id="n1", runner="r", model_requested="m", workspace="/w", prompt="p",
-               policy_name="default", status=status, **fields)
-
-
-def test_notification_is_retried_after_a_failure():
-    hook = Hook(fail=2)
-    try:
-        notifier = Notifier(hook.url, backoff=0.05, ui_url="http://127.0.0.1:8765")
-        notifier.job_event(_job(Status.awaiting_review, review_reasons=[{"message": "changes tests/**"}]))
-        wait_for(lambda: hook.bodies, 10, "the notification to arrive", interval=0.05)
-        notifier.close()
-    finally:
-        hook.close()
-    assert hook.hits == 3 and notifier.delivered == 1
-    [body] = hook.bodies
-    assert body["event"] == "awaiting_review" and body["job"] == "n1" and body["reasons"] == ["changes tests/**"]
-    assert body["topic"] == "executor" and body["url"] == "http://127.0.0.1:8765/jobs/n1"
-    for key in ("title", "message", "text", "content"):
-        assert "n1" in body[key]
-
-
-def test_an_unreachable_webhook_never_blocks():
-    """Every job_event returns while the webhook holds the first delivery unanswered: the serving loop's
-    callers never wait on a notification (asserted by order: the hook answers only after they all returned)."""
-    held, answer = threading.Event(), threading.Event()
-
-    class Handler(http.server.BaseHTTPRequestHandler):
-        def do_POST(self):  # noqa: N802
-            self.rfile.read(int(self.headers.get("Content-Length", 0)))
-            held.set()
-            answer.wait(30)
-            self.send_response(503)
-            self.end_headers()
-
-        def log_message(self, *args):
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    notifier = Notifier(f"http://127.0.0.1:{server.server_address[1]}/hook", attempts=1, backoff=0.05)
-    try:
-        notifier.job_event(_job(Status.failed, reason="timeout", error="too slow"))
-        wait_for(held.is_set, 10, "the first delivery to reach the webhook", interval=0.01)
-        for _ in range(4):
-            notifier.job_event(_job(Status.failed, reason="timeout", error="too slow"))
-        assert not answer.is_set() and notifier.failed == 0  # all five returned; the first is still held
-    finally:
-        answer.set()
-        notifier.close(timeout=10)
-        server.shutdown()
-        server.server_close()
-    assert notifier.failed == 5 and notifier.delivered == 0
-    body = payload(_job(Status.failed, reason="timeout", error="too slow"))
-    assert body["event"] == "failed" and "timeout" in body["message"]
-
-
-# ------------------------------------------------------------------------------------ the web page
-
-
-def _get(url: str, headers: dict | None = None, data: bytes | None = None) -> tuple[int, str]:
-    request = urllib.request.Request(url, data=data, headers=headers or {})
-    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}), _NoRedirect())
-    try:
-        with opener.open(request, timeout=10) as response:
-            return response.status, response.read().decode()
-    except urllib.error.HTTPError as exc:
-        return exc.code, exc.read().decode()
-
-
-class _NoRedirect(urllib.request.HTTPRedirectHandler):
-    def redirect_request(self, *args, **kwargs):
-        return None
-
-
-def _web(tmp_path: Path, **settings):
-    from executor.surfaces.web import serve_web
-
-    s = Settings(home=tmp_path / "home", policies=tmp_path / "p", ui_port=0, **settings)
-    store = Store(s.db_path)
-    server = serve_web(s, store)
-    return server, store, f"http://127.0.0.1:{server.port}"
-
-
-def test_web_on_loopback_serves_and_checks_host_and_csrf(tmp_path):
-    from executor.surfaces.web import page_token
-
-    server, store, base = _web(tmp_path)
-    auth = {"Authorization": f"Bearer {page_token(Settings(home=tmp_path / 'home'))}"}
-    try:
-        status, body = _get(base + "/", headers=auth)
-        assert status == 200 and "Review queue" in body
-        status, _ = _get(base + "/", headers={"Host": "evil.example:80", **auth})
-        assert status == 403  # DNS rebinding
-        status, body = _get(base + "/jobs/x/approve", data=b"csrf=wrong", headers=auth)
-        assert status == 403 and "CSRF" in body
-    finally:
-        server.close()
-        store.close()
-
-
-def test_web_needs_its_token_on_loopback_too_and_makes_one_at_first_start(tmp_path):
-    """A job sharing the host's loopback must not reach a decision: no request passes without the token, and
-    the token the executor made for itself is a root-only file in the state root."""
-    server, store, base = _web(tmp_path)
-    try:
-        for path in ("/", "/healthz", "/jobs/x"):
-            status, body = _get(base + path)
-            assert status == 403 and "token is required" in body and "executor review url" in body
-        status, _ = _get(base + "/jobs/x/approve", data=b"csrf=anything")
-        assert status == 403
-        token_file = tmp_path / "home" / "ui-token"
-        assert stat.S_IMODE(token_file.stat().st_mode) == 0o600 and token_file.stat().st_uid == 0
-        token = token_file.read_text().strip()
-        assert len(token) >= 32
-        assert _get(base + "/", headers={"Authorization": f"Bearer {token}"})[0] == 200
-    finally:
-        server.close()
-        store.close()
-
-
-def test_web_with_a_token_requires_it(tmp_path):
-    server, store, base = _web(tmp_path, ui_host="0.0.0.0", ui_token="s3cret-token-value")
-    try:
-        assert _get(base + "/")[0] == 403
-        assert _get(base + "/", headers={"Authorization": "Bearer nope"})[0] == 403
-        status, body = _get(base + "/", headers={"Authorization": "Bearer s3cret-token-value"})
-        assert status == 200 and "Review queue" in body
-        status, _ = _get(base + "/?token=s3cret-token-value")
-        assert status == 303  # the token moves into a cookie
-        assert _get(base + "/", headers={"Cookie": "executor_ui_token=s3cret-token-value"})[0] == 200
-    finally:
-        server.close()
-        store.close()
-
-
-def test_notifications_come_for_every_unsuccessful_end_and_review_naming_runner_and_reason():
-    from executor.surfaces.notify import kind_of
-
-    endings = {
-        "tests_failed": _job(Status.rolled_back, reason="tests_failed", error="the tests failed (exit 1): make"),
-        "rolled_back": _job(Status.rolled_back, reason="agent_error", error="the agent did not succeed"),
-        "timeout": _job(Status.failed, reason="timeout", error="ran longer than 30m"),
-        "failed": _job(Status.failed, reason="rate_limited", error="r failed: rate limited after 4 attempts"),
-        "stalled": _job(Status.stalled, reason="stalled", error="no progress for 300s"),
-        "review": _job(Status.awaiting_review, review_reasons=[{"message": "changes tests/**"}]),
-        "succeeded": _job(Status.succeeded, reason="committed"),
-    }
-    assert {kind: kind_of(job) for kind, job in endings.items()} == {k: k for k in endings}
-    hook = Hook()
-    try:
-        notifier = Notifier(hook.url, backoff=0.05)
-        for job in endings.values():
-            notifier.job_event(job)
-        wait_for(lambda: len(hook.bodies) >= 6, 10, "six notifications", interval=0.05)
-        notifier.close()
-        picky = Notifier(hook.url, backoff=0.05, kinds=["succeeded"])
-        picky.job_event(endings["succeeded"])
-        picky.job_event(endings["stalled"])
-        wait_for(lambda: len(hook.bodies) >= 7, 10, "the succeeded notification", interval=0.05)
-        picky.close()
-    finally:
-        hook.close()
-    kinds = [b["kind"] for b in hook.bodies]
-    assert sorted(kinds[:6]) == sorted(k for k in endings if k != "succeeded") and kinds[6:] == ["succeeded"]
-    for body in hook.bodies[:6]:
-        assert "runner r" in body["title"] and "runner r" in body["message"]
-        if body["kind"] != "review":
-            assert body["reason"] in body["title"]
