@@ -11,17 +11,21 @@ import shutil
 import stat
 import subprocess
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
 from pydantic import ValidationError
 
-from executor.errors import GitError, InvalidJob
+from executor import review
+from executor.clock import utcnow
+from executor.errors import GitError, InvalidJob, ReviewError
 from executor.intake.jobs import parse_spec, validate
 from executor.settings import Settings, parse_author
-from executor.store import Job, Status
+from executor.store import Job, Status, Store
 from executor.surfaces.git_view import git_line, git_view
 from executor.surfaces.notify import payload
+from executor.surfaces.web.views import decision
 from executor.transaction import landing
 from executor.transaction.git import Git
 from executor.transaction.gitignore import Ignored
@@ -117,6 +121,9 @@ def test_show_the_review_page_and_notifications_name_the_branch():
     assert git_view(landed, "j1")["land_command"] is None
     assert git_line({"mode": "commit", "branch": "main", "commit": "d" * 40}, "j1") == "commit dddddddddddd on main"
     assert git_line(None, "j1") is None and git_view(None, "j1") is None and payload(job_of())["branch"] is None
+    approved = job_of(status=Status.succeeded, reason="committed", git=record, reviewed_at=utcnow(), reviewed_by="al")
+    assert decision(approved)["text"] == \
+        "Approved by al. The change is on the branch executor/j1; the working tree was not touched."
 
 
 # -------------------------------------------------------------------------------------- real repositories
@@ -362,3 +369,52 @@ def test_commit_mode_rebuilds_on_a_branch_that_moved_and_a_second_finish_makes_n
     assert git(repo, "rev-parse", "HEAD").strip() == done.commit and git(repo, "rev-parse", "HEAD^").strip() == theirs
     assert git(repo, "show", "HEAD:a.txt") == "A\n" and git(repo, "show", "HEAD:b.txt") == "B\n"
     assert git(repo, "log", "-1", "--format=%s").strip() == "Fixed sub" and git(repo, "status", "--porcelain") == ""
+
+
+def awaiting(store, settings, repo: Path, job_id: str, mode: str, upper: dict) -> None:
+    """A job of ``land = mode`` in awaiting_review with a hand-built upper dir (``upper``: path -> (text, mode)
+    or a callable making the entry), as the pipeline leaves one."""
+    base = git(repo, "rev-parse", "HEAD").strip()
+    time.sleep(0.05)  # the conflict check allows for a coarse clock
+    store.add_job(Job(id=job_id, session_id=job_id, runner="r", model_requested="m", workspace=str(repo),
+                      prompt="p", policy_name="default", policy={"land": mode}, repo_uid=OWNER, repo_gid=OWNER,
+                      final_text=f"Change of {job_id}", git={"mode": mode, "ref": "refs/heads/main", "base": base}))
+    store.transition(job_id, Status.queued, Status.running, attempts=1, start_ns=time.time_ns(), started_at=utcnow())
+    store.transition(job_id, Status.running, Status.testing)
+    layer = settings.job_dir(job_id) / "layers" / "upper"
+    for rel, made in upper.items():
+        if callable(made):
+            layer.mkdir(parents=True, exist_ok=True)
+            made(layer / rel)
+        else:
+            write(layer / rel, made[0], made[1])
+    store.transition(job_id, Status.testing, Status.awaiting_review, reason="review", review_since=utcnow(),
+                     review_reasons=[{"trigger": "always", "message": "always"}])
+
+
+def test_an_approved_change_lands_with_its_reviewer_and_a_device_or_setuid_bit_never_does(root: Path,
+                                                                                        tmp_path: Path):
+    settings = Settings(home=tmp_path / "home", policies=tmp_path / "policies", workspace_roots=[root],
+                        git_author=AUTHOR)
+    repo = repo_of(root, {"a.txt": "a\n"})
+    store = Store(settings.db_path)
+    try:
+        awaiting(store, settings, repo, "ok", "commit", {"a.txt": ("A\n", None), "tool.sh": ("#!/bin/sh\n", 0o4755)})
+        job = review.approve(store, settings, "ok", by="alice")
+        assert job.status == Status.succeeded, job.error
+        assert "Executor-Reviewed-By: alice" in git(repo, "log", "-1", "--format=%B")
+        assert job.git["commit"] == git(repo, "rev-parse", "HEAD").strip() and job.git["branch"] == "main"
+        assert git(repo, "ls-tree", "HEAD", "tool.sh").split()[0] == "100755"
+        assert not (repo / "tool.sh").stat().st_mode & stat.S_ISUID
+        head = git(repo, "rev-parse", "HEAD").strip()
+        awaiting(store, settings, repo, "dev", "branch", {"b.txt": ("b\n", None),
+                                                          "mem": lambda p: os.mknod(p, stat.S_IFCHR | 0o666,
+                                                                                    os.makedev(1, 3))})
+        with pytest.raises(ReviewError, match=r"never applied: mem \(device file"):
+            review.approve(store, settings, "dev", by="alice")
+        job = store.get("dev")
+    finally:
+        store.close()
+    assert job.status == Status.failed and "mem" in job.error, (job.status, job.error)
+    assert git(repo, "rev-parse", "-q", "--verify", "executor/dev", check=False) == ""
+    assert git(repo, "rev-parse", "HEAD").strip() == head and not (repo / "b.txt").exists()
