@@ -418,3 +418,13 @@ def test_an_approved_change_lands_with_its_reviewer_and_a_device_or_setuid_bit_n
     assert job.status == Status.failed and "mem" in job.error, (job.status, job.error)
     assert git(repo, "rev-parse", "-q", "--verify", "executor/dev", check=False) == ""
     assert git(repo, "rev-parse", "HEAD").strip() == head and not (repo / "b.txt").exists()
+
+
+def test_names_git_would_quote_or_take_for_pathspec_magic_land_as_they_are(root: Path):
+    repo = repo_of(root, {"a.txt": "a\n"})
+    start = git(repo, "rev-parse", "HEAD").strip()
+    names = ["we\nird.txt", "tab\there.txt", ":(glob)*", "-n", "\\back", os.fsdecode(b"\xff\xfe.bin"), "space d/x y"]
+    done = landed(root, repo, "branch", {name: f"{i}\n" for i, name in enumerate(names)}, base=start)
+    listed = subprocess.run(["git", *LOOK, "-C", str(repo), "ls-tree", "-r", "-z", "--name-only", done.commit],
+                            capture_output=True, check=True).stdout.split(b"\0")
+    assert sorted(p for p in listed if p) == sorted(os.fsencode(n) for n in [*names, "a.txt"])
