@@ -19,7 +19,7 @@ from pydantic import ValidationError
 
 from executor import review
 from executor.clock import utcnow
-from executor.errors import GitError, InvalidJob, ReviewError
+from executor.errors import Conflict, GitError, InvalidJob, ReviewError
 from executor.intake.jobs import parse_spec, validate
 from executor.settings import Settings, parse_author
 from executor.store import Job, Status, Store
@@ -428,3 +428,38 @@ def test_names_git_would_quote_or_take_for_pathspec_magic_land_as_they_are(root:
     listed = subprocess.run(["git", *LOOK, "-C", str(repo), "ls-tree", "-r", "-z", "--name-only", done.commit],
                             capture_output=True, check=True).stdout.split(b"\0")
     assert sorted(p for p in listed if p) == sorted(os.fsencode(n) for n in [*names, "a.txt"])
+
+
+def test_land_refuses_a_conflict_and_a_moved_branch_and_applies_nothing(root: Path, tmp_path: Path):
+    from executor.review.land import land
+
+    settings = Settings(home=tmp_path / "home", policies=tmp_path / "policies", workspace_roots=[root],
+                        git_author=AUTHOR)
+    repo = repo_of(root, {"a.txt": "a\n", "b.txt": "b\n"})
+    base = git(repo, "rev-parse", "HEAD").strip()
+    time.sleep(0.05)  # the conflict check allows for a coarse clock
+    start_ns = time.time_ns()
+    done = landed(root, repo, "branch", {"a.txt": "A\n"}, base=base)
+    store = Store(settings.db_path)
+    try:
+        store.add_job(Job(id="j1", session_id="j1", runner="r", model_requested="m", workspace=str(repo), prompt="p",
+                          policy_name="default", policy={"land": "branch"}, repo_uid=OWNER, repo_gid=OWNER))
+        for old, new in ((Status.queued, Status.running), (Status.running, Status.testing),
+                         (Status.testing, Status.committing), (Status.committing, Status.succeeded)):
+            store.transition("j1", old, new, attempts=1, start_ns=start_ns, reason="committed")
+        store.update_job("j1", git=done.record({"mode": "branch", "ref": "refs/heads/main", "base": base}))
+        (repo / "a.txt").write_text("the person's edit\n")  # a path the branch changes
+        with pytest.raises(Conflict) as caught:
+            land(store, settings, "j1", by="alice")
+        assert caught.value.paths == ["a.txt"]
+        assert (repo / "a.txt").read_text() == "the person's edit\n" and git(repo, "rev-parse", "HEAD").strip() == base
+        assert not (settings.home / "land" / "j1").exists() and not store.get("j1").git.get("landed")
+        git(repo, "branch", "-f", "executor/j1", base)  # the branch moved since the job made it
+        with pytest.raises(ReviewError, match="moved since job j1 made it"):
+            land(store, settings, "j1", by="alice")
+        store.update_job("j1", git={**store.get("j1").git, "mode": "commit"})
+        with pytest.raises(ReviewError, match="not a succeeded job of a policy with land = \"branch\""):
+            land(store, settings, "j1", by="alice")
+    finally:
+        store.close()
+    assert git(repo, "rev-parse", "HEAD").strip() == base and git(repo, "status", "--porcelain") == " M a.txt\n"
