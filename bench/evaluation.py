@@ -58,6 +58,7 @@ from executor.intake.spool import Spool  # noqa: E402
 from executor.scheduling.service import Executor  # noqa: E402
 from executor.settings import Settings  # noqa: E402
 from executor.store import Status  # noqa: E402
+from executor.transaction import jobdisk  # noqa: E402
 from tests.scripted_api import ScriptedAPI, Turn  # noqa: E402
 
 IMAGE = os.environ.get("EXECUTOR_SANDBOX_IMAGE", "executor-sandbox:latest")
@@ -123,6 +124,7 @@ class Mode:
         self.label = label
         review = "never" if land == "branch" else "always"
         home, policies, repos = base / "home", base / "policies", base / "repos"
+        self.jobs_dir = home / "jobs"
         for d in (home, policies, repos):
             d.mkdir(parents=True)
         (policies / "default.toml").write_text(
@@ -163,6 +165,8 @@ class Mode:
         self.stop.set()
         self.server.join(timeout=120)
         self.api.stop()
+        for job_dir in sorted(self.jobs_dir.glob("*")):  # a job kept for review keeps its disk image mounted
+            jobdisk.remove(job_dir)
         return {"mode": self.label, "jobs": self.rows}
 
 
@@ -244,9 +248,9 @@ def main() -> None:
                     f"{m.label} {m.rows[-1]['gate_seconds']:.1f}s" for m in modes), flush=True)
         finally:
             results = [mode.close() for mode in modes]
+            if args.json:
+                args.json.write_text(json.dumps(results, indent=2, default=str))
     print(report(results))
-    if args.json:
-        args.json.write_text(json.dumps(results, indent=2, default=str))
 
 
 if __name__ == "__main__":
