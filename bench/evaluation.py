@@ -18,10 +18,14 @@ was: the *before* cache keeps its state from job to job.
 Modes, ``--jobs`` jobs each, each mode an executor of its own; the jobs run one at a time, round robin over
 the modes (so a shared machine's changing load falls on every mode alike):
   * ``exit-code``: today's gate (one run of the command);
-  * ``graded, no cache``: ``evaluation = "tests"`` on a copy that is not a git repository (no state, so
-    every job runs *before*);
-  * ``graded, cache``: the same on a clean git repository: the first job runs *before* and stores it,
+  * ``graded, no cache``: ``evaluation = "tests"`` on a copy whose tree is touched before each job (a new
+    state each time, so every job runs *before*: what the cache keyed on a clean HEAD gave a queue on a
+    repository whose commits leave it dirty);
+  * ``graded, cache``: the same on a tree left as it is: the first job runs *before* and stores it,
     the others take it from the cache;
+  * ``graded, land = branch``: the same with ``review = "never"`` and ``land = "branch"``: every job lands
+    as a branch of its own and the working tree stays as it was, so *before* still runs once (the figures
+    include making each job's commit);
   * ``graded, test-only jobs``: jobs that only add a test (of code the suite already covers, so the
     hardening rule rolls them back): *after* and *before* run under coverage.py, *before* once.
 
@@ -54,6 +58,7 @@ from executor.intake.spool import Spool  # noqa: E402
 from executor.scheduling.service import Executor  # noqa: E402
 from executor.settings import Settings  # noqa: E402
 from executor.store import Status  # noqa: E402
+from executor.transaction import jobdisk  # noqa: E402
 from tests.scripted_api import ScriptedAPI, Turn  # noqa: E402
 
 IMAGE = os.environ.get("EXECUTOR_SANDBOX_IMAGE", "executor-sandbox:latest")
@@ -62,9 +67,10 @@ TOKEN_VAR = "BENCH_RUNNER_TOKEN"
 UID = 1000
 PYTEST = 'python3 -m pytest -q -p no:cacheprovider --junitxml="$EXECUTOR_JUNIT_XML"'
 SETTLED = {Status.awaiting_review, Status.succeeded, Status.rolled_back, Status.failed, Status.cancelled}
-#: (label, evaluation, a git repository (the before cache can work), the jobs' kind)
-MODES = (("exit-code", "exit-code", False, "fix"), ("graded, no cache", "tests", False, "fix"),
-         ("graded, cache", "tests", True, "fix"), ("graded, test-only jobs", "tests", True, "tests"))
+#: (label, evaluation, a git repository, the jobs' kind, land)
+MODES = (("exit-code", "exit-code", False, "fix", "files"), ("graded, no cache", "tests", False, "fix", "files"),
+         ("graded, cache", "tests", True, "fix", "files"), ("graded, test-only jobs", "tests", True, "tests", "files"),
+         ("graded, land = branch", "tests", True, "fix", "branch"))
 
 
 def fetch(package: str, into: Path) -> Path:
@@ -113,15 +119,18 @@ def script(package: str, n: int, kind: str) -> list[Turn]:
 class Mode:
     """One executor (its own state root, policy and repository copy) whose jobs all run one way."""
 
-    def __init__(self, label: str, evaluation: str, git: bool, kind: str, base: Path, project: Path,
+    def __init__(self, label: str, evaluation: str, git: bool, kind: str, land: str, base: Path, project: Path,
                  jobs: int) -> None:
         self.label = label
+        review = "never" if land == "branch" else "always"
         home, policies, repos = base / "home", base / "policies", base / "repos"
+        self.jobs_dir = home / "jobs"
         for d in (home, policies, repos):
             d.mkdir(parents=True)
         (policies / "default.toml").write_text(
-            f'cpus = 1.0\nmemory = "2g"\npids = 512\ntimeout = "10m"\nnetwork = "host"\nreview = "always"\n'
-            f"test_command = '{PYTEST}'\ntest_timeout = \"10m\"\nevaluation = \"{evaluation}\"\n")
+            f'cpus = 1.0\nmemory = "2g"\npids = 512\ntimeout = "10m"\nnetwork = "host"\nreview = "{review}"\n'
+            f"test_command = '{PYTEST}'\ntest_timeout = \"10m\"\nevaluation = \"{evaluation}\"\n"
+            f'land = "{land}"\n')
         self.repo = repos / "project"
         make_repo(project, self.repo, git)
         package = package_dir(self.repo).name
@@ -140,6 +149,8 @@ class Mode:
     def run(self, n: int) -> None:
         """Job ``n``, to its settling; its figures go to ``rows``."""
         key = f"bench-{n}"
+        if self.label == "graded, no cache":  # a new state of the tree: the cache cannot serve this job
+            os.utime(next(p for p in sorted(self.repo.rglob("*.py"))))
         self.spool.write(json.dumps({"id": key, "runner": "bench", "workspace": str(self.repo),
                                      "prompt": f"{key}: add a helper and test it"}).encode())
         deadline = time.monotonic() + 1800
@@ -154,6 +165,8 @@ class Mode:
         self.stop.set()
         self.server.join(timeout=120)
         self.api.stop()
+        for job_dir in sorted(self.jobs_dir.glob("*")):  # a job kept for review keeps its disk image mounted
+            jobdisk.remove(job_dir)
         return {"mode": self.label, "jobs": self.rows}
 
 
@@ -235,9 +248,9 @@ def main() -> None:
                     f"{m.label} {m.rows[-1]['gate_seconds']:.1f}s" for m in modes), flush=True)
         finally:
             results = [mode.close() for mode in modes]
+            if args.json:
+                args.json.write_text(json.dumps(results, indent=2, default=str))
     print(report(results))
-    if args.json:
-        args.json.write_text(json.dumps(results, indent=2, default=str))
 
 
 if __name__ == "__main__":

@@ -26,6 +26,7 @@ Must never: grow a second base class, or hold secrets (tokens, keys) in a messag
     │   ├── WorkspaceChanged     the repository is no longer the directory the job was accepted with
     │   ├── CommitFailed         the change could not be written into the repository
     │   ├── ChangeGone           the kept change a reviewer's follow-up was to revise is gone
+    │   ├── GitError             git refused or could not do what landing the change as a commit needs
     │   └── DiskImageError       a job's disk image could not be made, mounted or unmounted
     ├── Conflict                 the repository changed under the job at paths the job touched
     ├── ReviewError              a review action cannot be done (not awaiting review, unknown paths, ...)
@@ -173,6 +174,14 @@ class Conflict(ExecutorError):
             f"changed: {shown}; nothing was applied, the job's changes are kept for inspection",
             paths=self.paths,
         )
+
+
+class GitError(WorkspaceError):
+    """git refused or could not do what landing a change in git needs (policy ``land = "commit"`` or
+    ``"branch"``): not a git repository, a merge underway, a detached HEAD, a branch that moved or exists."""
+
+    reason = "git"
+    keeps_change = True
 
 
 class ChangeGone(WorkspaceError):

@@ -146,6 +146,14 @@ class Policy(BaseModel):
                     "starting it with the structural brief.",
     )
 
+    land: Literal["files", "commit", "branch"] = Field(
+        default="files",
+        description="How a committed change reaches the repository: files (copied into the working tree), commit "
+                    "(copied, and committed on the current branch: only the job's paths, with the agent's summary, "
+                    "the prompt and Executor-* trailers) or branch (the working tree, index and HEAD untouched: a "
+                    "commit on executor/<job id> whose parent is the HEAD the job started from; `executor land ID` "
+                    "applies it later). commit and branch need a git repository.")
+
     session_carry: tuple[str, ...] | None = Field(
         default=None,
         description="Globs of the agent's home that a committed job hands on to the next job of its session. "

@@ -25,6 +25,21 @@ _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)i?b?\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3, "t": 1024**4}
 
 
+_AUTHOR = re.compile(r"^[ \t]*([^<>\r\n]*?)[ \t]*<([^<>\s]+)>[ \t]*$")
+
+
+def parse_author(value: str) -> tuple[str, str]:
+    """``Name <email>`` as (name, email); ``ValueError`` saying how to write it."""
+    found = _AUTHOR.match(value or "")
+    if not found or not found.group(1):
+        raise ValueError(f"{value!r} is not an author: write it as Name <email>, e.g. executor <executor@host>")
+    return found.group(1), found.group(2)
+
+
+def default_git_author() -> str:
+    return f"executor <executor@{socket.gethostname()}>"
+
+
 def parse_size(value: str | int | float) -> int:
     """Bytes from ``"8g"``, ``"256m"``, ``"512MiB"`` or a plain number (Docker's size notation)."""
     if isinstance(value, (int, float)):
@@ -203,6 +218,16 @@ class Settings(BaseSettings):
         default=5.0, gt=0,
         description="Seconds an idle host waits for new work to be announced (a NOTIFY, or the SQLite store's "
                     "wake file) before it looks at the queue anyway.")
+    git_author: str = Field(
+        default_factory=default_git_author,
+        description="Author and committer (Name <email>) of the commits a job's change lands as (policy land = "
+                    "\"commit\" or \"branch\"); default executor <executor@HOSTNAME>.")
+
+    @field_validator("git_author")
+    @classmethod
+    def _author(cls, value: str) -> str:
+        parse_author(value)
+        return value.strip()
 
     @field_validator("workspace_roots", mode="before")
     @classmethod

@@ -3,9 +3,10 @@
 Owns the order and the bounds of the runs. *After* (the job's change over the repository, today's test
 view) runs first: without a readable report there is nothing to grade (``EvaluationError``). A run whose
 tests fail is run again, on the same throwaway layer, up to ``flaky_reruns`` times, until every failing
-test has flipped. *Before* (the repository alone) comes from the cache when the repository has a known
-state, else it runs. Coverage is measured (about three times the run's cost) only for a test-only job, in
-*after* and *before*; a cached *before* without coverage is run again, measured, for such a job. *Tests
+test has flipped. *Before* (the repository alone) comes from the cache when the repository's tree has a
+state (``cache.tree_state``: what the run sees, git or not) and a run on it is kept, else it runs (and is
+kept when the tree was the same before and after it). Coverage is measured (about three times the run's
+cost) only for a test-only job, in *after* and *before*; a cached *before* without coverage is run again, measured, for such a job. *Tests
 only* (the job's test-file changes over the repository) runs when the job changed tests and code. Every run
 gets its own directory for its report, at most ``test_timeout``, and all of them together at most
 ``evaluation_timeout``. Each view is discarded when its runs are done.
@@ -31,7 +32,7 @@ from ..transaction.safefs import DIR_FLAGS
 from ..transaction.upper import Change, scan_upper
 from ..transaction.workspace import Workspace
 from . import coverage as cov
-from .cache import BeforeCache, repo_state
+from .cache import BeforeCache, tree_state
 from .junit import FAILING, Report, read_report
 from .layers import Split, build_tests_layer, split
 from .rules import Runs, Verdict, grade
@@ -152,11 +153,7 @@ def _before(gate: Gate, measure: bool) -> tuple[Report | None, cov.Coverage | No
     ``measure``: coverage is needed (a test-only job); a cached result without it is run again, measured."""
     key = None
     if gate.cache is not None:
-        repo_fd = gate.ws.open_repo()
-        try:
-            state, gate.cache_note = repo_state(repo_fd, gate.ws.uid, gate.ws.gid)
-        finally:
-            os.close(repo_fd)
+        state = _state(gate)
         key = gate.cache.key(state, gate.command) if state else None
         found = gate.cache.load(key) if key else None
         if found is not None and (found[1] is not None or not measure):
@@ -169,9 +166,22 @@ def _before(gate: Gate, measure: bool) -> tuple[Report | None, cov.Coverage | No
     finally:
         workspace.discard_view(gate.sandbox, gate.ws, "before")
     if report is not None and key is not None:
-        gate.cache.store(key, report, coverage)
-        gate.cache_note = "stored"
+        if _state(gate) == state:  # the tree the run saw is the one keyed: nothing changed while it ran
+            gate.cache.store(key, report, coverage)
+            gate.cache_note = "stored"
+        else:
+            gate.cache_note = "the repository changed while before ran"
     return report, coverage
+
+
+def _state(gate: Gate) -> str | None:
+    """The repository's state now (``cache.tree_state``); why it has none goes to ``cache_note``."""
+    repo_fd = gate.ws.open_repo()
+    try:
+        state, gate.cache_note = tree_state(repo_fd)
+    finally:
+        os.close(repo_fd)
+    return state
 
 
 def _tests_only(gate: Gate, change: Change, parts: Split) -> Report | None:

@@ -53,6 +53,7 @@ class Verdict:
     failing: list[str] = field(default_factory=list)
     weak: list[str] = field(default_factory=list)
     pass_to_pass: int = 0
+    passed: int = 0  # tests that pass with the change (the first after run, flaky ones left out)
     proved: bool | None = None  # None: the job wrote no tests to prove anything with
     coverage: dict | None = None
     error: ExecutorError | None = None
@@ -62,7 +63,7 @@ class Verdict:
                 "fail_to_pass": self.fail_to_pass[:LIST_LIMIT], "broken": self.broken[:LIST_LIMIT],
                 "flaky": self.flaky[:LIST_LIMIT], "job_tests": self.job_tests[:LIST_LIMIT],
                 "failing": self.failing[:LIST_LIMIT], "weak": self.weak[:LIST_LIMIT],
-                "pass_to_pass": self.pass_to_pass, "coverage": self.coverage,
+                "pass_to_pass": self.pass_to_pass, "passed": self.passed, "coverage": self.coverage,
                 "message": str(self.error) if self.error else None}
 
 
@@ -113,6 +114,7 @@ def grade(split: Split, runs: Runs, test_paths: tuple[str, ...] | list[str]) -> 
     passed_before = runs.before.with_outcome("passed") if runs.before is not None else set()
     verdict.broken = sorted(t for t in passed_before - flaky if after.outcomes.get(t) != "passed")
     verdict.pass_to_pass = len(passed_before - flaky) - len(verdict.broken)
+    verdict.passed = len(after.with_outcome("passed") - flaky)
     mine = job_tests(split, runs.before, after) - flaky
     verdict.job_tests = sorted(mine)
     verdict.failing = sorted(t for t in mine if after.outcomes.get(t) in FAILING)

@@ -59,6 +59,8 @@ def revision(job: Job, note: str, settings: Settings, runners: dict[str, Runner]
                          "change cannot be revised there (reject it and submit the task again)")
     made.builds_on = job.id
     made.start_ns = job.start_ns  # the kept change is judged against the repository since it began
+    if job.git:  # and lands on the HEAD it began from
+        made.git = {k: job.git.get(k) for k in ("mode", "ref", "base")}
     return made
 
 

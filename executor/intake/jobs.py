@@ -1,9 +1,11 @@
 """What a job file may say, and the checks that make a job runnable before it is accepted.
 
 Owns the job file schema (``JobSpec``) and its validation against the settings, the runners and the
-policies: every problem is an ``InvalidJob`` whose message says what is wrong and how to fix it.
+policies: every problem is an ``InvalidJob`` whose message says what is wrong and how to fix it. A policy
+that lands the change in git (``land = "commit"`` or ``"branch"``) needs a git repository, and ``commit`` one
+on a branch with no merge or rebase underway: git is asked (read only, as the repository's owner).
 
-Must never: touch the spool, the database or Docker; it only judges.
+Must never: touch the spool, the database or Docker, or run git but as the repository's owner; it only judges.
 """
 
 from __future__ import annotations
@@ -18,11 +20,13 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from ..errors import ConfigError, InvalidJob
+from ..errors import ConfigError, GitError, InvalidJob
 from ..policy import Policy, Runner, load_policy, load_runners
 from ..settings import Settings, format_size
+from ..transaction.git import Git
+from ..transaction.landing import branch_of, check_head
 from ..transaction.safefs import Identity
-from ..transaction.workspace import open_identity, root_of
+from ..transaction.workspace import open_beneath_root, open_identity, root_of
 
 # First character alphanumeric: "." and ".." would name the jobs directory or the state root itself as a
 # job's directory (removed on rollback), and a leading "-" reads as an option on the command line.
@@ -131,8 +135,36 @@ def validate(spec: JobSpec, settings: Settings, runners: dict[str, Runner] | Non
     _check_budget(policy, settings)
     _check_skills(spec.skills or [], settings)
     workspace, identity = _check_workspace(spec.workspace, settings)
-    return ValidJob(spec=spec, id=spec.id or new_job_id(), runner=runner, policy=policy,
-                    workspace=workspace, identity=identity)
+    job_id = spec.id or new_job_id()
+    _check_git(spec.policy, policy, job_id, workspace, identity, settings)
+    return ValidJob(spec=spec, id=job_id, runner=runner, policy=policy, workspace=workspace, identity=identity)
+
+
+def _check_git(name: str, policy: Policy, job_id: str, workspace: Path, identity: Identity,
+               settings: Settings) -> None:
+    """A policy that lands the change in git needs a repository git can land it in (see the docstring)."""
+    if policy.land == "files":
+        return
+    if policy.land == "branch" and (".." in job_id or job_id.endswith((".", ".lock"))):
+        raise InvalidJob(f"job id {job_id!r} cannot name the branch {branch_of(job_id)} (policy {name!r} has "
+                         "land = \"branch\"): give an id without '..', a trailing '.' or '.lock'")
+    if os.geteuid() not in (0, identity.uid):
+        return  # git cannot run as the owner here: the serving executor's intake asks it
+    root = root_of(settings.workspace_roots, workspace)
+    try:
+        fd = open_beneath_root(root, workspace)
+    except OSError as exc:
+        raise InvalidJob(f"workspace {workspace} cannot be opened: {exc.strerror}") from None
+    try:
+        git = Git(fd, identity.uid, identity.gid)
+        check_head(git, policy.land, workspace)
+        if policy.land == "branch" and git.rev("refs/heads/" + branch_of(job_id)) is not None:
+            raise GitError(f"a branch {branch_of(job_id)} exists already in {workspace}: delete or rename it, or give "
+                           "the job another id (a job never moves a branch it did not make)")
+    except GitError as exc:
+        raise InvalidJob(f"policy {name!r} has land = \"{policy.land}\", but {exc}") from None
+    finally:
+        os.close(fd)
 
 
 def _with_runtime(policy: Policy, name: str, settings: Settings) -> Policy:

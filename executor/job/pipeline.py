@@ -54,7 +54,7 @@ from ..session import compaction
 from ..settings import format_size
 from ..store import Job, RateLimitEvent, Status
 from ..store.health import unavailable
-from ..transaction import workspace
+from ..transaction import landing, workspace
 from ..transaction.commit import Ending, Phase, commit, has_conflicts, settle
 from ..transaction.upper import scan_upper
 from ..transaction.workspace import Workspace
@@ -194,6 +194,7 @@ def _attempt(ctx: Context, job: Job, ws: Workspace, phase: Phase, resume: str | 
             raise ChangeGone(f"the change of job {job.builds_on} this job was to revise is gone (removed by "
                              f"retention or by hand); submit the task again")
         keep = True
+    landing.begin(ctx.store, job, ws, keep)  # where HEAD is as the job starts (policy land = "commit"/"branch")
     workspace.create(ctx.sandbox, ws, keep_upper=keep, disk=policy.disk if ctx.disk_images else None)
     # A follow-up job of a session starts from the session brief (or continues the previous conversation).
     start = compaction.start(ctx.store, ctx.settings, ctx.secrets, job, policy, ws.attempt, runner,

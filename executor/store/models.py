@@ -90,6 +90,9 @@ class Job(SQLModel, table=True):
     workspace_lock: str | None = None
     session_lock: str | None = None
     interrupted_at: datetime | None = None  # its host was found lost (heartbeat older than the host timeout)
+    #: policy land = "commit"/"branch": where HEAD was as the job started (mode, ref, base), then where its
+    #: change landed (branch, commit, parent, note) and, for a branch landed later, ``landed``
+    git: dict | None = Field(default=None, sa_column=Column(JSON))
 
 
 #: The queue in admission order (priority high first, then arrival): a claim reads it from its head.

@@ -24,7 +24,7 @@ from .status import Status
 
 #: Columns the ORM stores as JSON and as datetimes (tests/unit/test_store.py checks these against the models).
 JSON_COLUMNS = {"job": {"policy", "models_seen", "changed_files", "review_reasons", "review_files", "skills",
-                         "evaluation"},
+                         "evaluation", "git"},
                 "attempt": {"models_seen"}, "event": {"data"}, "apirequest": {"rate_limits"}}
 TIME_COLUMNS = {"job": {"created_at", "started_at", "finished_at", "retry_at", "review_since", "reviewed_at",
                         "interrupted_at"},

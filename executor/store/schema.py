@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 
 MIGRATIONS = Path(__file__).parent / "migrations"
 #: The revision this code's models describe: a new revision changes it (tests/unit/test_migrations.py).
-HEAD = "0007"
+HEAD = "0008"
 _LOCK_KEY = 0x6578_6563  # PostgreSQL advisory lock of schema changes ("exec")
 
 

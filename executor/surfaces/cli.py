@@ -31,7 +31,7 @@ from .cli_common import get_job, load_settings, open_store, read_only, state_roo
 from .cli_db import db
 from .cli_jobs import cancel, complete_job_id, follow_events, jobs, log_cmd, show
 from .cli_ops import backup, prune
-from .cli_review import review
+from .cli_review import land, review
 from .cli_session import session
 
 
@@ -354,7 +354,7 @@ def doctor(as_json: bool) -> None:
     sys.exit(1 if failed else 0)
 
 
-for command in (db, review, session, show, jobs, log_cmd, cancel, retry, backup, prune):
+for command in (db, review, land, session, show, jobs, log_cmd, cancel, retry, backup, prune):
     main.add_command(command)
 
 

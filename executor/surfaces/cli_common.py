@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
+from .git_view import git_view
 from .seal_view import api_view, egress_denials, network_view
 
 if TYPE_CHECKING:  # loaded when a command needs them: pydantic-settings and SQLAlchemy are slow to import
@@ -130,6 +131,7 @@ def job_view(job: Job, attempts: list, events: list, api_requests: list, followe
             for a in attempts
         ],
         "changed_files": job.changed_files,
+        "git": git_view(getattr(job, "git", None), job.id),
         "tests": {"command": job.test_command, "exit_code": job.test_exit_code, "output_tail": job.test_output},
         "evaluation": job.evaluation,
         "final_text": job.final_text,

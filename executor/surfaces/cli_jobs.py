@@ -23,6 +23,7 @@ from ..errors import InvalidJob
 from ..store import TERMINAL, Status
 from ..store.status import attempt_text
 from .cli_common import evaluation_lines, get_job, job_view, load_settings, open_store, read_only, state_root
+from .git_view import git_line
 from .seal_view import SEAL_EVENTS, denial_line
 
 COLOURS = {"succeeded": "green", "failed": "red", "rolled_back": "yellow", "stalled": "magenta",
@@ -57,8 +58,8 @@ def _duration(job, now: datetime) -> float | None:
 @click.argument("job_id", shell_complete=complete_job_id)
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def show(job_id: str, as_json: bool) -> None:
-    """One job: status, why, models, attempts, network and egress denials, API requests, changed files, tests
-    (and the evaluation gate's tests by name)."""
+    """One job: status, why, models, attempts, network and egress denials, API requests, where its change landed
+    in git (the commit, or its branch), changed files, tests (and the evaluation gate's tests by name)."""
     from ..store import reads
 
     with read_only() as conn:
@@ -83,6 +84,10 @@ def show(job_id: str, as_json: bool) -> None:
         click.echo(f"  {a['number']:>3} on {a['host'] or '-':16} {attempt_text(a['status'], a['reason']):28} "
                    f"{agent:26} {a['started_at'][:19]}Z")
     _show_seal(view)
+    if (line := git_line(getattr(job, "git", None), job.id)) is not None:
+        click.echo(f"{'git':16} {line}")
+        if view["git"]["note"]:
+            click.echo(f"{'':16} {view['git']['note']}")
     if view["changed_files"]:
         click.echo("changed files:")
         for path in view["changed_files"]:

@@ -1,6 +1,8 @@
-"""``executor review``: the review queue from the command line (list, show, approve, reject, request-changes).
+"""``executor review``: the review queue from the command line (list, show, approve, reject, request-changes),
+and ``executor land``: a branch job's commit brought into the working tree.
 
-Owns the review commands' arguments and printing; the decisions are ``review/decisions.py``'s.
+Owns these commands' arguments and printing; the decisions are ``review/decisions.py``'s, the landing
+``review/land.py``'s.
 
 Must never: decide anything itself.
 """
@@ -218,3 +220,23 @@ def review_request_changes(job_id: str, note: str, as_json: bool) -> None:
     click.echo(f"{job.id} {job.status.value} ({job.reason}); follow-up job {follow.id} queued")
 
 
+
+
+@click.command(name="land")
+@click.argument("job_id", shell_complete=complete_job_id)
+@click.option("--json", "as_json", is_flag=True)
+def land(job_id: str, as_json: bool) -> None:
+    """Apply a succeeded job of a policy with land = "branch" (its branch executor/ID) to the working tree and
+    commit it on the current branch, as land = "commit" would have; nothing is applied if the repository
+    changed at its paths since the job started. Run it again to finish one that was interrupted."""
+    from ..review.land import land as land_job
+
+    settings = load_settings()
+    store = open_store(settings)
+    job = _review_call(land_job, store, settings, job_id, by=reviewer())
+    landed = (job.git or {}).get("landed") or {}
+    if as_json:
+        click.echo(json.dumps({"id": job.id, "status": job.status.value, **landed}))
+        return
+    where = f"commit {landed.get('commit')} on {landed.get('branch')}" if landed.get("commit") else "no commit"
+    click.echo(f"{job.id} landed: {where}" + (f" ({landed['note']})" if landed.get("note") else ""))

@@ -3,9 +3,10 @@
 Owns the payload and its delivery. The body carries the same words under the keys the common receivers
 read (``message``/``title`` for ntfy-style servers, ``text`` for Slack, Mattermost and Google Chat,
 ``content`` for Discord) plus the job's facts (``event``, ``job``, ``status``, ``reason``, ``reasons``,
-``error``). With ``?topic=NAME`` on the URL the body also names the topic (ntfy's JSON publishing at the
-server root). Delivery happens on one background thread: a failed POST is logged and retried with
-backoff, and a job never waits for it.
+``error``; for a change landed in git its ``branch`` and ``commit``, which the message names too). With
+``?topic=NAME`` on the URL the body also names the topic (ntfy's JSON publishing at the server root).
+Delivery happens on one background thread: a failed POST is logged and retried with backoff, and a job never
+waits for it.
 
 Must never: block or fail a job, or log the URL (webhook URLs are credentials) beyond its host.
 """
@@ -34,6 +35,7 @@ from ..addresses import is_loopback
 from ..clock import aware, utcnow
 from ..settings import DEFAULT_NOTIFY
 from ..store import Job, Status
+from .git_view import git_line
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +65,9 @@ def payload(job: Job, ui_url: str | None = None, topic: str | None = None) -> di
         title = f"executor: job {job.id} {job.status.value} ({job.reason}, runner {job.runner})"
         message = (f"Job {job.id} {job.status.value.replace('_', ' ')} on runner {job.runner} ({job.reason}): "
                    f"{job.error or ''}").rstrip(": ")
+    landed = git_line(job.git, job.id) if job.git and job.git.get("branch") else None
+    if landed:
+        message += f"\nGit: {landed}"
     link = f"{ui_url.rstrip('/')}/jobs/{job.id}" if ui_url else None
     if link:
         message += f"\n{link}"
@@ -70,7 +75,8 @@ def payload(job: Job, ui_url: str | None = None, topic: str | None = None) -> di
     body = {
         "event": event, "kind": kind_of(job), "job": job.id, "session_id": job.session_id, "status": job.status.value,
         "reason": job.reason, "error": job.error, "reasons": reasons, "runner": job.runner,
-        "workspace": job.workspace, "url": link,
+        "workspace": job.workspace, "url": link, "branch": (job.git or {}).get("branch"),
+        "commit": (job.git or {}).get("commit"), "git": landed,
         "ts": utcnow().astimezone(timezone.utc).isoformat(),
         "finished_at": aware(job.finished_at).isoformat() if job.finished_at else None,
         "title": title, "message": message, "text": f"{title}\n{message}", "content": f"**{title}**\n{message}",

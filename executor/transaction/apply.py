@@ -49,8 +49,7 @@ def apply_change(change: Change, upper: Path, repo_fd: int, uid: int, gid: int, 
     """
     plan = load(journal)
     if plan is None:
-        _check(change)
-        plan = Plan([e for e in change.entries if not is_git_path(e.path.split("/"))])
+        plan = planned(change)
         save(journal, plan)
     # A small change is made durable file by file; a large one by syncfs, once before the moves (what the
     # agent wrote is on disk before its inodes change names) and once at the end. (syncfs flushes the whole
@@ -76,6 +75,13 @@ def apply_change(change: Change, upper: Path, repo_fd: int, uid: int, gid: int, 
                 syncfs(repo_fd)
     finally:
         os.close(upper_fd)
+
+
+def planned(change: Change) -> Plan:
+    """The plan that applies ``change``: every entry but those under a ``.git`` directory, each path checked
+    first (``UnsafePath`` when the change holds something that is never applied: nothing is)."""
+    _check(change)
+    return Plan([e for e in change.entries if not is_git_path(e.path.split("/"))])
 
 
 def _check(change: Change) -> None:

@@ -1,9 +1,11 @@
 """The one commit sequence, and how an attempt settles: used by the pipeline and by a review approval alike.
 
 Owns the order of a commit: read the upper dir (``scan_upper``), refuse what must never be applied, check
-the repository against the moment the job started (``check_conflicts``), move the job to ``committing``
-(the journal: the status plus the kept upper dir), apply, and settle. ``finish`` redoes the apply after a
-crash (it is idempotent). ``settle`` cleans up the attempt's containers and overlay, then records the
+the repository against the moment the job started (``check_conflicts``; not for ``land = "branch"``, which
+never touches the working tree), move the job to ``committing`` (the journal: the status plus the kept
+upper dir), build the change's commit when the policy lands it in git (``landing.py``), journal the plan,
+apply the files (not for ``branch``), move the ref, and settle. ``finish`` redoes all of it after a crash
+(each step is idempotent). ``settle`` cleans up the attempt's containers and overlay, then records the
 ending, guarded by the phase the caller knows the job is in, so a racing cancel or watchdog loses
 cleanly instead of being overwritten.
 
@@ -16,7 +18,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from ..errors import (
@@ -24,17 +26,21 @@ from ..errors import (
     CommitFailed,
     Conflict,
     ExecutorError,
+    GitError,
     IllegalTransition,
     UnsafePath,
     WorkspaceChanged,
 )
 from ..agent.registry import session_carry
 from ..logs import log_state
+from ..policy import Policy
 from ..sandbox.deployment import Deployment
 from ..store import Job, Status, Store
-from . import home, workspace
-from .apply import apply_change
+from . import home, landing, workspace
+from .apply import apply_change, planned
 from .conflicts import check_conflicts
+from .git import Git
+from .journal import load, save
 from .upper import Change, refuse_storage_marker, scan_upper, select
 from .workspace import Workspace
 
@@ -97,7 +103,7 @@ def commit(store: Store, job: Job, ws: Workspace, phase: Phase, files: Iterable[
     except WorkspaceChanged as exc:
         return Ending.of(exc)
     try:
-        conflicts = check_conflicts(change, repo_fd, job.start_ns or 0)
+        conflicts = _conflicts(job, change, repo_fd)
         if conflicts:
             return Ending.of(Conflict(conflicts))
         job = phase.move(store, job, Status.committing, changed_files=change.changed_files, review_files=chosen,
@@ -122,6 +128,13 @@ def has_conflicts(ws: Workspace, change: Change, since_ns: int) -> bool:
         os.close(repo_fd)
 
 
+def _conflicts(job: Job, change: Change, repo_fd: int) -> list[str]:
+    """The paths the repository changed under the job: none matter to a branch, which leaves it as it is."""
+    if Policy(**job.policy).land == "branch":
+        return []
+    return check_conflicts(change, repo_fd, job.start_ns or 0)
+
+
 def finish(store: Store, job: Job, ws: Workspace) -> Ending:
     """Apply the kept upper dir again after a crash: the journal says what was planned and done."""
     # With a journal its plan is what is carried out: the upper dir may already have lost moved files, so a
@@ -139,11 +152,32 @@ def finish(store: Store, job: Job, ws: Workspace) -> Ending:
 
 def _apply(store: Store, job: Job, ws: Workspace, change: Change, repo_fd: int) -> Ending:
     try:
+        plan = load(ws.journal)
+        if plan is None:  # the plan, and the commit a landing in git puts on its ref, before anything moves
+            plan = planned(change)
+            landed = landing.prepare(job, ws, change, repo_fd)
+            if landed is not None:
+                plan.git = asdict(landed)
+                if landed.mode == "branch":
+                    plan.entries = []  # the working tree is not touched
+            save(ws.journal, plan)
         apply_change(change, ws.upper, repo_fd, ws.uid, ws.gid, journal=ws.journal)
+    except GitError as exc:
+        return Ending.of(exc)
     except (UnsafePath, OSError) as exc:
         return Ending.of(CommitFailed(f"the change could not be applied: {exc}"))
+    fields = {}
+    plan = load(ws.journal)  # as the apply left it (its phases done)
+    if plan is not None and plan.git is not None:
+        try:
+            done = landing.finish(Git(repo_fd, ws.uid, ws.gid), landing.Landing(**plan.git), ws.journal, plan)
+        except (GitError, OSError) as exc:
+            applied = "" if plan.git["mode"] == "branch" else "the change is in the working tree, but "
+            return Ending.of(GitError(f"{applied}its commit could not be landed: {exc}"))
+        fields["git"] = done.record(job.git)
+        store.add_event(job, ws.attempt, "git", fields["git"])
     _carry_home(store, job, ws)
-    return Ending(Status.succeeded, COMMITTED)
+    return Ending(Status.succeeded, COMMITTED, fields=fields)
 
 
 def _carry_home(store: Store, job: Job, ws: Workspace) -> None:

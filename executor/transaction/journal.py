@@ -3,6 +3,8 @@
 Owns ``jobs/<id>/commit-journal.json``, written (fsynced, renamed into place) before the apply touches
 anything and again when its first phase is done, so an apply interrupted by a crash is finished from the
 same plan: a file moved out of the upper dir before the crash is recognised by its inode in the repository.
+A change that lands in git (``landing.py``) has its git plan here too, written with the first save (the
+commit it lands is built before anything is touched) and again as each of its steps is done.
 
 Must never: be written anywhere a job or the repository's owner can write (the job dir is root's).
 """
@@ -21,13 +23,14 @@ from .upper import Entry
 class Plan:
     entries: list[Entry]
     structure_done: bool = False
+    git: dict | None = None  # the landing in git (landing.Landing as a dict), None: files only
 
 
 def load(journal: Path | None) -> Plan | None:
     if journal is None or not journal.exists():
         return None
     data = json.loads(journal.read_text())
-    return Plan([Entry(*e) for e in data["entries"]], data["structure_done"])
+    return Plan([Entry(*e) for e in data["entries"]], data["structure_done"], data.get("git"))
 
 
 def save(journal: Path | None, plan: Plan) -> None:
@@ -35,7 +38,8 @@ def save(journal: Path | None, plan: Plan) -> None:
         return
     tmp = journal.with_name(journal.name + ".tmp")
     with open(tmp, "w") as fh:
-        json.dump({"entries": [list(e) for e in plan.entries], "structure_done": plan.structure_done}, fh)
+        json.dump({"entries": [list(e) for e in plan.entries], "structure_done": plan.structure_done,
+                   "git": plan.git}, fh)
         fh.flush()
         os.fsync(fh.fileno())
     tmp.replace(journal)

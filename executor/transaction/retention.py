@@ -1,8 +1,8 @@
 """Retention: which job directories under the state root go, and when.
 
 Owns the rule: the directory of a settled job goes at once, unless the job kept its change for inspection
-(a conflict, a failed apply) or for the follow-up that revises it (changes requested in review), which
-stays for ``EXECUTOR_RETENTION``; directories of jobs that are not settled stay, unless (given this host's
+(a conflict, a failed apply, a change git would not take) or for the follow-up that revises it (changes
+requested in review), which stays for ``EXECUTOR_RETENTION``; directories of jobs that are not settled stay, unless (given this host's
 id) the job is no longer this host's: another host took it over while this one was lost, so what is left
 here is a rolled-back attempt. (Decided reviews' diffs are small and stay until ``executor prune``.)
 Removal unmounts the job's disk image first and never follows a link (``jobdisk.remove``).
@@ -17,14 +17,14 @@ import os
 from datetime import timedelta
 
 from ..clock import aware, utcnow
-from ..errors import ChangesRequested, CommitFailed, Conflict
+from ..errors import ChangesRequested, CommitFailed, Conflict, GitError
 from ..settings import Settings
 from ..store import Store
 from . import jobdisk
 
 log = logging.getLogger(__name__)
 
-KEPT_FOR_INSPECTION = frozenset({Conflict.reason, CommitFailed.reason, ChangesRequested.reason})
+KEPT_FOR_INSPECTION = frozenset({Conflict.reason, CommitFailed.reason, ChangesRequested.reason, GitError.reason})
 
 
 def remove_expired(settings: Settings, store: Store, host_id: str | None = None) -> list[str]:

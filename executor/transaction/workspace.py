@@ -44,14 +44,15 @@ def root_of(roots: list[Path], path: Path) -> Path | None:
 
 def open_identity(root: Path, path: Path) -> Identity:
     """The identity of the directory ``path`` reached beneath ``root`` without symlinks (OSError if not)."""
-    fd = _open_beneath_root(root, path)
+    fd = open_beneath_root(root, path)
     try:
         return Identity.of(fd)
     finally:
         os.close(fd)
 
 
-def _open_beneath_root(root: Path, path: Path) -> int:
+def open_beneath_root(root: Path, path: Path) -> int:
+    """The directory ``path``, reached beneath ``root`` without symlinks (OSError if not)."""
     # The root is the person's configuration (trusted, opened by name); below it no link is followed.
     root_fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
@@ -71,13 +72,14 @@ class Workspace:
     roots: tuple[Path, ...] = ()  # EXECUTOR_WORKSPACE_ROOTS
     identity: Identity | None = None  # the repository as intake accepted it
     home: Path | None = None  # the session's committed home (the lower dir of the agent's home)
+    git_author: str = "executor <executor@localhost>"  # EXECUTOR_GIT_AUTHOR: who commits a change landed in git
 
     def open_repo(self) -> int:
         """The repository's directory fd, reached beneath its root with no symlink on the way, and still the
         directory intake accepted. Raises ``WorkspaceChanged`` otherwise; nothing has been touched then."""
         root = root_of(list(self.roots), self.repo) if self.roots else None
         try:
-            fd = _open_beneath_root(root, self.repo) if root is not None else os.open(self.repo, DIR_FLAGS)
+            fd = open_beneath_root(root, self.repo) if root is not None else os.open(self.repo, DIR_FLAGS)
         except OSError as exc:
             raise WorkspaceChanged(f"the workspace {self.repo} cannot be reached as it was when the job was accepted "
                                    f"({exc.strerror}: a symlink, a file or nothing on its path); nothing was "
@@ -187,7 +189,7 @@ class Workspace:
         return cls(job_id=job.id, attempt=job.attempts if attempt is None else attempt, repo=Path(job.workspace),
                    root=settings.job_dir(job.id), uid=job.repo_uid or 1000, gid=job.repo_gid or 1000,
                    roots=tuple(settings.workspace_roots), identity=identity,
-                   home=settings.sessions_dir / job.session_id / "home")
+                   home=settings.sessions_dir / job.session_id / "home", git_author=settings.git_author)
 
 
 def _fresh_dir(path: Path, uid: int, gid: int, mode: int) -> None:

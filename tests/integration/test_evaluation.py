@@ -253,9 +253,9 @@ def test_a_hostile_report_is_refused_cleanly_and_the_executor_is_unharmed(world,
     assert psutil.Process().memory_info().rss - rss_before < 150 * 2**20
 
 
-def test_before_runs_are_cached_per_clean_repository_state(world, run_executor):
-    # git runs as the repository's owner, who must be able to walk to it. pytest keeps its temp dirs private
-    # (and any pytest session on the machine makes them so again), so this repository has a root of its own.
+def test_before_runs_are_cached_per_state_of_the_tree(world, run_executor):
+    # The person commits as root here and gives the tree back; a root of its own keeps this repository
+    # apart from pytest's private temp dirs.
     root = Path(tempfile.mkdtemp(prefix="executor-evaluation-", dir="/tmp"))
     try:
         root.chmod(0o711)
@@ -299,16 +299,16 @@ def _cached(world, run_executor, root: Path) -> None:
         run("cache-2")  # the same clean state: from the cache
         (repo / "notes.txt").write_text("not committed\n")
         chown_tree(repo)
-        run("cache-3")  # an untracked file: no state, no cache
+        run("cache-3")  # an untracked file: a new state (git or not, clean or not), a new run
         commit("more")
-        run("cache-4")  # a new HEAD tree: a new run
+        run("cache-4")  # the tree given back to its owner: every change time moved, a new state
         run("cache-5", "committed")  # a test-only job needs coverage, which the cached run did not measure
     cached = {key: [r["cached"] for r in runs_of(world, key) if r["run"] == "before"] for key in keys}
     notes = [world.store().get(key).evaluation["before_cache"] for key in keys]
     assert cached == {"cache-1": [False], "cache-2": [True], "cache-3": [False], "cache-4": [False],
                       "cache-5": [False]}, notes
-    assert notes == ["stored", "hit", "the repository has changes that are not committed", "stored", "stored"]
-    assert len(list((world.home / "evaluation" / "before").glob("*.json"))) == 2
+    assert notes == ["stored", "hit", "stored", "stored", "stored"]
+    assert len(list((world.home / "evaluation" / "before").glob("*.json"))) == 3
 
 
 def test_no_report_and_a_gate_over_its_time_fail_the_job(world, run_executor):

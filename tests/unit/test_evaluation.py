@@ -9,18 +9,21 @@ import json
 import os
 import stat
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
 from pydantic import ValidationError
 
 from executor.errors import EvaluationError, NoCoverageGain, Regression, TestsFailed, WeakTests
+from executor.evaluation import cache as cache_mod
 from executor.evaluation import coverage as cov
-from executor.evaluation.cache import BeforeCache, repo_state
+from executor.evaluation.cache import BeforeCache, tree_state
 from executor.evaluation.junit import MAX_REPORT, Report, parse, read_report
 from executor.evaluation.layers import build_tests_layer, split
 from executor.evaluation.rules import Runs, grade
 from executor.policy import DEFAULT_TEST_PATHS, Policy
+from executor.transaction.conflicts import CLOCK_SLACK_NS
 from executor.transaction.safefs import DIR_FLAGS
 from executor.transaction.upper import Change, Entry, scan_upper
 from tests.unit.upper_tree import OWNER, opaque, require_root, require_user_xattrs, whiteout, write
@@ -295,41 +298,56 @@ def test_the_tests_only_layer_over_the_repository_shows_the_old_code_with_the_ne
 # -------------------------------------------------------------------------------------------- the cache
 
 
-def git_repo(path: Path) -> Path:
-    path.mkdir()
-    (path / "a.py").write_text("a = 1\n")
-    for args in (["init", "-q"], ["add", "-A"], ["-c", "user.name=t", "-c", "user.email=t@x", "commit", "-qm", "s"]):
-        subprocess.run(["git", "-C", str(path), *args], check=True, capture_output=True)
+def settled_tree(path: Path, files: dict[str, str]) -> Path:
+    """A tree whose files were written more than the clock's slack ago (a state is named only then)."""
+    for rel, content in files.items():
+        (path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (path / rel).write_text(content)
+    time.sleep(CLOCK_SLACK_NS / 1e9 + 0.01)  # past the window in which two writes look alike
     return path
 
 
-def test_a_clean_git_repository_has_its_head_tree_as_state_and_anything_else_none(tmp_path: Path):
-    repo = git_repo(tmp_path / "r")
-    tree = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD^{tree}"], capture_output=True,
-                          text=True).stdout.strip()
-    uid = os.getuid()  # the owner runs git: here the test's own user owns the repository
-
-    def state() -> tuple[str | None, str]:
-        fd = os.open(repo, DIR_FLAGS)
-        try:
-            return repo_state(fd, uid, uid)
-        finally:
-            os.close(fd)
-
-    assert state() == (tree, "")
-    (repo / "b.py").write_text("untracked\n")
-    assert state() == (None, "the repository has changes that are not committed")
-    (repo / "b.py").unlink()
-    (repo / "a.py").write_text("a = 2\n")
-    assert state()[0] is None
-    plain = tmp_path / "plain"
-    plain.mkdir()
-    fd = os.open(plain, DIR_FLAGS)
+def state_of(path: Path) -> tuple[str | None, str]:
+    fd = os.open(path, DIR_FLAGS)
     try:
-        found, why = repo_state(fd, uid, uid)
+        return tree_state(fd)
     finally:
         os.close(fd)
-    assert found is None and why.startswith("git:")
+
+
+def test_a_trees_state_covers_tracked_untracked_and_ignored_files_but_not_git(tmp_path: Path):
+    repo = settled_tree(tmp_path / "r", {"a.py": "a = 1\n", ".gitignore": "build/\n", "build/out.o": "x",
+                                         "tests/test_a.py": "def test(): pass\n"})
+    subprocess.run(["git", "init", "-q", str(repo)], check=True)
+    first, why = state_of(repo)
+    assert first is not None and why == ""
+    assert state_of(repo)[0] == first  # nothing changed: the same state
+    for args in (["add", "-A"], ["-c", "user.name=t", "-c", "user.email=t@x", "commit", "-qm", "s"]):
+        subprocess.run(["git", "-C", str(repo), *args], check=True, capture_output=True)
+    time.sleep(CLOCK_SLACK_NS / 1e9 + 0.01)
+    assert state_of(repo)[0] == first  # a commit changes .git only: the tree the tests see is the same
+
+    states = {first}
+    for change, touches in ((lambda: (repo / "notes.txt").write_text("untracked\n"), True),  # an untracked file
+                            (lambda: (repo / "build/out.o").write_text("y"), True),  # an ignored one
+                            (lambda: (repo / "a.py").write_text("a = 1\n"), True),  # the same bytes anew
+                            (lambda: os.chmod(repo / "a.py", 0o755), True),  # a mode
+                            (lambda: os.symlink("/etc", repo / "link"), True),  # a link (never followed)
+                            (lambda: (repo / "notes.txt").unlink(), False)):  # a file gone
+        change()
+        if touches:  # an entry written within the clock's slack: two such writes could look alike
+            assert state_of(repo) == (None, "the repository is changing right now")
+            time.sleep(CLOCK_SLACK_NS / 1e9 + 0.01)
+        found, _ = state_of(repo)
+        assert found is not None and found not in states
+        states.add(found)
+
+
+def test_a_tree_that_is_not_a_git_repository_has_a_state_and_a_huge_one_none(tmp_path: Path, monkeypatch):
+    plain = settled_tree(tmp_path / "plain", {f"d{i}/f{j}.txt": "x" for i in range(3) for j in range(4)})
+    assert state_of(plain)[0] is not None
+    monkeypatch.setattr(cache_mod, "MAX_ENTRIES", 10)  # the bound, made small enough to reach here
+    assert state_of(plain) == (None, "the repository holds more than 10 entries")
 
 
 def test_the_cache_keeps_a_before_run_per_state_command_and_image(tmp_path: Path):

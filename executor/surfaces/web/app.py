@@ -44,6 +44,7 @@ from ...scheduling.hosting import hosts_view
 from ...settings import Settings
 from ...store import TERMINAL, Status, Store
 from ...store.status import attempt_text
+from ..git_view import git_line
 from ..seal_view import denial_line, egress_denials, network_view
 from .access import Guard, fingerprint, page_token
 from .views import PYGMENTS_CSS, decision, diff_view, event_row, kept_view
@@ -180,6 +181,7 @@ def _job_view(store: Store, settings: Settings, job_id: str, held) -> dict | Non
         "retryable": job.status in followup.RETRYABLE and not job.builds_on,
         "cancellable": job.status not in TERMINAL,
         "network": network_view(job), "denials": egress_denials(events),
+        "git": git_line(job.git, job.id),
     }
 
 

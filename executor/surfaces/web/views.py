@@ -107,7 +107,10 @@ def decision(job: Job) -> dict[str, str] | None:
                                             "touched."}
     if job.status.value == "succeeded":
         part = f" ({len(job.review_files)} chosen paths)" if job.review_files else ""
-        return {"kind": "approved", "text": f"Approved{part} {who}. The change is in the repository."}
+        record = job.git or {}
+        where = (f"on the branch {record['branch']}; the working tree was not touched"
+                 if record.get("mode") == "branch" and record.get("branch") else "in the repository")
+        return {"kind": "approved", "text": f"Approved{part} {who}. The change is {where}."}
     if job.status.value in ("committing", "awaiting_review"):
         return None
     return {"kind": "failed", "text": f"Approved {who}, but not applied: {job.error or job.reason}"}
