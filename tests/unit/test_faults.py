@@ -28,6 +28,8 @@ from tests.unit.test_scheduling import _executor, job
 
 
 def _run_until(executor, predicate, what: str, rounds: int = 200) -> None:
+    """Rounds of ``tick`` until ``predicate`` holds. Without ``serve`` no watcher wakes the loop for a re-queued
+    job: it is claimed at the next ``claim_poll`` (0.1 s in these executors)."""
     for _ in range(rounds):
         executor.tick()
         if predicate():
@@ -65,7 +67,7 @@ def test_a_job_whose_thread_lost_the_engine_is_held_with_its_slot_until_it_is_re
             raise EngineUnavailable("the engine went away under the attempt")
         ctx.store.transition(job_id, Status.running, Status.rolled_back, reason="agent_error")
 
-    executor = _executor(tmp_path, monkeypatch, run_job)
+    executor = _executor(tmp_path, monkeypatch, run_job, claim_poll=0.1)
     executor.store.add_job(job("e1"))
     _run_until(executor, lambda: "e1" in executor.unsettled, "the job held")
     executor.tick()
@@ -97,7 +99,7 @@ def test_a_crash_whose_ending_cannot_be_recorded_is_held_and_recorded_once_the_e
     def run_job(ctx, job_id):
         raise RuntimeError("a bug")
 
-    executor = _executor(tmp_path, monkeypatch, run_job, Engine())
+    executor = _executor(tmp_path, monkeypatch, run_job, Engine(), claim_poll=0.1)
     executor.store.add_job(job("c1"))
     _run_until(executor, lambda: "c1" in executor.unsettled, "the crashed job held")
     assert executor.store.get("c1").status == Status.running
@@ -114,13 +116,13 @@ def test_a_held_job_is_left_as_it_is_at_shutdown_and_recovered_at_the_next_start
     def run_job(ctx, job_id):
         raise EngineUnavailable("the engine went away under the attempt")
 
-    executor = _executor(tmp_path, monkeypatch, run_job)
+    executor = _executor(tmp_path, monkeypatch, run_job, claim_poll=0.1)
     executor.store.add_job(job("s1"))
     _run_until(executor, lambda: "s1" in executor.unsettled, "the job held")
     executor.shutdown(grace=0.1)  # the store closes; the job is left as it is, no thread and no slot
     assert not executor.slots and not executor.unsettled
 
-    again = _executor(tmp_path, monkeypatch, run_job)
+    again = _executor(tmp_path, monkeypatch, run_job, claim_poll=0.1)
     assert again.store.get("s1").status == Status.running  # still this host's, for its recovery
     recover(again)  # its container is gone: rolled back and re-queued, as after a kill -9
     assert again.store.get("s1").status == Status.queued

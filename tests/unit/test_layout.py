@@ -6,6 +6,7 @@ These read the source with ``ast``; they run nothing of it (but the last, which 
 from __future__ import annotations
 
 import ast
+import functools
 from pathlib import Path
 
 import executor
@@ -14,6 +15,13 @@ PACKAGE = Path(executor.__file__).resolve().parent
 MAX_LINES = 400
 
 
+@functools.cache
+def parsed(path: Path) -> ast.Module:
+    """One parse of each module for all the checks here (the tier's time is in these walks)."""
+    return ast.parse(path.read_text())
+
+
+@functools.cache
 def modules() -> dict[str, Path]:
     found = {}
     for path in sorted(PACKAGE.rglob("*.py")):
@@ -29,7 +37,7 @@ def imports_of(name: str, path: Path, known: set[str]) -> set[str]:
     is_package = path.name == "__init__.py"
     base = name.split(".") if is_package else name.split(".")[:-1]
     found = set()
-    for node in ast.walk(ast.parse(path.read_text())):
+    for node in ast.walk(parsed(path)):
         if isinstance(node, ast.ImportFrom):
             anchor = base[: len(base) - node.level + 1] if node.level else []
             target = ".".join([*anchor, *(node.module.split(".") if node.module else [])])
@@ -49,7 +57,7 @@ def test_no_module_is_longer_than_400_lines():
 def test_every_module_says_what_it_owns_and_what_it_must_never_do():
     missing = []
     for name, path in modules().items():
-        doc = ast.get_docstring(ast.parse(path.read_text())) or ""
+        doc = ast.get_docstring(parsed(path)) or ""
         if not doc or (path.name != "__init__.py" and "must never" not in doc.lower()):
             missing.append(name)
     assert not missing, f"modules without a docstring naming what they own and must never do: {missing}"
@@ -100,7 +108,7 @@ def test_the_store_owns_every_query():
     for name, path in modules().items():
         if name == "executor.store" or name.startswith("executor.store."):
             continue
-        for node in ast.walk(ast.parse(path.read_text())):
+        for node in ast.walk(parsed(path)):
             if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] in ("sqlalchemy",
                                                                                               "sqlmodel"):
                 if node.module not in allowed:
@@ -133,16 +141,17 @@ def test_only_an_agents_package_names_its_cli_or_imports_it():
     (string literals and docstrings alike), and only the registry imports an agent's package. Migrations record
     the history of the schema, as it was."""
     found = []
+    known = set(modules())
     for name, path in modules().items():
         if ".migrations." in name:
             continue
-        tree = ast.parse(path.read_text())
+        tree = parsed(path)
+        imported = " ".join(imports_of(name, path, known))
         strings = [n.value for n in ast.walk(tree) if isinstance(n, ast.Constant) and isinstance(n.value, str)]
         for agent, words in AGENT_WORDS.items():
             if name.startswith(f"executor.agent.{agent}"):
                 continue
             found += [f"{name} names {word!r} ({agent}'s)" for word in words if any(word in s for s in strings)]
-            if name != "executor.agent.registry" and f"executor.agent.{agent}" in " ".join(
-                    imports_of(name, path, set(modules()))):
+            if name != "executor.agent.registry" and f"executor.agent.{agent}" in imported:
                 found.append(f"{name} imports executor.agent.{agent}")
     assert found == []

@@ -381,7 +381,7 @@ def test_the_serving_loop_admits_within_the_budget_and_frees_slots(tmp_path, mon
     executor.store.close()
 
 
-def _executor(tmp_path, monkeypatch, run_job, deployment=None):
+def _executor(tmp_path, monkeypatch, run_job, deployment=None, **settings):
     from executor.scheduling import service
     from executor.settings import Settings
 
@@ -389,7 +389,7 @@ def _executor(tmp_path, monkeypatch, run_job, deployment=None):
     policies.mkdir(exist_ok=True)
     (policies / "runners.toml").write_text('[runners.r]\nmodel = "m"\nauth_env = "T"\n')
     monkeypatch.setattr(service, "run_job", run_job)
-    settings = Settings(home=tmp_path / "home", policies=policies, workspace_roots=["/w"])
+    settings = Settings(home=tmp_path / "home", policies=policies, workspace_roots=["/w"], **settings)
     return service.Executor(settings, {}, deployment=deployment or FakeDeployment())
 
 
