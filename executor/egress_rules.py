@@ -50,20 +50,21 @@ class Rule:
 def parse_egress(entries: Iterable[object]) -> list[Rule]:
     """The rules of a job's ``egress`` list; ValueError names the bad entry, what is wrong, how to fix it."""
     if isinstance(entries, (str, bytes)):
-        raise ValueError('egress must be a list of "host:port" strings, e.g. ["pypi.org:443"], not one string')
+        raise ValueError('egress must be a list of "host:port" strings, e.g. ["packages.example.com:443"], '
+                         'not one string')
     return [_parse_entry(entry) for entry in entries]
 
 
 def _parse_entry(entry: object) -> Rule:
     if not isinstance(entry, str):
-        raise ValueError(f'egress entry {entry!r} is not a string; write "host:port", e.g. "pypi.org:443"')
+        raise ValueError(f'egress entry {entry!r} is not a string; write "host:port", e.g. "packages.example.com:443"')
     text = entry.strip().lower()
     if "/" in text and "://" not in text and ip_or_none(text.split("/")[0].strip("[]")) is not None:
         raise ValueError(f'egress entry {entry!r}: IP ranges are not supported; list each address as ip:port, '
                          f'e.g. "192.0.2.10:443"')
     if "://" in text or "/" in text:
         raise ValueError(f'egress entry {entry!r}: write host:port only, without scheme or path, '
-                         f'e.g. "pypi.org:443"')
+                         f'e.g. "packages.example.com:443"')
     host, port = _split_host_port(entry, text)
     ip = ip_or_none(host)
     if ip is not None:
@@ -72,11 +73,11 @@ def _parse_entry(entry: object) -> Rule:
     name = host[2:] if wildcard else host
     if "*" in name:
         raise ValueError(f'egress entry {entry!r}: "*" is allowed only as a leading "*." '
-                         f'(e.g. "*.npmjs.org:443" for every subdomain of npmjs.org)')
+                         f'(e.g. "*.example.org:443" for every subdomain of example.org)')
     _check_name(entry, name)
     if wildcard and name.count(".") < 1:
         raise ValueError(f'egress entry {entry!r}: a wildcard must name a domain with at least two labels, '
-                         f'e.g. "*.npmjs.org:443", not a whole top-level domain')
+                         f'e.g. "*.example.org:443", not a whole top-level domain')
     return Rule(name.rstrip("."), port, wildcard=wildcard)
 
 
@@ -88,7 +89,7 @@ def _split_host_port(entry: str, text: str) -> tuple[str, int]:
     else:
         host, sep, port = text.rpartition(":")
         if not sep or not host:
-            raise ValueError(f'egress entry {entry!r} has no port; add it, e.g. "{text or "pypi.org"}:443"')
+            raise ValueError(f'egress entry {entry!r} has no port; add it, e.g. "{text or "packages.example.com"}:443"')
         if ":" in host:
             raise ValueError(f'egress entry {entry!r}: put an IPv6 address in brackets, e.g. "[{host}]:{port}"')
     if not port.isdigit() or not 0 < int(port) < 65536:

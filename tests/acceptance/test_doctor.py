@@ -65,7 +65,7 @@ def test_doctor_passes_a_healthy_setup(healthy, docker_client):
 def test_doctor_flags_unsealed_policies_a_broken_one_and_an_unpinned_compaction_model(healthy, docker_client):
     healthy.write_policy("open", network="host")
     healthy.write_policy("bridged", network="bridge")
-    (healthy.policies / "broken.toml").write_text('egress = ["pypi.org"]\n')
+    (healthy.policies / "broken.toml").write_text('egress = ["packages.example.com"]\n')
     env = {**healthy.env(), "EXECUTOR_COMPACTION_MODEL": "claude-haiku-4-5"}
     code, report, stderr = doctor(env, healthy.root)
     assert code == 1 and not report["ok"], (report, stderr)
@@ -74,7 +74,7 @@ def test_doctor_flags_unsealed_policies_a_broken_one_and_an_unpinned_compaction_
         assert checks[name]["status"] == "warning" and f"UNSEALED: network = '{network}'" in checks[name]["detail"]
         assert 'network = "sealed"' in checks[name]["fix"]
     broken = checks["policy broken"]
-    assert broken["status"] == "problem" and "'pypi.org' has no port" in broken["detail"]
+    assert broken["status"] == "problem" and "'packages.example.com' has no port" in broken["detail"]
     model = checks["compaction model"]
     assert model["status"] == "problem" and "'claude-haiku-4-5'" in model["detail"]
     assert "claude-haiku-4-5-20251001" in model["fix"]

@@ -14,13 +14,13 @@ from tests.sealing import HostSide, Origin, UnixHTTPConnection, upstream, wait_u
 
 
 @pytest.mark.parametrize("entry, complaint", [
-    ("pypi.org", "no port; add it"),
-    ("https://pypi.org:443", "without scheme or path"),
-    ("pypi.org:443/simple", "without scheme or path"),
+    ("packages.example.com", "no port; add it"),
+    ("https://packages.example.com:443", "without scheme or path"),
+    ("packages.example.com:443/simple", "without scheme or path"),
     ("*.com:443", "at least two labels"),
     ("a.*.org:443", 'leading "*."'),
-    ("pypi.org:99999", "1 to 65535"),
-    ("pypi.org:https", "1 to 65535"),
+    ("packages.example.com:99999", "1 to 65535"),
+    ("packages.example.com:https", "1 to 65535"),
     ("::1:443", "brackets"),
     ("10.0.0.0/8:443", "ranges are not supported"),
     ("bad_name.org:443", "not a valid host name"),
@@ -32,13 +32,13 @@ def test_a_bad_egress_entry_says_what_is_wrong_and_how_to_write_it(entry, compla
 
 
 def test_names_wildcards_and_ips_are_matched_exactly():
-    rules = parse_egress(["PyPI.org:443", "*.npmjs.org:443", "127.0.0.1:8765", "[::1]:80"])
-    assert [str(r) for r in rules] == ["pypi.org:443", "*.npmjs.org:443", "127.0.0.1:8765", "[::1]:80"]
+    rules = parse_egress(["Packages.Example.com:443", "*.example.org:443", "127.0.0.1:8765", "[::1]:80"])
+    assert [str(r) for r in rules] == ["packages.example.com:443", "*.example.org:443", "127.0.0.1:8765", "[::1]:80"]
     pypi, npm, loop4, loop6 = rules
-    assert pypi.matches("pypi.org", 443, None) and not pypi.matches("pypi.org", 80, None)
-    assert not pypi.matches("evil-pypi.org", 443, None)
-    assert npm.matches("registry.npmjs.org", 443, None) and not npm.matches("npmjs.org", 443, None)
-    assert not npm.matches("npmjs.org.evil.com", 443, None)
+    assert pypi.matches("packages.example.com", 443, None) and not pypi.matches("packages.example.com", 80, None)
+    assert not pypi.matches("evil-packages.example.com", 443, None)
+    assert npm.matches("registry.example.org", 443, None) and not npm.matches("example.org", 443, None)
+    assert not npm.matches("example.org.evil.com", 443, None)
     ip = ipaddress.ip_address
     assert loop4.matches("127.0.0.1", 8765, ip("127.0.0.1")) and not pypi.matches("1.2.3.4", 443, ip("1.2.3.4"))
     assert loop6.matches("::1", 80, ip("::1"))
@@ -93,7 +93,7 @@ def _tunnel(job, host: str, port: int) -> tuple[int, str]:
 def test_the_proxy_allows_exactly_its_list_and_reports_every_decision(host, origin):
     with Origin() as other:
         job = host.add_job("egress", upstream("http://127.0.0.1:9"),
-                           egress=[f"127.0.0.1:{origin.port}", f"localhost:{origin.port}", "pypi.org:443"])
+                           egress=[f"127.0.0.1:{origin.port}", f"localhost:{origin.port}", "packages.example.com:443"])
         assert _tunnel(job, "127.0.0.1", origin.port) == (200, "origin saw /through-tunnel")
         status, error = _tunnel(job, "127.0.0.1", other.port)  # same address, a port the list does not name
         assert status == 0 and "403" in error

@@ -536,17 +536,17 @@ def test_a_policy_with_a_bad_egress_entry_is_rejected_at_intake_with_the_fix(tmp
     chown_tree(repos)
     policies.mkdir()
     (policies / "runners.toml").write_text('[runners.r]\nmodel = "m"\nauth_env = "X"\n')
-    (policies / "default.toml").write_text('egress = ["pypi.org"]\n')
-    (policies / "open.toml").write_text('network = "bridge"\negress = ["pypi.org:443"]\n')
-    (policies / "good.toml").write_text('egress = ["pypi.org:443", "*.npmjs.org:443"]\n')
+    (policies / "default.toml").write_text('egress = ["packages.example.com"]\n')
+    (policies / "open.toml").write_text('network = "bridge"\negress = ["packages.example.com:443"]\n')
+    (policies / "good.toml").write_text('egress = ["packages.example.com:443", "*.example.org:443"]\n')
     settings = Settings(home=tmp_path / "home", policies=policies, workspace_roots=[repos])
     job = {"runner": "r", "workspace": str(repos / "r"), "prompt": "p"}
-    with pytest.raises(InvalidJob, match=r"egress.*'pypi.org' has no port; add it, e.g. \"pypi.org:443\""):
+    with pytest.raises(InvalidJob, match=r"egress.*'packages.example.com' has no port; add it, e.g. \"packages.example.com:443\""):
         validate(parse_spec(job), settings)
     with pytest.raises(InvalidJob, match='egress is enforced only for network = "sealed".*set network = "sealed"'):
         validate(parse_spec({**job, "policy": "open"}), settings)
     valid = validate(parse_spec({**job, "policy": "good"}), settings)
-    assert valid.policy.sealed and valid.policy.egress == ["pypi.org:443", "*.npmjs.org:443"]
+    assert valid.policy.sealed and valid.policy.egress == ["packages.example.com:443", "*.example.org:443"]
 
 
 def test_compaction_settings_that_were_removed_are_unknown_settings(monkeypatch):

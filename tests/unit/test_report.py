@@ -306,7 +306,7 @@ def test_sealed_jobs_api_usage_egress_and_unsealed_jobs_are_counted(store):
     t = NOW - timedelta(hours=1)
     sealed = add(store, "sealed", Status.succeeded, finished=t, reason="committed")
     add(store, "open", Status.succeeded, finished=t, reason="committed", runner="other")
-    store.update_job("sealed", policy={"network": "sealed", "egress": ["pypi.org:443"]})
+    store.update_job("sealed", policy={"network": "sealed", "egress": ["packages.example.com:443"]})
     store.update_job("open", policy={"network": "bridge"})
     for status, tokens in ((200, (100, 20, 7, 50)), (200, (110, 30, 0, 60)), (429, (0, 0, 0, 0))):
         store.add_api_request(ApiRequest(job_id="sealed", attempt=1, runner="scripted", ts=t, path="/v1/messages",
@@ -316,7 +316,7 @@ def test_sealed_jobs_api_usage_egress_and_unsealed_jobs_are_counted(store):
     store.add_api_request(ApiRequest(job_id="sealed", attempt=1, runner="scripted", ts=NOW - timedelta(days=9),
                                      path="/v1/messages", status=200, latency=0.1, duration=1.0, input_tokens=999))
     with store.session() as session:
-        for decision, host in (("denied", "example.org"), ("denied", "example.org"), ("allowed", "pypi.org")):
+        for decision, host in (("denied", "example.org"), ("denied", "example.org"), ("allowed", "packages.example.com")):
             session.add(Event(job_id=sealed.id, session_id=sealed.session_id, attempt=1, ts=t, kind="egress",
                               data={"decision": decision, "host": host, "port": 443}))
         # identical decisions are one event with their count (sandbox/journal.py): counted as decisions
