@@ -75,8 +75,8 @@ class Policy(BaseModel):
         default_factory=list,
         description='What a sealed job may reach through its egress proxy: "host:port" entries, e.g. '
                     '["packages.example.com:443", "*.example.org:443"] ("*." = every subdomain). A name that '
-                    "resolves to a loopback, private, link-local or metadata address is refused unless an entry names that "
-                    "IP itself. Empty (default): nothing.",
+                    "resolves to a loopback, private, link-local or metadata address is refused unless an entry "
+                    "names that IP itself. Empty (default): nothing.",
     )
     test_command: str | None = Field(default=None, description="Shell command whose exit 0 gates the commit.")
     test_timeout: Duration = Field(default=600.0, description="Wall-clock limit of the test run.")
