@@ -45,9 +45,13 @@ def test_doctor_passes_a_healthy_setup(healthy, docker_client):
     code, report, stderr = doctor(healthy.env(), healthy.root)
     assert code == 0 and report["ok"], (report, stderr)
     checks = by_name(report)
-    assert {"engine", "sandbox image", "state root", "disk cap", "store", "host paths", "overlay (userxattr)",
-            "runner tokens", "compaction model", "policy default", f"workspace roots: {healthy.repos}"} == set(checks)
+    assert {"engine", "sandbox image", "runtimes", "state root", "disk cap", "store", "host paths",
+            "overlay (userxattr)", "runner tokens", "compaction model", "policy default",
+            f"workspace roots: {healthy.repos}"} == set(checks)
     assert "no database yet" in checks["store"]["detail"] or "schema" in checks["store"]["detail"]
+    # the runtimes the engine offers against the one in use (with how to register gVisor where it is missing)
+    runtimes = checks.pop("runtimes")
+    assert runtimes["status"] == "ok" and "in use: runc (EXECUTOR_DEFAULT_RUNTIME)" in runtimes["detail"], runtimes
     assert all(c["status"] == "ok" and c["fix"] is None for c in checks.values()), checks
     assert checks["policy default"]["detail"] == "network sealed; egress: nothing"
     assert TOKEN_VAR in checks["runner tokens"]["detail"]
