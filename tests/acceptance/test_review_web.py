@@ -377,14 +377,24 @@ def test_the_job_page_follows_a_running_job_says_why_a_queued_one_waits_cancels_
         assert wait_status(store, "web-next", {Status.succeeded}, timeout=180).status == Status.succeeded
 
         browser.find_element(By.ID, "retry").click()
-        origin = wait_for(lambda: browser.find_elements(By.ID, "origin"), 30, "the retry's page")[0]
-        assert "Retry of job web-live" in origin.text
+        origin = wait_for(lambda: _text(browser, "origin"), 30, "the retry's page")
+        assert "Retry of job web-live" in origin
         new_id = browser.current_url.rsplit("/", 1)[1]
         made = store.get(new_id)
         assert made.follows == "web-live" and made.prompt == "web-live: do it"
         assert made.session_id == store.get("web-live").session_id
         store.request_cancel(new_id)  # its script is spent; it need not run
         wait_status(store, new_id, {Status.cancelled, Status.succeeded, Status.rolled_back}, timeout=120)
+
+
+def _text(browser, element_id: str) -> str | None:
+    """The element's text, or None while it is absent or the page reloads under us (a new job's page follows
+    its job and reloads itself when the status changes)."""
+    try:
+        found = browser.find_elements(By.ID, element_id)
+        return found[0].text if found else None
+    except StaleElementReferenceException:
+        return None
 
 
 def _reloaded_text(browser, url: str, element_id: str, wanted: str) -> str | None:

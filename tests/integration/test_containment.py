@@ -283,8 +283,10 @@ def test_a_job_writing_past_its_disk_cap_is_stopped_and_leaves_nothing(world, ru
     assert not (world.home / "jobs" / "filler").exists()  # the upper dir and the home layer went with it
     home = world.home / "sessions" / "s-fill" / "home"
     assert not any(p.name == "big" for p in home.rglob("*"))
-    beats = running.executor.store.heartbeats("filler")
-    assert any((b.disk or 0) > 0 for b in beats)  # disk use was measured and recorded per heartbeat
+    if disk_cap == "image":  # statvfs of the job's own file system, in each heartbeat
+        assert any((b.disk or 0) > 0 for b in running.executor.store.heartbeats("filler"))
+    # (the watchdog may end the job at the very measurement that crossed the cap, before a heartbeat carried
+    # it: its figure is the one the error names, asserted above)
 
 
 def test_a_jobs_tmpfs_is_capped_by_its_size(world, run_executor):
