@@ -197,7 +197,6 @@ class Sandbox:
         if spec.user.split(":")[0] in ("0", "root"):
             raise SandboxError(f"refusing to run {spec.name} as root")
         self._volumes_exist(spec)
-        self._runtime_offered(spec.runtime)
         try:
             return self.client.containers.run(
                 self.image,
@@ -223,20 +222,12 @@ class Sandbox:
                 runtime=spec.runtime,
             )
         except (APIError, DockerException) as exc:
+            if spec.runtime != "runc" and "runtime" in str(exc):
+                # The engine's own refusal ("unknown or invalid runtime name") says nothing of how to get it;
+                # asked only then, so a start costs no extra call to the engine.
+                raise SandboxError(f"the engine has no runtime {spec.runtime!r}, which the job's policy asks for: "
+                                   f"{runtime_hint(spec.runtime)}") from None
             raise SandboxError(f"cannot start container {self.named(spec.name)}: {exc}") from None
-
-    def runtimes(self) -> list[str]:
-        """The OCI runtimes the engine offers (asked again each time: a reload may register one)."""
-        try:
-            return sorted(self.client.info().get("Runtimes") or {})
-        except (APIError, DockerException) as exc:
-            raise SandboxError(f"cannot ask the engine for its runtimes: {exc}") from None
-
-    def _runtime_offered(self, runtime: str) -> None:
-        # The engine's own refusal ("unknown or invalid runtime name") says nothing of how to get it.
-        if runtime != "runc" and runtime not in self.runtimes():
-            raise SandboxError(f"the engine has no runtime {runtime!r}, which the job's policy asks for: "
-                               f"{runtime_hint(runtime)}")
 
     def _volumes_exist(self, spec: ContainerSpec) -> None:
         """Refuse to start on a volume that is not there: the engine would make it, empty (the agent would work

@@ -46,3 +46,13 @@ def test_an_unlabelled_volume_named_as_ours_is_found_by_its_name(sandbox, docker
     removed = sandbox.sweep(["live-1"])
     assert removed == [sandbox.named("executor-gone-a1-a2-home")]
     assert _names(docker_client, sandbox.instance) == {sandbox.named("executor-live-1-a1")}
+
+
+def test_a_runtime_the_engine_lacks_is_refused_with_how_to_register_it(sandbox, docker_client):
+    docker_client.volumes.create(name=sandbox.named("executor-rt-a1"), labels={"io.executor": "1"})
+    spec = ContainerSpec(name="executor-rt-a1-agent", command=["true"], user="1000:1000", volume="executor-rt-a1",
+                         limits=Limits(0.5, 256 * 2**20, 64), network="none", runtime="runsc-not-registered",
+                         labels={"io.executor.job": "rt", "io.executor.attempt": "1", "io.executor.role": "agent"})
+    with pytest.raises(SandboxError, match="the engine has no runtime 'runsc-not-registered'"):
+        sandbox.start(spec)
+    assert not sandbox.containers("rt")

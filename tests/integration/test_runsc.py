@@ -17,6 +17,7 @@ from tests.integration.test_containment import (  # noqa: F401 - collected again
     test_a_jobs_tmpfs_is_capped_by_its_size,
 )
 from tests.integration.test_governor import (  # noqa: F401 - collected again under runsc
+    FORK_BOMB,
     test_memory_hog_is_reported_as_out_of_memory,
     test_silent_job_is_stalled_killed_and_its_slot_freed,
     test_wall_clock_timeout_fails_and_rolls_back,
@@ -89,10 +90,7 @@ def _host_release() -> str:
 def test_a_fork_bomb_ends_its_own_sandbox_and_nothing_else(world, run_executor):
     """Under runsc the pids limit holds by ending the bomb's sandbox (the engine's cgroup counts gVisor's host
     threads, which grow with the tasks it runs: ``host_pids_limit``), where runc refuses the forks."""
-    program = ("python3 -c \"\nimport os, time\nn = 0\ntry:\n    while True:\n        if os.fork() == 0:\n"
-               "            time.sleep(4); os._exit(0)\n        n += 1\nexcept OSError as e:\n"
-               "    print('fork failed after', n, e)\n\"")
-    script = {"bomb": [Turn.tool("Bash", {"command": program, "description": "fork"}), Turn.text("Done.")],
+    script = {"bomb": [Turn.tool("Bash", {"command": FORK_BOMB, "description": "fork"}), Turn.text("Done.")],
               "neighbour": [Turn.tool("Bash", {"command": "sleep 3; echo fine > n.txt", "description": "w"}),
                             Turn.text("Done.")]}
     with ScriptedAPI(script) as api:
